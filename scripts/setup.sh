@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Makes .venv in the checkout with rerankd (editable) and everything its tests need.
+# On a CPU-only machine torch==2.13.0 is the CPU build; set RERANKD_TORCH to install another
+# (for example RERANKD_TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128").
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    echo "[setup] creating .venv with $($PYTHON --version)"
+    "$PYTHON" -m venv .venv
+fi
+.venv/bin/python -m pip install --quiet --upgrade pip
+echo "[setup] installing torch (${RERANKD_TORCH:-torch==2.13.0})"
+# shellcheck disable=SC2086
+.venv/bin/python -m pip install --progress-bar off ${RERANKD_TORCH:-torch==2.13.0}
+echo "[setup] installing rerankd and its test dependencies"
+.venv/bin/python -m pip install --progress-bar off -e ".[dev]"
+echo "[setup] done: activate with 'source .venv/bin/activate'"

@@ -1,0 +1,49 @@
+"""Load-time options of a Reranker. The CLI derives its flags from these fields and their docstrings."""
+
+from __future__ import annotations
+
+import ast
+import inspect
+from dataclasses import dataclass, fields
+
+DEFAULT_MODEL = "jinaai/jina-reranker-m0"
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    device: str | None = None
+    """Device to run on ('cpu', 'cuda', 'cuda:1', ...). Default: CUDA when available, else CPU."""
+    dtype: str | None = None
+    """Compute dtype ('float32', 'bfloat16', 'float16'). Default: bfloat16 on CUDA, float32 on CPU."""
+    revision: str | None = None
+    """Hugging Face revision (branch, tag or commit) of a hub model."""
+    max_batch_tokens: int | None = None
+    """Token budget of one forward batch, image tokens included. Default: 16384 on CPU, 65536 on CUDA."""
+    preprocess_workers: int | None = None
+    """Threads that tokenize and decode/preprocess images ahead of the model. Default: cores, 2 to 8."""
+    num_threads: int | None = None
+    """CPU threads for torch's kernels. Default: torch's own choice (all physical cores)."""
+    min_pixels: int | None = None
+    """Smallest image area after resizing, in pixels (m0 default 3136 = 56x56)."""
+    max_pixels: int | None = None
+    """Largest image area after resizing, in pixels (m0 default 602112 = 768 image tokens)."""
+    max_image_bytes: int = 20 * 1024 * 1024
+    """Largest encoded image accepted, in bytes (counted while downloading)."""
+    max_image_pixels: int = 100_000_000
+    """Largest image accepted, in pixels, read from the header before decoding."""
+    image_fetch_timeout: float = 10.0
+    """Seconds allowed to fetch one image URL."""
+    show_progress: bool = True
+    """Show progress bars while loading weights."""
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each dataclass field, read from the source (one place for the help texts)."""
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            if isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant):
+                docs[node.target.id] = str(nxt.value.value)
+    return {f.name: docs.get(f.name, "") for f in fields(cls)}

@@ -1,0 +1,213 @@
+"""Image loading with limits, and Qwen2-VL preprocessing.
+
+Loading reproduces transformers' `load_image` (the reference's path for string sources: EXIF orientation, then
+RGB) with limits the reference lacks: bytes (counted while downloading), pixels (read from the header, before
+decoding), a fetch timeout, and an allow-list of formats. Preprocessing reproduces `Qwen2VLImageProcessor`
+(transformers 4.4x-4.57, the slow numpy path): smart resize to multiples of 28, PIL bicubic, rescale 1/255,
+normalize, each frame repeated to temporal_patch_size, patches in 2x2 merge-block order.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import math
+import os
+import re
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from ..errors import InputError
+
+# Qwen2-VL's (CLIP's) normalization constants, from the model's preprocessor_config.json
+IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
+IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
+# jina-reranker-m0's compute_score passes these to its processor
+DEFAULT_MIN_PIXELS = 3136  # 56 * 56
+DEFAULT_MAX_PIXELS = 602112  # 768 merged tokens of 28 * 28
+MAX_ASPECT_RATIO = 200  # Qwen2-VL's smart_resize refuses more
+ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
+_BASE64_RE = re.compile(rb"^[A-Za-z0-9+/=_-]+$")
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    max_image_bytes: int = 20 * 1024 * 1024
+    """Largest encoded image accepted, in bytes (counted while downloading, before decoding)."""
+    max_image_pixels: int = 100_000_000
+    """Largest image accepted, in pixels (width * height, read from the header before decoding)."""
+    fetch_timeout: float = 10.0
+    """Seconds allowed for fetching one image URL."""
+    allow_urls: bool = True
+    """Fetch http(s) image URLs (the server applies its own URL policy on top)."""
+    allow_local_files: bool = True
+    """Read images from local paths (the server restricts this to an allowed folder)."""
+
+
+@dataclass(frozen=True)
+class PreparedImage:
+    patches: torch.Tensor  # [grid_t * grid_h * grid_w, channels * temporal * patch * patch], float32
+    grid: tuple[int, int, int]  # (grid_t, grid_h, grid_w) in patches
+
+    def merged_tokens(self, merge_size: int) -> int:
+        t, h, w = self.grid
+        return t * h * w // merge_size**2
+
+
+def load_image(source: object, limits: ImageLimits, param: str) -> Image.Image:
+    """Any accepted source -> a decoded RGB PIL image, or InputError naming `param`."""
+    if isinstance(source, Image.Image):
+        _check_pixels(source.width, source.height, limits, param)
+        # a PIL image is used as given, as the reference does (no EXIF rotation)
+        return source if source.mode == "RGB" else source.convert("RGB")
+    data = read_image_bytes(source, limits, param)
+    return decode_image(data, limits, param)
+
+
+def read_image_bytes(source: object, limits: ImageLimits, param: str) -> bytes:
+    if isinstance(source, (bytes, bytearray)):
+        data = bytes(source)
+    elif isinstance(source, str):
+        s = source.strip()
+        if s.startswith(("http://", "https://")):
+            data = _fetch(s, limits, param)
+        elif s.startswith("data:"):
+            head, sep, payload = s.partition(",")
+            if not sep or ";base64" not in head or not head[5:].startswith("image/"):
+                raise InputError("a data URI must look like 'data:image/<format>;base64,<data>'", param)
+            data = _b64decode(payload, limits, param)
+        elif len(s) < 4096 and os.path.isfile(s):
+            if not limits.allow_local_files:
+                raise InputError("local image paths are not allowed here", param)
+            size = os.path.getsize(s)
+            if size > limits.max_image_bytes:
+                raise InputError(f"image file is {size} bytes, over the limit of {limits.max_image_bytes}", param)
+            with open(s, "rb") as f:
+                data = f.read()
+        elif _BASE64_RE.match(s.encode("ascii", "replace").replace(b"\n", b"")) and len(s) >= 16:
+            data = _b64decode(s, limits, param)
+        else:
+            shown = s if len(s) <= 60 else s[:57] + "..."
+            raise InputError(
+                f"{shown!r} is not an http(s) URL, a data: URI, an existing file or base64 image data", param
+            )
+    else:
+        raise InputError(f"unsupported image source of type {type(source).__name__}", param)
+    if len(data) > limits.max_image_bytes:
+        raise InputError(f"image is {len(data)} bytes, over the limit of {limits.max_image_bytes}", param)
+    return data
+
+
+def decode_image(data: bytes, limits: ImageLimits, param: str) -> Image.Image:
+    try:
+        img = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+    except UnidentifiedImageError:
+        raise InputError(f"not a {'/'.join(ALLOWED_FORMATS)} image (or a corrupt one)", param) from None
+    except Image.DecompressionBombError as e:
+        raise InputError(f"image refused by Pillow as a decompression bomb: {e}", param) from None
+    _check_pixels(img.width, img.height, limits, param)
+    try:
+        img.load()
+        img = ImageOps.exif_transpose(img)
+        return img.convert("RGB")
+    except (OSError, ValueError, SyntaxError) as e:
+        raise InputError(f"image data does not decode ({img.format}): {e}", param) from None
+
+
+def _check_pixels(width: int, height: int, limits: ImageLimits, param: str) -> None:
+    if width * height > limits.max_image_pixels:
+        raise InputError(
+            f"image is {width}x{height} = {width * height} pixels, over the limit of {limits.max_image_pixels}", param
+        )
+    if width < 1 or height < 1:
+        raise InputError(f"image has no pixels ({width}x{height})", param)
+
+
+def _b64decode(payload: str, limits: ImageLimits, param: str) -> bytes:
+    payload = "".join(payload.split())
+    if len(payload) * 3 // 4 > limits.max_image_bytes + 3:
+        raise InputError(f"base64 image is over the limit of {limits.max_image_bytes} bytes", param)
+    try:
+        if "-" in payload or "_" in payload:
+            return base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4))
+        return base64.b64decode(payload + "=" * (-len(payload) % 4), validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise InputError(f"invalid base64 image data: {e}", param) from None
+
+
+def _fetch(url: str, limits: ImageLimits, param: str) -> bytes:
+    if not limits.allow_urls:
+        raise InputError("image URLs are not allowed here", param)
+    req = urllib.request.Request(url, headers={"User-Agent": "rerankd"})
+    try:
+        with urllib.request.urlopen(req, timeout=limits.fetch_timeout) as resp:
+            declared = resp.headers.get("Content-Length")
+            if declared and declared.isdigit() and int(declared) > limits.max_image_bytes:
+                raise InputError(f"image at {url} is {declared} bytes, over the limit of {limits.max_image_bytes}", param)
+            chunks, total = [], 0
+            while chunk := resp.read(65536):
+                total += len(chunk)
+                if total > limits.max_image_bytes:
+                    raise InputError(f"image at {url} is over the limit of {limits.max_image_bytes} bytes", param)
+                chunks.append(chunk)
+            return b"".join(chunks)
+    except InputError:
+        raise
+    except urllib.error.HTTPError as e:
+        raise InputError(f"fetching {url} failed: HTTP {e.code}", param) from None
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        reason = getattr(e, "reason", e)
+        raise InputError(f"fetching {url} failed: {reason}", param) from None
+
+
+def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """Qwen2-VL's resize rule: both sides multiples of `factor`, area within [min_pixels, max_pixels], aspect kept."""
+    if max(height, width) / min(height, width) > MAX_ASPECT_RATIO:
+        raise ValueError(f"aspect ratio {max(height, width) / min(height, width):.0f}:1 is over {MAX_ASPECT_RATIO}:1")
+    h_bar = round(height / factor) * factor
+    w_bar = round(width / factor) * factor
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+def qwen2_vl_patches(
+    img: Image.Image,
+    *,
+    patch_size: int,
+    temporal_patch_size: int,
+    merge_size: int,
+    min_pixels: int,
+    max_pixels: int,
+    param: str,
+) -> PreparedImage:
+    """An RGB image -> flattened patches in the order the vision tower and patch merger expect."""
+    try:
+        rh, rw = smart_resize(img.height, img.width, patch_size * merge_size, min_pixels, max_pixels)
+    except ValueError as e:
+        raise InputError(f"image of {img.width}x{img.height} cannot be used: {e}", param) from None
+    img = img.resize((rw, rh), resample=Image.Resampling.BICUBIC)
+    a = np.asarray(img)  # [H, W, 3] uint8
+    a = (a.astype(np.float64) * (1 / 255)).astype(np.float32)
+    a = (a - np.asarray(IMAGE_MEAN, dtype=np.float32)) / np.asarray(IMAGE_STD, dtype=np.float32)
+    a = a.transpose(2, 0, 1)  # [3, H, W]
+    frames = np.broadcast_to(a, (temporal_patch_size, *a.shape))  # the one frame, repeated: [T, 3, H, W]
+    gh, gw, c = rh // patch_size, rw // patch_size, a.shape[0]
+    p = frames.reshape(
+        1, temporal_patch_size, c, gh // merge_size, merge_size, patch_size, gw // merge_size, merge_size, patch_size
+    )
+    p = p.transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)  # [t, gh/m, gw/m, m, m, c, T, p, p]
+    flat = np.ascontiguousarray(p).reshape(gh * gw, c * temporal_patch_size * patch_size * patch_size)
+    return PreparedImage(patches=torch.from_numpy(flat), grid=(1, gh, gw))

@@ -1,0 +1,312 @@
+"""jina-reranker-m0: Qwen2-VL-2B with a two-layer score head on the last token.
+
+Reproduces the model card's `compute_score` (Jina's modeling.py, `JinaVLForRanking`): the prompt
+`**Document**:\\n{doc}\\n**Query**:\\n{query}` is tokenized as one string, images stand as
+`<|vision_start|><|image_pad|><|vision_end|>` with the pad expanded to the image's merged-token count (the
+document's image first), token 100 is appended, and the score is sigmoid(head(h_last) - 2.65) where h_last is the
+final-norm hidden state of that last token. Text documents longer than max_doc_length tokens are cut at that
+token count and decoded back to text, as the reference does.
+
+Where rerankd differs on purpose (README, "Differences from the reference"): queries longer than
+max_query_length are cut the same way (the reference never cuts them), and a prompt still longer than
+max_length after those cuts loses document tokens rather than its tail (the reference right-truncates the whole
+prompt, which would cut the query and could cut an image apart).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+from tokenizers import Tokenizer
+from torch import nn
+
+from ..errors import InputError, ModelLoadError
+from ..inputs import ImageItem, Item, TextItem
+from ..inputs.images import (
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_MIN_PIXELS,
+    ImageLimits,
+    PreparedImage,
+    load_image,
+    qwen2_vl_patches,
+)
+from ..weights import Renames, load_weights
+from .base import LengthOptions, PreparedSequence, Where
+from .layers import attention_backend
+from .qwen2_vl import TextConfig, TextModel, VisionConfig, VisionTransformer
+
+SCORE_TOKEN_ID = 100  # appended after every prompt; the head reads its hidden state
+LOGIT_BIAS = 2.65  # relevance = sigmoid(logit - LOGIT_BIAS)
+DEFAULT_MAX_LENGTH = 10240
+DEFAULT_MAX_QUERY_LENGTH = 512
+DOC_PREFIX = "**Document**:\n"
+QUERY_PREFIX = "\n**Query**:\n"
+IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
+
+# checkpoint name prefix -> module prefix (None: dropped on purpose)
+WEIGHT_RENAMES: Renames = [
+    ("model.language_model.", "model."),  # transformers >= 4.52 save format
+    ("model.visual.", "visual."),  # idem
+    ("lm_head.", None),  # the reranker never produces token logits
+]
+
+
+class JinaM0(nn.Module):
+    """Vision tower + decoder + score head. Attribute names match the checkpoint."""
+
+    def __init__(self, text: TextConfig, vision: VisionConfig):
+        super().__init__()
+        self.model = TextModel(text)
+        self.visual = VisionTransformer(vision)
+        h = text.hidden_size
+        self.score = nn.Sequential(nn.Linear(h, h), nn.ReLU(), nn.Linear(h, 1))
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [tokens] packed
+        positions: torch.Tensor,  # [3, tokens]
+        cu_seqlens: list[int],
+        patches: torch.Tensor | None,  # [patches of all images, 1176]
+        grids: list[tuple[int, int, int]],
+        image_token_id: int,
+        backend: str,
+    ) -> torch.Tensor:
+        x = self.model.embed_tokens(input_ids)  # [tokens, hidden]
+        if grids:
+            image_embeds = self.visual(patches, grids, backend)  # [image tokens, hidden]
+            mask = input_ids == image_token_id
+            if int(mask.sum()) != image_embeds.shape[0]:
+                raise RuntimeError(
+                    f"internal: {int(mask.sum())} image tokens in the batch but {image_embeds.shape[0]} image embeddings"
+                )
+            x = x.masked_scatter(mask[:, None], image_embeds.to(x.dtype))
+        h = self.model.last_hidden(x, positions, cu_seqlens, backend)  # [sequences, hidden]
+        return self.score(h).squeeze(-1)  # [sequences]
+
+
+@dataclass(frozen=True)
+class SpecialTokens:
+    image_pad: int
+    vision_start: int
+    vision_end: int
+
+
+class JinaM0Backend:
+    architecture: ClassVar[str] = "JinaVLForRanking"
+    supports_images: ClassVar[bool] = True
+    default_max_length: ClassVar[int] = DEFAULT_MAX_LENGTH
+    default_max_query_length: ClassVar[int] = DEFAULT_MAX_QUERY_LENGTH
+
+    def __init__(
+        self,
+        model: JinaM0,
+        tokenizer: Tokenizer,
+        special: SpecialTokens,
+        vision: VisionConfig,
+        device: torch.device,
+        dtype: torch.dtype,
+        image_limits: ImageLimits,
+        min_pixels: int,
+        max_pixels: int,
+    ):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.special = special
+        self.vision = vision
+        self.device = device
+        self.dtype = dtype
+        self.image_limits = image_limits
+        self.min_pixels = min_pixels
+        self.max_pixels = max_pixels
+        self.attn_backend = attention_backend(device, dtype)
+
+    @classmethod
+    def load(
+        cls,
+        directory: Path,
+        config: dict,
+        device: torch.device,
+        dtype: torch.dtype,
+        image_limits: ImageLimits,
+        min_pixels: int | None = None,
+        max_pixels: int | None = None,
+        show_progress: bool = True,
+    ) -> "JinaM0Backend":
+        try:
+            text = TextConfig.from_dict(config)
+            vision = VisionConfig.from_dict(config["vision_config"])
+        except (KeyError, ValueError) as e:
+            raise ModelLoadError(f"{directory}/config.json: not a usable Qwen2-VL config ({e!r})") from None
+        tok_path = directory / "tokenizer.json"
+        if not tok_path.is_file():
+            raise ModelLoadError(f"{directory}: tokenizer.json is missing")
+        tokenizer = Tokenizer.from_file(str(tok_path))
+        tokenizer.no_truncation()
+        tokenizer.no_padding()
+        special = SpecialTokens(
+            image_pad=_special_id(tokenizer, config, "<|image_pad|>", "image_token_id", directory),
+            vision_start=_special_id(tokenizer, config, "<|vision_start|>", "vision_start_token_id", directory),
+            vision_end=_special_id(tokenizer, config, "<|vision_end|>", "vision_end_token_id", directory),
+        )
+        with torch.device("meta"):
+            model = JinaM0(text, vision)
+        load_weights(model, directory, WEIGHT_RENAMES, device, dtype, show_progress)
+        model.model.inv_freq = model.model.rope_inv_freq().to(device)
+        model.visual.inv_freq = model.visual.rope_inv_freq().to(device)
+        model.eval().requires_grad_(False)
+        return cls(
+            model,
+            tokenizer,
+            special,
+            vision,
+            device,
+            dtype,
+            image_limits,
+            min_pixels or DEFAULT_MIN_PIXELS,
+            max_pixels or DEFAULT_MAX_PIXELS,
+        )
+
+    # ------------------------------------------------------------------ preparation (thread-safe, no model compute)
+
+    def prepare_image(self, source: object, param: str) -> PreparedImage:
+        if isinstance(source, PreparedImage):
+            return source
+        img = load_image(source, self.image_limits, param)
+        v = self.vision
+        return qwen2_vl_patches(
+            img,
+            patch_size=v.patch_size,
+            temporal_patch_size=v.temporal_patch_size,
+            merge_size=v.spatial_merge_size,
+            min_pixels=self.min_pixels,
+            max_pixels=self.max_pixels,
+            param=param,
+        )
+
+    def prepare_query_image(self, query: Item, param: str) -> Item:
+        """An image query shared by many pairs is decoded once: returns the item with its image prepared."""
+        if isinstance(query, ImageItem):
+            return ImageItem(self.prepare_image(query.source, f"{param}.image"))
+        return query
+
+    def _encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=True).ids
+
+    def _cut(self, text: str, max_tokens: int) -> tuple[str, int]:
+        """The reference's cut: tokenize, and if the text reaches max_tokens, decode its first max_tokens tokens."""
+        ids = self._encode(text)
+        if len(ids) >= max_tokens:
+            return self.tokenizer.decode(ids[:max_tokens], skip_special_tokens=False), max_tokens
+        return text, len(ids)
+
+    def prepare(self, query: Item, doc: Item, lengths: LengthOptions, where: Where) -> PreparedSequence:
+        qparam, dparam, param = where.query, where.document, where.pair
+        images: list[PreparedImage] = []
+        if isinstance(doc, ImageItem):
+            images.append(self.prepare_image(doc.source, f"{dparam}.image"))
+        if isinstance(query, ImageItem):
+            images.append(self.prepare_image(query.source, f"{qparam}.image"))
+        merge = self.vision.spatial_merge_size
+        image_tokens = sum(im.merged_tokens(merge) for im in images)
+
+        query_text = IMAGE_PLACEHOLDER
+        if isinstance(query, TextItem):
+            query_text, _ = self._cut(query.text, lengths.max_query_length)
+        doc_text, doc_tokens = IMAGE_PLACEHOLDER, 0
+        if isinstance(doc, TextItem):
+            max_doc = lengths.max_doc_length
+            if max_doc is None:  # the reference's rule
+                max_doc = max(lengths.max_length - lengths.max_query_length, lengths.max_query_length)
+            doc_text, doc_tokens = self._cut(doc.text, max_doc)
+
+        for _ in range(4):  # a cut doc may re-tokenize a little differently at the seam: converge in a few steps
+            ids = self._encode(DOC_PREFIX + doc_text + QUERY_PREFIX + query_text)
+            total = len(ids) - len(images) + image_tokens + 1  # image pads expanded, score token appended
+            overflow = total - lengths.max_length
+            if overflow <= 0:
+                break
+            if not isinstance(doc, TextItem) or doc_tokens - overflow < 1:
+                what = "the images need" if images else "the query and prompt template need"
+                raise InputError(
+                    f"the prompt needs {total} tokens ({image_tokens} of them image tokens), more than "
+                    f"max_length={lengths.max_length}; {what} too much room. Raise max_length"
+                    + (", or lower max_pixels to shrink images" if images else ", or lower max_query_length"),
+                    param,
+                )
+            doc_text, doc_tokens = self._cut(doc.text, doc_tokens - overflow)
+        else:  # pragma: no cover - the loop always converges in practice
+            raise InputError(f"could not fit the prompt into max_length={lengths.max_length}", param)
+
+        ids.append(SCORE_TOKEN_ID)
+        input_ids, positions = self._expand_images(ids, images, param)
+        return PreparedSequence(input_ids=input_ids, positions=positions, images=images)
+
+    def _expand_images(
+        self, ids: list[int], images: list[PreparedImage], param: str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Expand each <|image_pad|> to its merged-token count and compute M-RoPE positions [3, tokens].
+
+        Text tokens: the same position on all three axes, counting on. An image: (t, row, col) of its merged grid,
+        offset by the position where it starts; the text after it continues from the image's max position + 1.
+        """
+        merge = self.vision.spatial_merge_size
+        pad = self.special.image_pad
+        out_ids: list[torch.Tensor] = []
+        out_pos: list[torch.Tensor] = []
+        next_pos, start, img_i = 0, 0, 0
+        for i, tok in enumerate(ids + [None]):
+            if tok is not None and tok != pad:
+                continue
+            n_text = i - start
+            if n_text:
+                out_ids.append(torch.tensor(ids[start:i], dtype=torch.long))
+                out_pos.append(torch.arange(next_pos, next_pos + n_text).expand(3, -1))
+                next_pos += n_text
+            if tok is None:
+                break
+            if img_i >= len(images):
+                raise InputError("the text contains the reserved token <|image_pad|>; remove it", param)
+            t, h, w = images[img_i].grid
+            gh, gw = h // merge, w // merge
+            tt = torch.arange(t).view(-1, 1, 1).expand(t, gh, gw).flatten()
+            hh = torch.arange(gh).view(1, -1, 1).expand(t, gh, gw).flatten()
+            ww = torch.arange(gw).view(1, 1, -1).expand(t, gh, gw).flatten()
+            pos = torch.stack([tt, hh, ww]) + next_pos  # [3, image tokens]
+            out_ids.append(torch.full((t * gh * gw,), pad, dtype=torch.long))
+            out_pos.append(pos)
+            next_pos = int(pos.max()) + 1
+            start, img_i = i + 1, img_i + 1
+        if img_i != len(images):
+            raise InputError("the text contains the reserved token <|image_pad|>; remove it", param)
+        return torch.cat(out_ids), torch.cat(out_pos, dim=1)
+
+    # ------------------------------------------------------------------ compute
+
+    @torch.inference_mode()
+    def forward(self, batch: list[PreparedSequence]) -> torch.Tensor:
+        cu = [0]
+        for s in batch:
+            cu.append(cu[-1] + s.length)
+        input_ids = torch.cat([s.input_ids for s in batch]).to(self.device)
+        positions = torch.cat([s.positions for s in batch], dim=1).to(self.device)
+        images = [im for s in batch for im in s.images]
+        patches = torch.cat([im.patches for im in images]).to(self.device, self.dtype) if images else None
+        logits = self.model(
+            input_ids, positions, cu, patches, [im.grid for im in images], self.special.image_pad, self.attn_backend
+        )
+        return logits.float().cpu()
+
+    def activation(self, logits: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(logits - LOGIT_BIAS)
+
+
+def _special_id(tokenizer: Tokenizer, config: dict, token: str, key: str, directory: Path) -> int:
+    tid = tokenizer.token_to_id(token)
+    if tid is None:
+        raise ModelLoadError(f"{directory}/tokenizer.json has no {token} token; not a Qwen2-VL tokenizer")
+    if key in config and config[key] != tid:
+        raise ModelLoadError(f"{directory}: config.json {key}={config[key]} but tokenizer.json maps {token} to {tid}")
+    return tid
