@@ -110,7 +110,7 @@ def decode_image(data: bytes, limits: ImageLimits, param: str) -> Image.Image:
     except UnidentifiedImageError:
         raise InputError(f"not a {'/'.join(ALLOWED_FORMATS)} image (or a corrupt one)", param) from None
     except Image.DecompressionBombError as e:
-        raise InputError(f"image refused by Pillow as a decompression bomb: {e}", param) from None
+        raise InputError(f"image is over the limit of {limits.max_image_pixels} pixels ({e})", param) from None
     _check_pixels(img.width, img.height, limits, param)
     try:
         img.load()

@@ -1,0 +1,124 @@
+"""`rerankd` command line: rerank (one-shot scoring, JSON out) and make-tiny-model.
+
+Model-loading flags are derived from `rerankd.config.LoadOptions`, so the library and the CLI cannot drift.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import typing
+from pathlib import Path
+
+from .config import DEFAULT_MODEL, LoadOptions, field_docs
+
+
+def _add_load_options(p: argparse.ArgumentParser) -> None:
+    docs = field_docs(LoadOptions)
+    hints = typing.get_type_hints(LoadOptions)
+    group = p.add_argument_group("model loading")
+    for f in dataclasses.fields(LoadOptions):
+        flag = "--" + f.name.replace("_", "-")
+        hint = hints[f.name]
+        if hint is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=docs[f.name])
+            continue
+        base = next((t for t in typing.get_args(hint) if t is not type(None)), hint)
+        group.add_argument(flag, type=base, default=f.default, help=f"{docs[f.name]} (default: {f.default})")
+
+
+def _load_options(args: argparse.Namespace) -> dict:
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(LoadOptions)}
+
+
+def _read_documents(args: argparse.Namespace) -> list:
+    docs: list = list(args.documents)
+    if args.documents_file:
+        path = Path(args.documents_file)
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                docs.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise SystemExit(f"{path}:{n}: not a JSON value ({e}); each line must be a string or an object") from None
+    if not docs:
+        raise SystemExit("no documents: pass them as arguments or with --documents-file")
+    return docs
+
+
+def cmd_rerank(args: argparse.Namespace) -> int:
+    from . import PairErrors, Reranker, RerankdError
+
+    docs = _read_documents(args)
+    try:
+        rr = Reranker.from_pretrained(args.model, **_load_options(args))
+        results = rr.rerank(
+            args.query,
+            docs,
+            top_n=args.top_n,
+            return_documents=not args.no_documents,
+            max_length=args.max_length,
+            max_query_length=args.max_query_length,
+            max_doc_length=args.max_doc_length,
+            query_type=args.query_type,
+            doc_type=args.doc_type,
+            show_progress=args.progress,
+        )
+    except PairErrors as e:
+        print(json.dumps({"error": str(e), "errors": {str(i): str(err) for i, err in e.errors.items()}}), file=sys.stderr)
+        return 2
+    except (RerankdError, ValueError) as e:
+        print(f"rerankd: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({"model": args.model, "results": results}, ensure_ascii=False, indent=2, default=str))
+    return 0
+
+
+def cmd_make_tiny_model(args: argparse.Namespace) -> int:
+    from .testing import make_tiny_checkpoint
+
+    path = make_tiny_checkpoint(args.kind, args.path, seed=args.seed)
+    print(f"wrote a random {args.kind} checkpoint (real on-disk layout, toy size) to {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .testing import MODEL_KINDS
+
+    parser = argparse.ArgumentParser(prog="rerankd", description="Reranking engine for Jina rerankers")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("rerank", help="score documents against a query once and print JSON")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"hub repo id or local directory (default: {DEFAULT_MODEL})")
+    p.add_argument("--query", required=True, help="the query: text, or an image source with --query-type image")
+    p.add_argument("documents", nargs="*", help="documents: text, or image sources with --doc-type image")
+    p.add_argument("--documents-file", help="JSONL file, one document a line: a string, {\"text\": ...} or {\"image\": ...}")
+    p.add_argument("--query-type", choices=["text", "image"], default="text", help="how to read the query string")
+    p.add_argument("--doc-type", choices=["text", "image"], default="text", help="how to read document strings")
+    p.add_argument("--top-n", type=int, default=None, help="keep the best N results (default: all)")
+    p.add_argument("--no-documents", action="store_true", help="leave the documents out of the results")
+    p.add_argument("--max-length", type=int, default=None, help="prompt token limit (default: the model's)")
+    p.add_argument("--max-query-length", type=int, default=None, help="query token limit (default: the model's)")
+    p.add_argument("--max-doc-length", type=int, default=None, help="document token limit (default: the model's)")
+    p.add_argument("--progress", action="store_true", help="show a progress bar while scoring")
+    _add_load_options(p)
+    p.set_defaults(func=cmd_rerank)
+
+    p = sub.add_parser("make-tiny-model", help="write a tiny random checkpoint in a real model's on-disk layout")
+    p.add_argument("kind", choices=MODEL_KINDS, help="which model's layout")
+    p.add_argument("path", help="output directory")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the weights (default: 0)")
+    p.set_defaults(func=cmd_make_tiny_model)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

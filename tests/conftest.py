@@ -1,0 +1,56 @@
+from __future__ import annotations
+
+import base64
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from rerankd import Reranker
+from rerankd.testing import make_tiny_checkpoint
+
+
+@pytest.fixture(scope="session")
+def m0_dir(tmp_path_factory):
+    return make_tiny_checkpoint("jina-reranker-m0", tmp_path_factory.mktemp("tiny-m0"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def m0(m0_dir):
+    return Reranker.from_pretrained(m0_dir, show_progress=False)
+
+
+@pytest.fixture(scope="session")
+def m0_ref(m0_dir):
+    pytest.importorskip("transformers")
+    from rerankd.testing import ReferenceM0
+
+    return ReferenceM0(m0_dir)
+
+
+def make_image(width: int, height: int, seed: int = 0, mode: str = "RGB") -> Image.Image:
+    """A smooth gradient with noise, so resizing and patching matter."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    base = np.stack([x * 255 / max(width, 1), y * 255 / max(height, 1), (x + y) * 127 / max(width + height, 1)], -1)
+    arr = np.clip(base + rng.normal(0, 40, base.shape), 0, 255).astype(np.uint8)
+    img = Image.fromarray(arr, "RGB")
+    return img.convert(mode) if mode != "RGB" else img
+
+
+def encode(img: Image.Image, fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def data_uri(img: Image.Image, fmt: str = "PNG") -> str:
+    return f"data:image/{fmt.lower()};base64," + base64.b64encode(encode(img, fmt)).decode()
+
+
+def assert_close(a, b, tol):
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    assert a.shape == b.shape
+    diff = float(np.max(np.abs(a - b))) if a.size else 0.0
+    assert diff <= tol, f"max |diff| {diff:.3g} > {tol:g}\n ours: {a}\n  ref: {b}"

@@ -1,0 +1,128 @@
+"""jina-reranker-m0 scores equal the reference (transformers' Qwen2-VL + the published head), fp32 <= 1e-4."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from rerankd import Reranker
+from rerankd.testing import make_tiny_checkpoint
+
+from ..conftest import assert_close, data_uri, make_image
+
+TOL = 1e-4
+WORDS = "markdown model web content extraction gold rush merchants Paris France capital 数据 提取 正则 Beiträge 🙂".split()
+
+
+def text_of(n_words: int, seed: int) -> str:
+    rng = np.random.default_rng(seed)
+    return " ".join(rng.choice(WORDS, n_words))
+
+
+TEXT_DOCS = [text_of(n, i) for i, n in enumerate([0, 1, 3, 10, 40, 120, 300, 7, 64])] + [
+    "During the California Gold Rush, some merchants made more money selling supplies.\n\nSecond paragraph!",
+    "数据提取么?为什么不用正则啊,你用正则不就全解决了么?",
+]
+IMAGES = [make_image(56, 56, 1), make_image(120, 40, 2), make_image(333, 217, 3), make_image(30, 600, 4),
+          make_image(1100, 800, 5)]  # fmt: skip
+
+
+def test_text_pairs_many_lengths_one_batch(m0, m0_ref):
+    pairs = [["slm markdown", d] for d in TEXT_DOCS] + [[text_of(12, 99), d] for d in TEXT_DOCS[:4]]
+    ours = m0.compute_score(pairs, max_length=1024)
+    ref = m0_ref.compute_score(pairs, max_length=1024, batch_size=len(pairs))  # one left-padded batch
+    assert_close(ours, ref, TOL)
+    # the tiny model's scores must spread, or this test could pass with a constant
+    assert 0.05 < min(ours) and max(ours) < 0.95 and np.std(ours) > 0.05, ours
+
+
+def test_document_truncation_matches_reference(m0, m0_ref):
+    long_doc = text_of(900, 7)
+    pairs = [["slm markdown", long_doc], ["query", text_of(700, 8)]]
+    # max_length 300 -> max_doc_length = max(300 - 100, 100) = 200 tokens: the documents are cut
+    ours = m0.compute_score(pairs, max_length=300, max_query_length=100)
+    ref = m0_ref.compute_score(pairs, max_length=300, max_query_length=100)
+    assert_close(ours, ref, TOL)
+    assert abs(ours[0] - m0.compute_score(pairs[:1], max_length=2048)[0]) > 1e-4  # the cut changed the score
+
+
+def test_image_documents_sizes_and_aspect_ratios(m0, m0_ref):
+    pairs = [["slm markdown", data_uri(im)] for im in IMAGES]
+    ours = m0.compute_score(pairs, max_length=2048, doc_type="image")
+    ref = m0_ref.compute_score(pairs, max_length=2048, doc_type="image")
+    assert_close(ours, ref, TOL)
+    assert np.std(ours) > 0.02, ours
+
+
+def test_image_query_text_documents(m0, m0_ref):
+    q = data_uri(IMAGES[2])
+    pairs = [[q, d] for d in TEXT_DOCS[:6]]
+    ours = m0.compute_score(pairs, max_length=2048, query_type="image")
+    ref = m0_ref.compute_score(pairs, max_length=2048, query_type="image")
+    assert_close(ours, ref, TOL)
+
+
+def test_image_query_image_documents(m0, m0_ref):
+    q = data_uri(IMAGES[1])
+    pairs = [[q, data_uri(im)] for im in IMAGES[:4]]
+    ours = m0.compute_score(pairs, max_length=4096, query_type="image", doc_type="image")
+    ref = m0_ref.compute_score(pairs, max_length=4096, query_type="image", doc_type="image")
+    assert_close(ours, ref, TOL)
+
+
+def test_mixed_batch_rerank_equals_reference_per_kind(m0, m0_ref):
+    docs = [TEXT_DOCS[4], {"image": data_uri(IMAGES[0])}, {"text": TEXT_DOCS[9]}, {"image": data_uri(IMAGES[3])},
+            TEXT_DOCS[10], IMAGES[2]]  # fmt: skip
+    results = m0.rerank("slm markdown", docs, max_length=2048)
+    got = {r["index"]: r["relevance_score"] for r in results}
+    text_idx, image_idx = [0, 2, 4], [1, 3, 5]
+    texts = [TEXT_DOCS[4], TEXT_DOCS[9], TEXT_DOCS[10]]
+    images = [data_uri(IMAGES[0]), data_uri(IMAGES[3]), data_uri(IMAGES[2])]
+    ref_t = m0_ref.compute_score([["slm markdown", d] for d in texts], max_length=2048)
+    ref_i = m0_ref.compute_score([["slm markdown", d] for d in images], max_length=2048, doc_type="image")
+    assert_close([got[i] for i in text_idx], ref_t, TOL)
+    assert_close([got[i] for i in image_idx], ref_i, TOL)
+    assert [r["index"] for r in results] == sorted(range(6), key=lambda i: (-got[i], i))
+
+
+@pytest.mark.parametrize("layout", ["sharded_with_lm_head", "transformers_4_52_names"])
+def test_other_checkpoint_layouts_load_to_the_same_scores(m0, m0_dir, tmp_path, layout):
+    d = tmp_path / layout
+    if layout == "sharded_with_lm_head":
+        make_tiny_checkpoint("jina-reranker-m0", d, seed=0, shards=3, include_lm_head=True)
+        assert (d / "model.safetensors.index.json").is_file()
+    else:
+        shutil.copytree(m0_dir, d)
+        w = load_file(str(d / "model.safetensors"))
+        renamed = {("model.language_model." + k[6:] if k.startswith("model.") else
+                    "model.visual." + k[7:] if k.startswith("visual.") else k): v for k, v in w.items()}  # fmt: skip
+        save_file(renamed, str(d / "model.safetensors"), metadata={"format": "pt"})
+    pairs = [["slm markdown", t] for t in TEXT_DOCS[:5]]
+    other = Reranker.from_pretrained(d, show_progress=False)
+    assert_close(other.compute_score(pairs, max_length=1024), m0.compute_score(pairs, max_length=1024), 0.0)
+
+
+def test_config_with_nested_text_config_loads(m0, m0_dir, tmp_path):
+    d = tmp_path / "nested"
+    shutil.copytree(m0_dir, d)
+    cfg = json.loads((d / "config.json").read_text())
+    text_keys = ["hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                 "rms_norm_eps", "rope_theta", "vocab_size", "rope_scaling"]  # fmt: skip
+    cfg["text_config"] = {k: cfg.pop(k) for k in text_keys}
+    (d / "config.json").write_text(json.dumps(cfg))
+    pairs = [["q", TEXT_DOCS[3]]]
+    other = Reranker.from_pretrained(d, show_progress=False)
+    assert other.compute_score(pairs) == m0.compute_score(pairs)
+
+
+def test_bf16_compute_is_close(m0_dir, m0):
+    """bf16 is the CUDA default; on CPU it is slow but must still be right (loose: bf16 rounding)."""
+    pairs = [["slm markdown", t] for t in TEXT_DOCS[3:6]]
+    bf = Reranker.from_pretrained(m0_dir, dtype="bfloat16", show_progress=False)
+    assert bf.backend.dtype == torch.bfloat16
+    assert_close(bf.compute_score(pairs), m0.compute_score(pairs), 0.05)

@@ -1,0 +1,111 @@
+"""The library's public behaviour: rerank results, bad inputs, loading errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+from safetensors.torch import load_file, save_file
+
+from rerankd import ModelLoadError, PairErrors, Reranker
+
+from .conftest import data_uri, encode, make_image
+
+
+def test_rerank_shape_order_top_n_and_documents(m0):
+    docs = ["alpha", {"text": "beta gamma"}, {"image": data_uri(make_image(64, 64))}, "delta delta"]
+    full = m0.rerank("query", docs)
+    assert sorted(r["index"] for r in full) == [0, 1, 2, 3]
+    assert [r["relevance_score"] for r in full] == sorted((r["relevance_score"] for r in full), reverse=True)
+    assert full[[r["index"] for r in full].index(1)]["document"] == {"text": "beta gamma"}
+    assert full[[r["index"] for r in full].index(2)]["document"] == {"image": docs[2]["image"]}
+    top = m0.rerank("query", docs, top_n=2, return_documents=False)
+    assert top == [{"index": r["index"], "relevance_score": r["relevance_score"]} for r in full[:2]]
+
+
+def test_ties_are_broken_by_index(m0):
+    results = m0.rerank("q", ["same", "same", "same"])
+    assert [r["index"] for r in results] == [0, 1, 2]
+
+
+def test_single_pair_tuple_and_empty_query(m0):
+    assert len(m0.compute_score(("", "a document"))) == 1
+    assert m0.compute_score([]) == []
+
+
+def test_bad_pairs_are_named_and_the_others_still_scored(m0):
+    good = ["q", "a fine document"]
+    pairs = [good, ["q", {"image": "data:image/png;base64,aGVsbG8="}], ["q", 42], good, ["only one"],
+             ["q", {"image": encode(make_image(10, 10))[:40]}]]  # fmt: skip
+    with pytest.raises(PairErrors) as e:
+        m0.compute_score(pairs)
+    err = e.value
+    assert sorted(err.errors) == [1, 2, 4, 5]
+    assert "pairs[1].document.image" in str(err.errors[1]) and "not a PNG/JPEG" in str(err.errors[1])
+    assert "pairs[2].document: unsupported type int" in str(err.errors[2])
+    assert "pairs[4]" in str(err.errors[4])
+    assert "does not decode" in str(err.errors[5]) or "not a PNG" in str(err.errors[5])
+    alone = m0.compute_score([good])[0]
+    assert abs(err.scores[0] - alone) <= 1e-5 and abs(err.scores[3] - alone) <= 1e-5
+    assert err.scores[1] is None
+    assert "4 of 6 pairs could not be scored" in str(err)
+
+
+def test_rerank_errors_name_documents(m0):
+    with pytest.raises(PairErrors, match=r"documents\[1\].image: 'nope' is not an http\(s\) URL"):
+        m0.rerank("q", ["fine", {"image": "nope"}])
+    with pytest.raises(ValueError, match="top_n must be a positive integer"):
+        m0.rerank("q", ["a"], top_n=0)
+    with pytest.raises(ValueError, match="max_length must be a positive integer"):
+        m0.compute_score([["q", "d"]], max_length=0)
+
+
+def test_unknown_option_and_dtype(m0_dir):
+    with pytest.raises(TypeError, match="valid options: device, dtype"):
+        Reranker.from_pretrained(m0_dir, max_batch_tokenz=5)
+    with pytest.raises(ValueError, match="dtype 'float8' is not supported"):
+        Reranker.from_pretrained(m0_dir, dtype="float8")
+
+
+def test_loading_errors_are_clear(m0_dir, tmp_path):
+    with pytest.raises(ModelLoadError, match="neither an existing directory nor a Hugging Face repo id"):
+        Reranker.from_pretrained(str(tmp_path / "nope"))
+    bad = tmp_path / "bad"
+    shutil.copytree(m0_dir, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**cfg, "architectures": ["LlamaForCausalLM"]}))
+    with pytest.raises(ModelLoadError, match="not supported; supported architectures: JinaVLForRanking"):
+        Reranker.from_pretrained(bad)
+    (bad / "config.json").write_text(json.dumps(cfg))
+    w = load_file(str(bad / "model.safetensors"))
+    w.pop("score.2.bias")
+    w["extra.tensor"] = w["score.0.bias"].clone()
+    save_file(w, str(bad / "model.safetensors"))
+    with pytest.raises(ModelLoadError, match=r"1 parameters missing .*score\.2\.bias.*1 checkpoint tensors match no"):
+        Reranker.from_pretrained(bad, show_progress=False)
+
+
+def test_offline_hub_id_without_cache_says_to_pass_a_local_path(tmp_path):
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    code = "from rerankd import Reranker; Reranker.from_pretrained('jinaai/jina-reranker-m0')"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0
+    assert "ModelLoadError" in out.stderr and "pass the path of a local checkpoint directory" in out.stderr
+
+
+def test_hub_cache_is_used_offline(m0_dir, tmp_path):
+    """A repo id already in HF_HOME's cache loads with HF_HUB_OFFLINE=1 (the cache layout huggingface_hub uses)."""
+    snap = tmp_path / "hf" / "hub" / "models--acme--tiny-m0" / "snapshots" / ("0" * 40)
+    shutil.copytree(m0_dir, snap)
+    (snap.parents[1] / "refs").mkdir()
+    (snap.parents[1] / "refs" / "main").write_text("0" * 40)
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    code = ("from rerankd import Reranker; r = Reranker.from_pretrained('acme/tiny-m0', show_progress=False); "
+            "print(r.compute_score([['q', 'd']])[0])")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert 0.0 < float(out.stdout.strip()) < 1.0

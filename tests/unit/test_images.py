@@ -1,0 +1,157 @@
+"""Image loading (sources, limits) and Qwen2-VL preprocessing against transformers' image processor."""
+
+from __future__ import annotations
+
+import base64
+import http.server
+import threading
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from rerankd.errors import InputError
+from rerankd.inputs.images import ImageLimits, load_image, qwen2_vl_patches, smart_resize
+
+from ..conftest import data_uri, encode, make_image
+
+LIMITS = ImageLimits()
+
+
+def patches_of(img, min_pixels=3136, max_pixels=602112):
+    return qwen2_vl_patches(img, patch_size=14, temporal_patch_size=2, merge_size=2, min_pixels=min_pixels,
+                            max_pixels=max_pixels, param="x")  # fmt: skip
+
+
+@pytest.mark.parametrize("size", [(56, 56), (57, 300), (1000, 700), (20, 20), (3000, 2000), (28, 1400)])
+def test_patches_equal_transformers_image_processor(size):
+    transformers = pytest.importorskip("transformers")
+    img = make_image(*size, seed=sum(size))
+    ref = transformers.Qwen2VLImageProcessor(min_pixels=3136, max_pixels=602112)(images=[img], return_tensors="pt")
+    ours = patches_of(img)
+    assert ours.grid == tuple(ref["image_grid_thw"][0].tolist())
+    assert ours.patches.shape == ref["pixel_values"].shape
+    assert torch.allclose(ours.patches, ref["pixel_values"].float(), atol=1e-6)
+
+
+def test_smart_resize_bounds():
+    assert smart_resize(56, 56, 28, 3136, 602112) == (56, 56)
+    h, w = smart_resize(4000, 3000, 28, 3136, 602112)
+    assert h % 28 == 0 and w % 28 == 0 and h * w <= 602112
+    h, w = smart_resize(10, 10, 28, 3136, 602112)
+    assert h * w >= 3136
+    with pytest.raises(ValueError, match="aspect ratio"):
+        smart_resize(10, 3000, 28, 3136, 602112)
+
+
+def test_max_pixels_option_changes_token_count():
+    img = make_image(1000, 1000)
+    assert patches_of(img, max_pixels=602112).grid[1:] != patches_of(img, max_pixels=100_000).grid[1:]
+    t, h, w = patches_of(img, max_pixels=100_000).grid
+    assert h * w * 196 <= 100_000
+
+
+def test_sources_all_load_the_same_pixels(tmp_path):
+    img = make_image(80, 60, 3)
+    raw = encode(img)
+    path = tmp_path / "a.png"
+    path.write_bytes(raw)
+    b64 = base64.b64encode(raw).decode()
+    sources = [img, str(path), data_uri(img), b64, raw, "\n".join(b64[i : i + 76] for i in range(0, len(b64), 76))]
+    arrays = [np.asarray(load_image(s, LIMITS, "x")) for s in sources]
+    for a in arrays[1:]:
+        assert np.array_equal(a, arrays[0])
+
+
+def test_rgba_and_palette_become_rgb():
+    for mode in ("RGBA", "P", "L"):
+        img = load_image(encode(make_image(40, 40, mode=mode)), LIMITS, "x")
+        assert img.mode == "RGB"
+
+
+def test_exif_orientation_is_applied_for_encoded_images():
+    img = make_image(60, 30)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees
+    import io
+
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", exif=exif)
+    assert load_image(buf.getvalue(), LIMITS, "x").size == (30, 60)
+
+
+@pytest.mark.parametrize(
+    "source, limits, message",
+    [
+        (b"not an image at all", LIMITS, "not a PNG/JPEG/WEBP/GIF/BMP/TIFF image"),
+        (encode(make_image(50, 50))[:60], LIMITS, "does not decode"),
+        (encode(make_image(50, 50)), ImageLimits(max_image_bytes=100), "over the limit of 100"),
+        (encode(make_image(200, 100)), ImageLimits(max_image_pixels=10_000), "20000 pixels, over the limit of 10000"),
+        ("data:text/plain;base64,aGVsbG8=", LIMITS, "data URI must look like"),
+        ("/no/such/file.png", LIMITS, "is not an http(s) URL, a data: URI, an existing file or base64"),
+        ("ftp://example.com/a.png", LIMITS, "is not an http(s) URL"),
+        ("@@@@not base64 at all@@@@", LIMITS, "is not an http(s) URL"),
+        (12345, LIMITS, "unsupported image source of type int"),
+    ],
+)
+def test_bad_images_give_clear_errors(source, limits, message):
+    with pytest.raises(InputError) as e:
+        load_image(source, limits, "documents[3].image")
+    assert message in str(e.value)
+    assert str(e.value).startswith("documents[3].image: ")
+
+
+def test_extreme_aspect_ratio_is_an_error():
+    with pytest.raises(InputError, match="aspect ratio"):
+        patches_of(make_image(2000, 5))
+
+
+def test_pixel_limit_checked_before_decoding():
+    """A 20000x20000 PNG (a few KB compressed) is refused from its header; decoding it would take 1.2 GB."""
+    big = Image.new("L", (20000, 20000))
+    raw = encode(big)
+    assert len(raw) < 2_000_000
+    with pytest.raises(InputError, match="over the limit of 100000000"):
+        load_image(raw, LIMITS, "x")
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    payload = b""
+
+    def do_GET(self):  # noqa: N802
+        if self.path == "/missing.png":
+            self.send_error(404)
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "image/png")
+        if self.path != "/nolength.png":
+            self.send_header("Content-Length", str(len(self.payload)))
+        self.end_headers()
+        self.wfile.write(self.payload)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture()
+def image_server():
+    _Handler.payload = encode(make_image(64, 48, 9))
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}"
+    srv.shutdown()
+
+
+def test_url_images_fetch_with_limits(image_server):
+    img = load_image(f"{image_server}/a.png", LIMITS, "x")
+    assert img.size == (64, 48)
+    small = ImageLimits(max_image_bytes=100)
+    with pytest.raises(InputError, match="over the limit of 100"):
+        load_image(f"{image_server}/a.png", small, "x")
+    with pytest.raises(InputError, match="over the limit of 100 bytes"):  # counted while downloading
+        load_image(f"{image_server}/nolength.png", small, "x")
+    with pytest.raises(InputError, match="HTTP 404"):
+        load_image(f"{image_server}/missing.png", LIMITS, "x")
+    with pytest.raises(InputError, match="not allowed"):
+        load_image(f"{image_server}/a.png", ImageLimits(allow_urls=False), "x")
