@@ -18,7 +18,7 @@ class LoadOptions:
     revision: str | None = None
     """Hugging Face revision (branch, tag or commit) of a hub model."""
     max_batch_tokens: int | None = None
-    """Token budget of one forward batch, image tokens included. Default: 16384 on CPU, 65536 on CUDA."""
+    """Token budget of one forward batch, image tokens included. Default: 4096 on CPU (larger batches gain nothing there), 65536 on CUDA."""
     preprocess_workers: int | None = None
     """Threads that tokenize and decode/preprocess images ahead of the model. Default: cores, 2 to 8."""
     num_threads: int | None = None

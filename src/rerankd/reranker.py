@@ -74,7 +74,7 @@ class Reranker:
         backend = backend_class(config, directory).load(
             directory, config, dev, dt, limits, opts.min_pixels, opts.max_pixels, opts.show_progress
         )
-        budget = opts.max_batch_tokens or (65536 if dev.type == "cuda" else 16384)
+        budget = opts.max_batch_tokens or (65536 if dev.type == "cuda" else 4096)
         engine = Engine(backend, budget, opts.preprocess_workers)
         return cls(backend, engine, directory, replace(opts, device=str(dev), dtype=str(dt).removeprefix("torch.")))
 

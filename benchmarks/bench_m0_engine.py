@@ -1,0 +1,241 @@
+"""Benchmark: rerankd's padding-free jina-reranker-m0 engine vs the padded transformers reference (CPU, fp32).
+
+Builds a mid-size random checkpoint in the real jina-reranker-m0 layout (hidden 512, 8 decoder layers, 8 heads,
+2 kv heads, intermediate 1408; vision tower 320 wide, 4 blocks), makes N (query, document) text pairs whose
+documents span --min-tokens..--max-tokens tokens (measured with the checkpoint's tokenizer.json) in shuffled order,
+and times, in one process on the same weights and pairs:
+
+* rerankd: `Reranker.from_pretrained(...).compute_score(pairs, max_length=1024)` (packed, token-budget batches);
+* the reference: transformers' Qwen2VLForConditionalGeneration with left-padded batches of 8, attention "eager"
+  (what the model card runs on CPU) and, unless --no-sdpa, "sdpa".
+
+Each engine is warmed up on a few pairs, then the engines are timed in turn over the same pairs, --repeats rounds,
+and the best time of each is kept. Scores must agree within --tolerance (default 1e-4), else the exit code is 1.
+
+    .venv/bin/python benchmarks/bench_m0_engine.py [--pairs 64] [--repeats 3] [--json-out results.json]
+
+Needs the `dev` extra (transformers) for the reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+MAX_LENGTH = 1024
+REFERENCE_BATCH = 8
+CHECKPOINT = dict(
+    hidden_size=512,
+    intermediate_size=1408,
+    num_hidden_layers=8,
+    num_attention_heads=8,
+    num_key_value_heads=2,
+    mrope_section=[8, 12, 12],  # head_dim 64 = 2 * (8 + 12 + 12)
+    vision_embed_dim=320,
+    vision_depth=4,
+    vision_num_heads=4,
+)
+QUERIES = [
+    "slm markdown", "organic skincare for sensitive skin", "capital of France", "green tea antioxidants",
+    "price of coffee this year", "gold rush merchants", "rerank documents by query", "web content extraction",
+]  # fmt: skip
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def cpu_name() -> str:
+    name = platform.processor()
+    if not name:
+        try:
+            for line in Path("/proc/cpuinfo").read_text().splitlines():
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+        except OSError:
+            pass
+    return name or platform.machine() or "unknown CPU"
+
+
+def make_pairs(tokenizer_json: Path, n: int, min_tokens: int, max_tokens: int, seed: int) -> tuple[list, list[int]]:
+    """n (query, document) pairs; document token counts spread evenly over [min_tokens, max_tokens], shuffled."""
+    from tokenizers import Tokenizer
+
+    from rerankd.testing import CORPUS
+
+    tok = Tokenizer.from_file(str(tokenizer_json))
+    tok.no_truncation()
+    tok.no_padding()
+    rng = random.Random(seed)
+    words = sorted({w for text in CORPUS for w in text.split()})
+
+    def count(text: str) -> int:
+        return len(tok.encode(text, add_special_tokens=True).ids)
+
+    if n == 1:
+        targets = [max_tokens]
+    else:
+        targets = [round(min_tokens + i * (max_tokens - min_tokens) / (n - 1)) for i in range(n)]
+    rng.shuffle(targets)
+    pairs, lengths = [], []
+    for target in targets:
+        doc: list[str] = []
+        # add words until the next one would pass the target, then fill the rest exactly with single letters
+        while True:
+            w = rng.choice(words)
+            if count(" ".join(doc + [w])) > target:
+                break
+            doc.append(w)
+        filler = 0
+        while count(" ".join(doc)) < target and filler < 4 * target:
+            doc.append(rng.choice("abcdefghijklmnopqrstuvwxyz"))
+            if count(" ".join(doc)) > target:
+                doc.pop()
+                filler += 1
+        text = " ".join(doc)
+        pairs.append([rng.choice(QUERIES), text])
+        lengths.append(count(text))
+    return pairs, lengths
+
+
+def timed(fn, pairs) -> tuple[float, list[float]]:
+    t0 = time.perf_counter()
+    scores = fn(pairs)
+    return time.perf_counter() - t0, scores
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--pairs", type=int, default=64, help="number of (query, document) pairs (default 64)")
+    ap.add_argument("--min-tokens", type=int, default=16, help="shortest document, in tokens (default 16)")
+    ap.add_argument("--max-tokens", type=int, default=512, help="longest document, in tokens (default 512)")
+    ap.add_argument("--repeats", type=int, default=3, help="timed rounds; the best time of each engine is kept")
+    ap.add_argument("--max-batch-tokens", type=int, help="rerankd's token budget per batch (default: its own)")
+    ap.add_argument("--ckpt-dir", type=Path, help="where to write the random checkpoint (default: a temp dir)")
+    ap.add_argument("--json-out", type=Path, help="also write the results to this JSON file")
+    ap.add_argument("--no-sdpa", action="store_true", help="skip the reference with attn_implementation='sdpa'")
+    ap.add_argument("--tolerance", type=float, default=1e-4, help="largest allowed |score difference| (1e-4)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the weights and of the text")
+    args = ap.parse_args(argv)
+    if not 1 <= args.min_tokens <= args.max_tokens or args.pairs < 1 or args.repeats < 1:
+        ap.error("need 1 <= --min-tokens <= --max-tokens, --pairs >= 1 and --repeats >= 1")
+
+    from rerankd import Reranker
+    from rerankd.testing import ReferenceM0, make_tiny_checkpoint
+
+    tmp = None
+    if args.ckpt_dir is None:
+        tmp = tempfile.TemporaryDirectory(prefix="rerankd-bench-m0-")
+        ckpt = Path(tmp.name)
+    else:
+        ckpt = args.ckpt_dir
+    try:
+        log(f"writing the random checkpoint to {ckpt} ({', '.join(f'{k}={v}' for k, v in CHECKPOINT.items())})")
+        make_tiny_checkpoint("jina-reranker-m0", ckpt, seed=args.seed, **CHECKPOINT)
+
+        log(f"making {args.pairs} pairs, documents {args.min_tokens}..{args.max_tokens} tokens, shuffled")
+        pairs, doc_lengths = make_pairs(ckpt / "tokenizer.json", args.pairs, args.min_tokens, args.max_tokens, args.seed)
+        log(f"document tokens: min {min(doc_lengths)}, max {max(doc_lengths)}, total {sum(doc_lengths)}, "
+            f"first ten in order {doc_lengths[:10]}")  # fmt: skip
+
+        log("loading rerankd")
+        ours = Reranker.from_pretrained(ckpt, show_progress=False, max_batch_tokens=args.max_batch_tokens)
+        budget = ours.engine.max_batch_tokens
+        engines = {"rerankd": lambda p: ours.compute_score(p, max_length=MAX_LENGTH)}
+        impls = ["eager"] + ([] if args.no_sdpa else ["sdpa"])
+        for impl in impls:
+            log(f"loading the reference ({impl})")
+            ref = ReferenceM0(ckpt, attn_implementation=impl)
+            engines[f"reference {impl}"] = (
+                lambda p, ref=ref: ref.compute_score(p, max_length=MAX_LENGTH, batch_size=REFERENCE_BATCH)
+            )
+
+        warm = pairs[: min(len(pairs), REFERENCE_BATCH)]
+        for name, fn in engines.items():
+            t, _ = timed(fn, warm)
+            log(f"warm-up {name}: {len(warm)} pairs in {t:.2f}s")
+
+        best: dict[str, float] = {}
+        scores: dict[str, list[float]] = {}
+        for r in range(args.repeats):
+            for name, fn in engines.items():
+                t, s = timed(fn, pairs)
+                log(f"round {r + 1}/{args.repeats} {name}: {t:.3f}s ({len(pairs) / t:.1f} pairs/s)")
+                best[name] = min(best.get(name, float("inf")), t)
+                scores.setdefault(name, s)
+
+        diffs = {
+            name: max(abs(a - b) for a, b in zip(scores["rerankd"], s)) for name, s in scores.items() if name != "rerankd"
+        }
+        pps = {name: len(pairs) / t for name, t in best.items()}
+        speedup = {name: pps["rerankd"] / v for name, v in pps.items() if name != "rerankd"}
+        max_diff = max(diffs.values())
+        ok = max_diff <= args.tolerance
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+
+    machine = f"{cpu_name()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads"
+    results = {
+        "date": datetime.date.today().isoformat(),
+        "machine": machine,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": __import__("transformers").__version__,
+        "checkpoint": CHECKPOINT,
+        "pairs": len(pairs),
+        "doc_tokens": {"min": min(doc_lengths), "max": max(doc_lengths), "total": sum(doc_lengths)},
+        "max_length": MAX_LENGTH,
+        "reference_batch_size": REFERENCE_BATCH,
+        "max_batch_tokens": budget,
+        "repeats": args.repeats,
+        "best_seconds": best,
+        "pairs_per_second": pps,
+        "speedup": speedup,
+        "max_abs_score_diff": diffs,
+        "tolerance": args.tolerance,
+        "scores_match": ok,
+    }
+
+    print()
+    for name in best:
+        extra = "" if name == "rerankd" else f", rerankd is {speedup[name]:.2f}x faster, max |diff| {diffs[name]:.2e}"
+        print(f"{name:>18}: {pps[name]:7.1f} pairs/s (best {best[name]:.3f}s of {args.repeats}){extra}")
+    print()
+    head = ["date", "machine", "torch", "rerankd pairs/s", "reference eager pairs/s"]
+    row = [results["date"], machine, torch.__version__, f"{pps['rerankd']:.1f}", f"{pps['reference eager']:.1f}"]
+    if "reference sdpa" in pps:
+        head.append("reference sdpa pairs/s")
+        row.append(f"{pps['reference sdpa']:.1f}")
+    head.append("speed-up vs eager")
+    row.append(f"{speedup['reference eager']:.2f}x")
+    if "reference sdpa" in pps:
+        head.append("speed-up vs sdpa")
+        row.append(f"{speedup['reference sdpa']:.2f}x")
+    head.append("max \\|score diff\\|")
+    row.append(f"{max_diff:.1e}")
+    print("| " + " | ".join(head) + " |")
+    print("|" + "|".join("---" for _ in head) + "|")
+    print("| " + " | ".join(row) + " |")
+    if args.json_out:
+        args.json_out.write_text(json.dumps(results, indent=2) + "\n")
+        log(f"wrote {args.json_out}")
+    if not ok:
+        print(f"FAIL: max |score diff| {max_diff:.3e} > tolerance {args.tolerance:g}", file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
