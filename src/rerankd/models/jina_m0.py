@@ -46,11 +46,11 @@ DOC_PREFIX = "**Document**:\n"
 QUERY_PREFIX = "\n**Query**:\n"
 IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
 
-# checkpoint name prefix -> module prefix (None: dropped on purpose)
+# checkpoint name pattern -> module name (None: dropped on purpose); see rerankd.weights
 WEIGHT_RENAMES: Renames = [
-    ("model.language_model.", "model."),  # transformers >= 4.52 save format
-    ("model.visual.", "visual."),  # idem
-    ("lm_head.", None),  # the reranker never produces token logits
+    (r"model\.language_model\.", "model."),  # transformers >= 4.52 save format
+    (r"model\.visual\.", "visual."),  # idem
+    (r"lm_head\.", None),  # the reranker never produces token logits
 ]
 
 
