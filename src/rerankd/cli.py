@@ -66,6 +66,9 @@ def cmd_rerank(args: argparse.Namespace) -> int:
             query_type=args.query_type,
             doc_type=args.doc_type,
             show_progress=args.progress,
+            long_documents=args.long_documents,
+            overlap=args.overlap,
+            activation=None if args.raw_scores else "sigmoid",
         )
     except PairErrors as e:
         print(json.dumps({"error": str(e), "errors": {str(i): str(err) for i, err in e.errors.items()}}), file=sys.stderr)
@@ -80,7 +83,12 @@ def cmd_rerank(args: argparse.Namespace) -> int:
 def cmd_make_tiny_model(args: argparse.Namespace) -> int:
     from .testing import make_tiny_checkpoint
 
-    path = make_tiny_checkpoint(args.kind, args.path, seed=args.seed)
+    extra = {} if args.naming is None else {"naming": args.naming}
+    try:
+        path = make_tiny_checkpoint(args.kind, args.path, seed=args.seed, **extra)
+    except ValueError as e:
+        print(f"rerankd: error: {e}", file=sys.stderr)
+        return 2
     print(f"wrote a random {args.kind} checkpoint (real on-disk layout, toy size) to {path}")
     return 0
 
@@ -101,8 +109,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-n", type=int, default=None, help="keep the best N results (default: all)")
     p.add_argument("--no-documents", action="store_true", help="leave the documents out of the results")
     p.add_argument("--max-length", type=int, default=None, help="prompt token limit (default: the model's)")
-    p.add_argument("--max-query-length", type=int, default=None, help="query token limit (default: the model's)")
+    p.add_argument("--max-query-length", type=int, default=512, help="queries are cut to this many tokens (512)")
     p.add_argument("--max-doc-length", type=int, default=None, help="document token limit (default: the model's)")
+    p.add_argument("--long-documents", choices=["chunk", "truncate"], default="chunk",
+                   help="a document that does not fit: score overlapping windows and keep the best (chunk, the "
+                   "default), or cut it (truncate)")  # fmt: skip
+    p.add_argument("--overlap", type=int, default=80, help="tokens shared by adjacent windows (default: 80)")
+    p.add_argument("--raw-scores", action="store_true", help="report raw logits instead of sigmoid scores")
     p.add_argument("--progress", action="store_true", help="show a progress bar while scoring")
     _add_load_options(p)
     p.set_defaults(func=cmd_rerank)
@@ -111,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("kind", choices=MODEL_KINDS, help="which model's layout")
     p.add_argument("path", help="output directory")
     p.add_argument("--seed", type=int, default=0, help="random seed of the weights (default: 0)")
+    p.add_argument("--naming", choices=["jina", "hf"], default=None,
+                   help="jina-reranker-v2 only: Jina's flash-implementation weight names (jina, the real "
+                   "checkpoint's) or standard Hugging Face names (hf)")  # fmt: skip
     p.set_defaults(func=cmd_make_tiny_model)
     return parser
 

@@ -33,6 +33,9 @@ class LoadOptions:
     """Largest image accepted, in pixels, read from the header before decoding."""
     image_fetch_timeout: float = 10.0
     """Seconds allowed to fetch one image URL."""
+    quantize: str | None = None
+    """'int8': dynamic int8 quantization of a text cross-encoder's linear layers (CPU only; faster, scores move
+    slightly, see docs/benchmarks.md)."""
     show_progress: bool = True
     """Show progress bars while loading weights."""
 

@@ -14,13 +14,22 @@ from .engine import Engine
 from .errors import InputError, PairErrors
 from .hub import resolve_model_dir
 from .inputs import ImageItem, Item, TextItem, parse_item
-from .inputs.images import ImageLimits
 from .inputs.items import ItemType
-from .models.base import Backend, LengthOptions, Where
+from .models.base import Backend, LengthOptions, LongDocuments, Where, Window
 from .models.registry import backend_class, read_config
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
+
+
+class _Default:
+    """The default of an option whose default depends on the model (see compute_score)."""
+
+    def __repr__(self) -> str:
+        return "<model default>"
+
+
+DEFAULT = _Default()
 
 
 class Reranker:
@@ -66,27 +75,32 @@ class Reranker:
             torch.set_num_threads(opts.num_threads)
         directory = resolve_model_dir(name_or_path, opts.revision)
         config = read_config(directory)
-        limits = ImageLimits(
-            max_image_bytes=opts.max_image_bytes,
-            max_image_pixels=opts.max_image_pixels,
-            fetch_timeout=opts.image_fetch_timeout,
-        )
-        backend = backend_class(config, directory).load(
-            directory, config, dev, dt, limits, opts.min_pixels, opts.max_pixels, opts.show_progress
-        )
+        backend = backend_class(config, directory).load(directory, config, dev, dt, opts)
         budget = opts.max_batch_tokens or (65536 if dev.type == "cuda" else 4096)
         engine = Engine(backend, budget, opts.preprocess_workers)
         return cls(backend, engine, directory, replace(opts, device=str(dev), dtype=str(dt).removeprefix("torch.")))
 
     # ------------------------------------------------------------------------------------------------ scoring
 
-    def _lengths(self, max_length: int | None, max_query_length: int | None, max_doc_length: int | None) -> LengthOptions:
+    def _lengths(
+        self,
+        max_length: int | None,
+        max_query_length: int | None | _Default,
+        max_doc_length: int | None,
+        long_documents: str,
+        overlap: int,
+        query_default: int | None,
+    ) -> LengthOptions:
         ml = self.backend.default_max_length if max_length is None else max_length
-        mq = self.backend.default_max_query_length if max_query_length is None else max_query_length
+        mq = query_default if isinstance(max_query_length, _Default) else max_query_length
         for name, v in (("max_length", ml), ("max_query_length", mq), ("max_doc_length", max_doc_length)):
-            if v is not None and (not isinstance(v, int) or v < 1):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
-        return LengthOptions(ml, mq, max_doc_length)
+        if long_documents not in ("chunk", "truncate"):
+            raise ValueError(f"long_documents must be 'chunk' or 'truncate', got {long_documents!r}")
+        if isinstance(overlap, bool) or not isinstance(overlap, int) or overlap < 0:
+            raise ValueError(f"overlap must be a non-negative integer, got {overlap!r}")
+        return LengthOptions(ml, mq, max_doc_length, long_documents, overlap)  # type: ignore[arg-type]
 
     def _check_supported(self, item: Item, param: str) -> None:
         if isinstance(item, ImageItem) and not self.backend.supports_images:
@@ -98,36 +112,54 @@ class Reranker:
         params: list[Where],
         early: dict[int, InputError],
         lengths: LengthOptions,
+        activation: str | None,
         batch_size: int | None,
         show_progress: bool,
-    ) -> list[float]:
-        """Score the pairs not already in `early` (failed before scoring); raise PairErrors if any failed."""
+    ) -> tuple[list[float], list[Window | None]]:
+        """Scores and winning windows of the pairs not already in `early` (failed before scoring).
+
+        Raises PairErrors, with every computed score, if any pair failed.
+        """
+        if activation not in ("sigmoid", None):
+            raise ValueError(f"activation must be 'sigmoid' or None (the raw logit), got {activation!r}")
         good = [i for i in range(len(items)) if i not in early]
-        scores_good, errors_good = self.engine.score(
+        scored, errors_good = self.engine.score(
             [items[i] for i in good], lengths, [params[i] for i in good], batch_size, show_progress
         )
+        logits = torch.tensor([float("nan") if r is None else r.logit for r in scored], dtype=torch.float32)
+        values = (torch.sigmoid(logits) if activation == "sigmoid" else logits).tolist()
         scores: list[float | None] = [None] * len(items)
+        windows: list[Window | None] = [None] * len(items)
         errors = dict(early)
         for j, i in enumerate(good):
-            scores[i] = scores_good[j]
             if j in errors_good:
                 errors[i] = errors_good[j]
+            else:
+                scores[i], windows[i] = values[j], scored[j].window  # type: ignore[union-attr]
         if errors:
             raise PairErrors(errors, scores)
-        return scores  # type: ignore[return-value]
+        return scores, windows  # type: ignore[return-value]
 
     def compute_score(
         self,
         pairs: Sequence[Sequence[Any]],
         max_length: int | None = None,
-        max_query_length: int | None = None,
+        max_query_length: int | None | _Default = DEFAULT,
         max_doc_length: int | None = None,
         query_type: ItemType = "text",
         doc_type: ItemType = "text",
         batch_size: int | None = None,
         show_progress: bool = False,
+        activation: str | None = "sigmoid",
+        long_documents: LongDocuments = "truncate",
+        overlap: int = 80,
     ) -> list[float]:
-        """Relevance scores in [0, 1] for (query, document) pairs, in order.
+        """Relevance scores for (query, document) pairs, in order: in [0, 1], or raw logits with activation=None.
+
+        A drop-in for the model card's call: by default every option means what it means there (max_length:
+        m0 10240, text cross-encoders 1024; m0 cuts queries to max_query_length=512, cross-encoders truncate the
+        pair longest-first as transformers does). long_documents="chunk" scores a document that does not fit as
+        overlapping windows and keeps the best (see `rerank`).
 
         Strings are read as `query_type` / `doc_type` ('text' or 'image': a URL, path, data URI or base64);
         {"text": ...}, {"image": ...} and PIL images are taken as they are. `batch_size` caps pairs per forward
@@ -136,7 +168,10 @@ class Reranker:
         """
         if isinstance(pairs, tuple) and len(pairs) == 2 and not isinstance(pairs[0], (list, tuple)):
             pairs = [pairs]
-        lengths = self._lengths(max_length, max_query_length, max_doc_length)
+        lengths = self._lengths(
+            max_length, max_query_length, max_doc_length, long_documents, overlap,
+            self.backend.compute_score_max_query_length,
+        )  # fmt: skip
         items: list[tuple[Item, Item]] = []
         params = [Where.for_pair(i) for i in range(len(pairs))]
         early: dict[int, InputError] = {}
@@ -152,7 +187,7 @@ class Reranker:
                 early[i] = e
                 q = d = TextItem("")
             items.append((q, d))
-        return self._score(items, params, early, lengths, batch_size, show_progress)
+        return self._score(items, params, early, lengths, activation, batch_size, show_progress)[0]
 
     def rerank(
         self,
@@ -161,24 +196,34 @@ class Reranker:
         top_n: int | None = None,
         return_documents: bool = True,
         max_length: int | None = None,
-        max_query_length: int | None = None,
+        max_query_length: int | None = 512,
         max_doc_length: int | None = None,
         query_type: ItemType = "text",
         doc_type: ItemType = "text",
         batch_size: int | None = None,
         show_progress: bool = False,
+        long_documents: LongDocuments = "chunk",
+        overlap: int = 80,
+        activation: str | None = "sigmoid",
     ) -> list[dict[str, Any]]:
         """Documents sorted by relevance to `query` (ties by index), cut to `top_n`.
 
         Each result: {"index", "relevance_score", "document"} where document is {"text": ...} or {"image": ...}
         (left out when return_documents is False). Documents may mix strings, {"text"} and {"image"} objects.
+
+        Long text documents are never cut silently: with long_documents="chunk" (the default) the query is cut
+        to max_query_length tokens, a document that does not fit beside it is split into token windows that
+        fill the rest of max_length (or max_doc_length), adjacent ones sharing `overlap` tokens, every window is
+        scored, and the document's score is the maximum. Such a result also has "window": {"index", "count",
+        "start", "end"}, the winning window and its character span in the document text.
+        long_documents="truncate" keeps only the first window.
         """
-        if top_n is not None and (not isinstance(top_n, int) or top_n < 1):
+        if top_n is not None and (isinstance(top_n, bool) or not isinstance(top_n, int) or top_n < 1):
             raise ValueError(f"top_n must be a positive integer or None, got {top_n!r}")
+        lengths = self._lengths(max_length, max_query_length, max_doc_length, long_documents, overlap, None)
         q = parse_item(query, query_type, "query")
         self._check_supported(q, "query")
         q = self.backend.prepare_query_image(q, "query")  # decoded once for all pairs
-        lengths = self._lengths(max_length, max_query_length, max_doc_length)
         items: list[tuple[Item, Item]] = []
         errors: dict[int, InputError] = {}
         for i, doc in enumerate(documents):
@@ -190,8 +235,8 @@ class Reranker:
                 d = TextItem("")
             items.append((q, d))
         params = [Where.for_document(i) for i in range(len(items))]
-        scores = self._score(items, params, errors, lengths, batch_size, show_progress)
-        order = sorted(range(len(items)), key=lambda i: (-scores[i], i))  # type: ignore[operator]
+        scores, windows = self._score(items, params, errors, lengths, activation, batch_size, show_progress)
+        order = sorted(range(len(items)), key=lambda i: (-scores[i], i))
         results = []
         for i in order[:top_n]:
             r: dict[str, Any] = {"index": i, "relevance_score": scores[i]}
@@ -200,5 +245,9 @@ class Reranker:
                 raw = documents[i]
                 image = raw.get("image") if isinstance(raw, dict) else raw
                 r["document"] = {"text": d.text} if isinstance(d, TextItem) else {"image": image}
+            w = windows[i]
+            if w is not None:
+                r["window"] = {"index": w.index, "count": w.count, "start": w.start, "end": w.end}
             results.append(r)
         return results
+

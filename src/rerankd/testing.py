@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-MODEL_KINDS = ("jina-reranker-m0",)
+MODEL_KINDS = ("jina-reranker-m0", "jina-reranker-v2", "bert-cross-encoder")
 
 # Qwen2's pre-tokenizer split pattern (tokenizer.json of Qwen2 / Qwen2-VL)
 QWEN2_SPLIT = (
@@ -204,12 +204,17 @@ def make_tiny_checkpoint(
     """Write a random checkpoint of `kind` in the real on-disk layout; returns its directory.
 
     `overrides` change config sizes (hidden_size=512, num_hidden_layers=8, vision_depth=4, ...), so the same
-    function builds the mid-size checkpoints of the benchmarks.
+    function builds the mid-size checkpoints of the benchmarks. jina-reranker-v2 also takes naming="jina" (the
+    real checkpoint's flash-implementation names, the default) or "hf" (standard XLM-RoBERTa names).
     """
     if kind not in MODEL_KINDS:
         raise ValueError(f"unknown model kind {kind!r}; known: {', '.join(MODEL_KINDS)}")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
+    if kind != "jina-reranker-m0":
+        return _make_tiny_encoder(kind, path, seed, shards=shards, dtype=dtype, **overrides)
+    if overrides.get("naming") is not None:
+        raise ValueError("naming= applies to jina-reranker-v2 only")
     tok = build_qwen2_tokenizer()
     first_special = tok.token_to_id(QWEN2_SPECIALS[0])
     n_tokens = tok.get_vocab_size(with_added_tokens=True)
@@ -258,6 +263,171 @@ def make_tiny_checkpoint(
         )
     )
     _save_safetensors(m0_random_weights(cfg, seed, include_lm_head), path, shards, dtype)
+    return path
+
+
+# ------------------------------------------------------------------------------------ text cross-encoders
+
+XLMR_SPECIALS = ("<s>", "<pad>", "</s>", "<unk>")  # ids 0..3, as in XLM-RoBERTa; <mask> is the last id
+BERT_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+
+def build_xlmr_tokenizer(vocab_size: int = 600):
+    """A Unigram `tokenizers.Tokenizer` shaped like XLM-RoBERTa's (jina-reranker-v2, bge-reranker): Metaspace
+    pre-tokenizer, `<s> A </s></s> B </s>` pairs, <s>=0 <pad>=1 </s>=2 <unk>=3, <mask> last."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from tokenizers import trainers
+
+    # the real one applies sentencepiece's precompiled NFKC map, then collapses runs of spaces
+    normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Replace(Regex(" {2,}"), " ")])
+    pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    # A deterministic "training" (tokenizers' UnigramTrainer is not): every character of the corpus, then its
+    # most frequent words and word pieces, each scored by its log frequency.
+    counts: dict[str, int] = {}
+    for text in CORPUS * 4:
+        for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)):
+            for n in range(1, min(len(word), 8) + 1):
+                for i in range(len(word) - n + 1):
+                    counts[word[i : i + n]] = counts.get(word[i : i + n], 0) + (4 if n == len(word) else 1)
+    chars = sorted(p for p in counts if len(p) == 1)
+    longer = sorted((p for p in counts if len(p) > 1), key=lambda p: (-counts[p] * len(p), p))
+    pieces = chars + longer[: max(0, vocab_size - len(XLMR_SPECIALS) - 1 - len(chars))]
+    total = sum(counts[p] for p in pieces)
+    vocab = [(t, 0.0) for t in XLMR_SPECIALS] + [(p, math.log(counts[p] / total)) for p in pieces]
+    tok = Tokenizer(models.Unigram(vocab, unk_id=3, byte_fallback=False))
+    tok.normalizer = normalizer
+    tok.pre_tokenizer = pre_tokenizer
+    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tok.add_special_tokens([AddedToken(t, special=True) for t in XLMR_SPECIALS])
+    tok.add_special_tokens([AddedToken("<mask>", special=True, lstrip=True, normalized=False)])
+    tok.post_processor = processors.RobertaProcessing(sep=("</s>", 2), cls=("<s>", 0), trim_offsets=True,
+                                                      add_prefix_space=True)  # fmt: skip
+    return tok
+
+
+def build_bert_tokenizer(vocab_size: int = 600):
+    """A WordPiece `tokenizers.Tokenizer` shaped like BERT's uncased one (ms-marco MiniLM cross-encoders):
+    `[CLS] A [SEP] B [SEP]` with token types 0 / 1."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]", continuing_subword_prefix="##", max_input_chars_per_word=100))
+    tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, strip_accents=None,
+                                                lowercase=True)  # fmt: skip
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece(prefix="##")
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=list(BERT_SPECIALS), show_progress=False)
+    tok.train_from_iterator(CORPUS * 4, trainer)
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS]:0 $A:0 [SEP]:0", pair="[CLS]:0 $A:0 [SEP]:0 $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
+    )
+    return tok
+
+
+def encoder_tiny_config(kind: str, vocab_size: int, **overrides: Any) -> dict:
+    sizes = dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, intermediate_size=128) | overrides
+    common = dict(
+        attention_probs_dropout_prob=0.1, classifier_dropout=None, hidden_act="gelu", hidden_dropout_prob=0.1,
+        id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0}, initializer_range=0.02, position_embedding_type="absolute",
+        use_cache=True, vocab_size=vocab_size, **sizes,
+    )  # fmt: skip
+    if kind == "bert-cross-encoder":  # cross-encoder/ms-marco-MiniLM-L-6-v2
+        return {"architectures": ["BertForSequenceClassification"], "model_type": "bert", **common,
+                "gradient_checkpointing": False, "layer_norm_eps": 1e-12, "max_position_embeddings": 512,
+                "pad_token_id": 0, "type_vocab_size": 2, "torch_dtype": "float32",
+                "transformers_version": "4.36.0", "sbert_ce_default_activation_function": "torch.nn.modules.linear.Identity"}  # fmt: skip
+    return {  # jinaai/jina-reranker-v2-base-multilingual
+        "architectures": ["XLMRobertaForSequenceClassification"],  # and no model_type, as the real one
+        "auto_map": {
+            "AutoConfig": "jinaai/jina-reranker-v2-base-multilingual--configuration_xlm_roberta.XLMRobertaFlashConfig",
+            "AutoModel": "jinaai/jina-reranker-v2-base-multilingual--modeling_xlm_roberta.XLMRobertaModel",
+            "AutoModelForSequenceClassification":
+                "jinaai/jina-reranker-v2-base-multilingual--modeling_xlm_roberta.XLMRobertaForSequenceClassification",
+        },
+        **common, "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1, "layer_norm_eps": 1e-05,
+        "max_position_embeddings": 1026, "type_vocab_size": 1, "torch_dtype": "bfloat16", "emb_pooler": None,
+        "transformers_version": "4.40.0", "use_flash_attn": True, "num_labels": 1,
+    }  # fmt: skip
+
+
+def encoder_random_weights(cfg: dict, seed: int, naming: str) -> dict[str, torch.Tensor]:
+    """Weights in the names of `naming`: "jina" (flash implementation), "hf" (XLM-RoBERTa) or "bert"."""
+    g = torch.Generator().manual_seed(seed)
+    h, inter = cfg["hidden_size"], cfg["intermediate_size"]
+    w: dict[str, torch.Tensor] = {
+        "embeddings.word_embeddings.weight": _rand((cfg["vocab_size"], h), 1.0, g),
+        "embeddings.position_embeddings.weight": _rand((cfg["max_position_embeddings"], h), 0.5, g),
+        "embeddings.token_type_embeddings.weight": _rand((cfg["type_vocab_size"], h), 0.5, g),
+    }
+    w |= _norm("emb_ln", h, g, bias=True)
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"encoder.layers.{i}"
+        w |= _linear(f"{p}.mixer.Wqkv", 3 * h, h, g, gain=2.0) | _linear(f"{p}.mixer.out_proj", h, h, g)
+        w |= _norm(f"{p}.norm1", h, g, bias=True) | _norm(f"{p}.norm2", h, g, bias=True)
+        w |= _linear(f"{p}.mlp.fc1", inter, h, g) | _linear(f"{p}.mlp.fc2", h, inter, g)
+    w |= _linear("classifier.dense", h, h, g, gain=2.0) | _linear("classifier.out_proj", 1, h, g, gain=2.5)
+    if naming == "jina":
+        return {(k if k.startswith("classifier.") else "roberta." + k): v for k, v in w.items()}
+    return _to_hf_names(w, "roberta." if naming == "hf" else "bert.", bert=naming == "bert")
+
+
+def _to_hf_names(w: dict[str, torch.Tensor], prefix: str, bert: bool) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    layer_names = {"mixer.out_proj": "attention.output.dense", "norm1": "attention.output.LayerNorm",
+                   "mlp.fc1": "intermediate.dense", "mlp.fc2": "output.dense", "norm2": "output.LayerNorm"}  # fmt: skip
+    for k, v in w.items():
+        if k.startswith("encoder.layers."):
+            _, _, i, rest = k.split(".", 3)
+            module, kind = rest.rsplit(".", 1)
+            base = f"{prefix}encoder.layer.{i}."
+            if module == "mixer.Wqkv":
+                for part, name in zip(v.chunk(3), ("query", "key", "value")):
+                    out[f"{base}attention.self.{name}.{kind}"] = part
+            else:
+                out[f"{base}{layer_names[module]}.{kind}"] = v
+        elif k.startswith("emb_ln."):
+            out[prefix + "embeddings.LayerNorm." + k.split(".")[-1]] = v
+        elif k.startswith("embeddings."):
+            out[prefix + k] = v
+        elif bert and k.startswith("classifier.dense."):
+            out[f"{prefix}pooler.dense.{k.split('.')[-1]}"] = v
+        elif bert and k.startswith("classifier.out_proj."):
+            out[f"classifier.{k.split('.')[-1]}"] = v
+        else:
+            out[k] = v
+    if bert:  # older BERT checkpoints carry this buffer; a strict loader must drop it on purpose
+        out[prefix + "embeddings.position_ids"] = torch.arange(w["embeddings.position_embeddings.weight"].shape[0])[None]
+    return out
+
+
+def _make_tiny_encoder(kind: str, path: Path, seed: int, *, shards: int, dtype: torch.dtype, naming: str | None = None,
+                       **overrides: Any) -> Path:  # fmt: skip
+    if kind == "bert-cross-encoder":
+        if naming not in (None, "hf"):
+            raise ValueError("naming= applies to jina-reranker-v2 only")
+        tok, naming = build_bert_tokenizer(), "bert"
+    else:
+        naming = naming or "jina"
+        if naming not in ("jina", "hf"):
+            raise ValueError(f"naming must be 'jina' or 'hf', got {naming!r}")
+        tok = build_xlmr_tokenizer()
+    vocab = tok.get_vocab_size(with_added_tokens=True)
+    cfg = encoder_tiny_config(kind, vocab, **overrides)
+    (path / "config.json").write_text(json.dumps(cfg, indent=2))
+    tok.save(str(path / "tokenizer.json"))
+    if naming == "bert":
+        special = {"cls_token": "[CLS]", "mask_token": "[MASK]", "pad_token": "[PAD]", "sep_token": "[SEP]",
+                   "unk_token": "[UNK]"}  # fmt: skip
+        tok_cfg = {"tokenizer_class": "BertTokenizer", "do_lower_case": True, "model_max_length": 512, **special}
+        vocab_txt = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
+        (path / "vocab.txt").write_text("".join(t + "\n" for t, _ in vocab_txt))
+    else:
+        special = {"bos_token": "<s>", "cls_token": "<s>", "eos_token": "</s>", "mask_token": "<mask>",
+                   "pad_token": "<pad>", "sep_token": "</s>", "unk_token": "<unk>"}  # fmt: skip
+        tok_cfg = {"tokenizer_class": "XLMRobertaTokenizer", "model_max_length": 1024, **special}
+    (path / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2))
+    (path / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
+    _save_safetensors(encoder_random_weights(cfg, seed, naming), path, shards, dtype)
     return path
 
 
@@ -348,4 +518,51 @@ class ReferenceM0:
             out = self.model.model(**batch, use_cache=False)
             logits = self.score(out.last_hidden_state[:, -1]).view(-1)
             scores += torch.sigmoid(logits - self.LOGIT_BIAS).tolist()
+        return scores
+
+
+class ReferenceCrossEncoder:
+    """transformers' XLMRobertaForSequenceClassification / BertForSequenceClassification on the same weights,
+    scoring as jina-reranker-v2's `compute_score` does: padded batches, longest-first truncation, sigmoid."""
+
+    def __init__(self, model_dir: str | Path, attn_implementation: str = "eager"):
+        import transformers
+        from safetensors.torch import load_file
+        from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, XLMRobertaConfig
+        from transformers import XLMRobertaForSequenceClassification
+
+        transformers.logging.set_verbosity_error()
+        model_dir = Path(model_dir)
+        cfg = json.loads((model_dir / "config.json").read_text())
+        state: dict[str, torch.Tensor] = {}
+        for f in sorted(model_dir.glob("*.safetensors")):
+            state |= {k: v.float() for k, v in load_file(str(f)).items()}
+        bert = cfg["architectures"][0].startswith("Bert")
+        keep = {k: v for k, v in cfg.items() if k not in ("architectures", "auto_map", "model_type")}
+        if bert:
+            config = BertConfig(**keep, num_labels=1)
+            cls: Any = BertForSequenceClassification
+        else:
+            config = XLMRobertaConfig(**keep | {"num_labels": 1})
+            cls = XLMRobertaForSequenceClassification
+            if any(".mixer.Wqkv." in k for k in state):  # Jina's names -> the standard ones, q/k/v split
+                state = {k: v for k, v in _to_hf_names(
+                    {k.removeprefix("roberta."): v for k, v in state.items()}, "roberta.", bert=False).items()}  # fmt: skip
+        config._attn_implementation = attn_implementation
+        self.model = cls(config).eval()
+        state.pop("bert.embeddings.position_ids", None)
+        missing, unexpected = self.model.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.endswith("position_ids") and "pooler" not in k or bert and "pooler" in k]
+        if missing or unexpected:
+            raise RuntimeError(f"reference: missing {missing}, unexpected {unexpected}")
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+
+    @torch.inference_mode()
+    def compute_score(self, pairs, max_length: int = 1024, batch_size: int = 16, activation: bool = True) -> list[float]:
+        scores: list[float] = []
+        for start in range(0, len(pairs), batch_size):
+            chunk = [list(p) for p in pairs[start : start + batch_size]]
+            batch = self.tokenizer(chunk, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+            logits = self.model(**batch).logits.view(-1).float()
+            scores += (torch.sigmoid(logits) if activation else logits).tolist()
         return scores

@@ -51,6 +51,15 @@ def safetensors_files(directory: Path) -> list[Path]:
     return files
 
 
+def tensor_names(directory: Path) -> list[str]:
+    """Names of all tensors in a checkpoint directory (headers only; nothing is read into memory)."""
+    names: list[str] = []
+    for path in safetensors_files(directory):
+        with safe_open(str(path), framework="pt") as f:
+            names.extend(f.keys())
+    return names
+
+
 def rename(name: str, renames: Renames) -> str | Part | None:
     """The module name (or Part of one) that checkpoint tensor `name` fills; None if it is dropped on purpose."""
     for pattern, target in renames:

@@ -17,7 +17,7 @@ W = Where.for_pair(0)
 
 def test_prompt_is_tokenized_whole_and_ends_with_score_token(m0):
     be = m0.backend
-    s = be.prepare(TextItem("slm markdown"), TextItem("a doc"), LengthOptions(1024, 512), W)
+    [s] = be.prepare(TextItem("slm markdown"), TextItem("a doc"), LengthOptions(1024, 512), W)
     whole = be.tokenizer.encode("**Document**:\na doc\n**Query**:\nslm markdown").ids
     assert s.input_ids.tolist() == whole + [SCORE_TOKEN_ID]
     assert torch.equal(s.positions, torch.arange(len(whole) + 1).expand(3, -1))
@@ -26,7 +26,7 @@ def test_prompt_is_tokenized_whole_and_ends_with_score_token(m0):
 def test_image_tokens_and_positions(m0):
     be = m0.backend
     img = make_image(112, 56)  # width 112, height 56: 4 rows x 8 cols of patches -> 2 x 4 merged = 8 tokens
-    s = be.prepare(TextItem("q"), ImageItem(img), LengthOptions(1024, 512), W)
+    [s] = be.prepare(TextItem("q"), ImageItem(img), LengthOptions(1024, 512), W)
     ids = s.input_ids.tolist()
     pad = be.special.image_pad
     first = ids.index(pad)
@@ -41,8 +41,8 @@ def test_image_tokens_and_positions(m0):
 def test_doc_cut_to_max_doc_length_and_query_to_max_query_length(m0):
     be = m0.backend
     doc, query = "word " * 500, "query " * 100
-    s = be.prepare(TextItem(query), TextItem(doc), LengthOptions(4096, 20, max_doc_length=50), W)
-    full = be.prepare(TextItem(query), TextItem(doc), LengthOptions(4096, 512, max_doc_length=4000), W)
+    [s] = be.prepare(TextItem(query), TextItem(doc), LengthOptions(4096, 20, max_doc_length=50), W)
+    [full] = be.prepare(TextItem(query), TextItem(doc), LengthOptions(4096, 512, max_doc_length=4000), W)
     assert s.length < full.length
     cut_doc = be.tokenizer.decode(be.tokenizer.encode(doc).ids[:50])
     cut_q = be.tokenizer.decode(be.tokenizer.encode(query).ids[:20])
@@ -53,7 +53,7 @@ def test_doc_cut_to_max_doc_length_and_query_to_max_query_length(m0):
 def test_overlong_prompt_cuts_the_document_not_the_query(m0):
     be = m0.backend
     query = "the query text stays whole"
-    s = be.prepare(TextItem(query), TextItem("word " * 2000), LengthOptions(128, 512), W)
+    [s] = be.prepare(TextItem(query), TextItem("word " * 2000), LengthOptions(128, 512), W)
     assert s.length <= 128
     tail = be.tokenizer.encode("\n**Query**:\n" + query).ids + [SCORE_TOKEN_ID]
     assert s.input_ids.tolist()[-len(tail) :] == tail

@@ -3,19 +3,22 @@
 Pairs are taken in windows: while window k is being scored, window k + 1 is being tokenized and its images
 decoded and preprocessed, so preparation overlaps the forward pass (torch releases the GIL in its kernels).
 Only two windows of prepared pairs exist at a time, so memory stays bounded however many pairs a call has.
+A pair may come as several sequences (a long document split into token windows, see LengthOptions): they are
+batched like any other and the pair keeps the maximum logit.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from tqdm.auto import tqdm
 
 from ..errors import InputError
 from ..inputs import Item
-from ..models.base import Backend, LengthOptions, PreparedSequence, Where
+from ..models.base import Backend, LengthOptions, PreparedSequence, Where, Window
 from .scheduler import plan_batches
 
 WINDOW_PAIRS = 128  # pairs prepared ahead of the model; sorted by length within a window
@@ -33,7 +36,9 @@ class Engine:
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
-    def _prepare(self, query: Item, doc: Item, lengths: LengthOptions, where: Where) -> PreparedSequence | InputError:
+    def _prepare(
+        self, query: Item, doc: Item, lengths: LengthOptions, where: Where
+    ) -> list[PreparedSequence] | InputError:
         try:
             return self.backend.prepare(query, doc, lengths, where)
         except InputError as e:
@@ -46,9 +51,9 @@ class Engine:
         params: Sequence[Where],
         batch_size: int | None = None,
         show_progress: bool = False,
-    ) -> tuple[list[float | None], dict[int, InputError]]:
-        """Scores (None where a pair failed) and the failures by pair index."""
-        scores: list[float | None] = [None] * len(pairs)
+    ) -> tuple[list[Scored | None], dict[int, InputError]]:
+        """Each pair's relevance logit (the max over its windows) and winning window; the failures by pair index."""
+        results: list[Scored | None] = [None] * len(pairs)
         errors: dict[int, InputError] = {}
 
         def submit(start: int) -> list[Future]:
@@ -61,17 +66,36 @@ class Engine:
             while pending:
                 nxt = submit(start + WINDOW_PAIRS) if start + WINDOW_PAIRS < len(pairs) else []
                 ready: list[tuple[int, PreparedSequence]] = []
+                left: dict[int, int] = {}  # pair -> windows not yet scored
                 for offset, fut in enumerate(pending):
                     res = fut.result()
                     if isinstance(res, InputError):
                         errors[start + offset] = res
                         bar.update()
                     else:
-                        ready.append((start + offset, res))
+                        ready.extend((start + offset, seq) for seq in res)
+                        left[start + offset] = len(res)
                 for batch in plan_batches(ready, self.max_batch_tokens, batch_size):
-                    probs = self.backend.activation(self.backend.forward(batch.sequences))
-                    for idx, p in zip(batch.indices, probs.tolist()):
-                        scores[idx] = p
-                    bar.update(len(batch.indices))
+                    logits = self.backend.forward(batch.sequences).tolist()
+                    for idx, seq, logit in zip(batch.indices, batch.sequences, logits):
+                        best = results[idx]
+                        if best is None or logit > best.logit or (logit == best.logit and _earlier(seq, best)):
+                            results[idx] = Scored(logit, seq.window)
+                        left[idx] -= 1
+                        if not left[idx]:
+                            bar.update()
                 pending, start = nxt, start + WINDOW_PAIRS
-        return scores, errors
+        return results, errors
+
+
+@dataclass(frozen=True)
+class Scored:
+    """A pair's relevance logit (score = sigmoid(logit)) and, for a chunked document, the window that gave it."""
+
+    logit: float
+    window: Window | None = None
+
+
+def _earlier(seq: PreparedSequence, best: Scored) -> bool:
+    """Equal logits: the earlier window wins, whatever order the batches ran in."""
+    return seq.window is not None and best.window is not None and seq.window.index < best.window.index

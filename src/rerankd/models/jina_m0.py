@@ -23,6 +23,7 @@ import torch
 from tokenizers import Tokenizer
 from torch import nn
 
+from ..config import LoadOptions
 from ..errors import InputError, ModelLoadError
 from ..inputs import ImageItem, Item, TextItem
 from ..inputs.images import (
@@ -34,7 +35,7 @@ from ..inputs.images import (
     qwen2_vl_patches,
 )
 from ..weights import Renames, load_weights
-from .base import LengthOptions, PreparedSequence, Where
+from .base import LengthOptions, PreparedSequence, Where, Window, window_starts
 from .layers import attention_backend
 from .qwen2_vl import TextConfig, TextModel, VisionConfig, VisionTransformer
 
@@ -99,6 +100,7 @@ class JinaM0Backend:
     supports_images: ClassVar[bool] = True
     default_max_length: ClassVar[int] = DEFAULT_MAX_LENGTH
     default_max_query_length: ClassVar[int] = DEFAULT_MAX_QUERY_LENGTH
+    compute_score_max_query_length: ClassVar[int | None] = DEFAULT_MAX_QUERY_LENGTH
 
     def __init__(
         self,
@@ -125,16 +127,10 @@ class JinaM0Backend:
 
     @classmethod
     def load(
-        cls,
-        directory: Path,
-        config: dict,
-        device: torch.device,
-        dtype: torch.dtype,
-        image_limits: ImageLimits,
-        min_pixels: int | None = None,
-        max_pixels: int | None = None,
-        show_progress: bool = True,
+        cls, directory: Path, config: dict, device: torch.device, dtype: torch.dtype, opts: LoadOptions
     ) -> "JinaM0Backend":
+        if opts.quantize is not None:
+            raise ModelLoadError(f"quantize={opts.quantize!r} is offered for text cross-encoders only, not for {cls.architecture}")
         try:
             text = TextConfig.from_dict(config)
             vision = VisionConfig.from_dict(config["vision_config"])
@@ -153,7 +149,7 @@ class JinaM0Backend:
         )
         with torch.device("meta"):
             model = JinaM0(text, vision)
-        load_weights(model, directory, WEIGHT_RENAMES, device, dtype, show_progress)
+        load_weights(model, directory, WEIGHT_RENAMES, device, dtype, opts.show_progress)
         model.model.inv_freq = model.model.rope_inv_freq().to(device)
         model.visual.inv_freq = model.visual.rope_inv_freq().to(device)
         model.eval().requires_grad_(False)
@@ -164,9 +160,9 @@ class JinaM0Backend:
             vision,
             device,
             dtype,
-            image_limits,
-            min_pixels or DEFAULT_MIN_PIXELS,
-            max_pixels or DEFAULT_MAX_PIXELS,
+            ImageLimits(opts.max_image_bytes, opts.max_image_pixels, opts.image_fetch_timeout),
+            opts.min_pixels or DEFAULT_MIN_PIXELS,
+            opts.max_pixels or DEFAULT_MAX_PIXELS,
         )
 
     # ------------------------------------------------------------------ preparation (thread-safe, no model compute)
@@ -202,7 +198,7 @@ class JinaM0Backend:
             return self.tokenizer.decode(ids[:max_tokens], skip_special_tokens=False), max_tokens
         return text, len(ids)
 
-    def prepare(self, query: Item, doc: Item, lengths: LengthOptions, where: Where) -> PreparedSequence:
+    def prepare(self, query: Item, doc: Item, lengths: LengthOptions, where: Where) -> list[PreparedSequence]:
         qparam, dparam, param = where.query, where.document, where.pair
         images: list[PreparedImage] = []
         if isinstance(doc, ImageItem):
@@ -213,22 +209,60 @@ class JinaM0Backend:
         image_tokens = sum(im.merged_tokens(merge) for im in images)
 
         query_text = IMAGE_PLACEHOLDER
-        if isinstance(query, TextItem):
+        if isinstance(query, TextItem) and lengths.max_query_length is not None:
             query_text, _ = self._cut(query.text, lengths.max_query_length)
-        doc_text, doc_tokens = IMAGE_PLACEHOLDER, 0
-        if isinstance(doc, TextItem):
-            max_doc = lengths.max_doc_length
-            if max_doc is None:  # the reference's rule
-                max_doc = max(lengths.max_length - lengths.max_query_length, lengths.max_query_length)
+        elif isinstance(query, TextItem):
+            query_text = query.text
+        if not isinstance(doc, TextItem):
+            return [self._fit(query_text, None, IMAGE_PLACEHOLDER, 0, images, image_tokens, lengths, param)]
+        max_doc = lengths.max_doc_length
+        if max_doc is None:  # the reference's rule
+            max_doc = max(lengths.max_length - (lengths.max_query_length or 0), lengths.max_query_length or 0)
+        if lengths.long_documents == "truncate":
             doc_text, doc_tokens = self._cut(doc.text, max_doc)
+            return [self._fit(query_text, doc.text, doc_text, doc_tokens, images, image_tokens, lengths, param)]
 
+        # chunk: windows of what fits beside the query and template (2 tokens spare for merges at the seams)
+        overhead = len(self._encode(DOC_PREFIX + QUERY_PREFIX + query_text)) - len(images) + image_tokens + 1
+        room = min(max_doc, lengths.max_length - overhead - 2)
+        enc = self.tokenizer.encode(doc.text, add_special_tokens=True)
+        if len(enc.ids) <= room:
+            return [self._fit(query_text, doc.text, doc.text, len(enc.ids), images, image_tokens, lengths, param)]
+        if lengths.overlap >= room:
+            raise InputError(
+                f"overlap={lengths.overlap} must be smaller than the document window of {room} tokens "
+                f"(what max_length leaves beside the query and prompt); lower overlap or raise max_length",
+                param,
+            )
+        starts = window_starts(len(enc.ids), room, lengths.overlap)
+        out = []
+        for i, s in enumerate(starts):
+            e = min(s + room, len(enc.ids))
+            text = self.tokenizer.decode(enc.ids[s:e], skip_special_tokens=False)
+            seq = self._fit(query_text, text, text, e - s, images, image_tokens, lengths, param)
+            seq.window = Window(i, len(starts), enc.offsets[s][0], enc.offsets[e - 1][1])
+            out.append(seq)
+        return out
+
+    def _fit(
+        self,
+        query_text: str,
+        source: str | None,
+        doc_text: str,
+        doc_tokens: int,
+        images: list[PreparedImage],
+        image_tokens: int,
+        lengths: LengthOptions,
+        param: str,
+    ) -> PreparedSequence:
+        """Build the prompt; while it is longer than max_length, cut the document text `source` further."""
         for _ in range(4):  # a cut doc may re-tokenize a little differently at the seam: converge in a few steps
             ids = self._encode(DOC_PREFIX + doc_text + QUERY_PREFIX + query_text)
             total = len(ids) - len(images) + image_tokens + 1  # image pads expanded, score token appended
             overflow = total - lengths.max_length
             if overflow <= 0:
                 break
-            if not isinstance(doc, TextItem) or doc_tokens - overflow < 1:
+            if source is None or doc_tokens - overflow < 1:
                 what = "the images need" if images else "the query and prompt template need"
                 raise InputError(
                     f"the prompt needs {total} tokens ({image_tokens} of them image tokens), more than "
@@ -236,7 +270,7 @@ class JinaM0Backend:
                     + (", or lower max_pixels to shrink images" if images else ", or lower max_query_length"),
                     param,
                 )
-            doc_text, doc_tokens = self._cut(doc.text, doc_tokens - overflow)
+            doc_text, doc_tokens = self._cut(source, doc_tokens - overflow)
         else:  # pragma: no cover - the loop always converges in practice
             raise InputError(f"could not fit the prompt into max_length={lengths.max_length}", param)
 
@@ -297,10 +331,7 @@ class JinaM0Backend:
         logits = self.model(
             input_ids, positions, cu, patches, [im.grid for im in images], self.special.image_pad, self.attn_backend
         )
-        return logits.float().cpu()
-
-    def activation(self, logits: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(logits - LOGIT_BIAS)
+        return logits.float().cpu() - LOGIT_BIAS  # relevance = sigmoid(head logit - LOGIT_BIAS)
 
 
 def _special_id(tokenizer: Tokenizer, config: dict, token: str, key: str, directory: Path) -> int:

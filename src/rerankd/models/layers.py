@@ -85,18 +85,17 @@ def varlen_attention(
     return out
 
 
-def last_query_attention(
-    q_last: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: list[int]
-) -> torch.Tensor:
-    """Attention of each sequence's LAST query over all of that sequence's keys (it sees them all, so no mask).
+def single_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: list[int]) -> torch.Tensor:
+    """Attention of ONE query per sequence over all of that sequence's keys, with no mask.
 
-    q_last: [n, heads, head_dim]; k, v: [tokens, kv_heads, head_dim]. Returns [n, heads, head_dim].
-    Used by the final decoder layer, where only the last token feeds the score head.
+    q: [n, heads, head_dim]; k, v: [tokens, kv_heads, head_dim]. Returns [n, heads, head_dim]. Used by the final
+    layer, where only one token feeds the head: the last (a causal decoder's last token sees every key) or the
+    first (a bidirectional encoder's [CLS]).
     """
-    gqa = k.shape[1] != q_last.shape[1]
+    gqa = k.shape[1] != q.shape[1]
     outs = []
     for i, (start, end) in enumerate(zip(cu_seqlens[:-1], cu_seqlens[1:])):
-        qs = q_last[i : i + 1].transpose(0, 1).unsqueeze(0)  # [1, heads, 1, head_dim]
+        qs = q[i : i + 1].transpose(0, 1).unsqueeze(0)  # [1, heads, 1, head_dim]
         ks = k[start:end].transpose(0, 1).unsqueeze(0)  # [1, kv_heads, len, head_dim]
         vs = v[start:end].transpose(0, 1).unsqueeze(0)
         outs.append(F.scaled_dot_product_attention(qs, ks, vs, enable_gqa=gqa)[0, :, 0])  # [heads, head_dim]

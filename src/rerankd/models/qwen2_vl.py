@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import RMSNorm, apply_rotary, last_query_attention, varlen_attention
+from .layers import RMSNorm, apply_rotary, single_query_attention, varlen_attention
 
 
 @dataclass(frozen=True)
@@ -245,7 +245,7 @@ class Attention(nn.Module):
             # only the last token of each sequence is needed: one query per sequence
             q = self.q_proj(x[last]).view(-1, self.heads, self.head_dim)  # [seqs, heads, hd]
             q = apply_rotary(q, cos[last], sin[last])
-            o = last_query_attention(q, k, v, cu)
+            o = single_query_attention(q, k, v, cu)
         return self.o_proj(o.reshape(o.shape[0], -1))
 
 

@@ -11,6 +11,9 @@ from ..errors import ModelLoadError
 # architecture name -> "module:Class"; modules are imported only when that architecture is loaded
 ARCHITECTURES: dict[str, str] = {
     "JinaVLForRanking": "rerankd.models.jina_m0:JinaM0Backend",
+    "XLMRobertaForSequenceClassification": "rerankd.models.xlm_roberta:CrossEncoderBackend",
+    "RobertaForSequenceClassification": "rerankd.models.xlm_roberta:CrossEncoderBackend",
+    "BertForSequenceClassification": "rerankd.models.xlm_roberta:CrossEncoderBackend",
 }
 
 

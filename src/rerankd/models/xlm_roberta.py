@@ -1,0 +1,395 @@
+"""Text cross-encoders: XLM-RoBERTa (jina-reranker-v2, bge-reranker) and BERT (ms-marco MiniLM) rerankers.
+
+Reproduces transformers' `XLMRobertaForSequenceClassification` and `BertForSequenceClassification` with one
+label: a post-norm Transformer encoder over `<s> query </s></s> document </s>` (BERT: `[CLS] q [SEP] d [SEP]`
+with token types 0 / 1), and a head on the first token, dense -> tanh -> out_proj (BERT calls the first layer
+its pooler). The relevance logit is that output; scores are sigmoid(logit).
+
+The module uses the names of Jina's flash-attention implementation (fused `mixer.Wqkv`, `norm1`, `mlp.fc1`, ...);
+standard Hugging Face names are mapped onto them by the rename tables below, q, k and v concatenated into Wqkv.
+Sequences are packed without padding; the last layer computes only the first token of each sequence, which is
+all the head reads.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from tokenizers import Encoding, Tokenizer
+from torch import nn
+
+from ..config import LoadOptions
+from ..errors import InputError, ModelLoadError
+from ..inputs import ImageItem, Item, TextItem
+from ..weights import Part, Renames, load_weights, tensor_names
+from .base import LengthOptions, PreparedSequence, Where, Window, window_starts
+from .layers import attention_backend, single_query_attention, varlen_attention
+
+DEFAULT_MAX_LENGTH = 1024
+ACTIVATIONS = {
+    "gelu": functools.partial(F.gelu, approximate="none"),
+    "gelu_new": functools.partial(F.gelu, approximate="tanh"),
+    "gelu_pytorch_tanh": functools.partial(F.gelu, approximate="tanh"),
+    "relu": F.relu,
+}
+
+
+def _hf_layer(prefix: str) -> Renames:
+    """Standard Hugging Face encoder layer names under `prefix` (roberta. or bert.) -> this module's names."""
+    layer = rf"{prefix}encoder\.layer\.(\d+)\."
+    out = r"encoder.layers.\1."
+    return [
+        (layer + r"attention\.self\.query\.", Part(out + "mixer.Wqkv.", 0, 3)),
+        (layer + r"attention\.self\.key\.", Part(out + "mixer.Wqkv.", 1, 3)),
+        (layer + r"attention\.self\.value\.", Part(out + "mixer.Wqkv.", 2, 3)),
+        (layer + r"attention\.output\.dense\.", out + "mixer.out_proj."),
+        (layer + r"attention\.output\.LayerNorm\.", out + "norm1."),
+        (layer + r"intermediate\.dense\.", out + "mlp.fc1."),
+        (layer + r"output\.dense\.", out + "mlp.fc2."),
+        (layer + r"output\.LayerNorm\.", out + "norm2."),
+        (rf"{prefix}embeddings\.LayerNorm\.", "emb_ln."),
+        (rf"{prefix}embeddings\.(position_ids|token_type_ids)$", None),  # buffers older checkpoints carry
+        (rf"{prefix}embeddings\.", "embeddings."),
+    ]
+
+
+# checkpoint name pattern -> module name (None: dropped on purpose); see rerankd.weights
+WEIGHT_RENAMES: dict[str, Renames] = {
+    "jina": [  # Jina's flash implementation (jina-reranker-v2): already this module's names under roberta.
+        (r"roberta\.", ""),
+    ],
+    "xlm-roberta": [
+        *_hf_layer(r"roberta\."),
+        (r"roberta\.pooler\.", None),  # present in some checkpoints, unused by the classification head
+    ],
+    "bert": [
+        *_hf_layer(r"bert\."),
+        (r"bert\.pooler\.dense\.", "classifier.dense."),  # BERT's head: pooler dense + tanh, then classifier
+        (r"classifier\.(weight|bias)$", r"classifier.out_proj.\1"),
+    ],
+}
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    intermediate_size: int
+    hidden_act: str
+    max_position_embeddings: int
+    type_vocab_size: int
+    layer_norm_eps: float
+    position_offset: int  # RoBERTa: padding_idx + 1 (positions start after the pad id); BERT: 0
+
+    @classmethod
+    def from_dict(cls, d: dict, family: str) -> "EncoderConfig":
+        if d.get("num_labels", len(d.get("id2label", {0: ""}))) != 1:
+            raise ValueError(f"a reranker has one output label; this config has {d.get('num_labels', d.get('id2label'))}")
+        if d.get("hidden_act", "gelu") not in ACTIVATIONS:
+            raise ValueError(f"hidden_act {d['hidden_act']!r} is not supported (supported: {sorted(ACTIVATIONS)})")
+        if d.get("position_embedding_type", "absolute") != "absolute":
+            raise ValueError(f"position_embedding_type {d['position_embedding_type']!r} is not supported")
+        return cls(
+            vocab_size=d["vocab_size"],
+            hidden_size=d["hidden_size"],
+            num_hidden_layers=d["num_hidden_layers"],
+            num_attention_heads=d["num_attention_heads"],
+            intermediate_size=d["intermediate_size"],
+            hidden_act=d.get("hidden_act", "gelu"),
+            max_position_embeddings=d["max_position_embeddings"],
+            type_vocab_size=d.get("type_vocab_size", 2),
+            layer_norm_eps=d.get("layer_norm_eps", 1e-12),
+            position_offset=d.get("pad_token_id", 1) + 1 if family != "bert" else 0,
+        )
+
+    @property
+    def max_tokens(self) -> int:
+        """Longest sequence the position table allows."""
+        return self.max_position_embeddings - self.position_offset
+
+
+class Embeddings(nn.Module):
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+        self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
+
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, types: torch.Tensor) -> torch.Tensor:
+        return self.word_embeddings(ids) + self.token_type_embeddings(types) + self.position_embeddings(positions)
+
+
+class SelfAttention(nn.Module):
+    """Named `mixer`. Bidirectional attention within each packed sequence."""
+
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        self.heads = cfg.num_attention_heads
+        self.head_dim = cfg.hidden_size // cfg.num_attention_heads
+        self.Wqkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)
+        self.out_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+
+    def forward(self, x: torch.Tensor, cu: list[int], backend: str, first: torch.Tensor | None) -> torch.Tensor:
+        n = x.shape[0]
+        qkv = self.Wqkv(x).view(n, 3, self.heads, self.head_dim)  # [tokens, 3, heads, head_dim]
+        q, k, v = qkv.unbind(1)  # each [tokens, heads, head_dim]
+        if first is None:
+            o = varlen_attention(q, k, v, cu, causal=False, backend=backend)  # [tokens, heads, head_dim]
+        else:  # only the first token of each sequence is needed
+            o = single_query_attention(q[first], k, v, cu)  # [sequences, heads, head_dim]
+        return self.out_proj(o.reshape(o.shape[0], -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.act = ACTIVATIONS[cfg.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Layer(nn.Module):
+    """Post-norm: x = norm1(x + attn(x)); x = norm2(x + mlp(x))."""
+
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        self.mixer = SelfAttention(cfg)
+        self.norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.mlp = MLP(cfg)
+        self.norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+    def forward(self, x, cu: list[int], backend: str, first: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.mixer(x, cu, backend, first)
+        x = self.norm1((x if first is None else x[first]) + h)
+        return self.norm2(x + self.mlp(x))
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        self.layers = nn.ModuleList([Layer(cfg) for _ in range(cfg.num_hidden_layers)])
+
+
+class ClassificationHead(nn.Module):
+    """dense -> tanh -> out_proj on the first token (RoBERTa's classifier; BERT's pooler + classifier)."""
+
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.out_proj = nn.Linear(cfg.hidden_size, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out_proj(torch.tanh(self.dense(x)))
+
+
+class CrossEncoder(nn.Module):
+    """Attribute names match Jina's flash implementation (after its `roberta.` prefix)."""
+
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        self.embeddings = Embeddings(cfg)
+        self.emb_ln = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.encoder = Encoder(cfg)
+        self.classifier = ClassificationHead(cfg)
+
+    def forward(
+        self, ids: torch.Tensor, positions: torch.Tensor, types: torch.Tensor, cu: list[int], backend: str
+    ) -> torch.Tensor:
+        """Packed sequences ([tokens] each) -> one logit per sequence [sequences]."""
+        x = self.emb_ln(self.embeddings(ids, positions, types))  # [tokens, hidden]
+        first = torch.tensor(cu[:-1], device=x.device)
+        layers = self.encoder.layers
+        for layer in layers[:-1]:
+            x = layer(x, cu, backend)
+        x = layers[-1](x, cu, backend, first=first)  # [sequences, hidden]
+        return self.classifier(x).squeeze(-1)
+
+
+# ------------------------------------------------------------------------------------------------ backend
+
+
+@dataclass(frozen=True)
+class Family:
+    """What differs between the supported architectures."""
+
+    name: str  # key of WEIGHT_RENAMES for standard names
+    prefix: str  # checkpoint prefix of the encoder in standard names
+
+
+FAMILIES = {
+    "XLMRobertaForSequenceClassification": Family("xlm-roberta", "roberta."),
+    "RobertaForSequenceClassification": Family("xlm-roberta", "roberta."),
+    "BertForSequenceClassification": Family("bert", "bert."),
+}
+
+
+class CrossEncoderBackend:
+    """Serves the architectures of FAMILIES; the registry maps each name here."""
+
+    supports_images: ClassVar[bool] = False
+    default_max_query_length: ClassVar[int] = 512
+    compute_score_max_query_length: ClassVar[int | None] = None  # the reference truncates the pair longest-first
+
+    def __init__(self, model: CrossEncoder, cfg: EncoderConfig, tokenizer: Tokenizer, device, dtype, arch: str):
+        self.model = model
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.device = device
+        self.dtype = dtype
+        self.architecture = arch
+        self.default_max_length = min(DEFAULT_MAX_LENGTH, cfg.max_tokens)  # 1024, or 512 for BERT-size tables
+        self.attn_backend = attention_backend(device, dtype)
+        self.pair_specials = tokenizer.post_processor.num_special_tokens_to_add(True) if tokenizer.post_processor else 0
+        self._truncating: dict[int, Tokenizer] = {}
+        self._lock = threading.Lock()
+
+    @classmethod
+    def load(
+        cls, directory: Path, config: dict, device: torch.device, dtype: torch.dtype, opts: LoadOptions
+    ) -> "CrossEncoderBackend":
+        arch = next(a for a in config.get("architectures", []) if a in FAMILIES)
+        family = FAMILIES[arch]
+        try:
+            cfg = EncoderConfig.from_dict(config, family.name)
+        except (KeyError, ValueError) as e:
+            raise ModelLoadError(f"{directory}/config.json: not a usable {arch} reranker config ({e})") from None
+        tok_path = directory / "tokenizer.json"
+        if not tok_path.is_file():
+            raise ModelLoadError(
+                f"{directory}: tokenizer.json is missing (only fast-tokenizer checkpoints are supported; "
+                f"save one with transformers' AutoTokenizer.from_pretrained(...).save_pretrained(...))"
+            )
+        tokenizer = Tokenizer.from_file(str(tok_path))
+        tokenizer.no_truncation()
+        tokenizer.no_padding()
+        with torch.device("meta"):
+            model = CrossEncoder(cfg)
+        renames = WEIGHT_RENAMES["jina"] if _jina_names(directory) else WEIGHT_RENAMES[family.name]
+        load_weights(model, directory, renames, device, dtype, opts.show_progress)
+        model.eval().requires_grad_(False)
+        if opts.quantize is not None:
+            model = quantize_model(model, opts.quantize, device)
+        return cls(model, cfg, tokenizer, device, dtype, arch)
+
+    # ------------------------------------------------------------------ preparation (thread-safe, no model compute)
+
+    def prepare_query_image(self, query: Item, param: str) -> Item:
+        return query
+
+    def _truncating_tokenizer(self, max_length: int) -> Tokenizer:
+        """A copy of the tokenizer that truncates pairs longest-first to max_length, as transformers does."""
+        with self._lock:
+            tok = self._truncating.get(max_length)
+            if tok is None:
+                tok = Tokenizer.from_str(self.tokenizer.to_str())
+                tok.no_padding()
+                tok.enable_truncation(max_length, strategy="longest_first")
+                self._truncating[max_length] = tok
+            return tok
+
+    def _text(self, item: Item, param: str) -> str:
+        if isinstance(item, ImageItem):
+            raise InputError(f"this model ({self.architecture}) is text only; images are not supported", param)
+        return item.text
+
+    def prepare(self, query: Item, doc: Item, lengths: LengthOptions, where: Where) -> list[PreparedSequence]:
+        q_text, d_text = self._text(query, where.query), self._text(doc, where.document)
+        max_length = lengths.max_length
+        if max_length > self.cfg.max_tokens:
+            raise InputError(
+                f"max_length={max_length} is more than this model's {self.cfg.max_tokens} positions; lower it",
+                where.pair,
+            )
+        if max_length < self.pair_specials + 2:
+            raise InputError(f"max_length={max_length} leaves no room for text; raise it", where.pair)
+        if lengths.long_documents == "truncate" and lengths.max_query_length is None:
+            enc = self._truncating_tokenizer(max_length).encode(q_text, d_text)
+            return [self._sequence(enc.ids, enc.type_ids)]
+
+        q = self.tokenizer.encode(q_text, add_special_tokens=False)
+        if lengths.max_query_length is not None and len(q.ids) > lengths.max_query_length:
+            q.truncate(lengths.max_query_length)
+        d = self.tokenizer.encode(d_text, add_special_tokens=False)
+        room = max_length - len(q.ids) - self.pair_specials  # document tokens per window
+        if room < 1:
+            raise InputError(
+                f"the query takes {len(q.ids)} tokens and leaves no room for the document within "
+                f"max_length={max_length}; lower max_query_length or raise max_length",
+                where.pair,
+            )
+        if lengths.long_documents == "truncate" or len(d.ids) <= room:
+            if len(d.ids) > room:
+                d.truncate(room)
+            enc = self.tokenizer.post_process(q, d, add_special_tokens=True)
+            return [self._sequence(enc.ids, enc.type_ids)]
+        if lengths.overlap >= room:
+            raise InputError(
+                f"overlap={lengths.overlap} must be smaller than the document window of {room} tokens "
+                f"(max_length - query tokens - {self.pair_specials} special tokens); lower overlap",
+                where.pair,
+            )
+        d_ids, offsets = d.ids, d.offsets
+        d.truncate(room)
+        first = self.tokenizer.post_process(q, d, add_special_tokens=True)  # the template around window 0
+        seg = first.sequence_ids
+        lo = seg.index(1)
+        hi = len(seg) - seg[::-1].index(1)  # the document's tokens are first.ids[lo:hi]
+        starts = window_starts(len(d_ids), room, lengths.overlap)
+        out = []
+        for i, s in enumerate(starts):
+            e = min(s + room, len(d_ids))
+            ids = first.ids[:lo] + d_ids[s:e] + first.ids[hi:]
+            types = first.type_ids[:lo] + first.type_ids[lo : lo + 1] * (e - s) + first.type_ids[hi:]
+            seq = self._sequence(ids, types)
+            seq.window = Window(i, len(starts), offsets[s][0], offsets[e - 1][1])
+            out.append(seq)
+        return out
+
+    def _sequence(self, ids: list[int], type_ids: list[int]) -> PreparedSequence:
+        input_ids = torch.tensor(ids, dtype=torch.long)
+        positions = torch.arange(self.cfg.position_offset, self.cfg.position_offset + len(ids))
+        types = torch.tensor(type_ids, dtype=torch.long) if self.cfg.type_vocab_size > 1 else None
+        return PreparedSequence(input_ids=input_ids, positions=positions, token_types=types)
+
+    # ------------------------------------------------------------------ compute
+
+    @torch.inference_mode()
+    def forward(self, batch: list[PreparedSequence]) -> torch.Tensor:
+        """Relevance logits [len(batch)] in fp32 on the CPU."""
+        cu = [0]
+        for s in batch:
+            cu.append(cu[-1] + s.length)
+        ids = torch.cat([s.input_ids for s in batch]).to(self.device)
+        positions = torch.cat([s.positions for s in batch]).to(self.device)
+        if self.cfg.type_vocab_size > 1:
+            types = torch.cat([s.token_types for s in batch]).to(self.device)
+        else:
+            types = torch.zeros_like(ids)
+        return self.model(ids, positions, types, cu, self.attn_backend).float().cpu()
+
+
+def _jina_names(directory: Path) -> bool:
+    """Whether the checkpoint uses Jina's flash-implementation names (looks for its fused Wqkv)."""
+    return any(".mixer.Wqkv." in name for name in tensor_names(directory))
+
+
+def quantize_model(model: CrossEncoder, mode: str, device: torch.device) -> CrossEncoder:
+    """int8 dynamic quantization of the Linear layers (CPU): weights int8, activations quantized per batch."""
+    if mode != "int8":
+        raise ValueError(f"quantize={mode!r} is not supported; use 'int8' (CPU) or leave it unset")
+    if device.type != "cpu":
+        raise ValueError(f"quantize='int8' runs on the CPU only; this model is on {device}")
+    from torch.ao.quantization import quantize_dynamic
+
+    return quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
