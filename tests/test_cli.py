@@ -37,3 +37,30 @@ def test_cli_errors(tmp_path, m0_dir):
     assert out.returncode == 2 and "documents[0].image" in out.stderr
     out = run("rerank", "--model", str(m0_dir), "--query", "q")
     assert out.returncode != 0 and "no documents" in out.stderr
+
+
+def test_cross_encoder_from_the_cli_with_windows(tmp_path):
+    d = tmp_path / "v2"
+    out = run("make-tiny-model", "jina-reranker-v2", str(d), "--naming", "hf")
+    assert out.returncode == 0, out.stderr
+    assert "roberta.encoder.layer.0.attention.self.query.weight" in __import__("safetensors").safe_open(
+        str(d / "model.safetensors"), "pt").keys()  # fmt: skip
+    long_doc = " ".join(["Paris is the capital and most populous city of France."] * 40)
+    args = ("rerank", "--model", str(d), "--query", "capital of France", "short one", long_doc,
+            "--max-length", "64", "--overlap", "8", "--no-show-progress")  # fmt: skip
+    out = run(*args)
+    assert out.returncode == 0, out.stderr
+    res = {r["index"]: r for r in json.loads(out.stdout)["results"]}
+    assert res[1]["window"]["count"] > 1 and "window" not in res[0]
+    expected = Reranker.from_pretrained(d, show_progress=False).rerank(
+        "capital of France", ["short one", long_doc], max_length=64, overlap=8
+    )
+    assert all(abs(res[r["index"]]["relevance_score"] - r["relevance_score"]) < 1e-6 for r in expected)
+    raw = json.loads(run(*args, "--raw-scores", "--long-documents", "truncate").stdout)["results"]
+    assert all("window" not in r for r in raw)
+    truncated = Reranker.from_pretrained(d, show_progress=False).rerank(
+        "capital of France", ["short one", long_doc], max_length=64, long_documents="truncate", activation=None
+    )
+    assert [round(r["relevance_score"], 5) for r in raw] == [round(r["relevance_score"], 5) for r in truncated]
+    out = run("make-tiny-model", "jina-reranker-m0", str(tmp_path / "x"), "--naming", "hf")
+    assert out.returncode == 2 and "naming= applies to jina-reranker-v2 only" in out.stderr

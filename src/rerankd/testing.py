@@ -365,7 +365,8 @@ def encoder_random_weights(cfg: dict, seed: int, naming: str) -> dict[str, torch
         w |= _linear(f"{p}.mixer.Wqkv", 3 * h, h, g, gain=2.0) | _linear(f"{p}.mixer.out_proj", h, h, g)
         w |= _norm(f"{p}.norm1", h, g, bias=True) | _norm(f"{p}.norm2", h, g, bias=True)
         w |= _linear(f"{p}.mlp.fc1", inter, h, g) | _linear(f"{p}.mlp.fc2", h, inter, g)
-    w |= _linear("classifier.dense", h, h, g, gain=2.0) | _linear("classifier.out_proj", 1, h, g, gain=2.5)
+    w |= _linear("classifier.dense", h, h, g, gain=2.0) | _linear("classifier.out_proj", 1, h, g, gain=2.0)
+    w["classifier.out_proj.bias"] = torch.zeros(1)  # scores centred on 0.5, spread by the pair
     if naming == "jina":
         return {(k if k.startswith("classifier.") else "roberta." + k): v for k, v in w.items()}
     return _to_hf_names(w, "roberta." if naming == "hf" else "bert.", bert=naming == "bert")

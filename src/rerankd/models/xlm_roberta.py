@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import threading
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -392,4 +393,7 @@ def quantize_model(model: CrossEncoder, mode: str, device: torch.device) -> Cros
         raise ValueError(f"quantize='int8' runs on the CPU only; this model is on {device}")
     from torch.ao.quantization import quantize_dynamic
 
-    return quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+    with warnings.catch_warnings():  # torch.ao is deprecated in favour of torchao, but still the one built in
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
+        return quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)

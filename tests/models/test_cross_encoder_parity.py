@@ -1,0 +1,175 @@
+"""Text cross-encoders (jina-reranker-v2 in Jina's and HF's names, BERT) equal transformers, fp32 <= 1e-5."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from rerankd import Reranker
+from rerankd.errors import ModelLoadError, PairErrors
+from rerankd.testing import CORPUS, make_tiny_checkpoint
+
+from ..conftest import assert_close
+
+TOL = 1e-5
+WORDS = " ".join(CORPUS).split() + ["unseenword", "ΑΒΓ", "🚀"]
+KINDS = [("jina-reranker-v2", "jina"), ("jina-reranker-v2", "hf"), ("bert-cross-encoder", None)]
+
+
+def text_of(n_words: int, seed: int) -> str:
+    rng = np.random.default_rng(seed)
+    return " ".join(rng.choice(WORDS, n_words))
+
+
+@pytest.fixture(scope="module", params=KINDS, ids=lambda k: f"{k[0]}-{k[1] or 'hf'}")
+def model(request, tmp_path_factory):
+    pytest.importorskip("transformers")
+    from rerankd.testing import ReferenceCrossEncoder
+
+    kind, naming = request.param
+    path = tmp_path_factory.mktemp(kind)
+    make_tiny_checkpoint(kind, path, seed=1, **({"naming": naming} if naming else {}))
+    return Reranker.from_pretrained(path, show_progress=False), ReferenceCrossEncoder(path), path
+
+
+PAIRS = [
+    ["capital of France", "Paris is the capital and most populous city of France."],
+    ["green tea", "Le thé vert est riche en antioxydants et peut améliorer la fonction cérébrale."],
+    ["", "an empty query is allowed"],
+    ["an empty document", ""],
+    ["one token", "a"],
+    ["数据提取", "数据提取么?为什么不用正则啊,你用正则不就全解决了么?"],
+    ["newlines\nand  spaces", "line one\n\nline   two\ttab 🙂"],
+] + [[text_of(6, i), text_of(n, 100 + i)] for i, n in enumerate([2, 30, 90, 200, 380, 700])]
+# pairs over max_length, truncated longest-first: a long document, and a long query with a long document
+PAIRS += [[text_of(8, 7), text_of(1500, 8)], [text_of(600, 9), text_of(900, 10)]]
+
+
+def test_scores_equal_transformers_in_one_batch(model):
+    rr, ref, _ = model
+    ml = rr.backend.default_max_length
+    ours = rr.compute_score(PAIRS)
+    theirs = ref.compute_score(PAIRS, max_length=ml, batch_size=len(PAIRS))
+    assert_close(ours, theirs, TOL)
+    assert 0.01 < min(ours) and max(ours) < 0.99 and np.std(ours) > 0.1, ours  # scores spread, not saturated
+    raw = rr.compute_score(PAIRS, activation=None)
+    assert_close(raw, ref.compute_score(PAIRS, max_length=ml, batch_size=len(PAIRS), activation=False), 1e-4)
+    assert_close(torch.sigmoid(torch.tensor(raw)).tolist(), ours, 1e-6)
+
+
+def test_scores_equal_transformers_at_a_short_max_length(model):
+    rr, ref, _ = model
+    ours = rr.compute_score(PAIRS, max_length=40)
+    assert_close(ours, ref.compute_score(PAIRS, max_length=40, batch_size=4), TOL)
+
+
+def test_tokenization_equals_transformers(model):
+    rr, ref, _ = model
+    from rerankd.inputs import TextItem
+    from rerankd.models.base import LengthOptions, Where
+
+    for i, (q, d) in enumerate(PAIRS):
+        [seq] = rr.backend.prepare(TextItem(q), TextItem(d), LengthOptions(128, None), Where.for_pair(i))
+        # as a batch, the way compute_score calls it (called with one pair, transformers drops an empty document)
+        want = ref.tokenizer([[q, d]], truncation=True, max_length=128)
+        assert seq.input_ids.tolist() == want["input_ids"][0]
+        if seq.token_types is not None:
+            assert seq.token_types.tolist() == want["token_type_ids"][0]
+
+
+def test_batch_invariance(model):
+    rr, _, path = model
+    alone = [rr.compute_score([p])[0] for p in PAIRS]
+    assert_close(rr.compute_score(PAIRS), alone, TOL)
+    small = Reranker.from_pretrained(path, show_progress=False, max_batch_tokens=64)
+    assert_close(small.compute_score(PAIRS[::-1])[::-1], alone, TOL)
+
+
+def test_images_are_refused_clearly(model):
+    rr, _, _ = model
+    with pytest.raises(PairErrors, match=r"documents\[1\]: this model \(\w+ForSequenceClassification\) is text only"):
+        rr.rerank("q", ["text", {"image": "https://example.com/x.png"}])
+
+
+def test_int8_quantization_stays_close(model):
+    rr, _, path = model
+    q8 = Reranker.from_pretrained(path, show_progress=False, quantize="int8")
+    assert any("quantized" in type(m).__module__ for m in q8.backend.model.modules())
+    fp32 = rr.compute_score(PAIRS)
+    int8 = q8.compute_score(PAIRS)
+    diff = max(abs(a - b) for a, b in zip(fp32, int8))
+    # int8 moves scores a little (more on these toy random weights than on trained ones, see docs/benchmarks.md),
+    # but not the picture: the ranking stays nearly the same
+    assert 0 < diff < 0.2, diff
+    rank = lambda xs: np.argsort(np.argsort(xs))  # noqa: E731
+    assert np.corrcoef(rank(fp32), rank(int8))[0, 1] > 0.9
+    with pytest.raises(ValueError, match="quantize='int4' is not supported"):
+        Reranker.from_pretrained(path, show_progress=False, quantize="int4")
+
+
+# ----------------------------------------------------------------------------------------- loading
+
+
+@pytest.fixture(scope="module")
+def v2_dir(tmp_path_factory):
+    return make_tiny_checkpoint("jina-reranker-v2", tmp_path_factory.mktemp("v2"), seed=2)
+
+
+def _edit_weights(src, dst, edit):
+    shutil.copytree(src, dst)
+    w = load_file(str(dst / "model.safetensors"))
+    edit(w)
+    save_file(w, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    return dst
+
+
+def test_jina_checkpoint_has_the_real_names(v2_dir):
+    names = set(load_file(str(v2_dir / "model.safetensors")))
+    assert {"roberta.emb_ln.weight", "roberta.encoder.layers.0.mixer.Wqkv.weight", "roberta.encoder.layers.2.norm2.bias",
+            "roberta.encoder.layers.1.mlp.fc1.weight", "classifier.dense.weight", "classifier.out_proj.bias"} <= names  # fmt: skip
+    assert not any("pooler" in n or ".layer." in n for n in names)
+    cfg = json.loads((v2_dir / "config.json").read_text())
+    assert cfg["architectures"] == ["XLMRobertaForSequenceClassification"] and "model_type" not in cfg
+
+
+def test_missing_or_unused_tensors_fail_loading(v2_dir, tmp_path):
+    missing = _edit_weights(v2_dir, tmp_path / "missing", lambda w: w.pop("roberta.encoder.layers.1.norm1.weight"))
+    with pytest.raises(ModelLoadError, match=r"1 parameters missing .*encoder\.layers\.1\.norm1\.weight"):
+        Reranker.from_pretrained(missing, show_progress=False)
+    extra = _edit_weights(v2_dir, tmp_path / "extra", lambda w: w.update({"roberta.extra.weight": torch.ones(2)}))
+    with pytest.raises(ModelLoadError, match=r"1 checkpoint tensors match no parameter: \['roberta.extra.weight'\]"):
+        Reranker.from_pretrained(extra, show_progress=False)
+
+
+def test_hf_names_with_a_missing_qkv_part_fail(tmp_path):
+    path = make_tiny_checkpoint("jina-reranker-v2", tmp_path / "hf", seed=0, naming="hf")
+    broken = _edit_weights(path, tmp_path / "broken", lambda w: w.pop("roberta.encoder.layer.0.attention.self.key.bias"))
+    with pytest.raises(ModelLoadError, match=r"encoder\.layers\.0\.mixer\.Wqkv\.bias"):
+        Reranker.from_pretrained(broken, show_progress=False)
+
+
+def test_hf_and_jina_names_give_the_same_scores(v2_dir, tmp_path):
+    hf = make_tiny_checkpoint("jina-reranker-v2", tmp_path / "hf", seed=2, naming="hf")
+    a = Reranker.from_pretrained(v2_dir, show_progress=False).compute_score(PAIRS[:8])
+    b = Reranker.from_pretrained(hf, show_progress=False).compute_score(PAIRS[:8])
+    assert a == b
+
+
+def test_a_multi_label_classifier_is_refused(v2_dir, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(v2_dir, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**cfg, "num_labels": 3}))
+    with pytest.raises(ModelLoadError, match="a reranker has one output label; this config has 3"):
+        Reranker.from_pretrained(bad, show_progress=False)
+
+
+def test_max_length_beyond_the_position_table_is_an_error(v2_dir):
+    rr = Reranker.from_pretrained(v2_dir, show_progress=False)
+    with pytest.raises(PairErrors, match=r"max_length=2000 is more than this model's 1024 positions"):
+        rr.compute_score([["q", "d"]], max_length=2000)
