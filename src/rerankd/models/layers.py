@@ -31,6 +31,26 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(dtype)
 
 
+# Rows per step of row-wise work on the CPU. The [rows, intermediate] activations of a whole batch (16K tokens x
+# 8960 on the real m0) do not stay in cache, which makes element-wise work (activation functions, products, norms,
+# residual adds) memory-bound; blocks of 1024 rows keep them cached at no cost to the matmuls (measured on m0:
+# -30% decoder time at 16K tokens per batch).
+CPU_ROWS_PER_STEP = 1024
+
+
+def rowwise(fn, *xs: torch.Tensor) -> torch.Tensor:
+    """fn(*xs) for a function that treats every row (token) on its own, run in blocks of rows on the CPU."""
+    n = xs[0].shape[0]
+    if xs[0].device.type != "cpu" or n <= CPU_ROWS_PER_STEP:
+        return fn(*xs)
+    first = fn(*(x[:CPU_ROWS_PER_STEP] for x in xs))
+    out = first.new_empty((n, *first.shape[1:]))
+    out[:CPU_ROWS_PER_STEP] = first
+    for start in range(CPU_ROWS_PER_STEP, n, CPU_ROWS_PER_STEP):
+        out[start : start + CPU_ROWS_PER_STEP] = fn(*(x[start : start + CPU_ROWS_PER_STEP] for x in xs))
+    return out
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)

@@ -30,7 +30,7 @@ from ..errors import InputError, ModelLoadError
 from ..inputs import ImageItem, Item, TextItem
 from ..weights import Part, Renames, load_weights, tensor_names
 from .base import LengthOptions, PreparedSequence, Where, Window, window_starts
-from .layers import attention_backend, single_query_attention, varlen_attention
+from .layers import attention_backend, rowwise, single_query_attention, varlen_attention
 
 DEFAULT_MAX_LENGTH = 1024
 ACTIVATIONS = {
@@ -139,6 +139,7 @@ class SelfAttention(nn.Module):
         self.out_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
 
     def forward(self, x: torch.Tensor, cu: list[int], backend: str, first: torch.Tensor | None) -> torch.Tensor:
+        """The attention mix [tokens or sequences, hidden], before out_proj (applied with the row-wise rest)."""
         n = x.shape[0]
         qkv = self.Wqkv(x).view(n, 3, self.heads, self.head_dim)  # [tokens, 3, heads, head_dim]
         q, k, v = qkv.unbind(1)  # each [tokens, heads, head_dim]
@@ -146,7 +147,7 @@ class SelfAttention(nn.Module):
             o = varlen_attention(q, k, v, cu, causal=False, backend=backend)  # [tokens, heads, head_dim]
         else:  # only the first token of each sequence is needed
             o = single_query_attention(q[first], k, v, cu)  # [sequences, heads, head_dim]
-        return self.out_proj(o.reshape(o.shape[0], -1))
+        return o.reshape(o.shape[0], -1)
 
 
 class MLP(nn.Module):
@@ -171,8 +172,12 @@ class Layer(nn.Module):
         self.norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
     def forward(self, x, cu: list[int], backend: str, first: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.mixer(x, cu, backend, first)
-        x = self.norm1((x if first is None else x[first]) + h)
+        o = self.mixer(x, cu, backend, first)
+        return rowwise(self._rowwise, x if first is None else x[first], o)
+
+    def _rowwise(self, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+        """Everything after attention treats each token on its own."""
+        x = self.norm1(x + self.mixer.out_proj(o))
         return self.norm2(x + self.mlp(x))
 
 
