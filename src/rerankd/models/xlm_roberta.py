@@ -33,6 +33,7 @@ from .base import LengthOptions, PreparedSequence, Where, Window, window_starts
 from .layers import attention_backend, rowwise, single_query_attention, varlen_attention
 
 DEFAULT_MAX_LENGTH = 1024
+TRUNCATING_TOKENIZERS = 4  # tokenizer copies kept, one per recent max_length of compute_score calls
 ACTIVATIONS = {
     "gelu": functools.partial(F.gelu, approximate="none"),
     "gelu_new": functools.partial(F.gelu, approximate="tanh"),
@@ -294,14 +295,21 @@ class CrossEncoderBackend:
         return query
 
     def _truncating_tokenizer(self, max_length: int) -> Tokenizer:
-        """A copy of the tokenizer that truncates pairs longest-first to max_length, as transformers does."""
+        """A copy of the tokenizer that truncates pairs longest-first to max_length, as transformers does.
+
+        The tokenizers library's own truncation (its algorithm has changed between versions, so it is used rather
+        than rewritten); copies, because changing the shared tokenizer's settings is not thread-safe. The few most
+        recent max_length values are kept.
+        """
         with self._lock:
-            tok = self._truncating.get(max_length)
+            tok = self._truncating.pop(max_length, None)
             if tok is None:
                 tok = Tokenizer.from_str(self.tokenizer.to_str())
                 tok.no_padding()
                 tok.enable_truncation(max_length, strategy="longest_first")
-                self._truncating[max_length] = tok
+            self._truncating[max_length] = tok  # most recent last
+            while len(self._truncating) > TRUNCATING_TOKENIZERS:
+                self._truncating.pop(next(iter(self._truncating)))
             return tok
 
     def _text(self, item: Item, param: str) -> str:
