@@ -1,25 +1,30 @@
-"""`rerankd` command line: rerank (one-shot scoring, JSON out) and make-tiny-model.
+"""`rerankd` command line: serve, rerank (one-shot scoring, JSON out) and make-tiny-model.
 
-Model-loading flags are derived from `rerankd.config.LoadOptions`, so the library and the CLI cannot drift.
+Model-loading flags are derived from `rerankd.config.LoadOptions` and server flags from `ServeOptions`, so the
+library, the server and the CLI cannot drift.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import sys
+import time
 import typing
 from pathlib import Path
 
-from .config import DEFAULT_MODEL, LoadOptions, field_docs
+from .config import DEFAULT_MODEL, LoadOptions, ServeOptions, field_docs
 
 
-def _add_load_options(p: argparse.ArgumentParser) -> None:
-    docs = field_docs(LoadOptions)
-    hints = typing.get_type_hints(LoadOptions)
-    group = p.add_argument_group("model loading")
-    for f in dataclasses.fields(LoadOptions):
+def _add_options(p: argparse.ArgumentParser, cls: type, title: str, skip: tuple[str, ...] = ()) -> None:
+    docs = field_docs(cls)
+    hints = typing.get_type_hints(cls)
+    group = p.add_argument_group(title)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
         flag = "--" + f.name.replace("_", "-")
         hint = hints[f.name]
         if hint is bool:
@@ -29,8 +34,8 @@ def _add_load_options(p: argparse.ArgumentParser) -> None:
         group.add_argument(flag, type=base, default=f.default, help=f"{docs[f.name]} (default: {f.default})")
 
 
-def _load_options(args: argparse.Namespace) -> dict:
-    return {f.name: getattr(args, f.name) for f in dataclasses.fields(LoadOptions)}
+def _options(args: argparse.Namespace, cls: type) -> dict:
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
 
 
 def _read_documents(args: argparse.Namespace) -> list:
@@ -54,7 +59,7 @@ def cmd_rerank(args: argparse.Namespace) -> int:
 
     docs = _read_documents(args)
     try:
-        rr = Reranker.from_pretrained(args.model, **_load_options(args))
+        rr = Reranker.from_pretrained(args.model, **_options(args, LoadOptions))
         results = rr.rerank(
             args.query,
             docs,
@@ -78,6 +83,58 @@ def cmd_rerank(args: argparse.Namespace) -> int:
         return 2
     print(json.dumps({"model": args.model, "results": results}, ensure_ascii=False, indent=2, default=str))
     return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import logging
+    import os
+
+    from . import Reranker, RerankdError
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log = logging.getLogger("rerankd.serve")
+    serve = ServeOptions(**_options(args, ServeOptions))
+    if serve.api_key is None and os.environ.get("RERANKD_API_KEY"):
+        serve = dataclasses.replace(serve, api_key=os.environ["RERANKD_API_KEY"])
+    name = serve.served_model_name or args.model
+    try:
+        import uvicorn
+
+        from .api import create_app
+
+        log.info("loading %s", args.model)
+        start = time.monotonic()
+        rr = Reranker.from_pretrained(args.model, **_options(args, LoadOptions))
+        log.info("loaded %s (%s) on %s in %.1fs", args.model, rr.backend.architecture, rr.options.device,
+                 time.monotonic() - start)  # fmt: skip
+        if not serve.skip_warmup:
+            start = time.monotonic()
+            rr.compute_score([["warm-up query", "warm-up document"]])
+            log.info("warm-up forward done in %.2fs", time.monotonic() - start)
+        app = create_app(rr, serve, name)
+    except (RerankdError, ValueError, OSError) as e:
+        print(f"rerankd: error: {e}", file=sys.stderr)
+        return 2
+    log.info("serving %r on http://%s:%d (auth %s)", name, serve.host, serve.port, "on" if serve.api_key else "off")
+    server = _graceful_server_class()(uvicorn.Config(app, host=serve.host, port=serve.port, log_level=serve.log_level))
+    server.run()  # SIGTERM / SIGINT: stop accepting, finish the requests in flight, then return
+    return 0 if server.started else 1
+
+
+def _graceful_server_class():
+    import uvicorn
+
+    class GracefulServer(uvicorn.Server):
+        """uvicorn's server, except that a SIGTERM after a graceful shutdown ends the process with 0 (uvicorn
+        re-raises the signal, which makes the exit status -15 and looks like a crash to supervisors)."""
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            with super().capture_signals():
+                yield
+                self._captured_signals.clear()  # handled: nothing to re-raise once uvicorn's handlers are restored
+
+    return GracefulServer
 
 
 def cmd_make_tiny_model(args: argparse.Namespace) -> int:
@@ -117,8 +174,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overlap", type=int, default=80, help="tokens shared by adjacent windows (default: 80)")
     p.add_argument("--raw-scores", action="store_true", help="report raw logits instead of sigmoid scores")
     p.add_argument("--progress", action="store_true", help="show a progress bar while scoring")
-    _add_load_options(p)
+    _add_options(p, LoadOptions, "model loading")
     p.set_defaults(func=cmd_rerank)
+
+    p = sub.add_parser("serve", help="serve /v1/rerank (Jina, vLLM), /v2/rerank (Cohere), /health, /metrics over HTTP")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"hub repo id or local directory (default: {DEFAULT_MODEL})")
+    _add_options(p, ServeOptions, "server")
+    _add_options(p, LoadOptions, "model loading")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("make-tiny-model", help="write a tiny random checkpoint in a real model's on-disk layout")
     p.add_argument("kind", choices=MODEL_KINDS, help="which model's layout")

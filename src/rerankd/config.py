@@ -40,6 +40,36 @@ class LoadOptions:
     """Show progress bars while loading weights."""
 
 
+@dataclass(frozen=True)
+class ServeOptions:
+    host: str = "127.0.0.1"
+    """Address to listen on (0.0.0.0 for all interfaces)."""
+    port: int = 30000
+    """Port to listen on."""
+    served_model_name: str | None = None
+    """The model name clients send (default: the --model argument)."""
+    max_batch_wait_ms: float = 5.0
+    """How long a batch waits for company from other requests before it runs, in milliseconds."""
+    max_queue_pairs: int = 20000
+    """Pairs (query, document) waiting or running at most; past it requests get 429 with Retry-After."""
+    request_timeout: float = 60.0
+    """Seconds a request may take from arrival to scores; then 504."""
+    max_documents: int = 1000
+    """Documents per request at most (413 beyond)."""
+    max_request_bytes: int = 50 * 1024 * 1024
+    """Largest request body, in bytes (413 beyond)."""
+    allow_private_urls: bool = False
+    """Fetch image URLs whose host resolves to loopback, private, link-local or other non-public addresses."""
+    allowed_local_media_path: str | None = None
+    """Folder beneath which clients may name local image files (default: none allowed)."""
+    api_key: str | None = None
+    """Require `Authorization: Bearer <key>` on every route but /health (default: $RERANKD_API_KEY if set)."""
+    skip_warmup: bool = False
+    """Skip the warm-up forward pass at start-up."""
+    log_level: str = "info"
+    """uvicorn's log level (critical, error, warning, info, debug)."""
+
+
 def field_docs(cls: type) -> dict[str, str]:
     """The docstring under each dataclass field, read from the source (one place for the help texts)."""
     tree = ast.parse(inspect.getsource(cls))

@@ -80,18 +80,31 @@ class Reranker:
         engine = Engine(backend, budget, opts.preprocess_workers)
         return cls(backend, engine, directory, replace(opts, device=str(dev), dtype=str(dt).removeprefix("torch.")))
 
+    def restrict_images(self, allow_private_urls: bool, local_media_root: str | None) -> None:
+        """Image sources for untrusted callers (the server calls this once, before serving): URLs only to public
+        addresses unless allow_private_urls; local files only beneath local_media_root, none if it is None."""
+        limits = getattr(self.backend, "image_limits", None)
+        if limits is not None:
+            self.backend.image_limits = replace(  # type: ignore[attr-defined]
+                limits,
+                allow_private_urls=allow_private_urls,
+                allow_local_files=local_media_root is not None,
+                local_media_root=local_media_root,
+            )
+
     # ------------------------------------------------------------------------------------------------ scoring
 
-    def _lengths(
+    def length_options(
         self,
         max_length: int | None,
         max_query_length: int | None | _Default,
         max_doc_length: int | None,
         long_documents: str,
         overlap: int,
-        query_default: int | None,
+        query_default: int | None = None,
     ) -> LengthOptions:
         ml = self.backend.default_max_length if max_length is None else max_length
+        """Validated LengthOptions of one call (ValueError names a bad option)."""
         mq = query_default if isinstance(max_query_length, _Default) else max_query_length
         for name, v in (("max_length", ml), ("max_query_length", mq), ("max_doc_length", max_doc_length)):
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
@@ -120,14 +133,12 @@ class Reranker:
 
         Raises PairErrors, with every computed score, if any pair failed.
         """
-        if activation not in ("sigmoid", None):
-            raise ValueError(f"activation must be 'sigmoid' or None (the raw logit), got {activation!r}")
+        check_activation(activation)
         good = [i for i in range(len(items)) if i not in early]
         scored, errors_good = self.engine.score(
             [items[i] for i in good], lengths, [params[i] for i in good], batch_size, show_progress
         )
-        logits = torch.tensor([float("nan") if r is None else r.logit for r in scored], dtype=torch.float32)
-        values = (torch.sigmoid(logits) if activation == "sigmoid" else logits).tolist()
+        values = activate([float("nan") if r is None else r.logit for r in scored], activation)
         scores: list[float | None] = [None] * len(items)
         windows: list[Window | None] = [None] * len(items)
         errors = dict(early)
@@ -168,7 +179,7 @@ class Reranker:
         """
         if isinstance(pairs, tuple) and len(pairs) == 2 and not isinstance(pairs[0], (list, tuple)):
             pairs = [pairs]
-        lengths = self._lengths(
+        lengths = self.length_options(
             max_length, max_query_length, max_doc_length, long_documents, overlap,
             self.backend.compute_score_max_query_length,
         )  # fmt: skip
@@ -220,7 +231,7 @@ class Reranker:
         """
         if top_n is not None and (isinstance(top_n, bool) or not isinstance(top_n, int) or top_n < 1):
             raise ValueError(f"top_n must be a positive integer or None, got {top_n!r}")
-        lengths = self._lengths(max_length, max_query_length, max_doc_length, long_documents, overlap, None)
+        lengths = self.length_options(max_length, max_query_length, max_doc_length, long_documents, overlap, None)
         q = parse_item(query, query_type, "query")
         self._check_supported(q, "query")
         q = self.backend.prepare_query_image(q, "query")  # decoded once for all pairs
@@ -236,9 +247,8 @@ class Reranker:
             items.append((q, d))
         params = [Where.for_document(i) for i in range(len(items))]
         scores, windows = self._score(items, params, errors, lengths, activation, batch_size, show_progress)
-        order = sorted(range(len(items)), key=lambda i: (-scores[i], i))
         results = []
-        for i in order[:top_n]:
+        for i in ranked(scores, top_n):
             r: dict[str, Any] = {"index": i, "relevance_score": scores[i]}
             if return_documents:
                 d = items[i][1]
@@ -251,3 +261,20 @@ class Reranker:
             results.append(r)
         return results
 
+
+
+def check_activation(activation: str | None) -> None:
+    if activation not in ("sigmoid", None):
+        raise ValueError(f"activation must be 'sigmoid' or None (the raw logit), got {activation!r}")
+
+
+def activate(logits: list[float], activation: str | None = "sigmoid") -> list[float]:
+    """Relevance logits -> scores: sigmoid in fp32, as the references compute it, or the logits unchanged."""
+    if activation is None:
+        return list(logits)
+    return torch.sigmoid(torch.tensor(logits, dtype=torch.float32)).tolist()
+
+
+def ranked(scores: Sequence[float], top_n: int | None = None) -> list[int]:
+    """Indices by score, best first, ties by index; the first top_n."""
+    return sorted(range(len(scores)), key=lambda i: (-scores[i], i))[:top_n]

@@ -78,9 +78,7 @@ class Engine:
                 for batch in plan_batches(ready, self.max_batch_tokens, batch_size):
                     logits = self.backend.forward(batch.sequences).tolist()
                     for idx, seq, logit in zip(batch.indices, batch.sequences, logits):
-                        best = results[idx]
-                        if best is None or logit > best.logit or (logit == best.logit and _earlier(seq, best)):
-                            results[idx] = Scored(logit, seq.window)
+                        results[idx] = keep_best(results[idx], logit, seq)
                         left[idx] -= 1
                         if not left[idx]:
                             bar.update()
@@ -96,6 +94,11 @@ class Scored:
     window: Window | None = None
 
 
-def _earlier(seq: PreparedSequence, best: Scored) -> bool:
-    """Equal logits: the earlier window wins, whatever order the batches ran in."""
-    return seq.window is not None and best.window is not None and seq.window.index < best.window.index
+def keep_best(best: Scored | None, logit: float, seq: PreparedSequence) -> Scored:
+    """A pair's score so far, after one more of its sequences scored `logit`: the maximum over its windows; on
+    equal logits the earlier window wins, whatever order the batches ran in."""
+    if best is None or logit > best.logit:
+        return Scored(logit, seq.window)
+    if logit == best.logit and seq.window is not None and best.window is not None and seq.window.index < best.window.index:
+        return Scored(logit, seq.window)
+    return best

@@ -15,8 +15,6 @@ import io
 import math
 import os
 import re
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,6 +22,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import InputError
+from .urls import fetch_url
 
 # Qwen2-VL's (CLIP's) normalization constants, from the model's preprocessor_config.json
 IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -47,7 +46,12 @@ class ImageLimits:
     allow_urls: bool = True
     """Fetch http(s) image URLs (the server applies its own URL policy on top)."""
     allow_local_files: bool = True
-    """Read images from local paths (the server restricts this to an allowed folder)."""
+    """Read images from local paths."""
+    local_media_root: str | None = None
+    """If set, local paths must lie beneath this folder (after resolving links)."""
+    allow_private_urls: bool = True
+    """Fetch URLs whose host resolves to loopback, private, link-local or other non-public addresses. The library
+    allows them (your own network); the server refuses them unless told otherwise."""
 
 
 @dataclass(frozen=True)
@@ -83,13 +87,7 @@ def read_image_bytes(source: object, limits: ImageLimits, param: str) -> bytes:
                 raise InputError("a data URI must look like 'data:image/<format>;base64,<data>'", param)
             data = _b64decode(payload, limits, param)
         elif len(s) < 4096 and os.path.isfile(s):
-            if not limits.allow_local_files:
-                raise InputError("local image paths are not allowed here", param)
-            size = os.path.getsize(s)
-            if size > limits.max_image_bytes:
-                raise InputError(f"image file is {size} bytes, over the limit of {limits.max_image_bytes}", param)
-            with open(s, "rb") as f:
-                data = f.read()
+            data = _read_local(s, limits, param)
         elif _BASE64_RE.match(s.encode("ascii", "replace").replace(b"\n", b"")) and len(s) >= 16:
             data = _b64decode(s, limits, param)
         else:
@@ -144,26 +142,22 @@ def _b64decode(payload: str, limits: ImageLimits, param: str) -> bytes:
 def _fetch(url: str, limits: ImageLimits, param: str) -> bytes:
     if not limits.allow_urls:
         raise InputError("image URLs are not allowed here", param)
-    req = urllib.request.Request(url, headers={"User-Agent": "rerankd"})
-    try:
-        with urllib.request.urlopen(req, timeout=limits.fetch_timeout) as resp:
-            declared = resp.headers.get("Content-Length")
-            if declared and declared.isdigit() and int(declared) > limits.max_image_bytes:
-                raise InputError(f"image at {url} is {declared} bytes, over the limit of {limits.max_image_bytes}", param)
-            chunks, total = [], 0
-            while chunk := resp.read(65536):
-                total += len(chunk)
-                if total > limits.max_image_bytes:
-                    raise InputError(f"image at {url} is over the limit of {limits.max_image_bytes} bytes", param)
-                chunks.append(chunk)
-            return b"".join(chunks)
-    except InputError:
-        raise
-    except urllib.error.HTTPError as e:
-        raise InputError(f"fetching {url} failed: HTTP {e.code}", param) from None
-    except (urllib.error.URLError, OSError, ValueError) as e:
-        reason = getattr(e, "reason", e)
-        raise InputError(f"fetching {url} failed: {reason}", param) from None
+    return fetch_url(url, limits.max_image_bytes, limits.fetch_timeout, limits.allow_private_urls, param)
+
+
+def _read_local(path: str, limits: ImageLimits, param: str) -> bytes:
+    if not limits.allow_local_files:
+        raise InputError("local image paths are not allowed here", param)
+    real = os.path.realpath(path)
+    if limits.local_media_root is not None:
+        root = os.path.realpath(limits.local_media_root)
+        if os.path.commonpath([real, root]) != root:
+            raise InputError(f"local image paths must lie beneath {limits.local_media_root}", param)
+    size = os.path.getsize(real)
+    if size > limits.max_image_bytes:
+        raise InputError(f"image file is {size} bytes, over the limit of {limits.max_image_bytes}", param)
+    with open(real, "rb") as f:
+        return f.read()
 
 
 def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:

@@ -327,7 +327,7 @@ class CrossEncoderBackend:
             )
         if max_length < self.pair_specials + 2:
             raise InputError(f"max_length={max_length} leaves no room for text; raise it", where.pair)
-        if lengths.long_documents == "truncate" and lengths.max_query_length is None:
+        if lengths.long_documents == "truncate" and lengths.max_query_length is None and lengths.max_doc_length is None:
             enc = self._truncating_tokenizer(max_length).encode(q_text, d_text)
             return [self._sequence(enc.ids, enc.type_ids)]
 
@@ -336,6 +336,8 @@ class CrossEncoderBackend:
             q.truncate(lengths.max_query_length)
         d = self.tokenizer.encode(d_text, add_special_tokens=False)
         room = max_length - len(q.ids) - self.pair_specials  # document tokens per window
+        if lengths.max_doc_length is not None:
+            room = min(room, lengths.max_doc_length)
         if room < 1:
             raise InputError(
                 f"the query takes {len(q.ids)} tokens and leaves no room for the document within "

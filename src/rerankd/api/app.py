@@ -1,0 +1,406 @@
+"""The HTTP server: FastAPI app factory, routes, limits, auth, and errors as JSON.
+
+Every error is `{"error": {"message", "type", "param"}}` with the status that fits: 400 bad input, 401 auth,
+404 unknown model or route, 413 too large, 422 schema, 429 overloaded, 500 model failure, 503 not ready,
+504 deadline. Messages name the field (`documents[3].image: ...`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..config import ServeOptions
+from ..engine.batcher import Batcher, Overloaded, WorkerError
+from ..errors import InputError
+from ..inputs import ImageItem, Item, TextItem, parse_item
+from ..models.base import LengthOptions, Where
+from ..reranker import Reranker, activate, ranked
+from .metrics import Metrics
+from .schemas import (
+    CohereRerankRequest,
+    CohereResponse,
+    CohereResult,
+    DocumentObject,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+    RerankRequest,
+    RerankResponse,
+    RerankResult,
+    Usage,
+    WindowInfo,
+)
+
+log = logging.getLogger("rerankd.server")
+
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+               405: "invalid_request_error", 413: "request_too_large", 422: "invalid_request_error",
+               429: "rate_limit_error", 500: "internal_error", 503: "service_unavailable", 504: "timeout_error"}  # fmt: skip
+ROUTES = ("/v1/rerank", "/rerank", "/v2/rerank", "/health", "/v1/models", "/metrics", "/docs", "/openapi.json")
+CLIENT_CLOSED = 499  # nginx's code for a client that went away; only ever seen in metrics
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.headers = status, message, param, headers
+
+
+def error_body(status: int, message: str, param: str | None = None) -> dict:
+    return {"error": {"message": message, "type": ERROR_TYPES.get(status, "error"), "param": param}}
+
+
+@dataclass
+class ServerState:
+    reranker: Reranker
+    batcher: Batcher
+    metrics: Metrics
+    options: ServeOptions
+    model_name: str
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name != self.model_name:
+            raise ApiError(404, f"model {name!r} is not served here; served: [{self.model_name!r}]", "model")
+
+
+def create_app(reranker: Reranker, options: ServeOptions, model_name: str, metrics: Metrics | None = None) -> FastAPI:
+    metrics = metrics or Metrics()
+    reranker.restrict_images(options.allow_private_urls, options.allowed_local_media_path)
+    batcher = Batcher(
+        reranker.backend,
+        max_batch_tokens=reranker.engine.max_batch_tokens,
+        max_batch_wait=options.max_batch_wait_ms / 1000,
+        max_queue_pairs=options.max_queue_pairs,
+        prepare_workers=reranker.options.preprocess_workers,
+        observer=metrics,
+    )
+    state = ServerState(reranker, batcher, metrics, options, model_name)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        batcher.close(timeout=30)
+
+    app = FastAPI(
+        title="rerankd",
+        description="Reranking server: Jina / vLLM `/v1/rerank`, Cohere `/v2/rerank`.",
+        version=_version(),
+        lifespan=lifespan,
+        responses={s: {"model": ErrorResponse} for s in (400, 401, 404, 413, 422, 429, 500, 503, 504)},
+    )
+    app.state.rerankd = state
+    _install_error_handlers(app)
+
+    @app.post("/v1/rerank", response_model=RerankResponse, response_model_exclude_none=True)
+    @app.post("/rerank", response_model=RerankResponse, response_model_exclude_none=True, include_in_schema=False)
+    async def rerank(body: RerankRequest, request: Request) -> RerankResponse:
+        """Rerank documents (text or images) against a query: Jina's and vLLM's request and response."""
+        state.check_model(body.model)
+        _check_count(len(body.documents), options.max_documents)
+        lengths = _lengths(reranker, body.max_length, body.max_query_length, body.max_doc_length,
+                           body.long_documents, body.overlap)  # fmt: skip
+        query = _item(body.query, "query", reranker)
+        docs = [_item(d, f"documents[{i}]", reranker) for i, d in enumerate(body.documents)]
+        scored, tokens = await _score(request, state, query, docs, lengths)
+        scores = activate([s.logit for s in scored])
+        results = []
+        for i in ranked(scores, body.top_n):
+            r = RerankResult(index=i, relevance_score=scores[i])
+            if body.return_documents:
+                d = body.documents[i]
+                r.document = DocumentObject(text=d) if isinstance(d, str) else d
+            w = scored[i].window
+            if w is not None:
+                r.window = WindowInfo(index=w.index, count=w.count, start=w.start, end=w.end)
+            results.append(r)
+        return RerankResponse(id=f"rerank-{uuid.uuid4().hex}", model=state.model_name,
+                              usage=Usage(total_tokens=tokens, prompt_tokens=tokens), results=results)  # fmt: skip
+
+    @app.post("/v2/rerank", response_model=CohereResponse, response_model_exclude_none=True)
+    async def rerank_cohere(body: CohereRerankRequest, request: Request) -> CohereResponse:
+        """Cohere's v2 rerank: string documents, each cut to max_tokens_per_doc tokens."""
+        state.check_model(body.model)
+        _check_count(len(body.documents), options.max_documents)
+        lengths = _lengths(reranker, None, 512, body.max_tokens_per_doc, "truncate", 0)
+        docs: list[Item] = [TextItem(d) for d in body.documents]
+        scored, tokens = await _score(request, state, TextItem(body.query), docs, lengths)
+        scores = activate([s.logit for s in scored])
+        results = [
+            CohereResult(index=i, relevance_score=scores[i],
+                         document={"text": body.documents[i]} if body.return_documents else None)  # fmt: skip
+            for i in ranked(scores, body.top_n)
+        ]
+        meta = {"api_version": {"version": "2"}, "billed_units": {"search_units": 1}, "tokens": {"input_tokens": tokens}}
+        return CohereResponse(id=str(uuid.uuid4()), results=results, meta=meta)
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        """200 when the model is loaded and its worker runs, 503 otherwise."""
+        if batcher.alive:
+            return JSONResponse({"status": "ok", "model": state.model_name})
+        reason = f"the model worker is not running ({batcher.error or 'stopping'})"
+        return JSONResponse(error_body(503, reason), status_code=503)
+
+    @app.get("/v1/models", response_model=ModelList)
+    async def models() -> ModelList:
+        return ModelList(data=[ModelCard(id=state.model_name, created=state.created)])
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    # the last added runs first: metrics see everything, auth comes before reading a body
+    app.add_middleware(BodyLimitMiddleware, max_bytes=options.max_request_bytes)
+    app.add_middleware(AuthMiddleware, api_key=options.api_key)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    return app
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("rerankd")
+    except PackageNotFoundError:
+        return "0"
+
+
+def _check_count(n: int, limit: int) -> None:
+    if n > limit:
+        raise ApiError(413, f"{n} documents is more than the limit of {limit} per request; split the request",
+                       "documents")  # fmt: skip
+
+
+def _lengths(reranker: Reranker, max_length, max_query_length, max_doc_length, long_documents, overlap) -> LengthOptions:
+    try:
+        return reranker.length_options(max_length, max_query_length, max_doc_length, long_documents, overlap)
+    except ValueError as e:
+        raise ApiError(400, str(e), str(e).split(" ", 1)[0]) from None
+
+
+def _item(value: str | DocumentObject, param: str, reranker: Reranker) -> Item:
+    try:
+        if isinstance(value, DocumentObject):
+            item = parse_item({"text": value.text} if value.text is not None else {"image": value.image}, "text", param)
+        else:
+            item = parse_item(value, "text", param)
+    except InputError as e:
+        raise ApiError(400, str(e), e.param) from None
+    if isinstance(item, ImageItem):
+        if not reranker.backend.supports_images:
+            raise ApiError(400, f"{param}: this model ({reranker.backend.architecture}) is text only; "
+                           "images are not supported", param)  # fmt: skip
+        if not isinstance(item.source, str):
+            raise ApiError(400, f"{param}.image: must be a URL, data URI or base64 string", f"{param}.image")
+    return item
+
+
+async def _score(request: Request, state: ServerState, query: Item, docs: Sequence[Item], lengths: LengthOptions):
+    """Score (query, doc) pairs through the batcher, within the deadline, withdrawn if the client goes away."""
+    loop = asyncio.get_running_loop()
+    if not state.batcher.alive:
+        raise ApiError(503, f"the model worker is not running ({state.batcher.error or 'stopping'}); try later")
+
+    async def work():
+        q = query
+        if isinstance(query, ImageItem):  # decoded once for all documents, off the event loop
+            q = await loop.run_in_executor(state.batcher.pool, state.reranker.backend.prepare_query_image, query,
+                                           "query")  # fmt: skip
+        return await state.batcher.score([(q, d) for d in docs], lengths, [Where.for_document(i) for i in range(len(docs))])
+
+    task = asyncio.ensure_future(work())
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        done, _ = await asyncio.wait({task, gone}, timeout=state.options.request_timeout,
+                                     return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
+    finally:
+        gone.cancel()
+    if task not in done:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+        if gone in done and not gone.cancelled():
+            raise ApiError(CLIENT_CLOSED, "the client went away")
+        raise ApiError(504, f"the request took longer than the server's limit of {state.options.request_timeout:g}s")
+    try:
+        outcome = task.result()
+    except InputError as e:
+        raise ApiError(400, str(e), e.param) from None
+    except Overloaded as e:
+        raise ApiError(429, str(e), headers={"Retry-After": str(max(1, round(e.retry_after)))}) from None
+    except WorkerError as e:
+        raise ApiError(500 if state.batcher.alive else 503, str(e)) from None
+    errors = [(i, r) for i, r in enumerate(outcome.results) if isinstance(r, InputError)]
+    if errors:
+        shown = "; ".join(str(e) for _, e in errors[:5])
+        more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
+        raise ApiError(400, f"{len(errors)} of {len(docs)} documents could not be scored: {shown}{more}", errors[0][1].param)
+    state.metrics.pairs.inc(len(docs))
+    state.metrics.tokens.inc(outcome.tokens)
+    return outcome.results, outcome.tokens
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client closes the connection (the body has been read, so receive() waits for that)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+# ------------------------------------------------------------------------------------------------ errors
+
+
+def _loc(loc: Sequence[Any]) -> str:
+    """('body', 'documents', 3, 'image') -> 'documents[3].image'; union branch names are left out."""
+    out = ""
+    for part in loc:
+        if part == "body":
+            continue
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif isinstance(part, str) and part.isidentifier() and part.islower() and part not in ("str", "int", "bool"):
+            out += f".{part}" if out else part
+    return out or "body"
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, e: ApiError) -> JSONResponse:
+        return JSONResponse(error_body(e.status, e.message, e.param), status_code=e.status, headers=e.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
+        errs = e.errors()
+        if any(err.get("type") == "json_invalid" for err in errs):
+            return JSONResponse(error_body(400, "the request body is not valid JSON"), status_code=400)
+        parts, seen = [], set()
+        for err in errs:
+            where = _loc(err.get("loc", ()))
+            msg = f"{where}: {err.get('msg', 'invalid')}"
+            if msg not in seen:
+                seen.add(msg)
+                parts.append(msg)
+        param = _loc(errs[0].get("loc", ())) if errs else None
+        return JSONResponse(error_body(422, "; ".join(parts[:8]), param), status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        message = f"no route {request.method} {request.url.path}" if e.status_code == 404 else str(e.detail)
+        return JSONResponse(error_body(e.status_code, message), status_code=e.status_code, headers=e.headers)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, e: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return JSONResponse(error_body(500, f"internal error: {type(e).__name__}: {e}"), status_code=500)
+
+
+# ------------------------------------------------------------------------------------------------ middleware (ASGI)
+
+
+async def _send_error(send, status: int, message: str, param: str | None = None, headers: dict | None = None) -> None:
+    body = json.dumps(error_body(status, message, param)).encode()
+    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": body})
+
+
+class AuthMiddleware:
+    """`Authorization: Bearer <key>` on every route but /health, compared in constant time."""
+
+    def __init__(self, app, api_key: str | None):
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode() if api_key else None
+
+    async def __call__(self, scope, receive, send):
+        if self.expected is None or scope["type"] != "http" or scope["path"] == "/health":
+            return await self.app(scope, receive, send)
+        given = dict(scope["headers"]).get(b"authorization", b"")
+        if not hmac.compare_digest(given, self.expected):
+            what = "a wrong API key" if given else "no Authorization header"
+            return await _send_error(send, 401, f"{what}: send 'Authorization: Bearer <key>'", "Authorization",
+                                     {"WWW-Authenticate": "Bearer"})  # fmt: skip
+        return await self.app(scope, receive, send)
+
+
+class BodyLimitMiddleware:
+    """Refuse bodies over max_bytes with 413, by Content-Length or while reading them."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        too_big = f"the request body is over the limit of {self.max_bytes} bytes"
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            return await _send_error(send, 413, too_big)
+        chunks, total = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            total += len(chunk)
+            if total > self.max_bytes:
+                return await _send_error(send, 413, too_big)
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        replay = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+        sent = False
+
+        async def replaying_receive():
+            nonlocal sent
+            if not sent:
+                sent = True
+                return replay
+            return await receive()
+
+        return await self.app(scope, replaying_receive, send)
+
+
+class MetricsMiddleware:
+    """Requests by route and status, and their time."""
+
+    def __init__(self, app, metrics: Metrics):
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        route = scope["path"] if scope["path"] in ROUTES else "other"
+        status = [500]
+        start = time.monotonic()
+
+        async def recording_send(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, recording_send)
+        finally:
+            self.metrics.requests.labels(route, str(status[0])).inc()
+            self.metrics.request_seconds.labels(route).observe(time.monotonic() - start)

@@ -1,0 +1,122 @@
+"""Request and response bodies of the HTTP API (pydantic), in the shapes clients already send.
+
+/v1/rerank and /rerank take Jina's and vLLM's shape (documents as strings, {"text"} or {"image"}, an image query
+too); /v2/rerank takes Cohere v2's (string documents, return_documents false by default, max_tokens_per_doc).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class DocumentObject(BaseModel):
+    """{"text": ...} or {"image": URL | data URI | base64}; exactly one of them."""
+
+    model_config = ConfigDict(extra="ignore")
+    text: str | None = None
+    image: str | None = None
+
+    @model_validator(mode="after")
+    def _one_of(self) -> "DocumentObject":
+        if (self.text is None) == (self.image is None):
+            raise ValueError('give exactly one of "text" or "image"')
+        return self
+
+
+Document = str | DocumentObject
+
+
+class RerankRequest(BaseModel):
+    """Jina's /v1/rerank and vLLM's /rerank request."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = Field(None, description="The served model's name; optional when one model is served.")
+    query: Document = Field(description='A string, {"text": ...} or {"image": ...}.')
+    documents: list[Document] = Field(description='Strings, {"text": ...} or {"image": URL | data URI | base64}.')
+    top_n: int | None = Field(None, ge=1, description="Return the best N results (default: all).")
+    return_documents: bool = Field(True, description="Echo each document in its result.")
+    max_length: int | None = Field(None, ge=1, description="Prompt token limit (default: the model's).")
+    max_query_length: int | None = Field(512, ge=1, description="Queries are cut to this many tokens.")
+    max_doc_length: int | None = Field(None, ge=1, description="Document window/cut size in tokens.")
+    long_documents: Literal["chunk", "truncate"] = Field(
+        "chunk", description="chunk: score overlapping windows, keep the best; truncate: cut the document."
+    )
+    overlap: int = Field(80, ge=0, description="Tokens shared by adjacent windows.")
+
+
+class CohereRerankRequest(BaseModel):
+    """Cohere's /v2/rerank request."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None
+    query: str
+    documents: list[str]
+    top_n: int | None = Field(None, ge=1)
+    return_documents: bool = False
+    max_tokens_per_doc: int = Field(4096, ge=1, description="Documents are cut to this many tokens.")
+
+
+class Usage(BaseModel):
+    total_tokens: int
+    prompt_tokens: int
+
+
+class WindowInfo(BaseModel):
+    index: int
+    count: int
+    start: int
+    end: int
+
+
+class RerankResult(BaseModel):
+    index: int
+    relevance_score: float
+    document: DocumentObject | None = None
+    window: WindowInfo | None = None
+
+
+class RerankResponse(BaseModel):
+    id: str
+    model: str
+    usage: Usage
+    results: list[RerankResult]
+
+
+class CohereDocument(BaseModel):
+    text: str
+
+
+class CohereResult(BaseModel):
+    index: int
+    relevance_score: float
+    document: CohereDocument | None = None
+
+
+class CohereResponse(BaseModel):
+    id: str
+    results: list[CohereResult]
+    meta: dict
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "rerankd"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail

@@ -1,0 +1,123 @@
+"""Fetching image URLs safely: http(s) only, public addresses only (unless allowed), redirects re-checked,
+bytes counted while downloading, one deadline for the whole fetch.
+
+A server that fetches URLs its clients name must not become a way into its own network (SSRF): every host is
+resolved and refused if any of its addresses is loopback, private, link-local, multicast, reserved or otherwise
+not global, and each redirect target is checked the same way before it is followed. The connection then goes to
+the address that was checked (no second lookup a DNS-rebinding server could answer differently).
+"""
+
+from __future__ import annotations
+
+import http.client
+import ipaddress
+import socket
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+
+from ..errors import InputError
+
+MAX_REDIRECTS = 5
+
+
+def is_public(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """A globally routable address (an IPv4-mapped IPv6 address is judged by its IPv4 part)."""
+    mapped = getattr(addr, "ipv4_mapped", None)
+    return (mapped or addr).is_global
+
+
+def resolve_public(host: str, port: int, allow_private: bool, param: str) -> list[tuple]:
+    """getaddrinfo results for host, refusing non-public addresses unless allow_private."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as e:
+        raise InputError(f"cannot resolve image host {host!r}: {e}", param) from None
+    if not allow_private:
+        for info in infos:
+            addr = ipaddress.ip_address(info[4][0].split("%", 1)[0])
+            if not is_public(addr):
+                raise InputError(
+                    f"image host {host!r} resolves to the non-public address {addr}; fetching from private networks "
+                    f"is not allowed (the server's --allow-private-urls allows it)",
+                    param,
+                )
+    return infos
+
+
+def _pinned_connection(cls: type, infos: list[tuple]):
+    """An http.client connection class that connects to the already checked addresses, not a fresh lookup."""
+
+    class Pinned(cls):  # type: ignore[misc, valid-type]
+        def connect(self) -> None:
+            last: OSError | None = None
+            for family, socktype, proto, _, sockaddr in infos:
+                sock = socket.socket(family, socktype, proto)
+                sock.settimeout(self.timeout)
+                try:
+                    sock.connect(sockaddr)
+                except OSError as e:
+                    sock.close()
+                    last = e
+                    continue
+                if cls is http.client.HTTPSConnection:
+                    self.sock = self._context.wrap_socket(sock, server_hostname=self.host)
+                else:
+                    self.sock = sock
+                return
+            raise last or OSError("no address to connect to")
+
+    return Pinned
+
+
+def fetch_url(url: str, max_bytes: int, timeout: float, allow_private: bool, param: str) -> bytes:
+    """GET url following at most MAX_REDIRECTS redirects, each target checked; at most max_bytes, within timeout."""
+    deadline = time.monotonic() + timeout
+    for _ in range(MAX_REDIRECTS + 1):
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise InputError(f"image URL {url!r} is not an http(s) URL", param)
+        try:
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+        except ValueError as e:
+            raise InputError(f"image URL {url!r}: {e}", param) from None
+        infos = resolve_public(parts.hostname, port, allow_private, param)
+        base = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise InputError(f"fetching {url} took longer than {timeout:g}s", param)
+        conn = _pinned_connection(base, infos)(parts.hostname, port, timeout=left)
+        try:
+            path = parts.path or "/"
+            if parts.query:
+                path += "?" + parts.query
+            conn.request("GET", path, headers={"User-Agent": "rerankd", "Accept": "image/*"})
+            resp = conn.getresponse()
+            if resp.status in (301, 302, 303, 307, 308):
+                location = resp.getheader("Location")
+                if not location:
+                    raise InputError(f"fetching {url} failed: HTTP {resp.status} without a Location", param)
+                url = urllib.parse.urljoin(url, location)
+                continue
+            if resp.status != 200:
+                raise InputError(f"fetching {url} failed: HTTP {resp.status}", param)
+            declared = resp.getheader("Content-Length")
+            if declared and declared.isdigit() and int(declared) > max_bytes:
+                raise InputError(f"image at {url} is {declared} bytes, over the limit of {max_bytes}", param)
+            chunks, total = [], 0
+            while chunk := resp.read(65536):
+                total += len(chunk)
+                if total > max_bytes:
+                    raise InputError(f"image at {url} is over the limit of {max_bytes} bytes", param)
+                if time.monotonic() > deadline:
+                    raise InputError(f"fetching {url} took longer than {timeout:g}s", param)
+                chunks.append(chunk)
+            return b"".join(chunks)
+        except InputError:
+            raise
+        except (OSError, http.client.HTTPException, ValueError) as e:
+            raise InputError(f"fetching {url} failed: {e or type(e).__name__}", param) from None
+        finally:
+            conn.close()
+    raise InputError(f"fetching the image followed more than {MAX_REDIRECTS} redirects", param)
