@@ -141,13 +141,19 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cu: list[int], backend: str, first: torch.Tensor | None) -> torch.Tensor:
         """The attention mix [tokens or sequences, hidden], before out_proj (applied with the row-wise rest)."""
-        n = x.shape[0]
-        qkv = self.Wqkv(x).view(n, 3, self.heads, self.head_dim)  # [tokens, 3, heads, head_dim]
-        q, k, v = qkv.unbind(1)  # each [tokens, heads, head_dim]
-        if first is None:
-            o = varlen_attention(q, k, v, cu, causal=False, backend=backend)  # [tokens, heads, head_dim]
-        else:  # only the first token of each sequence is needed
-            o = single_query_attention(q[first], k, v, cu)  # [sequences, heads, head_dim]
+        n, h = x.shape
+        if first is None or not isinstance(self.Wqkv, nn.Linear):  # (an int8 Wqkv is not split)
+            qkv = self.Wqkv(x).view(n, 3, self.heads, self.head_dim)  # [tokens, 3, heads, head_dim]
+            q, k, v = qkv.unbind(1)  # each [tokens, heads, head_dim]
+            if first is None:
+                o = varlen_attention(q, k, v, cu, causal=False, backend=backend)  # [tokens, heads, head_dim]
+            else:
+                o = single_query_attention(q[first], k, v, cu)  # [sequences, heads, head_dim]
+        else:  # only the first token of each sequence is needed: its query, every token's key and value
+            w, b = self.Wqkv.weight, self.Wqkv.bias
+            q = F.linear(x[first], w[:h], b[:h]).view(-1, self.heads, self.head_dim)  # [sequences, heads, head_dim]
+            kv = F.linear(x, w[h:], b[h:]).view(n, 2, self.heads, self.head_dim)  # [tokens, 2, heads, head_dim]
+            o = single_query_attention(q, kv[:, 0], kv[:, 1], cu)  # [sequences, heads, head_dim]
         return o.reshape(o.shape[0], -1)
 
 
