@@ -271,3 +271,21 @@ def test_non_http_urls_and_bad_hosts(monkeypatch):
     for addr in ("10.0.0.1", "169.254.169.254", "::1", "::ffff:127.0.0.1", "fd00::1", "0.0.0.0"):
         assert not urls.is_public(__import__("ipaddress").ip_address(addr)), addr
     assert urls.is_public(__import__("ipaddress").ip_address("8.8.8.8"))
+
+
+def test_the_server_refuses_a_redirect_to_a_private_address(m0, monkeypatch):
+    """Through the app: a 'public' host (127.0.0.2, by decree) redirecting to 127.0.0.1 gets a 400 naming the field."""
+    real = urls.is_public
+    monkeypatch.setattr(urls, "is_public", lambda addr: str(addr) == "127.0.0.2" or real(addr))
+    with image_and_redirect_servers() as (redirector, target), TestClient(create(m0, SlowBackend(m0.backend))) as client:
+        backend = client.app.state.rerankd.reranker.backend
+        backend.inner.image_limits, saved = backend.image_limits, backend.inner.image_limits  # the server's policy
+        try:
+            r = client.post("/v1/rerank", json={"query": "q", "documents": ["text", {"image": redirector + "/x"}]})
+            assert r.status_code == 400, r.json()
+            err = r.json()["error"]
+            assert err["param"] == "documents[1].image" and "non-public address 127.0.0.1" in err["message"]
+            r = client.post("/v1/rerank", json={"query": "q", "documents": [{"image": target}]})
+            assert r.status_code == 400 and "non-public address 127.0.0.1" in r.json()["error"]["message"]
+        finally:
+            backend.inner.image_limits = saved
