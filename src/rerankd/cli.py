@@ -1,4 +1,4 @@
-"""`rerankd` command line: serve, rerank (one-shot scoring, JSON out) and make-tiny-model.
+"""`rerankd` command line: serve, rerank (one-shot scoring, JSON out), bench (load generator) and make-tiny-model.
 
 Model-loading flags are derived from `rerankd.config.LoadOptions` and server flags from `ServeOptions`, so the
 library, the server and the CLI cannot drift.
@@ -111,7 +111,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             start = time.monotonic()
             rr.compute_score([["warm-up query", "warm-up document"]])
             log.info("warm-up forward done in %.2fs", time.monotonic() - start)
-        app = create_app(rr, serve, name)
+        app = create_app(rr, serve, name, source=str(args.model))
     except (RerankdError, ValueError, OSError) as e:
         print(f"rerankd: error: {e}", file=sys.stderr)
         return 2
@@ -135,6 +135,12 @@ def _graceful_server_class():
                 self._captured_signals.clear()  # handled: nothing to re-raise once uvicorn's handlers are restored
 
     return GracefulServer
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import run
+
+    return run(args)
 
 
 def cmd_make_tiny_model(args: argparse.Namespace) -> int:
@@ -182,6 +188,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_options(p, ServeOptions, "server")
     _add_options(p, LoadOptions, "model loading")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("bench", help="load-test a rerank server (rerankd, Jina, Cohere, vLLM, TEI, SGLang, Infinity)")
+    from .bench import add_arguments
+
+    add_arguments(p)
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("make-tiny-model", help="write a tiny random checkpoint in a real model's on-disk layout")
     p.add_argument("kind", choices=MODEL_KINDS, help="which model's layout")

@@ -52,6 +52,7 @@ ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "
                405: "invalid_request_error", 413: "request_too_large", 422: "invalid_request_error",
                429: "rate_limit_error", 500: "internal_error", 503: "service_unavailable", 504: "timeout_error"}  # fmt: skip
 ROUTES = ("/v1/rerank", "/rerank", "/v2/rerank", "/health", "/v1/models", "/metrics", "/docs", "/openapi.json")
+DRAIN_LIMIT = 64 * 1024 * 1024  # bytes of a refused body read and dropped before answering 413
 CLIENT_CLOSED = 499  # nginx's code for a client that went away; only ever seen in metrics
 
 
@@ -72,6 +73,7 @@ class ServerState:
     metrics: Metrics
     options: ServeOptions
     model_name: str
+    source: str | None = None
     created: int = field(default_factory=lambda: int(time.time()))
 
     def check_model(self, name: str | None) -> None:
@@ -79,7 +81,11 @@ class ServerState:
             raise ApiError(404, f"model {name!r} is not served here; served: [{self.model_name!r}]", "model")
 
 
-def create_app(reranker: Reranker, options: ServeOptions, model_name: str, metrics: Metrics | None = None) -> FastAPI:
+def create_app(
+    reranker: Reranker, options: ServeOptions, model_name: str, metrics: Metrics | None = None, source: str | None = None
+) -> FastAPI:
+    """The app serving `reranker` as `model_name`; `source` (the hub id or directory it came from) is shown in
+    /v1/models, so that clients such as `rerankd bench` can find its tokenizer."""
     metrics = metrics or Metrics()
     reranker.restrict_images(options.allow_private_urls, options.allowed_local_media_path)
     batcher = Batcher(
@@ -90,7 +96,7 @@ def create_app(reranker: Reranker, options: ServeOptions, model_name: str, metri
         prepare_workers=reranker.options.preprocess_workers,
         observer=metrics,
     )
-    state = ServerState(reranker, batcher, metrics, options, model_name)
+    state = ServerState(reranker, batcher, metrics, options, model_name, source)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -159,7 +165,7 @@ def create_app(reranker: Reranker, options: ServeOptions, model_name: str, metri
 
     @app.get("/v1/models", response_model=ModelList)
     async def models() -> ModelList:
-        return ModelList(data=[ModelCard(id=state.model_name, created=state.created)])
+        return ModelList(data=[ModelCard(id=state.model_name, created=state.created, root=state.source)])
 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus() -> Response:
@@ -354,6 +360,7 @@ class BodyLimitMiddleware:
         declared = dict(scope["headers"]).get(b"content-length")
         too_big = f"the request body is over the limit of {self.max_bytes} bytes"
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await self._drain(receive)
             return await _send_error(send, 413, too_big)
         chunks, total = [], 0
         while True:
@@ -363,6 +370,7 @@ class BodyLimitMiddleware:
             chunk = message.get("body", b"")
             total += len(chunk)
             if total > self.max_bytes:
+                await self._drain(receive, total)
                 return await _send_error(send, 413, too_big)
             chunks.append(chunk)
             if not message.get("more_body", False):
@@ -378,6 +386,15 @@ class BodyLimitMiddleware:
             return await receive()
 
         return await self.app(scope, replaying_receive, send)
+
+    async def _drain(self, receive, read: int = 0) -> None:
+        """Read and drop the rest of a refused body (up to a bound), so that the client, still sending, gets the
+        413 instead of a broken pipe; past the bound the connection is simply closed after the answer."""
+        while read <= DRAIN_LIMIT:
+            message = await receive()
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                return
+            read += len(message.get("body", b""))
 
 
 class MetricsMiddleware:

@@ -105,6 +105,7 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "rerankd"
+    root: str | None = Field(None, description="Where the model was loaded from (hub id or directory), as vLLM says.")
 
 
 class ModelList(BaseModel):
