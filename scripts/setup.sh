@@ -13,6 +13,6 @@ fi
 echo "[setup] installing torch (${RERANKD_TORCH:-torch==2.13.0})"
 # shellcheck disable=SC2086
 .venv/bin/python -m pip install --progress-bar off ${RERANKD_TORCH:-torch==2.13.0}
-echo "[setup] installing rerankd and its test dependencies"
-.venv/bin/python -m pip install --progress-bar off -e ".[dev]"
+echo "[setup] installing rerankd and its test dependencies (llama-cpp-python compiles llama.cpp: ~6 min on 2 cores)"
+.venv/bin/python -m pip install --progress-bar off -e ".[dev,gguf]"
 echo "[setup] done: activate with 'source .venv/bin/activate'"

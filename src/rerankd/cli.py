@@ -156,6 +156,26 @@ def cmd_make_tiny_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert_gguf(args: argparse.Namespace) -> int:
+    from . import RerankdError
+    from .convert_gguf import HEAD_FILE, convert_gguf
+
+    try:
+        path = convert_gguf(args.checkpoint, args.out_dir, args.outtype, name=args.name, show_progress=not args.quiet)
+    except (RerankdError, ValueError) as e:
+        print(f"rerankd: error: {e}", file=sys.stderr)
+        return 2
+    size = path.stat().st_size / 2**20
+    print(f"wrote {path} ({size:.1f} MiB) and {path.parent / HEAD_FILE}; serve them with rerankd serve --model {path}")
+    return 0
+
+
+MODEL_HELP = (
+    f"hub repo id, local checkpoint directory, or .gguf file; a GGUF repo or directory takes the quantization tag "
+    f"of its file, as in jinaai/jina-reranker-m0-GGUF:Q8_0 (default: {DEFAULT_MODEL})"
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .testing import MODEL_KINDS
 
@@ -163,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("rerank", help="score documents against a query once and print JSON")
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"hub repo id or local directory (default: {DEFAULT_MODEL})")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
     p.add_argument("--query", required=True, help="the query: text, or an image source with --query-type image")
     p.add_argument("documents", nargs="*", help="documents: text, or image sources with --doc-type image")
     p.add_argument("--documents-file", help="JSONL file, one document a line: a string, {\"text\": ...} or {\"image\": ...}")
@@ -184,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_rerank)
 
     p = sub.add_parser("serve", help="serve /v1/rerank (Jina, vLLM), /v2/rerank (Cohere), /health, /metrics over HTTP")
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"hub repo id or local directory (default: {DEFAULT_MODEL})")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
     _add_options(p, ServeOptions, "server")
     _add_options(p, LoadOptions, "model loading")
     p.set_defaults(func=cmd_serve)
@@ -194,6 +214,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_arguments(p)
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("convert-gguf", help="write a jina-reranker-m0 checkpoint as a GGUF for llama.cpp plus mlp_weights.npz")
+    p.add_argument("checkpoint", help="the Hugging Face checkpoint: a local directory or a hub repo id")
+    p.add_argument("out_dir", help="output directory: gets <name>-<outtype>.gguf and mlp_weights.npz")
+    p.add_argument("--outtype", choices=["f32", "f16", "q8_0"], default="f16",
+                   help="weight type of the matrices (norms and biases stay f32; default: f16)")  # fmt: skip
+    p.add_argument("--name", default=None, help="file name stem (default: the checkpoint directory's name)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_convert_gguf)
 
     p = sub.add_parser("make-tiny-model", help="write a tiny random checkpoint in a real model's on-disk layout")
     p.add_argument("kind", choices=MODEL_KINDS, help="which model's layout")

@@ -10,8 +10,65 @@ from .errors import ModelLoadError
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.npz"]
 
 
-def resolve_model_dir(name_or_path: str | Path, revision: str | None = None) -> Path:
-    """A local checkpoint directory for `name_or_path`, downloading a hub repo into the cache when needed.
+def resolve_model(name_or_path: str | Path, revision: str | None = None) -> Path:
+    """What `from_pretrained` loads: a checkpoint directory (with config.json), or a .gguf file.
+
+    A .gguf is named by its path, by a directory that holds it (without config.json), by `DIR:TAG` or
+    `owner/name:TAG` where TAG is the quantization in its file name (Q8_0, f16, ...), downloading only that file
+    (and the small files beside it) from the hub.
+    """
+    text = str(name_or_path)
+    path = Path(text).expanduser()
+    tag = None
+    if not path.exists() and ":" in text:
+        text, tag = text.rsplit(":", 1)
+        path = Path(text).expanduser()
+        if not tag:
+            raise ModelLoadError(f"{name_or_path!r}: empty quantization tag after ':' (for example {text}:Q8_0)")
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ModelLoadError(f"{path} is a file; pass the directory that holds config.json and the weights, or a .gguf")
+        return path
+    directory = resolve_model_dir(text, revision, gguf_tag=tag)
+    ggufs = sorted(directory.glob("*.gguf"))
+    if tag is None and ((directory / "config.json").is_file() or not ggufs):
+        if not (directory / "config.json").is_file() and (directory / "mlp_weights.npz").is_file():
+            raise ModelLoadError(
+                f"{text} holds GGUF files but none was named: add the quantization tag of the file to load, for "
+                f"example {text}:Q8_0{_listing(text, revision)}"
+            )
+        return directory
+    if tag is not None:
+        from .models.gguf import gguf_tag_matches
+
+        ggufs = [g for g in ggufs if gguf_tag_matches(g.name, tag)]
+        if not ggufs:
+            raise ModelLoadError(f"{text}: no .gguf file with the tag {tag!r}{_listing(text, revision)}")
+    if len(ggufs) > 1:
+        names = ", ".join(g.name for g in ggufs)
+        raise ModelLoadError(f"{text}: several .gguf files match ({names}); name one by its path or its tag (DIR:TAG)")
+    return ggufs[0]
+
+
+def _listing(name: str, revision: str | None) -> str:
+    """'; available: a.gguf, b.gguf' for a directory or hub repo, or '' if it cannot be listed (offline)."""
+    path = Path(name).expanduser()
+    try:
+        if path.is_dir():
+            files = [p.name for p in path.iterdir()]
+        else:
+            from huggingface_hub import list_repo_files
+
+            files = list_repo_files(name, revision=revision)
+    except Exception:  # offline, or no such repo: the listing is only a hint
+        return ""
+    ggufs = sorted(f for f in files if f.endswith(".gguf"))
+    return f"; available: {', '.join(ggufs)}" if ggufs else ""
+
+
+def resolve_model_dir(name_or_path: str | Path, revision: str | None = None, gguf_tag: str | None = None) -> Path:
+    """A local checkpoint directory for `name_or_path`, downloading a hub repo into the cache when needed (with
+    `gguf_tag`, only the .gguf files whose name carries it, besides the small files).
 
     Honours HF_HOME, HF_HUB_CACHE and HF_HUB_OFFLINE (read by huggingface_hub).
     """
@@ -29,7 +86,10 @@ def resolve_model_dir(name_or_path: str | Path, revision: str | None = None) -> 
     from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
 
     try:
-        return Path(snapshot_download(name, revision=revision, allow_patterns=HUB_PATTERNS))
+        patterns = HUB_PATTERNS
+        if gguf_tag is not None:  # hub patterns are case-sensitive; quantization tags are written both ways
+            patterns = patterns + [f"*{t}*.gguf" for t in {gguf_tag, gguf_tag.upper(), gguf_tag.lower()}]
+        return Path(snapshot_download(name, revision=revision, allow_patterns=patterns))
     except LocalEntryNotFoundError:
         raise ModelLoadError(
             f"{name} is not in the local Hugging Face cache and cannot be downloaded (offline: HF_HUB_OFFLINE=1 or no "

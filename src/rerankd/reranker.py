@@ -12,10 +12,10 @@ import torch
 from .config import DEFAULT_MODEL, LoadOptions
 from .engine import Engine
 from .errors import InputError, PairErrors
-from .hub import resolve_model_dir
+from .hub import resolve_model
 from .inputs import ImageItem, Item, TextItem, parse_item
 from .inputs.items import ItemType
-from .models.base import Backend, LengthOptions, LongDocuments, Where, Window
+from .models.base import Backend, LengthOptions, LongDocuments, Where, Window, text_only_message
 from .models.registry import backend_class, read_config
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -73,10 +73,16 @@ class Reranker:
             dt = _DTYPES[name]
         if opts.num_threads:
             torch.set_num_threads(opts.num_threads)
-        directory = resolve_model_dir(name_or_path, opts.revision)
-        config = read_config(directory)
-        backend = backend_class(config, directory).load(directory, config, dev, dt, opts)
+        directory = resolve_model(name_or_path, opts.revision)
         budget = opts.max_batch_tokens or (65536 if dev.type == "cuda" else 4096)
+        if directory.suffix == ".gguf":  # jina-reranker-m0 through llama.cpp; its score head is beside the file
+            from .models.gguf import HEAD_FILE, GGUFBackend
+
+            backend: Backend = GGUFBackend.load(directory, directory.parent / HEAD_FILE, dev, opts, budget)
+            dev, dt = backend.device, backend.dtype
+        else:
+            config = read_config(directory)
+            backend = backend_class(config, directory).load(directory, config, dev, dt, opts)
         engine = Engine(backend, budget, opts.preprocess_workers)
         return cls(backend, engine, directory, replace(opts, device=str(dev), dtype=str(dt).removeprefix("torch.")))
 
@@ -117,7 +123,7 @@ class Reranker:
 
     def _check_supported(self, item: Item, param: str) -> None:
         if isinstance(item, ImageItem) and not self.backend.supports_images:
-            raise InputError(f"this model ({self.backend.architecture}) is text only; images are not supported", param)
+            raise InputError(text_only_message(self.backend), param)
 
     def _score(
         self,

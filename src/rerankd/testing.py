@@ -276,7 +276,6 @@ def build_xlmr_tokenizer(vocab_size: int = 600):
     """A Unigram `tokenizers.Tokenizer` shaped like XLM-RoBERTa's (jina-reranker-v2, bge-reranker): Metaspace
     pre-tokenizer, `<s> A </s></s> B </s>` pairs, <s>=0 <pad>=1 </s>=2 <unk>=3, <mask> last."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-    from tokenizers import trainers
 
     # the real one applies sentencepiece's precompiled NFKC map, then collapses runs of spaces
     normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Replace(Regex(" {2,}"), " ")])

@@ -332,7 +332,7 @@ def test_a_client_that_disconnects_has_its_pairs_dropped(m0_dir):
 
 def test_fuzzed_requests_never_get_5xx(server):
     """Property-based: arbitrary JSON bodies and near-valid requests never get a 5xx nor take the server down."""
-    hypothesis = pytest.importorskip("hypothesis")
+    pytest.importorskip("hypothesis")
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
 

@@ -28,7 +28,7 @@ from ..config import ServeOptions
 from ..engine.batcher import Batcher, Overloaded, WorkerError
 from ..errors import InputError
 from ..inputs import ImageItem, Item, TextItem, parse_item
-from ..models.base import LengthOptions, Where
+from ..models.base import LengthOptions, Where, text_only_message
 from ..reranker import Reranker, activate, ranked
 from .metrics import Metrics
 from .schemas import (
@@ -213,8 +213,7 @@ def _item(value: str | DocumentObject, param: str, reranker: Reranker) -> Item:
         raise ApiError(400, str(e), e.param) from None
     if isinstance(item, ImageItem):
         if not reranker.backend.supports_images:
-            raise ApiError(400, f"{param}: this model ({reranker.backend.architecture}) is text only; "
-                           "images are not supported", param)  # fmt: skip
+            raise ApiError(400, f"{param}: {text_only_message(reranker.backend)}", param)
         if not isinstance(item.source, str):
             raise ApiError(400, f"{param}.image: must be a URL, data URI or base64 string", f"{param}.image")
     return item

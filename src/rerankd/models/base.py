@@ -82,6 +82,12 @@ class PreparedSequence:
         return int(self.input_ids.shape[0])
 
 
+def text_only_message(backend: "Backend") -> str:
+    """Why a text-only backend refuses an image (a backend may say more through `text_only_reason`)."""
+    reason = getattr(backend, "text_only_reason", None)
+    return reason or f"this model ({backend.architecture}) is text only; images are not supported"
+
+
 class Backend(Protocol):
     """A loaded model: turns pairs into sequences (thread-safe, no model compute) and sequences into scores."""
 

@@ -95,92 +95,21 @@ class SpecialTokens:
     vision_end: int
 
 
-class JinaM0Backend:
-    architecture: ClassVar[str] = "JinaVLForRanking"
-    supports_images: ClassVar[bool] = True
-    default_max_length: ClassVar[int] = DEFAULT_MAX_LENGTH
-    default_max_query_length: ClassVar[int] = DEFAULT_MAX_QUERY_LENGTH
-    compute_score_max_query_length: ClassVar[int | None] = DEFAULT_MAX_QUERY_LENGTH
+class M0Prompts:
+    """m0's prompts: pairs -> token ids and M-RoPE positions, with the cuts and document windows of LengthOptions.
 
-    def __init__(
-        self,
-        model: JinaM0,
-        tokenizer: Tokenizer,
-        special: SpecialTokens,
-        vision: VisionConfig,
-        device: torch.device,
-        dtype: torch.dtype,
-        image_limits: ImageLimits,
-        min_pixels: int,
-        max_pixels: int,
-    ):
-        self.model = model
-        self.tokenizer = tokenizer
-        self.special = special
-        self.vision = vision
-        self.device = device
-        self.dtype = dtype
-        self.image_limits = image_limits
-        self.min_pixels = min_pixels
-        self.max_pixels = max_pixels
-        self.attn_backend = attention_backend(device, dtype)
+    Thread-safe and free of model compute. Shared by the torch backend and the GGUF one (rerankd.models.gguf),
+    which differ in the tokenizer object (anything with tokenizers.Tokenizer's `encode` and `decode`), in the
+    score token appended to every prompt, and in whether images can be prepared.
+    """
 
-    @classmethod
-    def load(
-        cls, directory: Path, config: dict, device: torch.device, dtype: torch.dtype, opts: LoadOptions
-    ) -> "JinaM0Backend":
-        if opts.quantize is not None:
-            raise ModelLoadError(f"quantize={opts.quantize!r} is offered for text cross-encoders only, not for {cls.architecture}")
-        try:
-            text = TextConfig.from_dict(config)
-            vision = VisionConfig.from_dict(config["vision_config"])
-        except (KeyError, ValueError) as e:
-            raise ModelLoadError(f"{directory}/config.json: not a usable Qwen2-VL config ({e!r})") from None
-        tok_path = directory / "tokenizer.json"
-        if not tok_path.is_file():
-            raise ModelLoadError(f"{directory}: tokenizer.json is missing")
-        tokenizer = Tokenizer.from_file(str(tok_path))
-        tokenizer.no_truncation()
-        tokenizer.no_padding()
-        special = SpecialTokens(
-            image_pad=_special_id(tokenizer, config, "<|image_pad|>", "image_token_id", directory),
-            vision_start=_special_id(tokenizer, config, "<|vision_start|>", "vision_start_token_id", directory),
-            vision_end=_special_id(tokenizer, config, "<|vision_end|>", "vision_end_token_id", directory),
-        )
-        with torch.device("meta"):
-            model = JinaM0(text, vision)
-        load_weights(model, directory, WEIGHT_RENAMES, device, dtype, opts.show_progress)
-        model.model.inv_freq = model.model.rope_inv_freq().to(device)
-        model.visual.inv_freq = model.visual.rope_inv_freq().to(device)
-        model.eval().requires_grad_(False)
-        return cls(
-            model,
-            tokenizer,
-            special,
-            vision,
-            device,
-            dtype,
-            ImageLimits(opts.max_image_bytes, opts.max_image_pixels, opts.image_fetch_timeout),
-            opts.min_pixels or DEFAULT_MIN_PIXELS,
-            opts.max_pixels or DEFAULT_MAX_PIXELS,
-        )
-
-    # ------------------------------------------------------------------ preparation (thread-safe, no model compute)
+    tokenizer: Tokenizer
+    special: SpecialTokens
+    score_token_id: int
+    merge_size: int  # the vision tower's spatial merge: an image's tokens = patches / merge_size**2
 
     def prepare_image(self, source: object, param: str) -> PreparedImage:
-        if isinstance(source, PreparedImage):
-            return source
-        img = load_image(source, self.image_limits, param)
-        v = self.vision
-        return qwen2_vl_patches(
-            img,
-            patch_size=v.patch_size,
-            temporal_patch_size=v.temporal_patch_size,
-            merge_size=v.spatial_merge_size,
-            min_pixels=self.min_pixels,
-            max_pixels=self.max_pixels,
-            param=param,
-        )
+        raise NotImplementedError
 
     def prepare_query_image(self, query: Item, param: str) -> Item:
         """An image query shared by many pairs is decoded once: returns the item with its image prepared."""
@@ -205,8 +134,7 @@ class JinaM0Backend:
             images.append(self.prepare_image(doc.source, f"{dparam}.image"))
         if isinstance(query, ImageItem):
             images.append(self.prepare_image(query.source, f"{qparam}.image"))
-        merge = self.vision.spatial_merge_size
-        image_tokens = sum(im.merged_tokens(merge) for im in images)
+        image_tokens = sum(im.merged_tokens(self.merge_size) for im in images)
 
         query_text = IMAGE_PLACEHOLDER
         if isinstance(query, TextItem) and lengths.max_query_length is not None:
@@ -274,7 +202,7 @@ class JinaM0Backend:
         else:  # pragma: no cover - the loop always converges in practice
             raise InputError(f"could not fit the prompt into max_length={lengths.max_length}", param)
 
-        ids.append(SCORE_TOKEN_ID)
+        ids.append(self.score_token_id)
         input_ids, positions = self._expand_images(ids, images, param)
         return PreparedSequence(input_ids=input_ids, positions=positions, images=images)
 
@@ -286,7 +214,7 @@ class JinaM0Backend:
         Text tokens: the same position on all three axes, counting on. An image: (t, row, col) of its merged grid,
         offset by the position where it starts; the text after it continues from the image's max position + 1.
         """
-        merge = self.vision.spatial_merge_size
+        merge = self.merge_size
         pad = self.special.image_pad
         out_ids: list[torch.Tensor] = []
         out_pos: list[torch.Tensor] = []
@@ -316,6 +244,96 @@ class JinaM0Backend:
         if img_i != len(images):
             raise InputError("the text contains the reserved token <|image_pad|>; remove it", param)
         return torch.cat(out_ids), torch.cat(out_pos, dim=1)
+
+
+class JinaM0Backend(M0Prompts):
+    architecture: ClassVar[str] = "JinaVLForRanking"
+    supports_images: ClassVar[bool] = True
+    default_max_length: ClassVar[int] = DEFAULT_MAX_LENGTH
+    default_max_query_length: ClassVar[int] = DEFAULT_MAX_QUERY_LENGTH
+    compute_score_max_query_length: ClassVar[int | None] = DEFAULT_MAX_QUERY_LENGTH
+
+    def __init__(
+        self,
+        model: JinaM0,
+        tokenizer: Tokenizer,
+        special: SpecialTokens,
+        vision: VisionConfig,
+        device: torch.device,
+        dtype: torch.dtype,
+        image_limits: ImageLimits,
+        min_pixels: int,
+        max_pixels: int,
+    ):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.special = special
+        self.vision = vision
+        self.device = device
+        self.dtype = dtype
+        self.image_limits = image_limits
+        self.min_pixels = min_pixels
+        self.max_pixels = max_pixels
+        self.attn_backend = attention_backend(device, dtype)
+        self.score_token_id = SCORE_TOKEN_ID
+        self.merge_size = vision.spatial_merge_size
+
+    # ------------------------------------------------------------------ preparation (thread-safe, no model compute)
+
+    def prepare_image(self, source: object, param: str) -> PreparedImage:
+        if isinstance(source, PreparedImage):
+            return source
+        img = load_image(source, self.image_limits, param)
+        v = self.vision
+        return qwen2_vl_patches(
+            img,
+            patch_size=v.patch_size,
+            temporal_patch_size=v.temporal_patch_size,
+            merge_size=v.spatial_merge_size,
+            min_pixels=self.min_pixels,
+            max_pixels=self.max_pixels,
+            param=param,
+        )
+
+    @classmethod
+    def load(
+        cls, directory: Path, config: dict, device: torch.device, dtype: torch.dtype, opts: LoadOptions
+    ) -> "JinaM0Backend":
+        if opts.quantize is not None:
+            raise ModelLoadError(f"quantize={opts.quantize!r} is offered for text cross-encoders only, not for {cls.architecture}")
+        try:
+            text = TextConfig.from_dict(config)
+            vision = VisionConfig.from_dict(config["vision_config"])
+        except (KeyError, ValueError) as e:
+            raise ModelLoadError(f"{directory}/config.json: not a usable Qwen2-VL config ({e!r})") from None
+        tok_path = directory / "tokenizer.json"
+        if not tok_path.is_file():
+            raise ModelLoadError(f"{directory}: tokenizer.json is missing")
+        tokenizer = Tokenizer.from_file(str(tok_path))
+        tokenizer.no_truncation()
+        tokenizer.no_padding()
+        special = SpecialTokens(
+            image_pad=_special_id(tokenizer, config, "<|image_pad|>", "image_token_id", directory),
+            vision_start=_special_id(tokenizer, config, "<|vision_start|>", "vision_start_token_id", directory),
+            vision_end=_special_id(tokenizer, config, "<|vision_end|>", "vision_end_token_id", directory),
+        )
+        with torch.device("meta"):
+            model = JinaM0(text, vision)
+        load_weights(model, directory, WEIGHT_RENAMES, device, dtype, opts.show_progress)
+        model.model.inv_freq = model.model.rope_inv_freq().to(device)
+        model.visual.inv_freq = model.visual.rope_inv_freq().to(device)
+        model.eval().requires_grad_(False)
+        return cls(
+            model,
+            tokenizer,
+            special,
+            vision,
+            device,
+            dtype,
+            ImageLimits(opts.max_image_bytes, opts.max_image_pixels, opts.image_fetch_timeout),
+            opts.min_pixels or DEFAULT_MIN_PIXELS,
+            opts.max_pixels or DEFAULT_MAX_PIXELS,
+        )
 
     # ------------------------------------------------------------------ compute
 

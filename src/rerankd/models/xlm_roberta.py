@@ -22,12 +22,12 @@ from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
-from tokenizers import Encoding, Tokenizer
+from tokenizers import Tokenizer
 from torch import nn
 
 from ..config import LoadOptions
 from ..errors import InputError, ModelLoadError
-from ..inputs import ImageItem, Item, TextItem
+from ..inputs import ImageItem, Item
 from ..weights import Part, Renames, load_weights, tensor_names
 from .base import LengthOptions, PreparedSequence, Where, Window, window_starts
 from .layers import attention_backend, rowwise, single_query_attention, varlen_attention

@@ -1,0 +1,328 @@
+"""jina-reranker-m0 as GGUF: the decoder through llama.cpp (llama-cpp-python), the score head in NumPy.
+
+Reproduces Jina's GGUF recipe: llama.cpp runs the Qwen2 decoder in embedding mode with last-token pooling and no
+normalization over the prompt `**Document**:\\n{doc}\\n**Query**:\\n{query}<|box_end|>`, and the score is
+sigmoid((relu(h @ W1 + b1) @ W2 + b2) - logit_bias) with the arrays of mlp_weights.npz. Prompts, cuts and
+document windows are the torch backend's (jina_m0.M0Prompts), with llama.cpp's own tokenizer. Text only.
+
+The score token: in a GGUF, <|box_end|> stands for the torch model's score token, id 100 (its embedding row is a
+copy of row 100; see rerankd.convert_gguf). rerankd appends id 100 itself, which is right for every conversion
+(whether <|box_end|> got row 100's embedding, or the two tokens' strings were swapped), and where the file keeps
+the original <|box_end|> row (`rerankd.box_end_row`, written by rerankd convert-gguf), the text <|box_end|> inside
+a query or document is fed through that row, so it means what it means to the reference.
+
+Many sequences go through one llama_decode call (each its own sequence id), as a forward batch of the engine.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import re
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import torch
+
+from ..config import LoadOptions
+from ..errors import InputError, ModelLoadError
+from ..inputs.images import PreparedImage
+from .base import LengthOptions, PreparedSequence, Where
+from .jina_m0 import DEFAULT_MAX_LENGTH, DEFAULT_MAX_QUERY_LENGTH, SCORE_TOKEN_ID, M0Prompts, SpecialTokens
+
+HEAD_FILE = "mlp_weights.npz"
+HEAD_ARRAYS = ("W1", "b1", "W2", "b2", "logit_bias")
+SCORE_TOKEN = "<|box_end|>"  # in a GGUF, the text that stands for the score token (module docstring)
+UBATCH_TOKENS = 512  # llama.cpp's micro-batch: its compute buffers scale with this, not with the batch
+TEXT_ONLY = (
+    "the GGUF (llama.cpp) path of jina-reranker-m0 is text only: it has no vision tower. Serve the Hugging Face "
+    "checkpoint (jinaai/jina-reranker-m0) for image queries or documents"
+)
+
+
+@dataclass(frozen=True)
+class _Encoding:
+    """What M0Prompts reads of a tokenizers.Encoding: ids, and each token's character span in the text."""
+
+    ids: list[int]
+    offsets: list[tuple[int, int]]
+
+
+class LlamaTokenizer:
+    """llama.cpp's tokenizer of a loaded GGUF, with the two methods of tokenizers.Tokenizer that M0Prompts uses.
+
+    Special tokens written in the text are parsed as such (as the Hugging Face tokenizer does); no BOS is added
+    (Qwen2 has none). Thread-safe: llama.cpp's vocabulary is read-only once loaded.
+    """
+
+    def __init__(self, vocab: object, max_tokens: int):
+        import llama_cpp
+
+        self._lib = llama_cpp
+        self._vocab = vocab
+        self._max_tokens = max_tokens
+
+    def _tokenize(self, data: bytes) -> list[int]:
+        n = max(16, len(data) + 8)  # byte-level BPE: never more tokens than bytes
+        buf = (self._lib.llama_token * n)()
+        count = self._lib.llama_tokenize(self._vocab, data, len(data), buf, n, False, True)
+        if count < 0:  # pragma: no cover - the buffer is always large enough
+            raise RuntimeError(f"llama.cpp could not tokenize a text of {len(data)} bytes ({count})")
+        return list(buf[:count])
+
+    def piece(self, token: int) -> bytes:
+        buf = ctypes.create_string_buffer(256)
+        n = self._lib.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, True)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = self._lib.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, True)
+        return buf.raw[:n]
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> _Encoding:
+        data = text.encode("utf-8")
+        ids = self._tokenize(data)
+        # character offsets: the pieces concatenate to the text's bytes (byte-level BPE, no normalization)
+        ends: list[int] = []
+        pos = 0
+        for t in ids:
+            pos += len(self.piece(t))
+            ends.append(pos)
+        char_at = _char_offsets(data)
+        offsets = []
+        start = 0
+        for end in ends:
+            offsets.append((char_at[min(start, len(data))], char_at[min(end, len(data))]))
+            start = end
+        return _Encoding(ids, offsets)
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        return b"".join(self.piece(t) for t in ids).decode("utf-8", errors="replace")
+
+    def token_to_id(self, token: str) -> int | None:
+        ids = self._tokenize(token.encode("utf-8"))
+        return ids[0] if len(ids) == 1 and self.piece(ids[0]) == token.encode("utf-8") else None
+
+
+def _char_offsets(data: bytes) -> list[int]:
+    """For each byte offset 0..len(data) of UTF-8 `data`, the character offset; an offset inside a character
+    (a token boundary can split one) maps to the end of that character."""
+    out = [0] * (len(data) + 1)
+    count = 0
+    for i in range(len(data) + 1):
+        out[i] = count
+        if i < len(data) and data[i] & 0xC0 != 0x80:  # a character starts here
+            count += 1
+    for i in range(len(data) - 1, -1, -1):
+        if data[i] & 0xC0 == 0x80:  # a continuation byte
+            out[i] = out[i + 1]
+    return out
+
+
+class GGUFBackend(M0Prompts):
+    architecture: ClassVar[str] = "jina-reranker-m0 GGUF (llama.cpp)"
+    supports_images: ClassVar[bool] = False
+    text_only_reason: ClassVar[str] = TEXT_ONLY
+    default_max_length: ClassVar[int] = DEFAULT_MAX_LENGTH
+    default_max_query_length: ClassVar[int] = DEFAULT_MAX_QUERY_LENGTH
+    compute_score_max_query_length: ClassVar[int | None] = DEFAULT_MAX_QUERY_LENGTH
+
+    def __init__(self, llm: object, head: dict[str, np.ndarray], path: Path, n_ctx: int, box_end_row: int | None):
+        import llama_cpp
+
+        self._lib = llama_cpp
+        self.llm = llm
+        self.path = path
+        self.n_ctx = n_ctx
+        self.device = torch.device("cpu")
+        self.dtype = torch.float32
+        self.head = head
+        vocab = llama_cpp.llama_model_get_vocab(llm.model)  # type: ignore[attr-defined]
+        self.tokenizer = LlamaTokenizer(vocab, n_ctx)  # type: ignore[assignment]
+        box_end = self.tokenizer.token_to_id(SCORE_TOKEN)
+        image_pad = self.tokenizer.token_to_id("<|image_pad|>")
+        if box_end is None:
+            raise ModelLoadError(f"{path}: the GGUF's vocabulary has no {SCORE_TOKEN} token; not a jina-reranker-m0 GGUF")
+        self.score_token_id = SCORE_TOKEN_ID
+        # the text <|box_end|> -> the row that keeps its own embedding, when the file has one
+        self._feed = {box_end: box_end_row} if box_end_row is not None else {}
+        self.special = SpecialTokens(image_pad=-1 if image_pad is None else image_pad, vision_start=-1, vision_end=-1)
+        self.merge_size = 2
+        self.n_embd = int(llama_cpp.llama_model_n_embd(llm.model))  # type: ignore[attr-defined]
+        self._lock = threading.Lock()  # one llama.cpp context: one forward at a time
+        self._batch = llama_cpp.llama_batch_init(n_ctx, 0, 1)
+        self.max_sequences = int(llama_cpp.llama_n_seq_max(llm.ctx))  # type: ignore[attr-defined]
+
+    def __del__(self) -> None:
+        batch = getattr(self, "_batch", None)
+        if batch is not None:
+            self._lib.llama_batch_free(batch)
+            self._batch = None
+
+    @classmethod
+    def load(cls, path: Path, head_path: Path, device: torch.device, opts: LoadOptions, max_batch_tokens: int) -> "GGUFBackend":
+        try:
+            import llama_cpp
+        except ImportError:
+            raise ModelLoadError(
+                f"{path}: serving GGUF files needs llama-cpp-python; install it with pip install 'rerankd[gguf]'"
+            ) from None
+        if opts.quantize is not None:
+            raise ModelLoadError(f"quantize={opts.quantize!r} does not apply to GGUF files: choose a quantized .gguf instead")
+        head = load_head(head_path)
+        meta = _check_gguf(path)
+        n_ctx = max(max_batch_tokens, DEFAULT_MAX_LENGTH)
+        threads = opts.num_threads or (
+            len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        )
+        try:
+            llm = llama_cpp.Llama(
+                model_path=str(path),
+                embedding=True,
+                pooling_type=llama_cpp.LLAMA_POOLING_TYPE_LAST,
+                n_ctx=n_ctx,
+                n_batch=n_ctx,
+                n_ubatch=min(UBATCH_TOKENS, n_ctx),
+                n_threads=threads,
+                n_threads_batch=threads,
+                n_gpu_layers=-1 if device.type == "cuda" else 0,
+                type_k=llama_cpp.GGML_TYPE_F32,  # f32 keys and values: llama.cpp's default f16 cache costs accuracy
+                type_v=llama_cpp.GGML_TYPE_F32,
+                verbose=False,
+            )
+        except (ValueError, RuntimeError, OSError) as e:
+            raise ModelLoadError(f"{path}: llama.cpp could not load this GGUF file ({e}); is it complete and a "
+                                 "jina-reranker-m0 (qwen2) GGUF?") from None  # fmt: skip
+        n_embd = int(llama_cpp.llama_model_n_embd(llm.model))
+        if head["W1"].shape[0] != n_embd:
+            raise ModelLoadError(
+                f"{head_path}: W1 is {head['W1'].shape} but the GGUF's hidden size is {n_embd}; the npz and the .gguf "
+                "are not from the same model"
+            )
+        return cls(llm, head, path, n_ctx, meta.get("rerankd.box_end_row"))
+
+    # ------------------------------------------------------------------ preparation
+
+    def prepare_image(self, source: object, param: str) -> PreparedImage:
+        raise InputError(TEXT_ONLY, param)
+
+    def prepare(self, query, doc, lengths: LengthOptions, where: Where) -> list[PreparedSequence]:
+        seqs = super().prepare(query, doc, lengths, where)
+        for s in seqs:
+            if s.length > self.n_ctx:
+                raise InputError(
+                    f"the prompt has {s.length} tokens, more than the llama.cpp context of {self.n_ctx} tokens "
+                    f"(the larger of max_batch_tokens and {DEFAULT_MAX_LENGTH}); lower max_length or load with a "
+                    "larger max_batch_tokens",
+                    where.pair,
+                )
+        return seqs
+
+    # ------------------------------------------------------------------ compute
+
+    def hidden_states(self, batch: list[PreparedSequence]) -> np.ndarray:
+        """The last token's final hidden state of each sequence [len(batch), hidden], in as few llama.cpp calls as
+        the context and its sequence slots allow."""
+        lib = self._lib
+        out = np.empty((len(batch), self.n_embd), dtype=np.float32)
+        feed = self._feed
+        with self._lock:
+            start = 0
+            while start < len(batch):
+                stop, tokens = start, 0
+                while stop < len(batch) and stop - start < self.max_sequences and tokens + batch[stop].length <= self.n_ctx:
+                    tokens += batch[stop].length
+                    stop += 1
+                b = self._batch
+                n = 0
+                for seq_id, s in enumerate(batch[start:stop]):
+                    for p, tok in enumerate(s.input_ids.tolist()):
+                        b.token[n] = feed.get(tok, tok)
+                        b.pos[n] = p
+                        b.n_seq_id[n] = 1
+                        b.seq_id[n][0] = seq_id
+                        b.logits[n] = True  # embedding mode: every token is an output
+                        n += 1
+                b.n_tokens = n
+                lib.llama_memory_clear(lib.llama_get_memory(self.llm.ctx), True)  # type: ignore[attr-defined]
+                rc = lib.llama_decode(self.llm.ctx, b)  # type: ignore[attr-defined]
+                if rc != 0:
+                    raise RuntimeError(f"llama_decode failed with code {rc} on a batch of {n} tokens")
+                for seq_id in range(stop - start):
+                    ptr = lib.llama_get_embeddings_seq(self.llm.ctx, seq_id)  # type: ignore[attr-defined]
+                    if not ptr:
+                        raise RuntimeError("llama.cpp returned no pooled embedding; is pooling 'last' supported?")
+                    out[start + seq_id] = np.ctypeslib.as_array(ptr, shape=(self.n_embd,))
+                start = stop
+        return out
+
+    def forward(self, batch: list[PreparedSequence]) -> torch.Tensor:
+        return torch.from_numpy(head_logits(self.hidden_states(batch), self.head))
+
+
+def head_logits(h: np.ndarray, head: dict[str, np.ndarray]) -> np.ndarray:
+    """(relu(h @ W1 + b1) @ W2 + b2) - logit_bias: the relevance logit, score = sigmoid(logit). h: [n, hidden]."""
+    x = np.maximum(h @ head["W1"] + head["b1"], 0.0)
+    return ((x @ head["W2"] + head["b2"]).reshape(-1) - head["logit_bias"]).astype(np.float32)
+
+
+def load_head(path: Path) -> dict[str, np.ndarray]:
+    if not path.is_file():
+        raise ModelLoadError(
+            f"{path} is missing: a jina-reranker-m0 GGUF needs its score head, {HEAD_FILE}, in the same folder as "
+            "the .gguf (download it from the same repository, or write both with `rerankd convert-gguf`)"
+        )
+    try:
+        with np.load(path) as f:
+            head = {k: np.asarray(f[k], dtype=np.float32) for k in f.files}
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"{path}: not a readable .npz file ({e})") from None
+    missing = [k for k in HEAD_ARRAYS if k not in head]
+    if missing:
+        raise ModelLoadError(f"{path}: missing arrays {missing}; expected {', '.join(HEAD_ARRAYS)}")
+    w1, w2 = head["W1"], head["W2"]
+    if w1.ndim != 2 or w1.shape[0] != w1.shape[1] or w2.shape[:1] != w1.shape[1:] or head["b1"].shape != w1.shape[1:]:
+        raise ModelLoadError(f"{path}: head shapes W1 {w1.shape}, b1 {head['b1'].shape}, W2 {w2.shape} do not fit together")
+    head["W2"] = w2.reshape(w1.shape[1], 1)
+    head["logit_bias"] = head["logit_bias"].reshape(())
+    return head
+
+
+def _check_gguf(path: Path) -> dict[str, int]:
+    """A clear error for a file that is not GGUF or is cut short, before llama.cpp sees it; rerankd's integer
+    metadata keys."""
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise ModelLoadError(f"{path}: cannot read ({e})") from None
+    if magic != b"GGUF":
+        raise ModelLoadError(f"{path}: not a GGUF file (it starts with {magic!r}, not b'GGUF')")
+    try:
+        import gguf
+
+        reader = gguf.GGUFReader(str(path))
+        arch = reader.fields.get("general.architecture")
+        name = bytes(arch.parts[arch.data[0]]).decode() if arch is not None else None
+        meta = {k: int(f.parts[f.data[0]][0]) for k, f in reader.fields.items() if k == "rerankd.box_end_row"}
+        size = path.stat().st_size
+        for t in reader.tensors:
+            if t.data_offset + t.n_bytes > size:
+                raise ModelLoadError(f"{path}: tensor {t.name} runs past the end of the file; the file is truncated")
+    except ModelLoadError:
+        raise
+    except ImportError:
+        return {}
+    except Exception as e:  # gguf's reader raises assorted errors on damaged files
+        raise ModelLoadError(f"{path}: a damaged GGUF file ({type(e).__name__}: {e}); download or convert it again") from None
+    if name not in ("qwen2", "qwen2vl"):
+        raise ModelLoadError(f"{path}: a GGUF of architecture {name!r}; rerankd serves jina-reranker-m0 (qwen2) GGUFs")
+    return meta
+
+
+def gguf_tag_matches(filename: str, tag: str) -> bool:
+    """Does a .gguf file name carry the quantization tag (Q8_0, f16, ...), case-insensitively, as a whole word?
+    (Tags contain underscores, so Q4_K does not match Q4_K_M.)"""
+    return re.search(rf"(^|[-_.]){re.escape(tag)}([-.]|$)", filename.removesuffix(".gguf"), re.IGNORECASE) is not None
