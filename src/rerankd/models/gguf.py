@@ -37,6 +37,11 @@ HEAD_FILE = "mlp_weights.npz"
 HEAD_ARRAYS = ("W1", "b1", "W2", "b2", "logit_bias")
 SCORE_TOKEN = "<|box_end|>"  # in a GGUF, the text that stands for the score token (module docstring)
 UBATCH_TOKENS = 512  # llama.cpp's micro-batch: its compute buffers scale with this, not with the batch
+# Tokens per llama_decode call. In one call every token attends, masked, to every token of the call (llama.cpp's
+# unified KV cache for multi-sequence embeddings), so attention costs (call tokens)^2 rather than the sum of the
+# sequences' squares: calls of 4096 tokens ran 2x slower than calls of 512 on the mid-size benchmark model.
+# A longer sequence goes alone in its call.
+CALL_TOKENS = 512
 TEXT_ONLY = (
     "the GGUF (llama.cpp) path of jina-reranker-m0 is text only: it has no vision tower. Serve the Hugging Face "
     "checkpoint (jinaai/jina-reranker-m0) for image queries or documents"
@@ -154,6 +159,7 @@ class GGUFBackend(M0Prompts):
         self._lock = threading.Lock()  # one llama.cpp context: one forward at a time
         self._batch = llama_cpp.llama_batch_init(n_ctx, 0, 1)
         self.max_sequences = int(llama_cpp.llama_n_seq_max(llm.ctx))  # type: ignore[attr-defined]
+        self.call_tokens = CALL_TOKENS
 
     def __del__(self) -> None:
         batch = getattr(self, "_batch", None)
@@ -223,8 +229,8 @@ class GGUFBackend(M0Prompts):
     # ------------------------------------------------------------------ compute
 
     def hidden_states(self, batch: list[PreparedSequence]) -> np.ndarray:
-        """The last token's final hidden state of each sequence [len(batch), hidden], in as few llama.cpp calls as
-        the context and its sequence slots allow."""
+        """The last token's final hidden state of each sequence [len(batch), hidden]: the batch goes to llama.cpp
+        in calls of up to CALL_TOKENS tokens (and its sequence slots), the KV cache cleared before each."""
         lib = self._lib
         out = np.empty((len(batch), self.n_embd), dtype=np.float32)
         feed = self._feed
@@ -232,7 +238,9 @@ class GGUFBackend(M0Prompts):
             start = 0
             while start < len(batch):
                 stop, tokens = start, 0
-                while stop < len(batch) and stop - start < self.max_sequences and tokens + batch[stop].length <= self.n_ctx:
+                while stop < len(batch) and stop - start < self.max_sequences and (
+                    stop == start or tokens + batch[stop].length <= self.call_tokens
+                ):
                     tokens += batch[stop].length
                     stop += 1
                 b = self._batch
