@@ -63,12 +63,11 @@ class LlamaTokenizer:
     (Qwen2 has none). Thread-safe: llama.cpp's vocabulary is read-only once loaded.
     """
 
-    def __init__(self, vocab: object, max_tokens: int):
+    def __init__(self, vocab: object):
         import llama_cpp
 
         self._lib = llama_cpp
         self._vocab = vocab
-        self._max_tokens = max_tokens
 
     def _tokenize(self, data: bytes) -> list[int]:
         n = max(16, len(data) + 8)  # byte-level BPE: never more tokens than bytes
@@ -145,7 +144,7 @@ class GGUFBackend(M0Prompts):
         self.dtype = torch.float32
         self.head = head
         vocab = llama_cpp.llama_model_get_vocab(llm.model)  # type: ignore[attr-defined]
-        self.tokenizer = LlamaTokenizer(vocab, n_ctx)  # type: ignore[assignment]
+        self.tokenizer = LlamaTokenizer(vocab)  # type: ignore[assignment]
         box_end = self.tokenizer.token_to_id(SCORE_TOKEN)
         image_pad = self.tokenizer.token_to_id("<|image_pad|>")
         if box_end is None:
@@ -154,7 +153,7 @@ class GGUFBackend(M0Prompts):
         # the text <|box_end|> -> the row that keeps its own embedding, when the file has one
         self._feed = {box_end: box_end_row} if box_end_row is not None else {}
         self.special = SpecialTokens(image_pad=-1 if image_pad is None else image_pad, vision_start=-1, vision_end=-1)
-        self.merge_size = 2
+        self.merge_size = 1  # no images reach this backend (prepare_image refuses them)
         self.n_embd = int(llama_cpp.llama_model_n_embd(llm.model))  # type: ignore[attr-defined]
         self._lock = threading.Lock()  # one llama.cpp context: one forward at a time
         self._batch = llama_cpp.llama_batch_init(n_ctx, 0, 1)
