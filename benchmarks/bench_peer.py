@@ -91,8 +91,11 @@ def main(argv: list[str] | None = None) -> int:
         (args.ckpt / "config.json").write_text(json.dumps(cfg, indent=2))
 
         servers = {
+            # Infinity has no request deadline; rerankd's default (60 s) would answer 504 to requests that wait
+            # longer under this overload, which measures shedding, not throughput: both queue without a deadline
             "rerankd": ([sys.executable, "-m", "rerankd", "serve", "--model", str(args.ckpt), "--port", "{port}",
-                         "--log-level", "warning", "--no-show-progress"], "/health", "rerankd", None),
+                         "--log-level", "warning", "--no-show-progress", "--request-timeout", "3600"], "/health",
+                        "rerankd", None),
             "infinity": ([args.infinity, "v2", "--model-id", str(args.ckpt), "--port", "{port}", "--engine", "torch",
                           "--device", "cpu", "--dtype", "float32", "--served-model-name", "peer"], "/health", "infinity",
                          "peer"),

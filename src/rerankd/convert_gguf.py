@@ -169,6 +169,23 @@ def _written_info(shape: tuple[int, ...], outtype: str) -> tuple[tuple[int, ...]
     return byte_shape, np.uint8, int(np.prod(byte_shape)), q
 
 
+def _write_tensors(w, tensors: list[_Tensor], score_token: int, spare: int | None, outtype: str, total: int,
+                   name: str, show_progress: bool) -> None:
+    """Read, convert and write the tensors one at a time, in the order their infos were declared."""
+    with tqdm(total=total, unit="param", unit_scale=True, desc=f"writing {name}", disable=not show_progress) as bar:
+        for t in tensors:
+            with safe_open(str(t.file), framework="pt") as f:
+                array = f.get_tensor(t.source).to(torch.float32).numpy()
+            if t.name == "token_embd.weight":
+                array = array.copy()
+                if spare is not None:
+                    array[spare] = array[score_token]  # the text <|box_end|>, for rerankd (module docstring)
+                array[score_token] = array[SCORE_TOKEN_ID]  # <|box_end|> stands for the score token
+            data, _ = _convert(array, outtype)
+            w.write_tensor_data(data)
+            bar.update(int(np.prod(t.shape)))
+
+
 def convert_gguf(
     checkpoint: str | Path, out_dir: str | Path, outtype: str = "f16", name: str | None = None, show_progress: bool = True
 ) -> Path:
@@ -186,7 +203,8 @@ def convert_gguf(
     if outtype not in OUTTYPES:
         raise ValueError(f"outtype must be one of {', '.join(OUTTYPES)}, got {outtype!r}")
     directory = resolve_model_dir(checkpoint)
-    config = read_config(directory)
+    top = read_config(directory)
+    config = {**top, **top.get("text_config", {})}  # newer transformers nest the decoder's fields
     if "JinaVLForRanking" not in (config.get("architectures") or []):
         raise ModelLoadError(
             f"{directory}/config.json: architecture {config.get('architectures')} is not jina-reranker-m0's "
@@ -205,12 +223,13 @@ def convert_gguf(
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    name = name or Path(str(checkpoint).rstrip("/")).name
+    name = name or directory.resolve().name
     path = out / f"{name}-{outtype}.gguf"
+    partial = path.with_name(path.name + ".part")  # renamed when complete: a failed run leaves no .gguf behind
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                  "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[outtype]  # fmt: skip
 
-    w = gguf.GGUFWriter(path, "qwen2")
+    w = gguf.GGUFWriter(partial, "qwen2")
     w.add_name(name)
     w.add_file_type(int(file_type))
     w.add_context_length(int(config.get("max_position_embeddings", 32768)))
@@ -241,23 +260,18 @@ def convert_gguf(
     for t in tensors:
         shape, dtype, nbytes, raw = _written_info(t.shape, outtype)
         w.add_tensor_info(t.name, shape, np.dtype(dtype), nbytes, raw_dtype=raw)  # type: ignore[arg-type]
-    w.write_header_to_file(path)
-    w.write_kv_data_to_file()
-    w.write_ti_data_to_file()
     total = sum(int(np.prod(t.shape)) for t in tensors)
-    with tqdm(total=total, unit="param", unit_scale=True, desc=f"writing {path.name}", disable=not show_progress) as bar:
-        for t in tensors:
-            with safe_open(str(t.file), framework="pt") as f:
-                array = f.get_tensor(t.source).to(torch.float32).numpy()
-            if t.name == "token_embd.weight":
-                array = array.copy()
-                if spare is not None:
-                    array[spare] = array[score_token]  # the text <|box_end|>, for rerankd (module docstring)
-                array[score_token] = array[SCORE_TOKEN_ID]  # <|box_end|> stands for the score token
-            data, _ = _convert(array, outtype)
-            w.write_tensor_data(data)
-            bar.update(int(np.prod(t.shape)))
+    try:
+        w.write_header_to_file(partial)
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        _write_tensors(w, tensors, score_token, spare, outtype, total, path.name, show_progress)
+    except BaseException:
+        w.close()
+        partial.unlink(missing_ok=True)
+        raise
     w.close()
+    partial.replace(path)
 
     arrays = {}
     for module, (file, key) in head.items():

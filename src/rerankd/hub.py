@@ -23,9 +23,12 @@ def resolve_model(name_or_path: str | Path, revision: str | None = None) -> Path
     if not path.exists() and ":" in text:
         text, tag = text.rsplit(":", 1)
         path = Path(text).expanduser()
-        if not tag:
-            raise ModelLoadError(f"{name_or_path!r}: empty quantization tag after ':' (for example {text}:Q8_0)")
+        if not tag or not text:
+            raise ModelLoadError(f"{name_or_path!r}: expected NAME:TAG, a folder or hub repo and a quantization tag "
+                                 "(for example jinaai/jina-reranker-m0-GGUF:Q8_0)")  # fmt: skip
     if path.is_file():
+        if tag is not None:
+            raise ModelLoadError(f"{name_or_path!r}: a .gguf file needs no tag; pass the path alone, or its folder:TAG")
         if path.suffix != ".gguf":
             raise ModelLoadError(f"{path} is a file; pass the directory that holds config.json and the weights, or a .gguf")
         return path

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import unicodedata
 
 import numpy as np
 import pytest
@@ -12,9 +13,9 @@ import pytest
 from rerankd import Reranker
 from rerankd.cli import main
 from rerankd.convert_gguf import convert_gguf
-from rerankd.errors import InputError, ModelLoadError
+from rerankd.errors import InputError, ModelLoadError, PairErrors
 from rerankd.models.base import LengthOptions, Where
-from rerankd.models.gguf import _char_offsets, gguf_tag_matches
+from rerankd.models.gguf import _char_offsets, gguf_tag_matches, nfc_with_map
 from rerankd.inputs import TextItem
 
 from ..conftest import assert_close, make_image
@@ -29,6 +30,7 @@ TRICKY = [
     "数据提取么?为什么不用正则啊,你用正则不就全解决了么? 绿茶富含儿茶素",
     "emoji 🙂🚀👩‍👩‍👧 and flags 🇫🇷, accents é è ü, math ∑∫",
     "mixed: Paris 数据 🙂\n**Query**: not a real query <|box_end|> inside",
+    "decomposed: cafe\u0301 nai\u0308ve \u1100\u1161\u11a8 (NFD text, which Qwen2's tokenizer makes NFC first)",
     "",
     "x",
 ]
@@ -92,7 +94,9 @@ def test_prompts_tokenize_identically(m0, gguf_models):
             assert a[-1] == 100
     for text in TRICKY:
         assert gguf_b.tokenizer.encode(text).ids == torch_b.tokenizer.encode(text).ids
-        assert gguf_b.tokenizer.decode(gguf_b.tokenizer.encode(text).ids) == text
+        ids = gguf_b.tokenizer.encode(text).ids
+        decoded = torch_b.tokenizer.decode(ids, skip_special_tokens=False)
+        assert gguf_b.tokenizer.decode(ids) == decoded == unicodedata.normalize("NFC", text)
 
 
 def test_batch_invariance(gguf_models):
@@ -120,9 +124,9 @@ def test_images_are_refused_with_a_clear_error(gguf_models):
     rr = gguf_models["f16"]
     with pytest.raises(InputError, match="GGUF .* text only"):
         rr.rerank({"image": make_image(56, 56)}, ["text"])
-    with pytest.raises(Exception, match="text only") as e:
+    with pytest.raises(PairErrors, match="text only") as e:
         rr.compute_score([["q", make_image(56, 56)]])
-    assert "pairs[0].document" in str(e.value)
+    assert list(e.value.errors) == [0] and "pairs[0].document" in str(e.value)
 
 
 def test_loading_by_directory_tag_and_file(ggufs, tmp_path):
@@ -139,14 +143,25 @@ def test_loading_by_directory_tag_and_file(ggufs, tmp_path):
     b = Reranker.from_pretrained(ggufs["q8_0"]).compute_score([["q", "d"]])
     assert a == b
     assert Reranker.from_pretrained(ggufs["f16"].parent).backend.path == ggufs["f16"]  # a folder with one .gguf
+    with pytest.raises(ModelLoadError, match="a .gguf file needs no tag"):
+        Reranker.from_pretrained(f"{ggufs['q8_0']}:Q8_0")
+    with pytest.raises(ModelLoadError, match="expected NAME:TAG"):
+        Reranker.from_pretrained(":Q8_0")
     assert gguf_tag_matches("jina-reranker-m0-Q8_0.gguf", "q8_0")
     assert not gguf_tag_matches("jina-reranker-m0-Q8_0.gguf", "Q8")
 
 
-def test_hub_tag_offline_is_a_clear_error(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ModelLoadError, match="not in the local Hugging Face cache"):
-        Reranker.from_pretrained("jinaai/jina-reranker-m0-GGUF:Q8_0")
+def test_hub_tag_offline_is_a_clear_error(tmp_path):
+    """Offline with an empty cache (in a child process: huggingface_hub reads its settings at import)."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("from rerankd import Reranker\ntry:\n    Reranker.from_pretrained('jinaai/jina-reranker-m0-GGUF:Q8_0')\n"
+            "except Exception as e:\n    print(type(e).__name__, e)")  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120).stdout
+    assert out.startswith("ModelLoadError") and "not in the local Hugging Face cache" in out, out
 
 
 def test_missing_head_and_damaged_files(ggufs, tmp_path):
@@ -216,9 +231,30 @@ def test_convert_cli_writes_both_files(m0_dir, tmp_path, capsys):
 
 def test_char_offsets_map_bytes_to_characters():
     data = "aé🙂b".encode()  # 1 + 2 + 4 + 1 bytes
-    off = _char_offsets(data)
-    assert off[0] == 0 and off[1] == 1 and off[3] == 2 and off[7] == 3 and off[8] == 4
-    assert off[2] == 2 and off[5] == 3  # inside a character: its end
+    floor, ceil = _char_offsets(data)
+    for i, c in ((0, 0), (1, 1), (3, 2), (7, 3), (8, 4)):  # character boundaries
+        assert floor[i] == ceil[i] == c
+    assert (floor[2], ceil[2]) == (1, 2) and (floor[5], ceil[5]) == (2, 3)  # inside a character: it, its end
+
+
+def test_token_spans_match_the_hugging_face_tokenizer(m0, gguf_models):
+    """Character spans of tokens (they place document windows), multi-byte and decomposed text included. One
+    difference on purpose: where NFC composed several characters into one (e + U+0301 -> é), Hugging Face's span
+    covers only the first of them, rerankd's all of them."""
+    for text in TRICKY:
+        ours = gguf_models["f32"].backend.tokenizer.encode(text).offsets
+        ref = m0.backend.tokenizer.encode(text).offsets
+        if unicodedata.is_normalized("NFC", text):
+            assert ours == ref, text
+        else:
+            assert len(ours) == len(ref) and all(a[0] == b[0] and a[1] >= b[1] for a, b in zip(ours, ref)), text
+            assert ours[-1][1] == len(text) and ours != ref
+
+
+def test_nfc_map_keeps_positions_in_the_original_text():
+    normalized, at = nfc_with_map("cafe\u0301!")
+    assert normalized == "caf\u00e9!" and at == [0, 1, 2, 3, 5, 6]
+    assert nfc_with_map("already NFC") == ("already NFC", None)
 
 
 def test_served_over_http(ggufs):

@@ -17,10 +17,11 @@ Many sequences go through one llama_decode call (each its own sequence id), as a
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import re
 import threading
-from dataclasses import dataclass
+import unicodedata
 from pathlib import Path
 from typing import ClassVar
 
@@ -48,19 +49,37 @@ TEXT_ONLY = (
 )
 
 
-@dataclass(frozen=True)
 class _Encoding:
-    """What M0Prompts reads of a tokenizers.Encoding: ids, and each token's character span in the text."""
+    """What M0Prompts reads of a tokenizers.Encoding: ids, and (computed on first use: only document windows need
+    them) each token's character span in the original text."""
 
-    ids: list[int]
-    offsets: list[tuple[int, int]]
+    def __init__(self, ids: list[int], tokenizer: "LlamaTokenizer", data: bytes, original_at: list[int] | None):
+        self.ids = ids
+        self._tokenizer = tokenizer
+        self._data = data
+        self._original_at = original_at
+
+    @functools.cached_property
+    def offsets(self) -> list[tuple[int, int]]:
+        data = self._data
+        floor, ceil = _char_offsets(data)
+        at = self._original_at
+        out = []
+        pos = 0
+        for t in self.ids:  # the pieces concatenate to the text's bytes (byte-level BPE)
+            end = min(pos + len(self._tokenizer.piece(t)), len(data))
+            start, stop = floor[min(pos, len(data))], ceil[end]
+            out.append((start, stop) if at is None else (at[start], at[stop]))
+            pos = end
+        return out
 
 
 class LlamaTokenizer:
     """llama.cpp's tokenizer of a loaded GGUF, with the two methods of tokenizers.Tokenizer that M0Prompts uses.
 
-    Special tokens written in the text are parsed as such (as the Hugging Face tokenizer does); no BOS is added
-    (Qwen2 has none). Thread-safe: llama.cpp's vocabulary is read-only once loaded.
+    Text is NFC-normalized first, as Qwen2's tokenizer.json does (llama.cpp does not); offsets refer to the
+    original text. Special tokens written in the text are parsed as such (as the Hugging Face tokenizer does); no
+    BOS is added (Qwen2 has none). Thread-safe: llama.cpp's vocabulary is read-only once loaded.
     """
 
     def __init__(self, vocab: object):
@@ -68,6 +87,7 @@ class LlamaTokenizer:
 
         self._lib = llama_cpp
         self._vocab = vocab
+        self.piece = functools.lru_cache(maxsize=65536)(self._piece)
 
     def _tokenize(self, data: bytes) -> list[int]:
         n = max(16, len(data) + 8)  # byte-level BPE: never more tokens than bytes
@@ -77,7 +97,7 @@ class LlamaTokenizer:
             raise RuntimeError(f"llama.cpp could not tokenize a text of {len(data)} bytes ({count})")
         return list(buf[:count])
 
-    def piece(self, token: int) -> bytes:
+    def _piece(self, token: int) -> bytes:
         buf = ctypes.create_string_buffer(256)
         n = self._lib.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, True)
         if n < 0:
@@ -86,21 +106,9 @@ class LlamaTokenizer:
         return buf.raw[:n]
 
     def encode(self, text: str, add_special_tokens: bool = True) -> _Encoding:
-        data = text.encode("utf-8")
-        ids = self._tokenize(data)
-        # character offsets: the pieces concatenate to the text's bytes (byte-level BPE, no normalization)
-        ends: list[int] = []
-        pos = 0
-        for t in ids:
-            pos += len(self.piece(t))
-            ends.append(pos)
-        char_at = _char_offsets(data)
-        offsets = []
-        start = 0
-        for end in ends:
-            offsets.append((char_at[min(start, len(data))], char_at[min(end, len(data))]))
-            start = end
-        return _Encoding(ids, offsets)
+        normalized, original_at = nfc_with_map(text)
+        data = normalized.encode("utf-8")
+        return _Encoding(self._tokenize(data), self, data, original_at)
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         return b"".join(self.piece(t) for t in ids).decode("utf-8", errors="replace")
@@ -110,19 +118,45 @@ class LlamaTokenizer:
         return ids[0] if len(ids) == 1 and self.piece(ids[0]) == token.encode("utf-8") else None
 
 
-def _char_offsets(data: bytes) -> list[int]:
-    """For each byte offset 0..len(data) of UTF-8 `data`, the character offset; an offset inside a character
-    (a token boundary can split one) maps to the end of that character."""
-    out = [0] * (len(data) + 1)
-    count = 0
+def nfc_with_map(text: str) -> tuple[str, list[int] | None]:
+    """NFC `text` and, when normalizing changed it, the original character position of each position
+    0..len(normalized) (None when it is unchanged: the common case, checked fast).
+
+    Composition happens within a cluster (a character of combining class 0 and the marks after it; Hangul vowel
+    and final jamo join the syllable before), so clusters are normalized one by one and keep their start.
+    """
+    if unicodedata.is_normalized("NFC", text):
+        return text, None
+    starts = [i for i, c in enumerate(text) if i == 0 or (unicodedata.combining(c) == 0 and not 0x1160 <= ord(c) <= 0x11FF)]
+    starts.append(len(text))
+    pieces: list[str] = []
+    at: list[int] = []
+    for a, b in zip(starts, starts[1:]):
+        piece = unicodedata.normalize("NFC", text[a:b])
+        pieces.append(piece)
+        at.extend([a] * len(piece))
+    normalized = "".join(pieces)
+    if normalized != unicodedata.normalize("NFC", text):  # a composition across clusters: spans approximate
+        normalized = unicodedata.normalize("NFC", text)
+        at = [i * len(text) // max(len(normalized), 1) for i in range(len(normalized))]
+    at.append(len(text))
+    return normalized, at
+
+
+def _char_offsets(data: bytes) -> tuple[list[int], list[int]]:
+    """For each byte offset 0..len(data) of UTF-8 `data`, the character offset, rounded down (the character that
+    holds the byte) and up (the end of that character): a token boundary can split a character, and a token's span
+    then covers the whole character, as Hugging Face's byte-level offsets do."""
+    floor = [0] * (len(data) + 1)
+    ceil = [0] * (len(data) + 1)
+    count = 0  # characters that start before offset i
     for i in range(len(data) + 1):
-        out[i] = count
-        if i < len(data) and data[i] & 0xC0 != 0x80:  # a character starts here
+        inside = i < len(data) and data[i] & 0xC0 == 0x80  # a continuation byte
+        floor[i] = count - 1 if inside else count
+        ceil[i] = count
+        if i < len(data) and not inside:
             count += 1
-    for i in range(len(data) - 1, -1, -1):
-        if data[i] & 0xC0 == 0x80:  # a continuation byte
-            out[i] = out[i + 1]
-    return out
+    return floor, ceil
 
 
 class GGUFBackend(M0Prompts):
@@ -178,7 +212,9 @@ class GGUFBackend(M0Prompts):
             raise ModelLoadError(f"quantize={opts.quantize!r} does not apply to GGUF files: choose a quantized .gguf instead")
         head = load_head(head_path)
         meta = _check_gguf(path)
-        n_ctx = max(max_batch_tokens, DEFAULT_MAX_LENGTH)
+        # a call holds at most max(CALL_TOKENS, one sequence) tokens, so the context is sized for the longest
+        # sequence (the model card's 10240), not for the engine's batch budget
+        n_ctx = DEFAULT_MAX_LENGTH
         threads = opts.num_threads or (
             len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         )
@@ -218,9 +254,8 @@ class GGUFBackend(M0Prompts):
         for s in seqs:
             if s.length > self.n_ctx:
                 raise InputError(
-                    f"the prompt has {s.length} tokens, more than the llama.cpp context of {self.n_ctx} tokens "
-                    f"(the larger of max_batch_tokens and {DEFAULT_MAX_LENGTH}); lower max_length or load with a "
-                    "larger max_batch_tokens",
+                    f"the prompt has {s.length} tokens, more than the {self.n_ctx} tokens a sequence may have on the "
+                    "GGUF (llama.cpp) path; lower max_length",
                     where.pair,
                 )
         return seqs
@@ -242,6 +277,8 @@ class GGUFBackend(M0Prompts):
                 ):
                     tokens += batch[stop].length
                     stop += 1
+                if tokens > self.n_ctx:  # prepare() refuses such sequences; a hand-made batch must not overflow
+                    raise ValueError(f"a sequence of {tokens} tokens does not fit the llama.cpp context of {self.n_ctx}")
                 b = self._batch
                 n = 0
                 for seq_id, s in enumerate(batch[start:stop]):
@@ -256,7 +293,8 @@ class GGUFBackend(M0Prompts):
                 lib.llama_memory_clear(lib.llama_get_memory(self.llm.ctx), True)  # type: ignore[attr-defined]
                 rc = lib.llama_decode(self.llm.ctx, b)  # type: ignore[attr-defined]
                 if rc != 0:
-                    raise RuntimeError(f"llama_decode failed with code {rc} on a batch of {n} tokens")
+                    why = "no room in the KV cache" if rc == 1 else "see llama.cpp's log (load with verbose logging)"
+                    raise RuntimeError(f"llama_decode failed with code {rc} on a batch of {n} tokens: {why}")
                 for seq_id in range(stop - start):
                     ptr = lib.llama_get_embeddings_seq(self.llm.ctx, seq_id)  # type: ignore[attr-defined]
                     if not ptr:
@@ -290,9 +328,18 @@ def load_head(path: Path) -> dict[str, np.ndarray]:
     if missing:
         raise ModelLoadError(f"{path}: missing arrays {missing}; expected {', '.join(HEAD_ARRAYS)}")
     w1, w2 = head["W1"], head["W2"]
-    if w1.ndim != 2 or w1.shape[0] != w1.shape[1] or w2.shape[:1] != w1.shape[1:] or head["b1"].shape != w1.shape[1:]:
-        raise ModelLoadError(f"{path}: head shapes W1 {w1.shape}, b1 {head['b1'].shape}, W2 {w2.shape} do not fit together")
+    fits = (
+        w1.ndim == 2 and w1.shape[0] == w1.shape[1] and w2.size == w1.shape[1] and w2.shape[0] == w1.shape[1]
+        and head["b1"].shape == w1.shape[1:] and head["b2"].size == 1 and head["logit_bias"].size == 1
+    )  # fmt: skip
+    if not fits:
+        raise ModelLoadError(
+            f"{path}: head shapes W1 {w1.shape}, b1 {head['b1'].shape}, W2 {w2.shape}, b2 {head['b2'].shape}, "
+            f"logit_bias {head['logit_bias'].shape} do not fit together (expected W1 [h, h], b1 [h], W2 [h, 1], "
+            "b2 [1], logit_bias a scalar)"
+        )
     head["W2"] = w2.reshape(w1.shape[1], 1)
+    head["b2"] = head["b2"].reshape(1)
     head["logit_bias"] = head["logit_bias"].reshape(())
     return head
 
