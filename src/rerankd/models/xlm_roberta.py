@@ -29,7 +29,7 @@ from ..config import LoadOptions
 from ..errors import InputError, ModelLoadError
 from ..inputs import ImageItem, Item
 from ..weights import Part, Renames, load_weights, tensor_names
-from .base import LengthOptions, PreparedSequence, Where, Window, window_starts
+from .base import LengthOptions, PreparedSequence, Where, Window, text_only_message, window_starts
 from .layers import attention_backend, rowwise, single_query_attention, varlen_attention
 
 DEFAULT_MAX_LENGTH = 1024
@@ -320,7 +320,7 @@ class CrossEncoderBackend:
 
     def _text(self, item: Item, param: str) -> str:
         if isinstance(item, ImageItem):
-            raise InputError(f"this model ({self.architecture}) is text only; images are not supported", param)
+            raise InputError(text_only_message(self), param)
         return item.text
 
     def prepare(self, query: Item, doc: Item, lengths: LengthOptions, where: Where) -> list[PreparedSequence]:
