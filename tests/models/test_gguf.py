@@ -272,5 +272,11 @@ def test_served_over_http(ggufs):
         assert status == 400 and "documents[1]" in body["error"]["message"] and "text only" in body["error"]["message"]
         status, body, _ = s.get("/v1/models")
         assert status == 200 and json.dumps(body)
+        from ..server.test_bench import bench
+
+        r = bench("--base-url", s.url, "--num-prompts", "6", "--docs-per-request", "3", "--random-input", "24",
+                  "--max-concurrency", "3")  # fmt: skip
+        assert r.returncode == 0 and "completed / failed:      6 / 0" in r.stdout, r.stdout + r.stderr
+        assert f"token counts: {ggufs['f32']}" in r.stderr  # the served GGUF's own tokenizer, not an estimate
     finally:
         assert s.stop() == 0

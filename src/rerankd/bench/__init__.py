@@ -64,7 +64,7 @@ def _served_model(base_url: str, headers: dict[str, str]) -> tuple[str | None, l
 def _local_tokenizer(names: list[str]) -> str | None:
     """The served model's tokenizer if it is on this machine (a directory, or the hub cache)."""
     for name in names:
-        if (Path(name) / "tokenizer.json").is_file():
+        if (Path(name) / "tokenizer.json").is_file() or (Path(name).suffix == ".gguf" and Path(name).is_file()):
             return name
         try:
             from huggingface_hub import hf_hub_download

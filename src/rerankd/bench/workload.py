@@ -47,6 +47,10 @@ def _load_tokenizer(name: str):
     from tokenizers import Tokenizer
 
     path = Path(name)
+    if path.suffix == ".gguf" and path.is_file():  # a GGUF served by rerankd: llama.cpp's tokenizer, vocabulary only
+        from ..models.gguf import load_vocab_tokenizer
+
+        return load_vocab_tokenizer(path)
     if path.is_dir():
         path = path / "tokenizer.json"
     if path.is_file():

@@ -82,11 +82,12 @@ class LlamaTokenizer:
     BOS is added (Qwen2 has none). Thread-safe: llama.cpp's vocabulary is read-only once loaded.
     """
 
-    def __init__(self, vocab: object):
+    def __init__(self, vocab: object, owner: object = None):
         import llama_cpp
 
         self._lib = llama_cpp
         self._vocab = vocab
+        self._owner = owner  # what keeps the vocabulary alive, when nothing else does
         self.piece = functools.lru_cache(maxsize=65536)(self._piece)
 
     def _tokenize(self, data: bytes) -> list[int]:
@@ -116,6 +117,14 @@ class LlamaTokenizer:
     def token_to_id(self, token: str) -> int | None:
         ids = self._tokenize(token.encode("utf-8"))
         return ids[0] if len(ids) == 1 and self.piece(ids[0]) == token.encode("utf-8") else None
+
+
+def load_vocab_tokenizer(path: Path) -> LlamaTokenizer:
+    """The tokenizer of a .gguf file alone (llama.cpp loads its vocabulary, no weights)."""
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+    return LlamaTokenizer(llama_cpp.llama_model_get_vocab(llm.model), owner=llm)
 
 
 def nfc_with_map(text: str) -> tuple[str, list[int] | None]:
