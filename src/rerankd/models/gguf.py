@@ -37,11 +37,11 @@ from .jina_m0 import DEFAULT_MAX_LENGTH, DEFAULT_MAX_QUERY_LENGTH, SCORE_TOKEN_I
 HEAD_FILE = "mlp_weights.npz"
 HEAD_ARRAYS = ("W1", "b1", "W2", "b2", "logit_bias")
 SCORE_TOKEN = "<|box_end|>"  # in a GGUF, the text that stands for the score token (module docstring)
-UBATCH_TOKENS = 512  # llama.cpp's micro-batch: its compute buffers scale with this, not with the batch
 # Tokens per llama_decode call. In one call every token attends, masked, to every token of the call (llama.cpp's
 # unified KV cache for multi-sequence embeddings), so attention costs (call tokens)^2 rather than the sum of the
 # sequences' squares: calls of 4096 tokens ran 2x slower than calls of 512 on the mid-size benchmark model.
-# A longer sequence goes alone in its call.
+# A longer sequence goes alone, in several calls. Also llama.cpp's batch and micro-batch size: its compute buffers
+# scale with this, not with the engine's batches.
 CALL_TOKENS = 512
 TEXT_ONLY = (
     "the GGUF (llama.cpp) path of jina-reranker-m0 is text only: it has no vision tower. Serve the Hugging Face "
@@ -199,7 +199,7 @@ class GGUFBackend(M0Prompts):
         self.merge_size = 1  # no images reach this backend (prepare_image refuses them)
         self.n_embd = int(llama_cpp.llama_model_n_embd(llm.model))  # type: ignore[attr-defined]
         self._lock = threading.Lock()  # one llama.cpp context: one forward at a time
-        self._batch = llama_cpp.llama_batch_init(n_ctx, 0, 1)
+        self._batch = llama_cpp.llama_batch_init(CALL_TOKENS, 0, 1)
         self.max_sequences = int(llama_cpp.llama_n_seq_max(llm.ctx))  # type: ignore[attr-defined]
         self.call_tokens = CALL_TOKENS
 
@@ -233,8 +233,8 @@ class GGUFBackend(M0Prompts):
                 embedding=True,
                 pooling_type=llama_cpp.LLAMA_POOLING_TYPE_LAST,
                 n_ctx=n_ctx,
-                n_batch=n_ctx,
-                n_ubatch=min(UBATCH_TOKENS, n_ctx),
+                n_batch=CALL_TOKENS,  # tokens per llama_decode call (see hidden_states)
+                n_ubatch=CALL_TOKENS,
                 n_threads=threads,
                 n_threads_batch=threads,
                 n_gpu_layers=-1 if device.type == "cuda" else 0,
@@ -272,45 +272,56 @@ class GGUFBackend(M0Prompts):
     # ------------------------------------------------------------------ compute
 
     def hidden_states(self, batch: list[PreparedSequence]) -> np.ndarray:
-        """The last token's final hidden state of each sequence [len(batch), hidden]: the batch goes to llama.cpp
-        in calls of up to CALL_TOKENS tokens (and its sequence slots), the KV cache cleared before each."""
-        lib = self._lib
+        """The last token's final hidden state of each sequence [len(batch), hidden].
+
+        Sequences go to llama.cpp in calls of up to CALL_TOKENS tokens (and its sequence slots), the KV cache
+        cleared before each group; a longer sequence goes alone, in consecutive calls of CALL_TOKENS tokens that
+        build up its KV cache (causal attention: the same result as one call, as llama.cpp's own micro-batches).
+        """
         out = np.empty((len(batch), self.n_embd), dtype=np.float32)
-        feed = self._feed
         with self._lock:
             start = 0
             while start < len(batch):
-                stop, tokens = start, 0
-                while stop < len(batch) and stop - start < self.max_sequences and (
-                    stop == start or tokens + batch[stop].length <= self.call_tokens
-                ):
+                stop, tokens = start + 1, batch[start].length
+                while stop < len(batch) and stop - start < self.max_sequences and tokens + batch[stop].length <= self.call_tokens:
                     tokens += batch[stop].length
                     stop += 1
-                if tokens > self.n_ctx:  # prepare() refuses such sequences; a hand-made batch must not overflow
-                    raise ValueError(f"a sequence of {tokens} tokens does not fit the llama.cpp context of {self.n_ctx}")
-                b = self._batch
-                n = 0
-                for seq_id, s in enumerate(batch[start:stop]):
-                    for p, tok in enumerate(s.input_ids.tolist()):
-                        b.token[n] = feed.get(tok, tok)
-                        b.pos[n] = p
-                        b.n_seq_id[n] = 1
-                        b.seq_id[n][0] = seq_id
-                        b.logits[n] = True  # embedding mode: every token is an output
-                        n += 1
-                b.n_tokens = n
-                lib.llama_memory_clear(lib.llama_get_memory(self.llm.ctx), True)  # type: ignore[attr-defined]
-                rc = lib.llama_decode(self.llm.ctx, b)  # type: ignore[attr-defined]
-                if rc != 0:
-                    why = "no room in the KV cache" if rc == 1 else "see llama.cpp's log (load with verbose logging)"
-                    raise RuntimeError(f"llama_decode failed with code {rc} on a batch of {n} tokens: {why}")
+                self._clear()
+                if stop == start + 1 and tokens > self.call_tokens:  # one long sequence, in chunks
+                    if tokens > self.n_ctx:  # prepare() refuses such sequences; a hand-made batch must not overflow
+                        raise ValueError(f"a sequence of {tokens} tokens does not fit the llama.cpp context of {self.n_ctx}")
+                    ids = batch[start].input_ids.tolist()
+                    for pos in range(0, len(ids), self.call_tokens):
+                        self._decode([(0, pos, ids[pos : pos + self.call_tokens])])
+                else:
+                    self._decode([(i, 0, s.input_ids.tolist()) for i, s in enumerate(batch[start:stop])])
                 for seq_id in range(stop - start):
-                    ptr = lib.llama_get_embeddings_seq(self.llm.ctx, seq_id)  # type: ignore[attr-defined]
+                    ptr = self._lib.llama_get_embeddings_seq(self.llm.ctx, seq_id)  # type: ignore[attr-defined]
                     if not ptr:
                         raise RuntimeError("llama.cpp returned no pooled embedding; is pooling 'last' supported?")
                     out[start + seq_id] = np.ctypeslib.as_array(ptr, shape=(self.n_embd,))
                 start = stop
         return out
+
+    def _clear(self) -> None:
+        self._lib.llama_memory_clear(self._lib.llama_get_memory(self.llm.ctx), True)  # type: ignore[attr-defined]
+
+    def _decode(self, parts: list[tuple[int, int, list[int]]]) -> None:
+        """One llama_decode call over (sequence id, position of the first token, token ids) parts."""
+        b, feed, n = self._batch, self._feed, 0
+        for seq_id, first, ids in parts:
+            for p, tok in enumerate(ids, first):
+                b.token[n] = feed.get(tok, tok)
+                b.pos[n] = p
+                b.n_seq_id[n] = 1
+                b.seq_id[n][0] = seq_id
+                b.logits[n] = True  # embedding mode: every token is an output
+                n += 1
+        b.n_tokens = n
+        rc = self._lib.llama_decode(self.llm.ctx, b)  # type: ignore[attr-defined]
+        if rc != 0:
+            why = "no room in the KV cache" if rc == 1 else "see llama.cpp's log (load with verbose logging)"
+            raise RuntimeError(f"llama_decode failed with code {rc} on a batch of {n} tokens: {why}")
 
     def forward(self, batch: list[PreparedSequence]) -> torch.Tensor:
         return torch.from_numpy(head_logits(self.hidden_states(batch), self.head))
