@@ -283,6 +283,6 @@ def convert_gguf(
         b1=arrays["score.0.bias"],
         W2=arrays["score.2.weight"].T.copy(),  # [hidden, 1]
         b2=arrays["score.2.bias"],
-        logit_bias=np.float32(LOGIT_BIAS),
+        logit_bias=np.array([LOGIT_BIAS], dtype=np.float32),  # shape [1], as Jina's file (its README reads [0])
     )
     return path

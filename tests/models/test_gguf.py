@@ -224,7 +224,7 @@ def test_convert_cli_writes_both_files(m0_dir, tmp_path, capsys):
     types = {t.name: t.tensor_type.name for t in reader.tensors}
     assert types["blk.0.attn_q.weight"] == "Q8_0" and types["blk.0.attn_norm.weight"] == "F32"
     head = np.load(tmp_path / "mlp_weights.npz")
-    assert head["W1"].shape == (64, 64) and head["W2"].shape == (64, 1) and head["logit_bias"] == np.float32(2.65)
+    assert head["W1"].shape == (64, 64) and head["W2"].shape == (64, 1) and head["logit_bias"].shape == (1,) and head["logit_bias"][0] == np.float32(2.65)
     with pytest.raises(SystemExit):  # argparse: only the supported outtypes
         main(["convert-gguf", str(m0_dir), str(tmp_path), "--outtype", "q4"])
 
