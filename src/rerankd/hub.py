@@ -69,6 +69,15 @@ def _listing(name: str, revision: str | None) -> str:
     return f"; available: {', '.join(ggufs)}" if ggufs else ""
 
 
+def gguf_tag_patterns(tag: str) -> list[str]:
+    """Hub file patterns of the .gguf files that carry `tag` as a whole word (Q4_K: not Q4_K_M), as
+    models.gguf.gguf_tag_matches decides it; hub patterns are case-sensitive, so the usual spellings of the tag."""
+    out = []
+    for t in sorted({tag, tag.upper(), tag.lower()}):
+        out += [f"{t}.gguf", f"*[-_.]{t}.gguf", f"{t}[-.]*.gguf", f"*[-_.]{t}[-.]*.gguf"]
+    return out
+
+
 def resolve_model_dir(name_or_path: str | Path, revision: str | None = None, gguf_tag: str | None = None) -> Path:
     """A local checkpoint directory for `name_or_path`, downloading a hub repo into the cache when needed (with
     `gguf_tag`, only the .gguf files whose name carries it, besides the small files).
@@ -89,9 +98,7 @@ def resolve_model_dir(name_or_path: str | Path, revision: str | None = None, ggu
     from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
 
     try:
-        patterns = HUB_PATTERNS
-        if gguf_tag is not None:  # hub patterns are case-sensitive; quantization tags are written both ways
-            patterns = patterns + [f"*{t}*.gguf" for t in {gguf_tag, gguf_tag.upper(), gguf_tag.lower()}]
+        patterns = HUB_PATTERNS + (gguf_tag_patterns(gguf_tag) if gguf_tag is not None else [])
         return Path(snapshot_download(name, revision=revision, allow_patterns=patterns))
     except LocalEntryNotFoundError:
         raise ModelLoadError(

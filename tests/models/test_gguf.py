@@ -147,6 +147,15 @@ def test_loading_by_directory_tag_and_file(ggufs, tmp_path):
         Reranker.from_pretrained(f"{ggufs['q8_0']}:Q8_0")
     with pytest.raises(ModelLoadError, match="expected NAME:TAG"):
         Reranker.from_pretrained(":Q8_0")
+    from fnmatch import fnmatchcase
+
+    from rerankd.hub import gguf_tag_patterns
+
+    files = ["jina-reranker-m0-Q4_K.gguf", "jina-reranker-m0-Q4_K_M.gguf", "m0.Q4_K-00001-of-00002.gguf",
+             "jina-reranker-m0-F16.gguf", "Q4_K.gguf"]  # fmt: skip
+    for tag in ("Q4_K", "q4_k", "F16", "Q4_K_M"):
+        fetched = [f for f in files if any(fnmatchcase(f, p) for p in gguf_tag_patterns(tag))]
+        assert fetched == [f for f in files if gguf_tag_matches(f, tag)], tag  # downloads what loading accepts
     assert gguf_tag_matches("jina-reranker-m0-Q8_0.gguf", "q8_0")
     assert not gguf_tag_matches("jina-reranker-m0-Q8_0.gguf", "Q8")
 
