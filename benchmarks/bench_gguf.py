@@ -28,21 +28,27 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_m0_engine import CHECKPOINT, MAX_LENGTH, cpu_name, log, make_pairs  # noqa: E402
+from bench_m0_engine import (  # noqa: E402
+    CHECKPOINT,
+    MAX_LENGTH,
+    add_pair_arguments,
+    check_pair_arguments,
+    cpu_name,
+    log,
+    make_pairs,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--pairs", type=int, default=64, help="number of (query, document) pairs (default 64)")
-    ap.add_argument("--min-tokens", type=int, default=16, help="shortest document, in tokens (default 16)")
-    ap.add_argument("--max-tokens", type=int, default=512, help="longest document, in tokens (default 512)")
-    ap.add_argument("--repeats", type=int, default=3, help="timed rounds; the best time of each engine is kept")
+    add_pair_arguments(ap)
     ap.add_argument("--outtypes", default="q8_0,f16,f32", help="GGUF types to compare (default q8_0,f16,f32)")
     ap.add_argument("--max-batch-tokens", type=int, help="token budget per batch, both engines (default: rerankd's)")
     ap.add_argument("--ckpt-dir", type=Path, help="where to write the checkpoint and GGUFs (default: a temp dir)")
     ap.add_argument("--json-out", type=Path, help="also write the results to this JSON file")
     ap.add_argument("--seed", type=int, default=0, help="seed of the weights and of the text")
     args = ap.parse_args(argv)
+    check_pair_arguments(ap, args)
     outtypes = [t.strip() for t in args.outtypes.split(",") if t.strip()]
 
     from rerankd import Reranker

@@ -115,12 +115,22 @@ def timed(fn, pairs) -> tuple[float, list[float]]:
     return time.perf_counter() - t0, scores
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_pair_arguments(ap: argparse.ArgumentParser) -> None:
+    """The workload and timing options shared by the m0 benchmarks (this one and bench_gguf.py)."""
     ap.add_argument("--pairs", type=int, default=64, help="number of (query, document) pairs (default 64)")
     ap.add_argument("--min-tokens", type=int, default=16, help="shortest document, in tokens (default 16)")
     ap.add_argument("--max-tokens", type=int, default=512, help="longest document, in tokens (default 512)")
     ap.add_argument("--repeats", type=int, default=3, help="timed rounds; the best time of each engine is kept")
+
+
+def check_pair_arguments(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if not 1 <= args.min_tokens <= args.max_tokens or args.pairs < 1 or args.repeats < 1:
+        ap.error("need 1 <= --min-tokens <= --max-tokens, --pairs >= 1 and --repeats >= 1")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_pair_arguments(ap)
     ap.add_argument("--max-batch-tokens", type=int, help="rerankd's token budget per batch (default: its own)")
     ap.add_argument("--ckpt-dir", type=Path, help="where to write the random checkpoint (default: a temp dir)")
     ap.add_argument("--json-out", type=Path, help="also write the results to this JSON file")
@@ -128,8 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tolerance", type=float, default=1e-4, help="largest allowed |score difference| (1e-4)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the weights and of the text")
     args = ap.parse_args(argv)
-    if not 1 <= args.min_tokens <= args.max_tokens or args.pairs < 1 or args.repeats < 1:
-        ap.error("need 1 <= --min-tokens <= --max-tokens, --pairs >= 1 and --repeats >= 1")
+    check_pair_arguments(ap, args)
 
     from rerankd import Reranker
     from rerankd.testing import ReferenceM0, make_tiny_checkpoint
