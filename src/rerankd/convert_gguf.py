@@ -30,12 +30,12 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from .errors import ModelLoadError
+from .models.gguf import HEAD_FILE
+from .models.gguf import SCORE_TOKEN as GGUF_SCORE_TOKEN  # ends GGUF prompts; gets token 100's embedding
 from .models.jina_m0 import LOGIT_BIAS, SCORE_TOKEN_ID, WEIGHT_RENAMES
 from .weights import Renames, rename, safetensors_files
 
-GGUF_SCORE_TOKEN = "<|box_end|>"  # ends every GGUF prompt; carries token SCORE_TOKEN_ID's embedding
 OUTTYPES = ("f32", "f16", "q8_0")
-HEAD_FILE = "mlp_weights.npz"
 
 # module names (after jina_m0.WEIGHT_RENAMES) -> llama.cpp qwen2 tensor names; None: not part of the GGUF
 GGUF_NAMES: Renames = [

@@ -35,7 +35,9 @@ def resolve_model(name_or_path: str | Path, revision: str | None = None) -> Path
     directory = resolve_model_dir(text, revision, gguf_tag=tag)
     ggufs = sorted(directory.glob("*.gguf"))
     if tag is None and ((directory / "config.json").is_file() or not ggufs):
-        if not (directory / "config.json").is_file() and (directory / "mlp_weights.npz").is_file():
+        from .models.gguf import HEAD_FILE
+
+        if not (directory / "config.json").is_file() and (directory / HEAD_FILE).is_file():
             raise ModelLoadError(
                 f"{text} holds GGUF files but none was named: add the quantization tag of the file to load, for "
                 f"example {text}:Q8_0{_listing(text, revision)}"
