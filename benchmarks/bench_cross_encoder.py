@@ -10,6 +10,8 @@ checkpoint's tokenizer.json) in shuffled order, and times, in one process on the
 * rerankd: `Reranker.from_pretrained(...).compute_score(pairs, max_length=1024)` (packed, token-budget batches);
 * rerankd int8: the same with `quantize="int8"` (dynamic int8 linear layers). Its score deviation from fp32
   rerankd is reported, not held to --tolerance;
+* rerankd torch-gemm: when rerankd picked oneDNN for its fp32 linear layers (`cpu_gemm="auto"`), the same with
+  `cpu_gemm="torch"` (torch's default kernel, as the other engines use), to show what the kernel choice is worth;
 * the reference: transformers' XLMRobertaForSequenceClassification in padded batches of 16, as the model card's
   `compute_score` runs them (`rerankd.testing.ReferenceCrossEncoder`), attention "eager" and "sdpa";
 * sentence-transformers' `CrossEncoder(..., max_length=1024).predict(pairs)` (batch size 32, its default; it sorts
@@ -25,8 +27,8 @@ and the best time of each is kept. Scores of the fp32 engines must agree with re
 It also counts the useful FLOPs of rerankd's work (each pair at its real token count n: the linear layers and
 attention of 11 full layers, the last layer's K/V projections for all tokens and the rest of it for the first token
 only, the head), measures this CPU's fp32 matmul rate in the same process (before and after the timed rounds, best
-of 5 each, of a square 2048^3 matmul and of a 2048 x 768 -> 3072 linear layer; the best rate is the reference), and
-reports the share of that rate rerankd reaches.
+of 5 each, of a square 2048^3 matmul and of a 2048 x 768 -> 3072 linear layer, each through torch's default kernel
+and through oneDNN; the best rate of all is the reference), and reports the share of that rate rerankd reaches.
 
     .venv/bin/python benchmarks/bench_cross_encoder.py [--pairs 48] [--repeats 3] [--json-out results.json]
 
@@ -173,30 +175,30 @@ def useful_flops(lengths: list[int], h: int, inter: int, layers: int) -> float:
 
 
 def matmul_rates(repeats: int = 5) -> dict[str, float]:
-    """Best-of-`repeats` fp32 GFLOP/s of a few matmul shapes on this CPU, with torch's threads."""
+    """Best-of-`repeats` fp32 GFLOP/s of a few matmul shapes on this CPU, with torch's threads, through torch's
+    default kernel (MKL on x86) and through oneDNN (the other fp32 kernel torch ships, which rerankd may pick)."""
+    from rerankd.models.layers import onednn_available, onednn_linear
+
     g = torch.Generator().manual_seed(0)
     rates = {}
     with torch.inference_mode():
         for name, (m, k, n) in MATMUL_SHAPES.items():
             a = torch.randn(m, k, generator=g)
-            if name.startswith("linear"):
-                w = torch.randn(n, k, generator=g)  # nn.Linear's [out, in] weight, as the model's layers run it
-
-                def fn(a=a, w=w):
-                    return torch.nn.functional.linear(a, w)
-            else:
-                b = torch.randn(k, n, generator=g)
-
-                def fn(a=a, b=b):
-                    return torch.mm(a, b)
-
-            fn()  # warm-up
-            best = float("inf")
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                fn()
-                best = min(best, time.perf_counter() - t0)
-            rates[name] = 2 * m * k * n / best / 1e9
+            w = torch.randn(n, k, generator=g)  # nn.Linear's [out, in] weight, as the model's layers run it
+            kernels = {"torch": (lambda a=a, w=w: torch.nn.functional.linear(a, w))}
+            if name.startswith("mm"):
+                b = w.t().contiguous()  # [k, n]
+                kernels["torch"] = lambda a=a, b=b: torch.mm(a, b)
+            if onednn_available():
+                kernels["oneDNN"] = lambda a=a, w=w: onednn_linear(a, w, None)
+            for kernel, fn in kernels.items():
+                fn()  # warm-up
+                best = float("inf")
+                for _ in range(repeats):
+                    t0 = time.perf_counter()
+                    fn()
+                    best = min(best, time.perf_counter() - t0)
+                rates[f"{name} ({kernel})"] = 2 * m * k * n / best / 1e9
     return rates
 
 
@@ -282,6 +284,10 @@ def main(argv: list[str] | None = None) -> int:
             f"(reference, {pad_ref / sum(seq_lengths):.2f}x), {pad_st} (CrossEncoder, length-sorted, "
             f"{pad_st / sum(seq_lengths):.2f}x)")  # fmt: skip
 
+        log(f"rerankd's fp32 linear layers run on {ours.options.cpu_gemm!r} (cpu_gemm='auto')")
+        log("loading rerankd with torch's default linear kernel (cpu_gemm='torch')")
+        ours_torch = Reranker.from_pretrained(ckpt, show_progress=False, cpu_gemm="torch",
+                                              max_batch_tokens=args.max_batch_tokens)  # fmt: skip
         log("loading rerankd int8")
         ours_int8 = Reranker.from_pretrained(ckpt, show_progress=False, quantize="int8",
                                              max_batch_tokens=args.max_batch_tokens)  # fmt: skip
@@ -289,6 +295,8 @@ def main(argv: list[str] | None = None) -> int:
             "rerankd": lambda p: ours.compute_score(p, max_length=MAX_LENGTH),
             "rerankd int8": lambda p: ours_int8.compute_score(p, max_length=MAX_LENGTH),
         }
+        if ours.options.cpu_gemm != "torch":
+            engines["rerankd torch-gemm"] = lambda p: ours_torch.compute_score(p, max_length=MAX_LENGTH)
         for impl in ("eager", "sdpa"):
             log(f"loading the reference ({impl})")
             ref = ReferenceCrossEncoder(ckpt, attn_implementation=impl)
@@ -335,7 +343,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     held = {name: d for name, d in diffs.items() if name != "rerankd int8"}
     pps = {name: len(pairs) / t for name, t in best.items()}
-    speedup = {name: pps["rerankd"] / v for name, v in pps.items() if name not in ("rerankd", "rerankd int8")}
+    ours_variants = ("rerankd", "rerankd int8", "rerankd torch-gemm")
+    speedup = {name: pps["rerankd"] / v for name, v in pps.items() if name not in ours_variants}
     int8_speedup = pps["rerankd int8"] / pps["rerankd"]
     max_diff = max(held.values())
     ok = max_diff <= args.tolerance
@@ -364,6 +373,8 @@ def main(argv: list[str] | None = None) -> int:
         "crossencoder_attention": ce_attn,
         "crossencoder_activation": type(ce.activation_fn).__name__,
         "max_batch_tokens": budget,
+        "cpu_gemm": ours.options.cpu_gemm,
+        "torch_gemm_pairs_per_second": pps.get("rerankd torch-gemm"),
         "repeats": args.repeats,
         "best_seconds": best,
         "pairs_per_second": pps,
@@ -391,7 +402,9 @@ def main(argv: list[str] | None = None) -> int:
     print()
     for name in best:
         if name == "rerankd":
-            extra = ""
+            extra = f" (linear layers: {ours.options.cpu_gemm})"
+        elif name == "rerankd torch-gemm":
+            extra = f", rerankd is {pps['rerankd'] / pps[name]:.2f}x this, max |diff| {diffs[name]:.2e}"
         elif name == "rerankd int8":
             extra = f", {int8_speedup:.2f}x fp32 rerankd, max |diff| vs fp32 {diffs[name]:.2e} (not held to tolerance)"
         else:

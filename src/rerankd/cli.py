@@ -105,8 +105,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         log.info("loading %s", args.model)
         start = time.monotonic()
         rr = Reranker.from_pretrained(args.model, **_options(args, LoadOptions))
-        log.info("loaded %s (%s) on %s in %.1fs", args.model, rr.backend.architecture, rr.options.device,
-                 time.monotonic() - start)  # fmt: skip
+        log.info("loaded %s (%s) on %s, %s, fp32 CPU linear kernel %s, in %.1fs", args.model, rr.backend.architecture,
+                 rr.options.device, rr.options.dtype, rr.options.cpu_gemm, time.monotonic() - start)  # fmt: skip
         if not serve.skip_warmup:
             start = time.monotonic()
             rr.compute_score([["warm-up query", "warm-up document"]])

@@ -36,6 +36,9 @@ class LoadOptions:
     quantize: str | None = None
     """'int8': dynamic int8 quantization of a text cross-encoder's linear layers (CPU only; faster, scores move
     slightly, see docs/benchmarks.md)."""
+    cpu_gemm: str = "auto"
+    """Kernel of fp32 linear layers on the CPU: 'auto' (time both at load, take oneDNN when >= 1.1x faster),
+    'onednn', or 'torch' (torch's default BLAS, MKL on x86, which skips AVX-512 on AMD CPUs)."""
     show_progress: bool = True
     """Show progress bars while loading weights."""
 

@@ -16,6 +16,7 @@ from .hub import resolve_model
 from .inputs import ImageItem, Item, TextItem, parse_item
 from .inputs.items import ItemType
 from .models.base import Backend, LengthOptions, LongDocuments, Where, Window, text_only_message
+from .models.layers import check_cpu_gemm, use_cpu_gemm
 from .models.registry import backend_class, read_config
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -71,6 +72,7 @@ class Reranker:
             if name not in _DTYPES:
                 raise ValueError(f"dtype {name!r} is not supported; use one of {sorted(set(_DTYPES))}")
             dt = _DTYPES[name]
+        check_cpu_gemm(opts.cpu_gemm)
         if opts.num_threads:
             torch.set_num_threads(opts.num_threads)
         directory = resolve_model(name_or_path, opts.revision)
@@ -83,8 +85,11 @@ class Reranker:
         else:
             config = read_config(directory)
             backend = backend_class(config, directory).load(directory, config, dev, dt, opts)
+        model = getattr(backend, "model", None)
+        gemm = use_cpu_gemm(model, opts.cpu_gemm, dev, dt) if isinstance(model, torch.nn.Module) else "torch"
         engine = Engine(backend, budget, opts.preprocess_workers)
-        return cls(backend, engine, directory, replace(opts, device=str(dev), dtype=str(dt).removeprefix("torch.")))
+        resolved = replace(opts, device=str(dev), dtype=str(dt).removeprefix("torch."), cpu_gemm=gemm)
+        return cls(backend, engine, directory, resolved)
 
     def restrict_images(self, allow_private_urls: bool, local_media_root: str | None) -> None:
         """Image sources for untrusted callers (the server calls this once, before serving): URLs only to public

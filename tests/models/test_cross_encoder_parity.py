@@ -96,6 +96,19 @@ def test_images_are_refused_clearly(model):
         rr.rerank("q", ["text", {"image": "https://example.com/x.png"}])
 
 
+@pytest.mark.parametrize("gemm", ["torch", "onednn"])
+def test_both_cpu_kernels_equal_transformers(model, gemm):
+    """The fixture's model runs whichever kernel `auto` picked on this CPU; each one must match on its own."""
+    _, ref, path = model
+    from rerankd.models.layers import onednn_available
+
+    if gemm == "onednn" and not onednn_available():
+        pytest.skip("this torch build has no oneDNN linear kernel")
+    rr = Reranker.from_pretrained(path, show_progress=False, cpu_gemm=gemm)
+    assert rr.options.cpu_gemm == gemm
+    assert_close(rr.compute_score(PAIRS), ref.compute_score(PAIRS, max_length=rr.backend.default_max_length), TOL)
+
+
 def test_int8_quantization_stays_close(model):
     rr, _, path = model
     q8 = Reranker.from_pretrained(path, show_progress=False, quantize="int8")
@@ -108,6 +121,7 @@ def test_int8_quantization_stays_close(model):
     assert 0 < diff < 0.2, diff
     rank = lambda xs: np.argsort(np.argsort(xs))  # noqa: E731
     assert np.corrcoef(rank(fp32), rank(int8))[0, 1] > 0.9
+    assert q8.options.cpu_gemm == "torch"  # no fp32 linear layer left for oneDNN
     with pytest.raises(ValueError, match="quantize='int4' is not supported"):
         Reranker.from_pretrained(path, show_progress=False, quantize="int4")
 

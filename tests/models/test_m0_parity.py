@@ -126,3 +126,19 @@ def test_bf16_compute_is_close(m0_dir, m0):
     bf = Reranker.from_pretrained(m0_dir, dtype="bfloat16", show_progress=False)
     assert bf.backend.dtype == torch.bfloat16
     assert_close(bf.compute_score(pairs), m0.compute_score(pairs), 0.05)
+
+
+@pytest.mark.parametrize("gemm", ["torch", "onednn"])
+def test_both_cpu_kernels_equal_the_reference(m0_dir, m0_ref, gemm):
+    """The `m0` fixture runs whichever kernel `auto` picked on this CPU; each one must match on its own."""
+    from rerankd.models.layers import onednn_available
+
+    if gemm == "onednn" and not onednn_available():
+        pytest.skip("this torch build has no oneDNN linear kernel")
+    rr = Reranker.from_pretrained(m0_dir, show_progress=False, cpu_gemm=gemm)
+    assert rr.options.cpu_gemm == gemm
+    texts = [["slm markdown", d] for d in TEXT_DOCS[:6]]
+    images = [["slm markdown", data_uri(im)] for im in IMAGES[1:3]]
+    assert_close(rr.compute_score(texts, max_length=2048), m0_ref.compute_score(texts, max_length=2048), TOL)
+    ours = rr.compute_score(images, max_length=2048, doc_type="image")
+    assert_close(ours, m0_ref.compute_score(images, max_length=2048, doc_type="image"), TOL)

@@ -1,4 +1,5 @@
-"""Building blocks shared by the model files: norms, rotary embeddings and THE attention function.
+"""Building blocks shared by the model files: norms, rotary embeddings, THE attention function, and the fp32 CPU
+kernel of the linear layers.
 
 Attention is always variable-length over packed sequences: tokens of all sequences of a batch lie in one
 [tokens, heads, head_dim] tensor and `cu_seqlens` ([n + 1], int32) marks where each starts. No padding token
@@ -10,6 +11,8 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import logging
+import time
 
 import torch
 import torch.nn.functional as F
@@ -120,3 +123,115 @@ def single_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu
         vs = v[start:end].transpose(0, 1).unsqueeze(0)
         outs.append(F.scaled_dot_product_attention(qs, ks, vs, enable_gqa=gqa)[0, :, 0])  # [heads, head_dim]
     return torch.stack(outs)
+
+
+# ------------------------------------------------------------------------------------------------ CPU linear layers
+
+# torch runs an fp32 nn.Linear on x86 through MKL, which takes its AVX-512 kernels on Intel CPUs only: on an AMD
+# Zen 5 (AVX-512, 2 x 512-bit FMA a cycle) MKL's sgemm reaches 160-190 GFLOP/s on 2 cores where oneDNN, which
+# torch also ships, reaches 380-410 on the same shapes (benchmarks: docs/benchmarks.md). Both are fp32 with fp32
+# accumulation; they differ only in summation order (about 1e-6 relative). Which one is faster is measured once
+# per process, on a model-shaped product, unless the user names one.
+CPU_GEMMS = ("auto", "onednn", "torch")
+ONEDNN_MIN_SPEEDUP = 1.1  # 'auto' takes oneDNN only when clearly faster, so that near-ties stay on torch's default
+_PROBE_SHAPE = (512, 768, 3072)  # tokens x in_features x out_features, a BERT-base MLP input block: 2.4 GFLOP
+log = logging.getLogger("rerankd")
+
+
+def onednn_available() -> bool:
+    """Whether this torch build can run linear layers through oneDNN (x86 and ARM builds ship it)."""
+    if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
+        return False
+    try:
+        torch.ops.mkldnn._linear_pointwise  # noqa: B018 (an internal op: inductor's fused linear on the CPU)
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear(x, weight, bias) through oneDNN's fp32 inner product."""
+    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, "none", [], "")
+
+
+class OneDNNLinear(nn.Linear):
+    """nn.Linear computed by oneDNN; same parameters, same state_dict (see use_cpu_gemm)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return onednn_linear(x, self.weight, self.bias)
+
+
+def linear(x: torch.Tensor, layer: nn.Linear, rows: slice = slice(None)) -> torch.Tensor:
+    """F.linear with the output features `rows` of `layer` only, through the layer's own kernel."""
+    w = layer.weight[rows]
+    b = None if layer.bias is None else layer.bias[rows]
+    return onednn_linear(x, w, b) if isinstance(layer, OneDNNLinear) else F.linear(x, w, b)
+
+
+@functools.cache
+def onednn_speedup() -> float:
+    """torch's default kernel's time over oneDNN's for one fp32 linear layer on this CPU (best of 3 each).
+
+    0.0 when oneDNN is missing or its result disagrees with torch's beyond fp32 rounding.
+    """
+    if not onednn_available():
+        return 0.0
+    m, k, n = _PROBE_SHAPE
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(m, k, generator=gen)
+    w = torch.randn(n, k, generator=gen) / k**0.5
+    b = torch.randn(n, generator=gen)
+
+    def best(fn) -> float:
+        fn()  # warm-up: first-call kernel generation
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    with torch.inference_mode():
+        want = F.linear(x, w, b)
+        try:
+            got = onednn_linear(x, w, b)
+        except RuntimeError as e:
+            log.warning("oneDNN linear failed on this CPU (%s); using torch's default kernel", e)
+            return 0.0
+        if not torch.allclose(got, want, rtol=1e-4, atol=1e-4):
+            log.warning("oneDNN linear disagrees with torch's by %.2e; using torch's default kernel",
+                        (got - want).abs().max().item())  # fmt: skip
+            return 0.0
+        return best(lambda: F.linear(x, w, b)) / best(lambda: onednn_linear(x, w, b))
+
+
+def check_cpu_gemm(requested: str) -> None:
+    if requested not in CPU_GEMMS:
+        raise ValueError(f"cpu_gemm must be one of {', '.join(CPU_GEMMS)}; got {requested!r}")
+
+
+def use_cpu_gemm(model: nn.Module, requested: str, device: torch.device, dtype: torch.dtype) -> str:
+    """Pick the kernel of `model`'s fp32 linear layers on the CPU and switch them to it; returns 'onednn' or 'torch'.
+
+    requested: 'auto' (oneDNN when it measures >= ONEDNN_MIN_SPEEDUP x torch's default here), 'onednn' or 'torch'.
+    Other devices and dtypes keep torch's kernels ('torch'). Layers already replaced (int8) are left as they are.
+    """
+    check_cpu_gemm(requested)
+    if device.type != "cpu" or dtype != torch.float32 or requested == "torch":
+        return "torch"
+    if requested == "onednn":
+        if not onednn_available():
+            raise ValueError("cpu_gemm='onednn': this torch build has no oneDNN linear kernel; use 'auto' or 'torch'")
+    else:
+        speedup = onednn_speedup()
+        if speedup < ONEDNN_MIN_SPEEDUP:
+            log.info("CPU linear layers: torch's default kernel (oneDNN %s)",
+                     f"{speedup:.2f}x" if speedup else "not usable")  # fmt: skip
+            return "torch"
+        log.info("CPU linear layers: oneDNN (%.2fx torch's default kernel on this CPU)", speedup)
+    switched = 0
+    for module in model.modules():
+        if type(module) is nn.Linear:
+            module.__class__ = OneDNNLinear
+            switched += 1
+    return "onednn" if switched else "torch"

@@ -30,7 +30,7 @@ from ..errors import InputError, ModelLoadError
 from ..inputs import ImageItem, Item
 from ..weights import Part, Renames, load_weights, tensor_names
 from .base import LengthOptions, PreparedSequence, Where, Window, text_only_message, window_starts
-from .layers import attention_backend, rowwise, single_query_attention, varlen_attention
+from .layers import attention_backend, linear, rowwise, single_query_attention, varlen_attention
 
 DEFAULT_MAX_LENGTH = 1024
 TRUNCATING_TOKENIZERS = 4  # tokenizer copies kept, one per recent max_length of compute_score calls
@@ -150,9 +150,8 @@ class SelfAttention(nn.Module):
             else:
                 o = single_query_attention(q[first], k, v, cu)  # [sequences, heads, head_dim]
         else:  # only the first token of each sequence is needed: its query, every token's key and value
-            w, b = self.Wqkv.weight, self.Wqkv.bias
-            q = F.linear(x[first], w[:h], b[:h]).view(-1, self.heads, self.head_dim)  # [sequences, heads, head_dim]
-            kv = F.linear(x, w[h:], b[h:]).view(n, 2, self.heads, self.head_dim)  # [tokens, 2, heads, head_dim]
+            q = linear(x[first], self.Wqkv, slice(None, h)).view(-1, self.heads, self.head_dim)  # [sequences, ...]
+            kv = linear(x, self.Wqkv, slice(h, None)).view(n, 2, self.heads, self.head_dim)  # [tokens, 2, heads, head_dim]
             o = single_query_attention(q, kv[:, 0], kv[:, 1], cu)  # [sequences, heads, head_dim]
         return o.reshape(o.shape[0], -1)
 

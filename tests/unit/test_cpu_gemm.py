@@ -1,0 +1,73 @@
+"""The fp32 CPU kernel of the linear layers: oneDNN equals torch's default to fp32 rounding, and the choice works."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rerankd.models import layers
+from rerankd.models.layers import OneDNNLinear, linear, onednn_available, onednn_linear, use_cpu_gemm
+
+needs_onednn = pytest.mark.skipif(not onednn_available(), reason="this torch build has no oneDNN linear kernel")
+CPU, FP32 = torch.device("cpu"), torch.float32
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 32, bias=False), nn.LayerNorm(32)).eval()
+
+
+@needs_onednn
+@pytest.mark.parametrize("shape", [(1, 64), (37, 64), (3, 5, 64)])
+def test_onednn_linear_equals_f_linear(shape):
+    torch.manual_seed(1)
+    x, w, b = torch.randn(shape), torch.randn(48, 64), torch.randn(48)
+    assert rel_err(onednn_linear(x, w, b), F.linear(x, w, b)) < 1e-6
+    assert rel_err(onednn_linear(x, w, None), F.linear(x, w)) < 1e-6
+    xt = torch.randn(64, 9).t()  # a non-contiguous input
+    assert rel_err(onednn_linear(xt, w, b), F.linear(xt, w, b)) < 1e-6
+
+
+@needs_onednn
+def test_use_cpu_gemm_onednn_switches_every_linear_and_keeps_outputs():
+    m, x = model(), torch.randn(20, 64)
+    want, keys = m(x), list(m.state_dict())
+    assert use_cpu_gemm(m, "onednn", CPU, FP32) == "onednn"
+    assert [type(mod) for mod in m if isinstance(mod, nn.Linear)] == [OneDNNLinear, OneDNNLinear]
+    assert list(m.state_dict()) == keys
+    with torch.inference_mode():
+        assert rel_err(m(x), want) < 1e-5
+    # a slice of a layer's outputs goes through the layer's kernel, oneDNN or not
+    plain = model()[0]
+    assert rel_err(linear(x, m[0], slice(10, 30)), F.linear(x, plain.weight[10:30], plain.bias[10:30])) < 1e-6
+    assert torch.equal(linear(x, plain, slice(10, 30)), F.linear(x, plain.weight[10:30], plain.bias[10:30]))
+
+
+def test_use_cpu_gemm_keeps_torch_when_asked_or_off_cpu_fp32():
+    for requested, device, dtype in [("torch", CPU, FP32), ("onednn", torch.device("cuda"), FP32),
+                                     ("auto", CPU, torch.bfloat16), ("onednn", CPU, torch.float16)]:  # fmt: skip
+        m = model()
+        assert use_cpu_gemm(m, requested, device, dtype) == "torch"
+        assert all(type(mod) is not OneDNNLinear for mod in m.modules())
+    with pytest.raises(ValueError, match="cpu_gemm must be one of auto, onednn, torch; got 'mkl'"):
+        use_cpu_gemm(model(), "mkl", CPU, FP32)
+
+
+@needs_onednn
+def test_auto_takes_onednn_only_when_clearly_faster(monkeypatch):
+    for speedup, expected in [(2.3, "onednn"), (1.05, "torch"), (0.0, "torch")]:
+        monkeypatch.setattr(layers, "onednn_speedup", lambda s=speedup: s)
+        m = model()
+        assert use_cpu_gemm(m, "auto", CPU, FP32) == expected
+        assert any(type(mod) is OneDNNLinear for mod in m.modules()) == (expected == "onednn")
+
+
+def test_speedup_probe_runs_here():
+    s = layers.onednn_speedup()
+    assert s == 0.0 if not onednn_available() else s > 0.0
