@@ -8,8 +8,9 @@ It makes N (query, document) pairs whose documents span --min-tokens..--max-toke
 checkpoint's tokenizer.json) in shuffled order, and times, in one process on the same weights and pairs (fp32, CPU):
 
 * rerankd: `Reranker.from_pretrained(...).compute_score(pairs, max_length=1024)` (packed, token-budget batches);
-* rerankd int8: the same with `quantize="int8"` (dynamic int8 linear layers). Its score deviation from fp32
-  rerankd is reported, not held to --tolerance;
+* rerankd int8: the same with `quantize="int8"` (dynamic int8 linear layers), and rerankd bf16: the same with
+  `dtype="bfloat16"` (fast only on CPUs with AVX512-BF16 or AMX). Their score deviation from fp32 rerankd is
+  reported, not held to --tolerance;
 * rerankd torch-gemm: when rerankd picked oneDNN for its fp32 linear layers (`cpu_gemm="auto"`), the same with
   `cpu_gemm="torch"` (torch's default kernel, as the other engines use), to show what the kernel choice is worth;
 * the reference: transformers' XLMRobertaForSequenceClassification in padded batches of 16, as the model card's
@@ -42,13 +43,15 @@ import datetime
 import json
 import os
 import platform
-import random
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_m0_engine import cpu_name, log, make_pairs, timed  # noqa: E402
 
 MAX_LENGTH = 1024
 REFERENCE_BATCH = 16  # the model card's compute_score default
@@ -61,69 +64,6 @@ MATMUL_SHAPES = {  # name -> (m, k, n): [m, k] @ [k, n]
     "mm 2048x2048x2048": (2048, 2048, 2048),
     "linear 2048x768->3072": (2048, 768, 3072),
 }
-QUERIES = [
-    "slm markdown", "organic skincare for sensitive skin", "capital of France", "green tea antioxidants",
-    "price of coffee this year", "gold rush merchants", "rerank documents by query", "web content extraction",
-]  # fmt: skip
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def cpu_name() -> str:
-    name = platform.processor()
-    if not name or name in ("x86_64", "aarch64", "arm64"):
-        try:
-            for line in Path("/proc/cpuinfo").read_text().splitlines():
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    break
-        except OSError:
-            pass
-    return name or platform.machine() or "unknown CPU"
-
-
-def make_pairs(tokenizer_json: Path, n: int, min_tokens: int, max_tokens: int, seed: int) -> tuple[list, list[int]]:
-    """n (query, document) pairs; document token counts (no special tokens) spread evenly over
-    [min_tokens, max_tokens], shuffled."""
-    from tokenizers import Tokenizer
-
-    from rerankd.testing import CORPUS
-
-    tok = Tokenizer.from_file(str(tokenizer_json))
-    tok.no_truncation()
-    tok.no_padding()
-    rng = random.Random(seed)
-    words = sorted({w for text in CORPUS for w in text.split()})
-
-    def count(text: str) -> int:
-        return len(tok.encode(text, add_special_tokens=False).ids)
-
-    if n == 1:
-        targets = [max_tokens]
-    else:
-        targets = [round(min_tokens + i * (max_tokens - min_tokens) / (n - 1)) for i in range(n)]
-    rng.shuffle(targets)
-    pairs, lengths = [], []
-    for target in targets:
-        doc: list[str] = []
-        # add words until the next one would pass the target, then fill the rest exactly with single letters
-        while True:
-            w = rng.choice(words)
-            if count(" ".join(doc + [w])) > target:
-                break
-            doc.append(w)
-        filler = 0
-        while count(" ".join(doc)) < target and filler < 4 * target:
-            doc.append(rng.choice("abcdefghijklmnopqrstuvwxyz"))
-            if count(" ".join(doc)) > target:
-                doc.pop()
-                filler += 1
-        text = " ".join(doc)
-        pairs.append([rng.choice(QUERIES), text])
-        lengths.append(count(text))
-    return pairs, lengths
 
 
 def sentence_transformers_view(ckpt: Path, out: Path) -> Path:
@@ -208,12 +148,6 @@ def padded_tokens(lengths: list[int], batch: int, sort: bool) -> int:
     return sum(len(order[i : i + batch]) * max(order[i : i + batch]) for i in range(0, len(order), batch))
 
 
-def timed(fn, pairs) -> tuple[float, list[float]]:
-    t0 = time.perf_counter()
-    scores = fn(pairs)
-    return time.perf_counter() - t0, scores
-
-
 def mark(ok: bool) -> str:
     return "ok" if ok else "MISSED"
 
@@ -229,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json-out", type=Path, help="also write the results to this JSON file")
     ap.add_argument("--tolerance", type=float, default=1e-4, help="largest allowed |score difference| (1e-4)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the weights and of the text")
+    ap.add_argument("--no-bf16", action="store_true", help="skip rerankd bf16 (very slow on CPUs without AVX512-BF16)")
     args = ap.parse_args(argv)
     if not 1 <= args.min_tokens <= args.max_tokens or args.pairs < 1 or args.repeats < 1:
         ap.error("need 1 <= --min-tokens <= --max-tokens, --pairs >= 1 and --repeats >= 1")
@@ -264,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
             f"a lookup that costs no FLOPs")  # fmt: skip
 
         log(f"making {args.pairs} pairs, documents {args.min_tokens}..{args.max_tokens} tokens, shuffled")
-        pairs, doc_lengths = make_pairs(ckpt / "tokenizer.json", args.pairs, args.min_tokens, args.max_tokens, args.seed)
+        pairs, doc_lengths = make_pairs(ckpt / "tokenizer.json", args.pairs, args.min_tokens, args.max_tokens, args.seed,
+                                        special_tokens=False)  # fmt: skip
         log(f"document tokens: min {min(doc_lengths)}, max {max(doc_lengths)}, total {sum(doc_lengths)}, "
             f"first ten in order {doc_lengths[:10]}")  # fmt: skip
 
@@ -295,6 +231,11 @@ def main(argv: list[str] | None = None) -> int:
             "rerankd": lambda p: ours.compute_score(p, max_length=MAX_LENGTH),
             "rerankd int8": lambda p: ours_int8.compute_score(p, max_length=MAX_LENGTH),
         }
+        if not args.no_bf16:
+            log("loading rerankd bf16")
+            ours_bf16 = Reranker.from_pretrained(ckpt, show_progress=False, dtype="bfloat16",
+                                                 max_batch_tokens=args.max_batch_tokens)  # fmt: skip
+            engines["rerankd bf16"] = lambda p: ours_bf16.compute_score(p, max_length=MAX_LENGTH)
         if ours.options.cpu_gemm != "torch":
             engines["rerankd torch-gemm"] = lambda p: ours_torch.compute_score(p, max_length=MAX_LENGTH)
         for impl in ("eager", "sdpa"):
@@ -341,9 +282,9 @@ def main(argv: list[str] | None = None) -> int:
     diffs = {
         name: max(abs(a - b) for a, b in zip(scores["rerankd"], s)) for name, s in scores.items() if name != "rerankd"
     }
-    held = {name: d for name, d in diffs.items() if name != "rerankd int8"}
+    held = {name: d for name, d in diffs.items() if name not in ("rerankd int8", "rerankd bf16")}
     pps = {name: len(pairs) / t for name, t in best.items()}
-    ours_variants = ("rerankd", "rerankd int8", "rerankd torch-gemm")
+    ours_variants = ("rerankd", "rerankd int8", "rerankd bf16", "rerankd torch-gemm")
     speedup = {name: pps["rerankd"] / v for name, v in pps.items() if name not in ours_variants}
     int8_speedup = pps["rerankd int8"] / pps["rerankd"]
     max_diff = max(held.values())
@@ -379,6 +320,11 @@ def main(argv: list[str] | None = None) -> int:
         "best_seconds": best,
         "pairs_per_second": pps,
         "speedup": speedup,
+        "bf16": None if "rerankd bf16" not in pps else {
+            "pairs_per_second": pps["rerankd bf16"],
+            "speedup_vs_fp32": pps["rerankd bf16"] / pps["rerankd"],
+            "max_abs_score_diff_vs_fp32": diffs["rerankd bf16"],
+        },
         "int8": {
             "pairs_per_second": pps["rerankd int8"],
             "speedup_vs_fp32": int8_speedup,
@@ -405,8 +351,9 @@ def main(argv: list[str] | None = None) -> int:
             extra = f" (linear layers: {ours.options.cpu_gemm})"
         elif name == "rerankd torch-gemm":
             extra = f", rerankd is {pps['rerankd'] / pps[name]:.2f}x this, max |diff| {diffs[name]:.2e}"
-        elif name == "rerankd int8":
-            extra = f", {int8_speedup:.2f}x fp32 rerankd, max |diff| vs fp32 {diffs[name]:.2e} (not held to tolerance)"
+        elif name in ("rerankd int8", "rerankd bf16"):
+            extra = (f", {pps[name] / pps['rerankd']:.2f}x fp32 rerankd, max |diff| vs fp32 {diffs[name]:.2e} "
+                     "(not held to tolerance)")  # fmt: skip
         else:
             target = TARGETS["crossencoder" if name == "CrossEncoder" else "reference"]
             extra = (f", rerankd is {speedup[name]:.2f}x faster (target >= {target}x: {mark(speedup[name] >= target)})"

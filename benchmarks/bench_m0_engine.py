@@ -7,7 +7,9 @@ and times, in one process on the same weights and pairs:
 
 * rerankd: `Reranker.from_pretrained(...).compute_score(pairs, max_length=1024)` (packed, token-budget batches);
 * the reference: transformers' Qwen2VLForConditionalGeneration with left-padded batches of 8, attention "eager"
-  (what the model card runs on CPU) and, unless --no-sdpa, "sdpa".
+  (what the model card runs on CPU) and, unless --no-sdpa, "sdpa";
+* rerankd torch-gemm: when rerankd picked oneDNN for its fp32 linear layers (`cpu_gemm="auto"`), the same engine
+  with `cpu_gemm="torch"` (torch's default kernel, which the reference uses), to show what the kernel is worth.
 
 Each engine is warmed up on a few pairs, then the engines are timed in turn over the same pairs, --repeats rounds,
 and the best time of each is kept. Scores must agree within --tolerance (default 1e-4), else the exit code is 1.
@@ -56,20 +58,28 @@ def log(msg: str) -> None:
 
 
 def cpu_name() -> str:
-    name = platform.processor()
-    if not name:
-        try:
-            for line in Path("/proc/cpuinfo").read_text().splitlines():
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    break
-        except OSError:
-            pass
-    return name or platform.machine() or "unknown CPU"
+    """The CPU's model name, with its widest vector ISA (the machines of one name differ: AVX2 or AVX-512)."""
+    name, flags = platform.processor(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and (not name or name in ("x86_64", "aarch64", "arm64")):
+                name = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+                break
+    except OSError:
+        pass
+    isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else None
+    name = name or platform.machine() or "unknown CPU"
+    return f"{name} with {isa}" if isa else name
 
 
-def make_pairs(tokenizer_json: Path, n: int, min_tokens: int, max_tokens: int, seed: int) -> tuple[list, list[int]]:
-    """n (query, document) pairs; document token counts spread evenly over [min_tokens, max_tokens], shuffled."""
+def make_pairs(
+    tokenizer_json: Path, n: int, min_tokens: int, max_tokens: int, seed: int, special_tokens: bool = True
+) -> tuple[list, list[int]]:
+    """n (query, document) pairs; document token counts (with the tokenizer's special tokens unless not
+    special_tokens) spread evenly over [min_tokens, max_tokens], shuffled."""
     from tokenizers import Tokenizer
 
     from rerankd.testing import CORPUS
@@ -81,7 +91,7 @@ def make_pairs(tokenizer_json: Path, n: int, min_tokens: int, max_tokens: int, s
     words = sorted({w for text in CORPUS for w in text.split()})
 
     def count(text: str) -> int:
-        return len(tok.encode(text, add_special_tokens=True).ids)
+        return len(tok.encode(text, add_special_tokens=special_tokens).ids)
 
     if n == 1:
         targets = [max_tokens]
@@ -162,6 +172,11 @@ def main(argv: list[str] | None = None) -> int:
         ours = Reranker.from_pretrained(ckpt, show_progress=False, max_batch_tokens=args.max_batch_tokens)
         budget = ours.engine.max_batch_tokens
         engines = {"rerankd": lambda p: ours.compute_score(p, max_length=MAX_LENGTH)}
+        log(f"rerankd's fp32 linear layers run on {ours.options.cpu_gemm!r} (cpu_gemm='auto')")
+        if ours.options.cpu_gemm != "torch":
+            ours_torch = Reranker.from_pretrained(ckpt, show_progress=False, max_batch_tokens=args.max_batch_tokens,
+                                                  cpu_gemm="torch")  # fmt: skip
+            engines["rerankd torch-gemm"] = lambda p: ours_torch.compute_score(p, max_length=MAX_LENGTH)
         impls = ["eager"] + ([] if args.no_sdpa else ["sdpa"])
         for impl in impls:
             log(f"loading the reference ({impl})")
@@ -190,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         pps = {name: len(pairs) / t for name, t in best.items()}
         speedup = {name: pps["rerankd"] / v for name, v in pps.items() if name != "rerankd"}
         max_diff = max(diffs.values())
+        ref_speedup = {name: v for name, v in speedup.items() if name.startswith("reference")}
         ok = max_diff <= args.tolerance
     finally:
         if tmp is not None:
@@ -208,10 +224,12 @@ def main(argv: list[str] | None = None) -> int:
         "max_length": MAX_LENGTH,
         "reference_batch_size": REFERENCE_BATCH,
         "max_batch_tokens": budget,
+        "cpu_gemm": ours.options.cpu_gemm,
         "repeats": args.repeats,
         "best_seconds": best,
         "pairs_per_second": pps,
-        "speedup": speedup,
+        "speedup": ref_speedup,
+        "speedup_vs_torch_gemm": speedup.get("rerankd torch-gemm"),
         "max_abs_score_diff": diffs,
         "tolerance": args.tolerance,
         "scores_match": ok,
@@ -219,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
 
     print()
     for name in best:
-        extra = "" if name == "rerankd" else f", rerankd is {speedup[name]:.2f}x faster, max |diff| {diffs[name]:.2e}"
+        extra = (f" (linear layers: {ours.options.cpu_gemm})" if name == "rerankd"
+                 else f", rerankd is {speedup[name]:.2f}x faster, max |diff| {diffs[name]:.2e}")  # fmt: skip
         print(f"{name:>18}: {pps[name]:7.1f} pairs/s (best {best[name]:.3f}s of {args.repeats}){extra}")
     print()
     head = ["date", "machine", "torch", "rerankd pairs/s", "reference eager pairs/s"]

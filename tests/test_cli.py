@@ -37,6 +37,8 @@ def test_cli_errors(tmp_path, m0_dir):
     assert out.returncode == 2 and "documents[0].image" in out.stderr
     out = run("rerank", "--model", str(m0_dir), "--query", "q")
     assert out.returncode != 0 and "no documents" in out.stderr
+    out = run("rerank", "--model", str(m0_dir), "--query", "q", "d", "--cpu-gemm", "mkl")
+    assert out.returncode == 2 and "cpu_gemm must be one of auto, onednn, torch; got 'mkl'" in out.stderr
 
 
 def test_cross_encoder_from_the_cli_with_windows(tmp_path):
