@@ -38,7 +38,8 @@ class LoadOptions:
     slightly, see docs/benchmarks.md)."""
     cpu_gemm: str = "auto"
     """Kernel of fp32 linear layers on the CPU: 'auto' (time both at load, take oneDNN when >= 1.1x faster),
-    'onednn', or 'torch' (torch's default BLAS, MKL on x86, which skips AVX-512 on AMD CPUs)."""
+    'onednn', or 'torch' (torch's default BLAS, MKL on x86, which skips AVX-512 on AMD CPUs). A loaded Reranker's
+    options say which one runs ('none' for a GGUF)."""
     show_progress: bool = True
     """Show progress bars while loading weights."""
 

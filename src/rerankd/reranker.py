@@ -85,8 +85,8 @@ class Reranker:
         else:
             config = read_config(directory)
             backend = backend_class(config, directory).load(directory, config, dev, dt, opts)
-        model = getattr(backend, "model", None)
-        gemm = use_cpu_gemm(model, opts.cpu_gemm, dev, dt) if isinstance(model, torch.nn.Module) else "torch"
+        model = getattr(backend, "model", None)  # the GGUF backend has none: llama.cpp runs it ("none")
+        gemm = use_cpu_gemm(model, opts.cpu_gemm, dev, dt) if isinstance(model, torch.nn.Module) else "none"
         engine = Engine(backend, budget, opts.preprocess_workers)
         resolved = replace(opts, device=str(dev), dtype=str(dt).removeprefix("torch."), cpu_gemm=gemm)
         return cls(backend, engine, directory, resolved)

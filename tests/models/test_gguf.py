@@ -142,7 +142,9 @@ def test_loading_by_directory_tag_and_file(ggufs, tmp_path):
     a = Reranker.from_pretrained(f"{both}:Q8_0").compute_score([["q", "d"]])  # tags match case-insensitively
     b = Reranker.from_pretrained(ggufs["q8_0"]).compute_score([["q", "d"]])
     assert a == b
-    assert Reranker.from_pretrained(ggufs["f16"].parent).backend.path == ggufs["f16"]  # a folder with one .gguf
+    by_folder = Reranker.from_pretrained(ggufs["f16"].parent)
+    assert by_folder.backend.path == ggufs["f16"]  # a folder with one .gguf
+    assert by_folder.options.cpu_gemm == "none"  # llama.cpp runs it, no torch linear layer
     with pytest.raises(ModelLoadError, match="a .gguf file needs no tag"):
         Reranker.from_pretrained(f"{ggufs['q8_0']}:Q8_0")
     with pytest.raises(ModelLoadError, match="expected NAME:TAG"):

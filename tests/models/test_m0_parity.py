@@ -137,6 +137,7 @@ def test_both_cpu_kernels_equal_the_reference(m0_dir, m0_ref, gemm):
         pytest.skip("this torch build has no oneDNN linear kernel")
     rr = Reranker.from_pretrained(m0_dir, show_progress=False, cpu_gemm=gemm)
     assert rr.options.cpu_gemm == gemm
+    assert rr.backend.model.visual.patch_embed.uses_onednn == (gemm == "onednn")  # the one product outside nn.Linear
     texts = [["slm markdown", d] for d in TEXT_DOCS[:6]]
     images = [["slm markdown", data_uri(im)] for im in IMAGES[1:3]]
     assert_close(rr.compute_score(texts, max_length=2048), m0_ref.compute_score(texts, max_length=2048), TOL)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import threading
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -32,6 +35,10 @@ def test_onednn_linear_equals_f_linear(shape):
     assert rel_err(onednn_linear(x, w, None), F.linear(x, w)) < 1e-6
     xt = torch.randn(64, 9).t()  # a non-contiguous input
     assert rel_err(onednn_linear(xt, w, b), F.linear(xt, w, b)) < 1e-6
+    wide = torch.randn(96)  # strided and broadcast biases (the op itself would read them as dense)
+    assert rel_err(onednn_linear(x, w, wide[::2]), F.linear(x, w, wide[::2])) < 1e-6
+    assert rel_err(onednn_linear(x, w, wide[:1].expand(48)), F.linear(x, w, wide[:1].expand(48))) < 1e-6
+    assert onednn_linear(torch.randn(0, 64), w, b).shape == (0, 48)  # an empty batch
 
 
 @needs_onednn
@@ -43,18 +50,28 @@ def test_use_cpu_gemm_onednn_switches_every_linear_and_keeps_outputs():
     assert list(m.state_dict()) == keys
     with torch.inference_mode():
         assert rel_err(m(x), want) < 1e-5
+        with torch.profiler.profile() as prof:  # the switched layers really run on oneDNN, not torch's kernel
+            m(x)
+    ops = {e.key for e in prof.key_averages()}
+    assert "mkldnn::_linear_pointwise" in ops and "aten::addmm" not in ops and "aten::mm" not in ops, ops
     # a slice of a layer's outputs goes through the layer's kernel, oneDNN or not
     plain = model()[0]
     assert rel_err(linear(x, m[0], slice(10, 30)), F.linear(x, plain.weight[10:30], plain.bias[10:30])) < 1e-6
     assert torch.equal(linear(x, plain, slice(10, 30)), F.linear(x, plain.weight[10:30], plain.bias[10:30]))
 
 
-def test_use_cpu_gemm_keeps_torch_when_asked_or_off_cpu_fp32():
+def test_use_cpu_gemm_keeps_torch_when_asked_or_off_cpu_fp32(caplog):
     for requested, device, dtype in [("torch", CPU, FP32), ("onednn", torch.device("cuda"), FP32),
                                      ("auto", CPU, torch.bfloat16), ("onednn", CPU, torch.float16)]:  # fmt: skip
         m = model()
-        assert use_cpu_gemm(m, requested, device, dtype) == "torch"
+        with caplog.at_level(logging.WARNING, logger="rerankd"):
+            caplog.clear()
+            assert use_cpu_gemm(m, requested, device, dtype) == "torch"
         assert all(type(mod) is not OneDNNLinear for mod in m.modules())
+        # an explicit 'onednn' that cannot apply says so
+        assert ("applies to fp32 linear layers on the CPU only" in caplog.text) == (requested == "onednn")
+    no_linear = nn.Sequential(nn.LayerNorm(8))  # e.g. an int8 model: nothing to switch, nothing to measure
+    assert use_cpu_gemm(no_linear, "auto", CPU, FP32) == "torch"
     with pytest.raises(ValueError, match="cpu_gemm must be one of auto, onednn, torch; got 'mkl'"):
         use_cpu_gemm(model(), "mkl", CPU, FP32)
 
@@ -66,6 +83,25 @@ def test_auto_takes_onednn_only_when_clearly_faster(monkeypatch):
         m = model()
         assert use_cpu_gemm(m, "auto", CPU, FP32) == expected
         assert any(type(mod) is OneDNNLinear for mod in m.modules()) == (expected == "onednn")
+
+
+def test_speedup_probe_runs_once_even_when_loads_race(monkeypatch):
+    calls = []
+
+    def slow_probe():
+        calls.append(1)
+        threading.Event().wait(0.05)
+        return 2.0
+
+    measure = layers.functools.cache(slow_probe)
+    monkeypatch.setattr(layers, "_measure_onednn_speedup", measure)
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(layers.onednn_speedup())) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [2.0] * 4 and len(calls) == 1
 
 
 def test_speedup_probe_runs_here():

@@ -12,11 +12,15 @@ from __future__ import annotations
 import functools
 import importlib.util
 import logging
+import threading
 import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+log = logging.getLogger("rerankd")
 
 
 class RMSNorm(nn.Module):
@@ -134,8 +138,9 @@ def single_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu
 # per process, on a model-shaped product, unless the user names one.
 CPU_GEMMS = ("auto", "onednn", "torch")
 ONEDNN_MIN_SPEEDUP = 1.1  # 'auto' takes oneDNN only when clearly faster, so that near-ties stay on torch's default
-_PROBE_SHAPE = (512, 768, 3072)  # tokens x in_features x out_features, a BERT-base MLP input block: 2.4 GFLOP
-log = logging.getLogger("rerankd")
+PROBE_SHAPE = (512, 768, 3072)  # tokens x in_features x out_features, a BERT-base MLP input block: 2.4 GFLOP
+PROBE_TOLERANCE = 1e-4  # oneDNN's probe result must equal torch's to fp32 rounding (measured: ~1e-6)
+_probe_lock = threading.Lock()
 
 
 def onednn_available() -> bool:
@@ -151,11 +156,14 @@ def onednn_available() -> bool:
 
 def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """F.linear(x, weight, bias) through oneDNN's fp32 inner product."""
+    if bias is not None:
+        bias = bias.contiguous()  # the op reads a strided bias as if it were dense (wrong numbers, no error)
     return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, "none", [], "")
 
 
 class OneDNNLinear(nn.Linear):
-    """nn.Linear computed by oneDNN; same parameters, same state_dict (see use_cpu_gemm)."""
+    """nn.Linear computed by oneDNN; same parameters, same state_dict. use_cpu_gemm turns a loaded model's
+    nn.Linear layers into this class in place (a class swap, once, at load)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return onednn_linear(x, self.weight, self.bias)
@@ -168,21 +176,27 @@ def linear(x: torch.Tensor, layer: nn.Linear, rows: slice = slice(None)) -> torc
     return onednn_linear(x, w, b) if isinstance(layer, OneDNNLinear) else F.linear(x, w, b)
 
 
-@functools.cache
 def onednn_speedup() -> float:
-    """torch's default kernel's time over oneDNN's for one fp32 linear layer on this CPU (best of 3 each).
+    """torch's default kernel's time over oneDNN's for one fp32 linear layer on this CPU (best of 3 each), measured
+    once per process; concurrent loads wait for the one measurement (about 0.3 s on 2 cores).
 
     0.0 when oneDNN is missing or its result disagrees with torch's beyond fp32 rounding.
     """
+    with _probe_lock:
+        return _measure_onednn_speedup()
+
+
+@functools.cache
+def _measure_onednn_speedup() -> float:
     if not onednn_available():
         return 0.0
-    m, k, n = _PROBE_SHAPE
+    m, k, n = PROBE_SHAPE
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(m, k, generator=gen)
     w = torch.randn(n, k, generator=gen) / k**0.5
     b = torch.randn(n, generator=gen)
 
-    def best(fn) -> float:
+    def best(fn: Callable[[], torch.Tensor]) -> float:
         fn()  # warm-up: first-call kernel generation
         times = []
         for _ in range(3):
@@ -198,7 +212,7 @@ def onednn_speedup() -> float:
         except RuntimeError as e:
             log.warning("oneDNN linear failed on this CPU (%s); using torch's default kernel", e)
             return 0.0
-        if not torch.allclose(got, want, rtol=1e-4, atol=1e-4):
+        if not torch.allclose(got, want, rtol=PROBE_TOLERANCE, atol=PROBE_TOLERANCE):
             log.warning("oneDNN linear disagrees with torch's by %.2e; using torch's default kernel",
                         (got - want).abs().max().item())  # fmt: skip
             return 0.0
@@ -214,10 +228,18 @@ def use_cpu_gemm(model: nn.Module, requested: str, device: torch.device, dtype: 
     """Pick the kernel of `model`'s fp32 linear layers on the CPU and switch them to it; returns 'onednn' or 'torch'.
 
     requested: 'auto' (oneDNN when it measures >= ONEDNN_MIN_SPEEDUP x torch's default here), 'onednn' or 'torch'.
-    Other devices and dtypes keep torch's kernels ('torch'). Layers already replaced (int8) are left as they are.
+    Switched: every plain nn.Linear (to OneDNNLinear) and every module that computes a product of its own and
+    declares a `uses_onednn` attribute (set to True). Other devices and dtypes, and a model with no float linear
+    layer left (int8), keep torch's kernels: 'torch', with a warning if 'onednn' was asked for.
     """
     check_cpu_gemm(requested)
-    if device.type != "cpu" or dtype != torch.float32 or requested == "torch":
+    if requested == "torch":
+        return "torch"
+    targets = [m for m in model.modules() if type(m) is nn.Linear or hasattr(m, "uses_onednn")]
+    if device.type != "cpu" or dtype != torch.float32 or not targets:
+        if requested == "onednn":
+            why = "no float linear layer is left" if not targets else f"this model runs {dtype} on {device}"
+            log.warning("cpu_gemm='onednn' applies to fp32 linear layers on the CPU only; %s: ignored", why)
         return "torch"
     if requested == "onednn":
         if not onednn_available():
@@ -229,9 +251,9 @@ def use_cpu_gemm(model: nn.Module, requested: str, device: torch.device, dtype: 
                      f"{speedup:.2f}x" if speedup else "not usable")  # fmt: skip
             return "torch"
         log.info("CPU linear layers: oneDNN (%.2fx torch's default kernel on this CPU)", speedup)
-    switched = 0
-    for module in model.modules():
+    for module in targets:
         if type(module) is nn.Linear:
             module.__class__ = OneDNNLinear
-            switched += 1
-    return "onednn" if switched else "torch"
+        else:
+            module.uses_onednn = True
+    return "onednn"

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import RMSNorm, apply_rotary, rowwise, single_query_attention, varlen_attention
+from .layers import RMSNorm, apply_rotary, onednn_linear, rowwise, single_query_attention, varlen_attention
 
 
 @dataclass(frozen=True)
@@ -101,6 +101,8 @@ class TextConfig:
 class PatchEmbed(nn.Module):
     """The checkpoint's Conv3d with kernel == stride over pre-cut patches, computed as one matmul."""
 
+    uses_onednn = False  # set by layers.use_cpu_gemm when the model's fp32 products run on oneDNN
+
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         self.proj = nn.Module()
@@ -110,7 +112,8 @@ class PatchEmbed(nn.Module):
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:  # [patches, 1176] -> [patches, embed_dim]
         w = self.proj.weight
-        return F.linear(patches.to(w.dtype), w.reshape(w.shape[0], -1))
+        x, w2d = patches.to(w.dtype), w.reshape(w.shape[0], -1)  # [patches, 1176], [embed_dim, 1176]
+        return onednn_linear(x, w2d, None) if self.uses_onednn else F.linear(x, w2d)
 
 
 class VisionAttention(nn.Module):
