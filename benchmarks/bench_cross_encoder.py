@@ -45,13 +45,12 @@ import os
 import platform
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_m0_engine import cpu_name, log, make_pairs, timed  # noqa: E402
+from bench_m0_engine import best_time, cpu_name, log, make_pairs, timed  # noqa: E402
 
 MAX_LENGTH = 1024
 REFERENCE_BATCH = 16  # the model card's compute_score default
@@ -132,13 +131,7 @@ def matmul_rates(repeats: int = 5) -> dict[str, float]:
             if onednn_available():
                 kernels["oneDNN"] = lambda a=a, w=w: onednn_linear(a, w, None)
             for kernel, fn in kernels.items():
-                fn()  # warm-up
-                best = float("inf")
-                for _ in range(repeats):
-                    t0 = time.perf_counter()
-                    fn()
-                    best = min(best, time.perf_counter() - t0)
-                rates[f"{name} ({kernel})"] = 2 * m * k * n / best / 1e9
+                rates[f"{name} ({kernel})"] = 2 * m * k * n / best_time(fn, repeats) / 1e9
     return rates
 
 
@@ -221,9 +214,6 @@ def main(argv: list[str] | None = None) -> int:
             f"{pad_st / sum(seq_lengths):.2f}x)")  # fmt: skip
 
         log(f"rerankd's fp32 linear layers run on {ours.options.cpu_gemm!r} (cpu_gemm='auto')")
-        log("loading rerankd with torch's default linear kernel (cpu_gemm='torch')")
-        ours_torch = Reranker.from_pretrained(ckpt, show_progress=False, cpu_gemm="torch",
-                                              max_batch_tokens=args.max_batch_tokens)  # fmt: skip
         log("loading rerankd int8")
         ours_int8 = Reranker.from_pretrained(ckpt, show_progress=False, quantize="int8",
                                              max_batch_tokens=args.max_batch_tokens)  # fmt: skip
@@ -237,6 +227,9 @@ def main(argv: list[str] | None = None) -> int:
                                                  max_batch_tokens=args.max_batch_tokens)  # fmt: skip
             engines["rerankd bf16"] = lambda p: ours_bf16.compute_score(p, max_length=MAX_LENGTH)
         if ours.options.cpu_gemm != "torch":
+            log("loading rerankd with torch's default linear kernel (cpu_gemm='torch')")
+            ours_torch = Reranker.from_pretrained(ckpt, show_progress=False, cpu_gemm="torch",
+                                                  max_batch_tokens=args.max_batch_tokens)  # fmt: skip
             engines["rerankd torch-gemm"] = lambda p: ours_torch.compute_score(p, max_length=MAX_LENGTH)
         for impl in ("eager", "sdpa"):
             log(f"loading the reference ({impl})")

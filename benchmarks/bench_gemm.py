@@ -18,14 +18,13 @@ import datetime
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_m0_engine import cpu_name, log  # noqa: E402
+from bench_m0_engine import best_time, cpu_name, log  # noqa: E402
 
 SHAPES = {  # name -> (in_features, out_features)
     "v2 Wqkv": (768, 2304),
@@ -37,16 +36,6 @@ SHAPES = {  # name -> (in_features, out_features)
     "m0 gate/up_proj": (1536, 8960),
     "m0 down_proj": (8960, 1536),
 }
-
-
-def best_time(fn, repeats: int) -> float:
-    fn()  # warm-up (oneDNN creates its kernel for a new shape on first use)
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -119,6 +119,17 @@ def make_pairs(
     return pairs, lengths
 
 
+def best_time(fn, repeats: int) -> float:
+    """The best of `repeats` timed calls of fn(), after one untimed warm-up call (first-use setup: kernels, caches)."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
 def timed(fn, pairs) -> tuple[float, list[float]]:
     t0 = time.perf_counter()
     scores = fn(pairs)

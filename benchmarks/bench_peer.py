@@ -105,6 +105,13 @@ def main(argv: list[str] | None = None) -> int:
                       "M.from_pretrained(sys.argv[1], export=True).save_pretrained(sys.argv[2])")  # fmt: skip
             subprocess.run([str(python), "-c", export, str(args.ckpt), str(Path(tmp) / "onnx")], check=True)
             shutil.move(Path(tmp) / "onnx" / "model.onnx", args.ckpt / "model.onnx")
+            # Infinity 0.0.78 hands optimum the .onnx path it globbed under --model-id as the file name, and optimum
+            # wants a bare name in the model folder: with the file at the top and the folder given as ".", they agree.
+            # Its warm-up sends one token more than the 1024 positions (ONNX Runtime: "indices element out of data
+            # bounds, idx=1026"); the benchmark's documents are far shorter
+            infinity_model, infinity_cwd, infinity_extra = ".", args.ckpt, ["--no-model-warmup"]
+        else:
+            infinity_model, infinity_cwd, infinity_extra = str(args.ckpt), None, []
 
         servers = {
             # Infinity has no request deadline; rerankd's default (60 s) would answer 504 to requests that wait
@@ -112,19 +119,11 @@ def main(argv: list[str] | None = None) -> int:
             "rerankd": ([sys.executable, "-m", "rerankd", "serve", "--model", str(args.ckpt), "--port", "{port}",
                          "--log-level", "warning", "--no-show-progress", "--request-timeout", "3600"], "/health",
                         "rerankd", None),
-            "infinity": ([args.infinity, "v2", "--model-id", str(args.ckpt), "--port", "{port}", "--engine",
+            "infinity": ([args.infinity, "v2", "--model-id", infinity_model, "--port", "{port}", "--engine",
                           args.infinity_engine, "--device", "cpu", "--dtype", "float32", "--served-model-name",
-                          "peer"], "/health", "infinity", "peer"),
+                          "peer", *infinity_extra], "/health", "infinity", "peer"),
         }  # fmt: skip
-        cwd = {}
-        if args.infinity_engine == "optimum":
-            # Infinity 0.0.78 hands optimum the .onnx path it globbed under --model-id as the file name, and optimum
-            # wants a bare name in the model folder: with the file at the top and the folder given as ".", they agree
-            servers["infinity"][0][servers["infinity"][0].index(str(args.ckpt))] = "."
-            cwd["infinity"] = args.ckpt
-            # its warm-up sends one token more than the 1024 positions (ONNX Runtime: "indices element out of data
-            # bounds, idx=1026"); the benchmark's documents are far shorter
-            servers["infinity"][0].append("--no-model-warmup")
+        cwd = {"infinity": infinity_cwd}
         for name, (cmd, health, api, model) in servers.items():
             port = free_port()
             log(f"{name}: starting on port {port}")
