@@ -14,7 +14,7 @@ checkpoint's tokenizer.json) in shuffled order, and times, in one process on the
 * rerankd torch-gemm: when rerankd picked oneDNN for its fp32 linear layers (`cpu_gemm="auto"`), the same with
   `cpu_gemm="torch"` (torch's default kernel, as the other engines use), to show what the kernel choice is worth;
 * the reference: transformers' XLMRobertaForSequenceClassification in padded batches of 16, as the model card's
-  `compute_score` runs them (`rerankd.testing.ReferenceCrossEncoder`), attention "eager" and "sdpa";
+  `compute_score` runs them (`tests/references.py`'s ReferenceCrossEncoder), attention "eager" and "sdpa";
 * sentence-transformers' `CrossEncoder(..., max_length=1024).predict(pairs)` (batch size 32, its default; it sorts
   pairs by length before batching, and applies a sigmoid for one label). The checkpoint's config.json names Jina's
   remote code (auto_map, no model_type), as the real one does, which CrossEncoder would only load with
@@ -50,7 +50,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_m0_engine import best_time, cpu_name, log, make_pairs, timed  # noqa: E402
+from bench_m0_engine import add_repo_root_to_path, best_time, cpu_name, log, make_pairs, timed  # noqa: E402
 
 MAX_LENGTH = 1024
 REFERENCE_BATCH = 16  # the model card's compute_score default
@@ -168,7 +168,10 @@ def main(argv: list[str] | None = None) -> int:
     from rerankd import Reranker
     from rerankd.inputs import TextItem
     from rerankd.models.base import LengthOptions, Where
-    from rerankd.testing import ReferenceCrossEncoder, make_tiny_checkpoint
+    from rerankd.tiny import make_tiny_checkpoint
+
+    add_repo_root_to_path()
+    from tests.references import ReferenceCrossEncoder
 
     h, inter, n_layers = CHECKPOINT["hidden_size"], CHECKPOINT["intermediate_size"], CHECKPOINT["num_hidden_layers"]
     log("measuring this CPU's fp32 matmul rate (best of 5)")
@@ -199,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
 
         log("loading rerankd (fp32)")
         ours = Reranker.from_pretrained(ckpt, show_progress=False, max_batch_tokens=args.max_batch_tokens)
-        budget = ours.engine.max_batch_tokens
+        budget = ours.options.max_batch_tokens
         lengths_opt = LengthOptions(MAX_LENGTH, None)
         seq_lengths = []
         for i, (q, d) in enumerate(pairs):

@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from rerankd import Reranker
     from rerankd.convert_gguf import OUTTYPES, convert_gguf
-    from rerankd.testing import make_tiny_checkpoint
+    from rerankd.tiny import make_tiny_checkpoint
 
     bad = [t for t in outtypes if t not in OUTTYPES]
     if bad:

@@ -53,6 +53,13 @@ QUERIES = [
 ]  # fmt: skip
 
 
+def add_repo_root_to_path() -> None:
+    """Make `tests.references` (the transformers-based references) importable: a script's path is benchmarks/."""
+    root = str(Path(__file__).resolve().parent.parent)
+    if root not in sys.path:
+        sys.path.insert(0, root)
+
+
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
@@ -82,7 +89,7 @@ def make_pairs(
     special_tokens) spread evenly over [min_tokens, max_tokens], shuffled."""
     from tokenizers import Tokenizer
 
-    from rerankd.testing import CORPUS
+    from rerankd.tiny import CORPUS
 
     tok = Tokenizer.from_file(str(tokenizer_json))
     tok.no_truncation()
@@ -162,7 +169,10 @@ def main(argv: list[str] | None = None) -> int:
     check_pair_arguments(ap, args)
 
     from rerankd import Reranker
-    from rerankd.testing import ReferenceM0, make_tiny_checkpoint
+    from rerankd.tiny import make_tiny_checkpoint
+
+    add_repo_root_to_path()
+    from tests.references import ReferenceM0
 
     tmp = None
     if args.ckpt_dir is None:
@@ -181,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
 
         log("loading rerankd")
         ours = Reranker.from_pretrained(ckpt, show_progress=False, max_batch_tokens=args.max_batch_tokens)
-        budget = ours.engine.max_batch_tokens
+        budget = ours.options.max_batch_tokens
         engines = {"rerankd": lambda p: ours.compute_score(p, max_length=MAX_LENGTH)}
         log(f"rerankd's fp32 linear layers run on {ours.options.cpu_gemm!r} (cpu_gemm='auto')")
         if ours.options.cpu_gemm != "torch":

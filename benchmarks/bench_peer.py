@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json-out", type=Path)
     args = ap.parse_args(argv)
 
-    from rerankd.testing import make_tiny_checkpoint
+    from rerankd.tiny import make_tiny_checkpoint
 
     results: dict = {}
     with tempfile.TemporaryDirectory(prefix="rerankd-bench-peer-") as tmp:

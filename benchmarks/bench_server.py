@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from rerankd import Reranker
-    from rerankd.testing import make_tiny_checkpoint
+    from rerankd.tiny import make_tiny_checkpoint
 
     n_pairs = args.requests * args.docs
     with tempfile.TemporaryDirectory(prefix="rerankd-bench-server-") as tmp:

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from rerankd import Reranker
-from rerankd.testing import make_tiny_checkpoint
+from rerankd.tiny import make_tiny_checkpoint
 
 
 @pytest.fixture(scope="session")
@@ -24,7 +24,7 @@ def m0(m0_dir):
 @pytest.fixture(scope="session")
 def m0_ref(m0_dir):
     pytest.importorskip("transformers")
-    from rerankd.testing import ReferenceM0
+    from .references import ReferenceM0
 
     return ReferenceM0(m0_dir)
 

@@ -28,7 +28,7 @@ def test_rerank_shape_order_top_n_and_documents(m0):
 
 
 def test_ties_are_broken_by_index(m0):
-    from rerankd.reranker import ranked
+    from rerankd.results import ranked
 
     assert ranked([0.5, 0.7, 0.5, 0.7, 0.1]) == [1, 3, 0, 2, 4]
     assert ranked([0.5, 0.7, 0.5, 0.7, 0.1], top_n=3) == [1, 3, 0]

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from rerankd import Reranker
-from rerankd.engine import engine as engine_module
+from rerankd.engine import WINDOW_PAIRS
 from rerankd.errors import PairErrors
 from rerankd.inputs import TextItem
 from rerankd.models.base import LengthOptions, Where
-from rerankd.testing import CORPUS, make_tiny_checkpoint
+from rerankd.tiny import CORPUS, make_tiny_checkpoint
 
 from .conftest import assert_close
 
@@ -25,7 +25,7 @@ def text_of(n_words: int, seed: int) -> str:
 @pytest.fixture(scope="module")
 def v2(tmp_path_factory):
     pytest.importorskip("transformers")
-    from rerankd.testing import ReferenceCrossEncoder
+    from .references import ReferenceCrossEncoder
 
     path = make_tiny_checkpoint("jina-reranker-v2", tmp_path_factory.mktemp("v2"), seed=3)
     return Reranker.from_pretrained(path, show_progress=False), ReferenceCrossEncoder(path)
@@ -153,7 +153,7 @@ def test_ten_thousand_documents_stream_through_bounded_memory(v2, monkeypatch):
     results = rr.rerank("capital of France", docs, max_length=64, overlap=8, return_documents=False)
     long_windows = prepared[0] - 9_999
     assert len(results) == 10_000 and forwarded[0] == prepared[0] and long_windows > 5
-    assert max(ahead) <= 2 * engine_module.WINDOW_PAIRS + long_windows, max(ahead)
+    assert max(ahead) <= 2 * WINDOW_PAIRS + long_windows, max(ahead)
     got = {r["index"]: r["relevance_score"] for r in results}
     picks = [0, 5000, 9999]
     alone = [rr.rerank("capital of France", [docs[i]], max_length=64, overlap=8)[0]["relevance_score"] for i in picks]

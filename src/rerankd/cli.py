@@ -15,7 +15,7 @@ import time
 import typing
 from pathlib import Path
 
-from .config import DEFAULT_MODEL, LoadOptions, ServeOptions, field_docs
+from .config import DEFAULT_MODEL, LoadOptions, ScoreOptions, ServeOptions, field_docs
 
 
 def _add_options(p: argparse.ArgumentParser, cls: type, title: str, skip: tuple[str, ...] = ()) -> None:
@@ -30,8 +30,13 @@ def _add_options(p: argparse.ArgumentParser, cls: type, title: str, skip: tuple[
         if hint is bool:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=docs[f.name])
             continue
+        if typing.get_origin(hint) is typing.Literal:
+            group.add_argument(flag, choices=typing.get_args(hint), default=f.default,
+                               help=f"{docs[f.name]} (default: {f.default})")  # fmt: skip
+            continue
         base = next((t for t in typing.get_args(hint) if t is not type(None)), hint)
-        group.add_argument(flag, type=base, default=f.default, help=f"{docs[f.name]} (default: {f.default})")
+        shown = "" if f.default is None else f" (default: {f.default})"  # a None default says itself in the text
+        group.add_argument(flag, type=base, default=f.default, help=docs[f.name] + shown)
 
 
 def _options(args: argparse.Namespace, cls: type) -> dict:
@@ -65,15 +70,11 @@ def cmd_rerank(args: argparse.Namespace) -> int:
             docs,
             top_n=args.top_n,
             return_documents=not args.no_documents,
-            max_length=args.max_length,
-            max_query_length=args.max_query_length,
-            max_doc_length=args.max_doc_length,
             query_type=args.query_type,
             doc_type=args.doc_type,
             show_progress=args.progress,
-            long_documents=args.long_documents,
-            overlap=args.overlap,
             activation=None if args.raw_scores else "sigmoid",
+            **_options(args, ScoreOptions),
         )
     except PairErrors as e:
         print(json.dumps({"error": str(e), "errors": {str(i): str(err) for i, err in e.errors.items()}}), file=sys.stderr)
@@ -144,7 +145,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_make_tiny_model(args: argparse.Namespace) -> int:
-    from .testing import make_tiny_checkpoint
+    from .tiny import make_tiny_checkpoint
 
     extra = {} if args.naming is None else {"naming": args.naming}
     try:
@@ -177,7 +178,7 @@ MODEL_HELP = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .testing import MODEL_KINDS
+    from .tiny import MODEL_KINDS
 
     parser = argparse.ArgumentParser(prog="rerankd", description="Reranking engine for Jina rerankers")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -191,15 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--doc-type", choices=["text", "image"], default="text", help="how to read document strings")
     p.add_argument("--top-n", type=int, default=None, help="keep the best N results (default: all)")
     p.add_argument("--no-documents", action="store_true", help="leave the documents out of the results")
-    p.add_argument("--max-length", type=int, default=None, help="prompt token limit (default: the model's)")
-    p.add_argument("--max-query-length", type=int, default=512, help="queries are cut to this many tokens (512)")
-    p.add_argument("--max-doc-length", type=int, default=None, help="document token limit (default: the model's)")
-    p.add_argument("--long-documents", choices=["chunk", "truncate"], default="chunk",
-                   help="a document that does not fit: score overlapping windows and keep the best (chunk, the "
-                   "default), or cut it (truncate)")  # fmt: skip
-    p.add_argument("--overlap", type=int, default=80, help="tokens shared by adjacent windows (default: 80)")
     p.add_argument("--raw-scores", action="store_true", help="report raw logits instead of sigmoid scores")
     p.add_argument("--progress", action="store_true", help="show a progress bar while scoring")
+    _add_options(p, ScoreOptions, "lengths and long documents")
     _add_options(p, LoadOptions, "model loading")
     p.set_defaults(func=cmd_rerank)
 

@@ -1,12 +1,43 @@
-"""Load-time options of a Reranker. The CLI derives its flags from these fields and their docstrings."""
+"""Every option and its default, defined once: load-time options of a Reranker (LoadOptions), the per-call options
+of a rerank (ScoreOptions, read by the library, the CLI and the HTTP schemas), and the server's (ServeOptions).
+The CLI derives its flags from these fields and their docstrings, the HTTP schemas their defaults and descriptions.
+"""
 
 from __future__ import annotations
 
 import ast
 import inspect
 from dataclasses import dataclass, fields
+from typing import Literal
 
 DEFAULT_MODEL = "jinaai/jina-reranker-m0"
+
+LongDocuments = Literal["chunk", "truncate"]
+REFERENCE_LONG_DOCUMENTS: LongDocuments = "truncate"
+"""`compute_score` is the model card's call, and the references cut a document that does not fit."""
+COHERE_MAX_TOKENS_PER_DOC = 4096
+"""Cohere's default `max_tokens_per_doc` (/v2/rerank): documents are cut there."""
+CPU_MAX_BATCH_TOKENS = 4096
+CUDA_MAX_BATCH_TOKENS = 65536
+
+
+@dataclass(frozen=True)
+class ScoreOptions:
+    """The per-call options of a rerank, with the defaults of `Reranker.rerank`, `rerankd rerank` and /v1/rerank."""
+
+    max_length: int | None = None
+    """Prompt token limit, special and image tokens included (default: the model's)."""
+    max_query_length: int | None = 512
+    """Queries are cut to this many tokens."""
+    max_doc_length: int | None = None
+    """Text documents are cut to, or windowed by, this many tokens (default: what max_length leaves beside the query)."""
+    long_documents: LongDocuments = "chunk"
+    """A text document that does not fit: 'chunk' scores overlapping token windows and keeps the best; 'truncate' cuts it."""
+    overlap: int = 80
+    """Tokens shared by adjacent windows."""
+
+
+RERANK_DEFAULTS = ScoreOptions()
 
 
 @dataclass(frozen=True)

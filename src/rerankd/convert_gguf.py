@@ -39,19 +39,19 @@ OUTTYPES = ("f32", "f16", "q8_0")
 
 # module names (after jina_m0.WEIGHT_RENAMES) -> llama.cpp qwen2 tensor names; None: not part of the GGUF
 GGUF_NAMES: Renames = [
-    (r"model\.embed_tokens\.weight$", "token_embd.weight"),
-    (r"model\.norm\.weight$", "output_norm.weight"),
-    (r"model\.layers\.(\d+)\.input_layernorm\.weight$", r"blk.\1.attn_norm.weight"),
-    (r"model\.layers\.(\d+)\.self_attn\.q_proj\.", r"blk.\1.attn_q."),
-    (r"model\.layers\.(\d+)\.self_attn\.k_proj\.", r"blk.\1.attn_k."),
-    (r"model\.layers\.(\d+)\.self_attn\.v_proj\.", r"blk.\1.attn_v."),
-    (r"model\.layers\.(\d+)\.self_attn\.o_proj\.weight$", r"blk.\1.attn_output.weight"),
-    (r"model\.layers\.(\d+)\.post_attention_layernorm\.weight$", r"blk.\1.ffn_norm.weight"),
-    (r"model\.layers\.(\d+)\.mlp\.gate_proj\.weight$", r"blk.\1.ffn_gate.weight"),
-    (r"model\.layers\.(\d+)\.mlp\.up_proj\.weight$", r"blk.\1.ffn_up.weight"),
-    (r"model\.layers\.(\d+)\.mlp\.down_proj\.weight$", r"blk.\1.ffn_down.weight"),
-    (r"visual\.", None),  # the vision tower: the GGUF path is text only
-    (r"score\.", None),  # the head: written to mlp_weights.npz
+    ("model.embed_tokens.weight", "token_embd.weight"),
+    ("model.norm.weight", "output_norm.weight"),
+    ("model.layers.{n}.input_layernorm.weight", "blk.{n}.attn_norm.weight"),
+    ("model.layers.{n}.self_attn.q_proj.", "blk.{n}.attn_q."),
+    ("model.layers.{n}.self_attn.k_proj.", "blk.{n}.attn_k."),
+    ("model.layers.{n}.self_attn.v_proj.", "blk.{n}.attn_v."),
+    ("model.layers.{n}.self_attn.o_proj.weight", "blk.{n}.attn_output.weight"),
+    ("model.layers.{n}.post_attention_layernorm.weight", "blk.{n}.ffn_norm.weight"),
+    ("model.layers.{n}.mlp.gate_proj.weight", "blk.{n}.ffn_gate.weight"),
+    ("model.layers.{n}.mlp.up_proj.weight", "blk.{n}.ffn_up.weight"),
+    ("model.layers.{n}.mlp.down_proj.weight", "blk.{n}.ffn_down.weight"),
+    ("visual.", None),  # the vision tower: the GGUF path is text only
+    ("score.", None),  # the head: written to mlp_weights.npz
 ]
 HEAD_NAMES = {"score.0.weight": "W1", "score.0.bias": "b1", "score.2.weight": "W2", "score.2.bias": "b2"}
 

@@ -28,8 +28,8 @@ class PairErrors(RerankdError, ValueError):
     """
 
     def __init__(self, errors: dict[int, InputError], scores: list[float | None]):
-        shown = "; ".join(f"pair {i}: {e}" for i, e in sorted(errors.items())[:10])
-        more = f" (and {len(errors) - 10} more)" if len(errors) > 10 else ""
-        super().__init__(f"{len(errors)} of {len(scores)} pairs could not be scored: {shown}{more}")
+        from .results import describe_errors
+
+        super().__init__(describe_errors(errors, len(scores), "pairs", 10, "pair"))
         self.errors = errors
         self.scores = scores

@@ -2,22 +2,34 @@
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
-from .config import DEFAULT_MODEL, LoadOptions
-from .engine import Engine
+from .config import (
+    CPU_MAX_BATCH_TOKENS,
+    CUDA_MAX_BATCH_TOKENS,
+    DEFAULT_MODEL,
+    REFERENCE_LONG_DOCUMENTS,
+    RERANK_DEFAULTS,
+    LoadOptions,
+    LongDocuments,
+)
+from .engine import Scheduler, WorkerError
 from .errors import InputError, PairErrors
 from .hub import resolve_model
 from .inputs import ImageItem, Item, TextItem, parse_item
 from .inputs.items import ItemType
-from .models.base import Backend, LengthOptions, LongDocuments, Where, Window, text_only_message
-from .models.layers import check_cpu_gemm, use_cpu_gemm
-from .models.registry import backend_class, read_config
+from .models.base import Backend, LengthOptions, Where, Window
+from .models.layers import check_cpu_gemm
+from .models.registry import backend_for
+from .results import activate, check_activation, check_top_n, rerank_results
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
@@ -39,13 +51,17 @@ class Reranker:
     >>> rr = Reranker.from_pretrained("jinaai/jina-reranker-m0")
     >>> rr.compute_score([["slm markdown", "We present ReaderLM-v2, ..."]], max_length=1024)
     >>> rr.rerank("slm markdown", ["text document", {"image": "https://.../page.png"}], top_n=1)
+
+    `options` are the load options as resolved (device, dtype, max_batch_tokens, the CPU kernel that runs).
+    Calls go through one rerankd.engine.Scheduler (made on first use), the same scheduler class the server runs.
     """
 
-    def __init__(self, backend: Backend, engine: Engine, model_dir: Path, options: LoadOptions):
+    def __init__(self, backend: Backend, model_dir: Path, options: LoadOptions):
         self.backend = backend
-        self.engine = engine
         self.model_dir = model_dir
         self.options = options
+        self._scheduler: Scheduler | None = None
+        self._lock = threading.Lock()
 
     @classmethod
     def from_pretrained(
@@ -55,7 +71,7 @@ class Reranker:
         dtype: str | torch.dtype | None = None,
         **options: Any,
     ) -> "Reranker":
-        """Load a Hugging Face repo id (downloaded into the hub cache) or a local checkpoint directory.
+        """Load a Hugging Face repo id (downloaded into the hub cache), a local checkpoint directory, or a GGUF.
 
         `options` are the fields of `rerankd.config.LoadOptions` (max_batch_tokens, max_pixels, ...).
         """
@@ -72,36 +88,41 @@ class Reranker:
             if name not in _DTYPES:
                 raise ValueError(f"dtype {name!r} is not supported; use one of {sorted(set(_DTYPES))}")
             dt = _DTYPES[name]
-        check_cpu_gemm(opts.cpu_gemm)
+        check_cpu_gemm(opts.cpu_gemm)  # before minutes of loading
         if opts.num_threads:
             torch.set_num_threads(opts.num_threads)
-        directory = resolve_model(name_or_path, opts.revision)
-        budget = opts.max_batch_tokens or (65536 if dev.type == "cuda" else 4096)
-        if directory.suffix == ".gguf":  # jina-reranker-m0 through llama.cpp; its score head is beside the file
-            from .models.gguf import HEAD_FILE, GGUFBackend
+        path = resolve_model(name_or_path, opts.revision)
+        backend_cls, config = backend_for(path)
+        backend: Backend = backend_cls.load(path, config, dev, dt, opts)
+        budget = opts.max_batch_tokens or (CUDA_MAX_BATCH_TOKENS if dev.type == "cuda" else CPU_MAX_BATCH_TOKENS)
+        if budget < 1:
+            raise ValueError(f"max_batch_tokens must be >= 1, got {budget}")
+        resolved = replace(opts, device=str(backend.device), dtype=str(backend.dtype).removeprefix("torch."),
+                           cpu_gemm=backend.cpu_gemm, max_batch_tokens=budget)  # fmt: skip
+        return cls(backend, path, resolved)
 
-            backend: Backend = GGUFBackend.load(directory, directory.parent / HEAD_FILE, dev, opts, budget)
-            dev, dt = backend.device, backend.dtype
-        else:
-            config = read_config(directory)
-            backend = backend_class(config, directory).load(directory, config, dev, dt, opts)
-        model = getattr(backend, "model", None)  # the GGUF backend has none: llama.cpp runs it ("none")
-        gemm = use_cpu_gemm(model, opts.cpu_gemm, dev, dt) if isinstance(model, torch.nn.Module) else "none"
-        engine = Engine(backend, budget, opts.preprocess_workers)
-        resolved = replace(opts, device=str(dev), dtype=str(dt).removeprefix("torch."), cpu_gemm=gemm)
-        return cls(backend, engine, directory, resolved)
+    @property
+    def scheduler(self) -> Scheduler:
+        """The library's scheduler: no queue limit, no waiting for company (the server makes its own)."""
+        with self._lock:
+            if self._scheduler is None:
+                self._scheduler = Scheduler(self.backend, self.options.max_batch_tokens or CPU_MAX_BATCH_TOKENS,
+                                            prepare_workers=self.options.preprocess_workers)  # fmt: skip
+            return self._scheduler
 
-    def restrict_images(self, allow_private_urls: bool, local_media_root: str | None) -> None:
-        """Image sources for untrusted callers (the server calls this once, before serving): URLs only to public
-        addresses unless allow_private_urls; local files only beneath local_media_root, none if it is None."""
-        limits = getattr(self.backend, "image_limits", None)
-        if limits is not None:
-            self.backend.image_limits = replace(  # type: ignore[attr-defined]
-                limits,
-                allow_private_urls=allow_private_urls,
-                allow_local_files=local_media_root is not None,
-                local_media_root=local_media_root,
-            )
+    def close(self) -> None:
+        """Stop the library's scheduler and release the backend (a llama.cpp context). Idempotent."""
+        with self._lock:
+            scheduler, self._scheduler = self._scheduler, None
+        if scheduler is not None:
+            scheduler.close()
+        self.backend.close()
+
+    def __del__(self) -> None:
+        scheduler = getattr(self, "_scheduler", None)
+        if scheduler is not None:
+            with contextlib.suppress(Exception):  # at interpreter exit, modules may be gone
+                scheduler.close(timeout=0)
 
     # ------------------------------------------------------------------------------------------------ scoring
 
@@ -114,8 +135,8 @@ class Reranker:
         overlap: int,
         query_default: int | None = None,
     ) -> LengthOptions:
-        ml = self.backend.default_max_length if max_length is None else max_length
         """Validated LengthOptions of one call (ValueError names a bad option)."""
+        ml = self.backend.default_max_length if max_length is None else max_length
         mq = query_default if isinstance(max_query_length, _Default) else max_query_length
         for name, v in (("max_length", ml), ("max_query_length", mq), ("max_doc_length", max_doc_length)):
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
@@ -126,9 +147,12 @@ class Reranker:
             raise ValueError(f"overlap must be a non-negative integer, got {overlap!r}")
         return LengthOptions(ml, mq, max_doc_length, long_documents, overlap)  # type: ignore[arg-type]
 
-    def _check_supported(self, item: Item, param: str) -> None:
+    def parse(self, value: Any, default_type: ItemType, param: str) -> Item:
+        """A user's query or document as an Item, refused (InputError naming `param`) if the model cannot take it."""
+        item = parse_item(value, default_type, param)
         if isinstance(item, ImageItem) and not self.backend.supports_images:
-            raise InputError(text_only_message(self.backend), param)
+            raise InputError(self.backend.text_only_reason, param)
+        return item
 
     def _score(
         self,
@@ -142,22 +166,30 @@ class Reranker:
     ) -> tuple[list[float], list[Window | None]]:
         """Scores and winning windows of the pairs not already in `early` (failed before scoring).
 
-        Raises PairErrors, with every computed score, if any pair failed.
+        Raises PairErrors, with every computed score, if any pair failed. A model failure raises what the model
+        raised.
         """
         check_activation(activation)
         good = [i for i in range(len(items)) if i not in early]
-        scored, errors_good = self.engine.score(
-            [items[i] for i in good], lengths, [params[i] for i in good], batch_size, show_progress
-        )
-        values = activate([float("nan") if r is None else r.logit for r in scored], activation)
+        with tqdm(total=len(good), unit="pair", desc="scoring", disable=not show_progress) as bar:
+            try:
+                outcome = self.scheduler.score_sync([items[i] for i in good], lengths, [params[i] for i in good],
+                                                    max_batch_pairs=batch_size, on_pair_done=bar.update)  # fmt: skip
+            except WorkerError as e:
+                if e.__cause__ is not None:  # the model's own exception, as a direct call would have raised it
+                    raise e.__cause__ from None
+                raise
+        scored = outcome.results
+        values = activate([r.logit if not isinstance(r, InputError) else float("nan") for r in scored], activation)
         scores: list[float | None] = [None] * len(items)
         windows: list[Window | None] = [None] * len(items)
         errors = dict(early)
         for j, i in enumerate(good):
-            if j in errors_good:
-                errors[i] = errors_good[j]
+            r = scored[j]
+            if isinstance(r, InputError):
+                errors[i] = r
             else:
-                scores[i], windows[i] = values[j], scored[j].window  # type: ignore[union-attr]
+                scores[i], windows[i] = values[j], r.window
         if errors:
             raise PairErrors(errors, scores)
         return scores, windows  # type: ignore[return-value]
@@ -173,8 +205,8 @@ class Reranker:
         batch_size: int | None = None,
         show_progress: bool = False,
         activation: str | None = "sigmoid",
-        long_documents: LongDocuments = "truncate",
-        overlap: int = 80,
+        long_documents: LongDocuments = REFERENCE_LONG_DOCUMENTS,
+        overlap: int = RERANK_DEFAULTS.overlap,
     ) -> list[float]:
         """Relevance scores for (query, document) pairs, in order: in [0, 1], or raw logits with activation=None.
 
@@ -201,10 +233,8 @@ class Reranker:
             try:
                 if not isinstance(pair, (list, tuple)) or len(pair) != 2:
                     raise InputError("a pair must be a (query, document) list or tuple of two items", f"pairs[{i}]")
-                q = parse_item(pair[0], query_type, f"pairs[{i}].query")
-                d = parse_item(pair[1], doc_type, f"pairs[{i}].document")
-                self._check_supported(q, f"pairs[{i}].query")
-                self._check_supported(d, f"pairs[{i}].document")
+                q = self.parse(pair[0], query_type, f"pairs[{i}].query")
+                d = self.parse(pair[1], doc_type, f"pairs[{i}].document")
             except InputError as e:
                 early[i] = e
                 q = d = TextItem("")
@@ -217,15 +247,15 @@ class Reranker:
         documents: Sequence[Any],
         top_n: int | None = None,
         return_documents: bool = True,
-        max_length: int | None = None,
-        max_query_length: int | None = 512,
-        max_doc_length: int | None = None,
+        max_length: int | None = RERANK_DEFAULTS.max_length,
+        max_query_length: int | None = RERANK_DEFAULTS.max_query_length,
+        max_doc_length: int | None = RERANK_DEFAULTS.max_doc_length,
         query_type: ItemType = "text",
         doc_type: ItemType = "text",
         batch_size: int | None = None,
         show_progress: bool = False,
-        long_documents: LongDocuments = "chunk",
-        overlap: int = 80,
+        long_documents: LongDocuments = RERANK_DEFAULTS.long_documents,
+        overlap: int = RERANK_DEFAULTS.overlap,
         activation: str | None = "sigmoid",
     ) -> list[dict[str, Any]]:
         """Documents sorted by relevance to `query` (ties by index), cut to `top_n`.
@@ -240,52 +270,24 @@ class Reranker:
         "start", "end"}, the winning window and its character span in the document text.
         long_documents="truncate" keeps only the first window.
         """
-        if top_n is not None and (isinstance(top_n, bool) or not isinstance(top_n, int) or top_n < 1):
-            raise ValueError(f"top_n must be a positive integer or None, got {top_n!r}")
+        check_top_n(top_n)
         lengths = self.length_options(max_length, max_query_length, max_doc_length, long_documents, overlap, None)
-        q = parse_item(query, query_type, "query")
-        self._check_supported(q, "query")
-        q = self.backend.prepare_query_image(q, "query")  # decoded once for all pairs
+        q = self.backend.prepare_query(self.parse(query, query_type, "query"), "query")  # once for all pairs
         items: list[tuple[Item, Item]] = []
         errors: dict[int, InputError] = {}
         for i, doc in enumerate(documents):
             try:
-                d = parse_item(doc, doc_type, f"documents[{i}]")
-                self._check_supported(d, f"documents[{i}]")
+                d = self.parse(doc, doc_type, f"documents[{i}]")
             except InputError as e:
                 errors[i] = e
                 d = TextItem("")
             items.append((q, d))
         params = [Where.for_document(i) for i in range(len(items))]
         scores, windows = self._score(items, params, errors, lengths, activation, batch_size, show_progress)
-        results = []
-        for i in ranked(scores, top_n):
-            r: dict[str, Any] = {"index": i, "relevance_score": scores[i]}
-            if return_documents:
-                d = items[i][1]
-                raw = documents[i]
-                image = raw.get("image") if isinstance(raw, dict) else raw
-                r["document"] = {"text": d.text} if isinstance(d, TextItem) else {"image": image}
-            w = windows[i]
-            if w is not None:
-                r["window"] = {"index": w.index, "count": w.count, "start": w.start, "end": w.end}
-            results.append(r)
-        return results
 
+        def echo(i: int) -> dict[str, Any]:
+            d, raw = items[i][1], documents[i]
+            return {"text": d.text} if isinstance(d, TextItem) else {"image": raw.get("image") if isinstance(raw, dict) else raw}
 
+        return rerank_results(scores, windows, top_n, echo if return_documents else None)
 
-def check_activation(activation: str | None) -> None:
-    if activation not in ("sigmoid", None):
-        raise ValueError(f"activation must be 'sigmoid' or None (the raw logit), got {activation!r}")
-
-
-def activate(logits: list[float], activation: str | None = "sigmoid") -> list[float]:
-    """Relevance logits -> scores: sigmoid in fp32, as the references compute it, or the logits unchanged."""
-    if activation is None:
-        return list(logits)
-    return torch.sigmoid(torch.tensor(logits, dtype=torch.float32)).tolist()
-
-
-def ranked(scores: Sequence[float], top_n: int | None = None) -> list[int]:
-    """Indices by score, best first, ties by index; the first top_n."""
-    return sorted(range(len(scores)), key=lambda i: (-scores[i], i))[:top_n]

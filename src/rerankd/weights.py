@@ -1,17 +1,26 @@
 """Checkpoint loading: safetensors, declared rename tables, and a strict completeness check.
 
-A rename table is data: a list of (pattern, target). The pattern is a regular expression matched at the start
-of a checkpoint name; the first rule that matches wins, and the rest of the name is kept. The target is the
-module name to put there (groups such as \\1 expand), None to drop the tensor on purpose (an unused lm_head),
-or a `Part` when the checkpoint stores one module parameter as several tensors (separate q, k, v for a fused
-Wqkv): the parts are concatenated along dim 0 in their declared order. Loading fails if any parameter of the
-module is not found in the checkpoint, or if the checkpoint holds a tensor that no rule maps or drops.
+A rename table is data: a list of (checkpoint template, module template), read in both directions. A template is
+a literal name in which `{n}` stands for a number (a layer index). One that ends with "." (or is empty) names a
+prefix, and the rest of the name is kept; any other names one whole tensor. The module template may instead be
+None, to drop the checkpoint tensor on purpose (an unused lm_head), or a `Part` when the checkpoint stores one
+module parameter as several tensors (separate q, k, v for a fused Wqkv): the parts are concatenated along dim 0
+in their declared order.
+
+Forward (`rename`, loading): the first rule whose checkpoint template matches a checkpoint name gives its module
+name; a name no rule matches is kept. Loading fails if any parameter of the module is not found in the
+checkpoint, or if the checkpoint holds a tensor that no rule maps or drops. Backward (`rename_back`, writing
+checkpoints): the first rule whose module template matches a module name gives its checkpoint name, a Part target
+is split into its parts, drop rules are skipped; every name it writes is checked to map forward to where it
+came from.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,11 +31,12 @@ from tqdm.auto import tqdm
 
 from .errors import ModelLoadError
 
+NUMBER = "{n}"  # in a template: a layer number
 
 
 @dataclass(frozen=True)
 class Part:
-    """The checkpoint tensor is part `index` of `count` (stacked along dim 0) of the parameter named `target`."""
+    """The checkpoint tensor is part `index` of `count` (stacked along dim 0) of the parameter `target` (a template)."""
 
     target: str
     index: int
@@ -61,18 +71,80 @@ def tensor_names(directory: Path) -> list[str]:
 
 
 def rename(name: str, renames: Renames) -> str | Part | None:
-    """The module name (or Part of one) that checkpoint tensor `name` fills; None if it is dropped on purpose."""
-    for pattern, target in renames:
-        m = re.match(pattern, name)
-        if m is None:
+    """Forward: the module name (or Part of one) that checkpoint tensor `name` fills; None if it is dropped on
+    purpose; `name` itself if no rule matches."""
+    for source, target in renames:
+        hit = _match(source, name)
+        if hit is None:
             continue
-        rest = name[m.end() :]
+        numbers, rest = hit
         if target is None:
             return None
         if isinstance(target, Part):
-            return Part(m.expand(target.target) + rest, target.index, target.count)
-        return m.expand(target) + rest
+            return Part(_fill(source, target.target, numbers) + rest, target.index, target.count)
+        return _fill(source, target, numbers) + rest
     return name
+
+
+def rename_back(state: Mapping[str, torch.Tensor], renames: Renames) -> dict[str, torch.Tensor]:
+    """Backward: module tensors (a state_dict) -> the checkpoint tensors that `rename` maps onto them.
+
+    A Part target is split into `count` equal pieces along dim 0, named by its sibling rules (same target);
+    rules that drop a tensor have no backward; a name no rule matches is kept. Raises ValueError where the
+    table cannot be inverted (the checkpoint name would not map forward to the module name it came from).
+    """
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in state.items():
+        pieces = [(name, tensor, name)]  # (checkpoint name, tensor, what `rename` must give for it)
+        for source, target in renames:
+            if target is None:
+                continue
+            hit = _match(target.target if isinstance(target, Part) else target, name)
+            if hit is None:
+                continue
+            numbers, rest = hit
+            if isinstance(target, Part):
+                sources = {t.index: s for s, t in renames if isinstance(t, Part) and t.target == target.target}
+                if sorted(sources) != list(range(target.count)) or tensor.shape[0] % target.count:
+                    raise ValueError(f"{name} {tuple(tensor.shape)}: cannot split into the parts {sources}")
+                pieces = [
+                    (_fill(target.target, sources[i], numbers) + rest, piece, Part(name, i, target.count))
+                    for i, piece in enumerate(tensor.chunk(target.count))
+                ]
+            else:
+                pieces = [(_fill(target, source, numbers) + rest, tensor, name)]
+            break
+        for key, piece, expected in pieces:
+            if rename(key, renames) != expected:
+                raise ValueError(f"the rename table is not invertible at {name}: {key} maps to {rename(key, renames)}")
+            out[key] = piece
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _pattern(template: str) -> re.Pattern[str]:
+    """The regular expression of a template: {n} captures a number; a whole-tensor template matches to the end."""
+    body = r"(\d+)".join(re.escape(piece) for piece in template.split(NUMBER))
+    return re.compile(body if _is_prefix(template) else body + r"\Z")
+
+
+def _is_prefix(template: str) -> bool:
+    return template == "" or template.endswith(".")
+
+
+def _match(template: str, name: str) -> tuple[tuple[str, ...], str] | None:
+    """The numbers `template` captures from the start of `name`, and the rest of the name; None if no match."""
+    m = _pattern(template).match(name)
+    return None if m is None else (m.groups(), name[m.end() :])
+
+
+def _fill(matched: str, template: str, numbers: tuple[str, ...]) -> str:
+    """`template` with its {n} replaced by the numbers that the template `matched` captured, in order."""
+    if template.count(NUMBER) != len(numbers) or _is_prefix(template) != _is_prefix(matched):
+        raise ValueError(f"rename rule {matched!r} <-> {template!r}: both sides need the same {NUMBER}s and kind")
+    for n in numbers:
+        template = template.replace(NUMBER, n, 1)
+    return template
 
 
 def load_weights(

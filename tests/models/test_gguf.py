@@ -201,7 +201,7 @@ def test_missing_head_and_damaged_files(ggufs, tmp_path):
 
 
 def test_convert_refuses_other_architectures(tmp_path):
-    from rerankd.testing import make_tiny_checkpoint
+    from rerankd.tiny import make_tiny_checkpoint
 
     v2 = make_tiny_checkpoint("jina-reranker-v2", tmp_path / "v2")
     with pytest.raises(ModelLoadError, match="converts jina-reranker-m0 checkpoints only"):

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from rerankd import Reranker
-from rerankd.testing import make_tiny_checkpoint
+from rerankd.tiny import make_tiny_checkpoint
 
 from ..conftest import assert_close, data_uri, make_image
 

@@ -1,4 +1,4 @@
-"""The server's scheduler and failure paths, in process: merging, backpressure, cancellation, deadlines,
+"""The scheduler and the server's failure paths, in process: merging, backpressure, cancellation, deadlines,
 worker failures; and the SSRF rule for redirects."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from rerankd.config import ServeOptions
-from rerankd.engine.batcher import Batcher, Overloaded, WorkerError
+from rerankd.engine import Overloaded, Scheduler, WorkerError
 from rerankd.errors import InputError
 from rerankd.inputs import TextItem
 from rerankd.inputs import urls
@@ -57,7 +57,7 @@ def wheres(n: int):
 
 def test_concurrent_requests_are_merged_into_one_batch(m0):
     backend = SlowBackend(m0.backend)
-    b = Batcher(backend, max_batch_tokens=4096, max_batch_wait=0.2, max_queue_pairs=100)
+    b = Scheduler(backend, max_batch_tokens=4096, max_batch_wait=0.2, max_queue_pairs=100)
 
     async def main():
         return await asyncio.gather(b.score(pairs(3), LENGTHS, wheres(3)), b.score(pairs(4, 3), LENGTHS, wheres(4)))
@@ -72,7 +72,7 @@ def test_concurrent_requests_are_merged_into_one_batch(m0):
 
 
 def test_a_full_queue_answers_overloaded_at_once(m0):
-    b = Batcher(SlowBackend(m0.backend, delay=0.3), 4096, 0.0, max_queue_pairs=4)
+    b = Scheduler(SlowBackend(m0.backend, delay=0.3), 4096, 0.0, max_queue_pairs=4)
 
     async def main():
         first = asyncio.create_task(b.score(pairs(4), LENGTHS, wheres(4)))
@@ -91,7 +91,7 @@ def test_a_full_queue_answers_overloaded_at_once(m0):
 
 def test_a_cancelled_request_has_its_pairs_dropped(m0):
     backend = SlowBackend(m0.backend, delay=0.05)
-    b = Batcher(backend, max_batch_tokens=40, max_batch_wait=0.0, max_queue_pairs=1000)  # about a pair a batch
+    b = Scheduler(backend, max_batch_tokens=40, max_batch_wait=0.0, max_queue_pairs=1000)  # about a pair a batch
 
     async def main():
         task = asyncio.create_task(b.score(pairs(40), LENGTHS, wheres(40)))
@@ -109,7 +109,7 @@ def test_a_cancelled_request_has_its_pairs_dropped(m0):
 
 
 def test_bad_pairs_come_back_as_input_errors_and_the_rest_is_scored(m0):
-    b = Batcher(m0.backend, 4096, 0.0, 100)
+    b = Scheduler(m0.backend, 4096, 0.0, 100)
     items = pairs(3)
     items[1] = (TextItem("q"), TextItem("the reserved token <|image_pad|> here"))
 
@@ -124,7 +124,7 @@ def test_bad_pairs_come_back_as_input_errors_and_the_rest_is_scored(m0):
 
 def test_a_failing_forward_fails_its_requests_and_the_worker_lives_on(m0):
     backend = SlowBackend(m0.backend, fail=RuntimeError("CUDA error: out of memory"))
-    b = Batcher(backend, 4096, 0.0, 100)
+    b = Scheduler(backend, 4096, 0.0, 100)
 
     async def main():
         with pytest.raises(WorkerError, match="the model failed on a batch: RuntimeError: CUDA error: out of memory"):
@@ -137,8 +137,8 @@ def test_a_failing_forward_fails_its_requests_and_the_worker_lives_on(m0):
 
 
 def wrapped(m0, backend) -> Reranker:
-    """A Reranker around a wrapped backend (restrict_images then changes the wrapper, not the shared model)."""
-    return Reranker(backend, m0.engine, m0.model_dir, m0.options)
+    """A Reranker around a wrapped backend."""
+    return Reranker(backend, m0.model_dir, m0.options)
 
 
 def test_a_dead_worker_fails_everyone_and_health_says_so(m0):
@@ -166,7 +166,7 @@ def test_deadline_gives_504_and_frees_the_queue(m0):
         r = client.post("/v1/rerank", json={"query": "q", "documents": ["a", "b", "c"]})
         assert r.status_code == 504 and "limit of 0.3s" in r.json()["error"]["message"]
         assert r.json()["error"]["type"] == "timeout_error"
-        assert app.state.rerankd.batcher.queued_pairs == 0
+        assert app.state.rerankd.scheduler.queued_pairs == 0
 
 
 def test_overload_gives_429_with_retry_after(m0):
@@ -181,7 +181,7 @@ def test_overload_gives_429_with_retry_after(m0):
         t = threading.Thread(target=big)
         t.start()
         deadline = time.monotonic() + 5
-        while app.state.rerankd.batcher.queued_pairs == 0 and time.monotonic() < deadline:
+        while app.state.rerankd.scheduler.queued_pairs == 0 and time.monotonic() < deadline:
             time.sleep(0.01)
         r = client.post("/v1/rerank", json={"query": "q", "documents": ["d"]})
         t.join()
@@ -192,7 +192,7 @@ def test_overload_gives_429_with_retry_after(m0):
 
 def test_text_only_models_refuse_images_with_400(tmp_path):
     from rerankd.api import create_app
-    from rerankd.testing import make_tiny_checkpoint
+    from rerankd.tiny import make_tiny_checkpoint
 
     rr = Reranker.from_pretrained(make_tiny_checkpoint("jina-reranker-v2", tmp_path / "v2"), show_progress=False)
     with TestClient(create_app(rr, ServeOptions(), "v2")) as client:
@@ -278,14 +278,12 @@ def test_the_server_refuses_a_redirect_to_a_private_address(m0, monkeypatch):
     real = urls.is_public
     monkeypatch.setattr(urls, "is_public", lambda addr: str(addr) == "127.0.0.2" or real(addr))
     with image_and_redirect_servers() as (redirector, target), TestClient(create(m0, SlowBackend(m0.backend))) as client:
-        backend = client.app.state.rerankd.reranker.backend
-        backend.inner.image_limits, saved = backend.image_limits, backend.inner.image_limits  # the server's policy
-        try:
-            r = client.post("/v1/rerank", json={"query": "q", "documents": ["text", {"image": redirector + "/x"}]})
-            assert r.status_code == 400, r.json()
-            err = r.json()["error"]
-            assert err["param"] == "documents[1].image" and "non-public address 127.0.0.1" in err["message"]
-            r = client.post("/v1/rerank", json={"query": "q", "documents": [{"image": target}]})
-            assert r.status_code == 400 and "non-public address 127.0.0.1" in r.json()["error"]["message"]
-        finally:
-            backend.inner.image_limits = saved
+        r = client.post("/v1/rerank", json={"query": "q", "documents": ["text", {"image": redirector + "/x"}]})
+        assert r.status_code == 400, r.json()
+        err = r.json()["error"]
+        assert err["param"] == "documents[1].image" and "non-public address 127.0.0.1" in err["message"]
+        r = client.post("/v1/rerank", json={"query": "q", "documents": [{"image": target}]})
+        assert r.status_code == 400 and "non-public address 127.0.0.1" in r.json()["error"]["message"]
+    # the server's policy travels with its calls; the same loaded model still trusts the library's caller
+    with image_and_redirect_servers() as (redirector, target):
+        assert len(m0.rerank("q", [{"image": target}])) == 1

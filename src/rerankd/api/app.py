@@ -13,7 +13,6 @@ import hmac
 import json
 import logging
 import time
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,26 +23,24 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..config import ServeOptions
-from ..engine.batcher import Batcher, Overloaded, WorkerError
+from ..config import RERANK_DEFAULTS, ServeOptions
+from ..engine import Overloaded, Scheduler, WorkerError
 from ..errors import InputError
-from ..inputs import ImageItem, Item, TextItem, parse_item
-from ..models.base import LengthOptions, Where, text_only_message
-from ..reranker import Reranker, activate, ranked
+from ..inputs import ImageItem, Item, TextItem
+from ..inputs.images import ImagePolicy
+from ..models.base import LengthOptions, Where
+from ..reranker import Reranker
+from ..results import activate, cohere_response, describe_errors, jina_response, rerank_results
 from .metrics import Metrics
 from .schemas import (
     CohereRerankRequest,
     CohereResponse,
-    CohereResult,
     DocumentObject,
     ErrorResponse,
     ModelCard,
     ModelList,
     RerankRequest,
     RerankResponse,
-    RerankResult,
-    Usage,
-    WindowInfo,
 )
 
 log = logging.getLogger("rerankd.server")
@@ -69,10 +66,11 @@ def error_body(status: int, message: str, param: str | None = None) -> dict:
 @dataclass
 class ServerState:
     reranker: Reranker
-    batcher: Batcher
+    scheduler: Scheduler
     metrics: Metrics
     options: ServeOptions
     model_name: str
+    images: ImagePolicy  # what the clients may name as image sources
     source: str | None = None
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -87,21 +85,21 @@ def create_app(
     """The app serving `reranker` as `model_name`; `source` (the hub id or directory it came from) is shown in
     /v1/models, so that clients such as `rerankd bench` can find its tokenizer."""
     metrics = metrics or Metrics()
-    reranker.restrict_images(options.allow_private_urls, options.allowed_local_media_path)
-    batcher = Batcher(
+    scheduler = Scheduler(
         reranker.backend,
-        max_batch_tokens=reranker.engine.max_batch_tokens,
+        max_batch_tokens=reranker.options.max_batch_tokens,
         max_batch_wait=options.max_batch_wait_ms / 1000,
         max_queue_pairs=options.max_queue_pairs,
         prepare_workers=reranker.options.preprocess_workers,
         observer=metrics,
     )
-    state = ServerState(reranker, batcher, metrics, options, model_name, source)
+    images = ImagePolicy(options.allow_private_urls, options.allowed_local_media_path)
+    state = ServerState(reranker, scheduler, metrics, options, model_name, images, source)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
-        batcher.close(timeout=30)
+        scheduler.close(timeout=30)
 
     app = FastAPI(
         title="rerankd",
@@ -124,43 +122,33 @@ def create_app(
         query = _item(body.query, "query", reranker)
         docs = [_item(d, f"documents[{i}]", reranker) for i, d in enumerate(body.documents)]
         scored, tokens = await _score(request, state, query, docs, lengths)
-        scores = activate([s.logit for s in scored])
-        results = []
-        for i in ranked(scores, body.top_n):
-            r = RerankResult(index=i, relevance_score=scores[i])
-            if body.return_documents:
-                d = body.documents[i]
-                r.document = DocumentObject(text=d) if isinstance(d, str) else d
-            w = scored[i].window
-            if w is not None:
-                r.window = WindowInfo(index=w.index, count=w.count, start=w.start, end=w.end)
-            results.append(r)
-        return RerankResponse(id=f"rerank-{uuid.uuid4().hex}", model=state.model_name,
-                              usage=Usage(total_tokens=tokens, prompt_tokens=tokens), results=results)  # fmt: skip
+
+        def echo(i: int) -> DocumentObject:
+            d = body.documents[i]
+            return DocumentObject(text=d) if isinstance(d, str) else d
+
+        results = rerank_results(activate([s.logit for s in scored]), [s.window for s in scored], body.top_n,
+                                 echo if body.return_documents else None)  # fmt: skip
+        return RerankResponse.model_validate(jina_response(state.model_name, results, tokens))
 
     @app.post("/v2/rerank", response_model=CohereResponse, response_model_exclude_none=True)
     async def rerank_cohere(body: CohereRerankRequest, request: Request) -> CohereResponse:
         """Cohere's v2 rerank: string documents, each cut to max_tokens_per_doc tokens."""
         state.check_model(body.model)
         _check_count(len(body.documents), options.max_documents)
-        lengths = _lengths(reranker, None, 512, body.max_tokens_per_doc, "truncate", 0)
+        lengths = _lengths(reranker, None, RERANK_DEFAULTS.max_query_length, body.max_tokens_per_doc, "truncate", 0)
         docs: list[Item] = [TextItem(d) for d in body.documents]
         scored, tokens = await _score(request, state, TextItem(body.query), docs, lengths)
-        scores = activate([s.logit for s in scored])
-        results = [
-            CohereResult(index=i, relevance_score=scores[i],
-                         document={"text": body.documents[i]} if body.return_documents else None)  # fmt: skip
-            for i in ranked(scores, body.top_n)
-        ]
-        meta = {"api_version": {"version": "2"}, "billed_units": {"search_units": 1}, "tokens": {"input_tokens": tokens}}
-        return CohereResponse(id=str(uuid.uuid4()), results=results, meta=meta)
+        results = rerank_results(activate([s.logit for s in scored]), [None] * len(scored), body.top_n,
+                                 (lambda i: {"text": body.documents[i]}) if body.return_documents else None)  # fmt: skip
+        return CohereResponse.model_validate(cohere_response(results, tokens))
 
     @app.get("/health")
     async def health() -> JSONResponse:
         """200 when the model is loaded and its worker runs, 503 otherwise."""
-        if batcher.alive:
+        if scheduler.alive:
             return JSONResponse({"status": "ok", "model": state.model_name})
-        reason = f"the model worker is not running ({batcher.error or 'stopping'})"
+        reason = f"the model worker is not running ({scheduler.error or 'stopping'})"
         return JSONResponse(error_body(503, reason), status_code=503)
 
     @app.get("/v1/models", response_model=ModelList)
@@ -206,31 +194,31 @@ def _lengths(reranker: Reranker, max_length, max_query_length, max_doc_length, l
 def _item(value: str | DocumentObject, param: str, reranker: Reranker) -> Item:
     try:
         if isinstance(value, DocumentObject):
-            item = parse_item({"text": value.text} if value.text is not None else {"image": value.image}, "text", param)
+            item = reranker.parse({"text": value.text} if value.text is not None else {"image": value.image}, "text",
+                                  param)  # fmt: skip
         else:
-            item = parse_item(value, "text", param)
+            item = reranker.parse(value, "text", param)
     except InputError as e:
         raise ApiError(400, str(e), e.param) from None
-    if isinstance(item, ImageItem):
-        if not reranker.backend.supports_images:
-            raise ApiError(400, f"{param}: {text_only_message(reranker.backend)}", param)
-        if not isinstance(item.source, str):
-            raise ApiError(400, f"{param}.image: must be a URL, data URI or base64 string", f"{param}.image")
+    if isinstance(item, ImageItem) and not isinstance(item.source, str):
+        raise ApiError(400, f"{param}.image: must be a URL, data URI or base64 string", f"{param}.image")
     return item
 
 
 async def _score(request: Request, state: ServerState, query: Item, docs: Sequence[Item], lengths: LengthOptions):
-    """Score (query, doc) pairs through the batcher, within the deadline, withdrawn if the client goes away."""
+    """Score (query, doc) pairs through the scheduler, within the deadline, withdrawn if the client goes away."""
     loop = asyncio.get_running_loop()
-    if not state.batcher.alive:
-        raise ApiError(503, f"the model worker is not running ({state.batcher.error or 'stopping'}); try later")
+    scheduler = state.scheduler
+    if not scheduler.alive:
+        raise ApiError(503, f"the model worker is not running ({scheduler.error or 'stopping'}); try later")
 
     async def work():
         q = query
         if isinstance(query, ImageItem):  # decoded once for all documents, off the event loop
-            q = await loop.run_in_executor(state.batcher.pool, state.reranker.backend.prepare_query_image, query,
-                                           "query")  # fmt: skip
-        return await state.batcher.score([(q, d) for d in docs], lengths, [Where.for_document(i) for i in range(len(docs))])
+            q = await loop.run_in_executor(scheduler.pool, state.reranker.backend.prepare_query, query, "query",
+                                           state.images)  # fmt: skip
+        wheres = [Where.for_document(i) for i in range(len(docs))]
+        return await scheduler.score([(q, d) for d in docs], lengths, wheres, state.images)
 
     task = asyncio.ensure_future(work())
     gone = asyncio.ensure_future(_disconnected(request))
@@ -253,12 +241,10 @@ async def _score(request: Request, state: ServerState, query: Item, docs: Sequen
     except Overloaded as e:
         raise ApiError(429, str(e), headers={"Retry-After": str(max(1, round(e.retry_after)))}) from None
     except WorkerError as e:
-        raise ApiError(500 if state.batcher.alive else 503, str(e)) from None
-    errors = [(i, r) for i, r in enumerate(outcome.results) if isinstance(r, InputError)]
+        raise ApiError(500 if scheduler.alive else 503, str(e)) from None
+    errors = {i: r for i, r in enumerate(outcome.results) if isinstance(r, InputError)}
     if errors:
-        shown = "; ".join(str(e) for _, e in errors[:5])
-        more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
-        raise ApiError(400, f"{len(errors)} of {len(docs)} documents could not be scored: {shown}{more}", errors[0][1].param)
+        raise ApiError(400, describe_errors(errors, len(docs), "documents", 5, None), errors[min(errors)].param)
     state.metrics.pairs.inc(len(docs))
     state.metrics.tokens.inc(outcome.tokens)
     return outcome.results, outcome.tokens

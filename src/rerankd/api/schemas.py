@@ -10,6 +10,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from ..config import COHERE_MAX_TOKENS_PER_DOC, RERANK_DEFAULTS, LongDocuments, ScoreOptions, field_docs
+
+_DOCS = field_docs(ScoreOptions)
+
 
 class DocumentObject(BaseModel):
     """{"text": ...} or {"image": URL | data URI | base64}; exactly one of them."""
@@ -37,13 +41,11 @@ class RerankRequest(BaseModel):
     documents: list[Document] = Field(description='Strings, {"text": ...} or {"image": URL | data URI | base64}.')
     top_n: int | None = Field(None, ge=1, description="Return the best N results (default: all).")
     return_documents: bool = Field(True, description="Echo each document in its result.")
-    max_length: int | None = Field(None, ge=1, description="Prompt token limit (default: the model's).")
-    max_query_length: int | None = Field(512, ge=1, description="Queries are cut to this many tokens.")
-    max_doc_length: int | None = Field(None, ge=1, description="Document window/cut size in tokens.")
-    long_documents: Literal["chunk", "truncate"] = Field(
-        "chunk", description="chunk: score overlapping windows, keep the best; truncate: cut the document."
-    )
-    overlap: int = Field(80, ge=0, description="Tokens shared by adjacent windows.")
+    max_length: int | None = Field(RERANK_DEFAULTS.max_length, ge=1, description=_DOCS["max_length"])
+    max_query_length: int | None = Field(RERANK_DEFAULTS.max_query_length, ge=1, description=_DOCS["max_query_length"])
+    max_doc_length: int | None = Field(RERANK_DEFAULTS.max_doc_length, ge=1, description=_DOCS["max_doc_length"])
+    long_documents: LongDocuments = Field(RERANK_DEFAULTS.long_documents, description=_DOCS["long_documents"])
+    overlap: int = Field(RERANK_DEFAULTS.overlap, ge=0, description=_DOCS["overlap"])
 
 
 class CohereRerankRequest(BaseModel):
@@ -55,7 +57,7 @@ class CohereRerankRequest(BaseModel):
     documents: list[str]
     top_n: int | None = Field(None, ge=1)
     return_documents: bool = False
-    max_tokens_per_doc: int = Field(4096, ge=1, description="Documents are cut to this many tokens.")
+    max_tokens_per_doc: int = Field(COHERE_MAX_TOKENS_PER_DOC, ge=1, description="Documents are cut to this many tokens.")
 
 
 class Usage(BaseModel):

@@ -1,6 +1,16 @@
-"""Pairs in, scores out: preparation off the forward path, token-budget batches, one compute loop."""
+"""Pairs in, scores out: the one scheduler under the library and the server (see scheduler.py)."""
 
-from .engine import Engine, Scored
-from .scheduler import Batch, plan_batches
+from .scheduler import (
+    WINDOW_PAIRS,
+    Batch,
+    Outcome,
+    Overloaded,
+    Scheduler,
+    Scored,
+    WorkerError,
+    keep_best,
+    plan_batches,
+)
 
-__all__ = ["Batch", "Engine", "Scored", "plan_batches"]
+__all__ = ["WINDOW_PAIRS", "Batch", "Outcome", "Overloaded", "Scheduler", "Scored", "WorkerError", "keep_best",
+           "plan_batches"]  # fmt: skip

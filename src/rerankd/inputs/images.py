@@ -15,12 +15,13 @@ import io
 import math
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from ..config import LoadOptions
 from ..errors import InputError
 from .urls import fetch_url
 
@@ -37,11 +38,11 @@ _BASE64_RE = re.compile(rb"^[A-Za-z0-9+/=_-]+$")
 
 @dataclass(frozen=True)
 class ImageLimits:
-    max_image_bytes: int = 20 * 1024 * 1024
+    max_image_bytes: int = LoadOptions.max_image_bytes
     """Largest encoded image accepted, in bytes (counted while downloading, before decoding)."""
-    max_image_pixels: int = 100_000_000
+    max_image_pixels: int = LoadOptions.max_image_pixels
     """Largest image accepted, in pixels (width * height, read from the header before decoding)."""
-    fetch_timeout: float = 10.0
+    fetch_timeout: float = LoadOptions.image_fetch_timeout
     """Seconds allowed for fetching one image URL."""
     allow_urls: bool = True
     """Fetch http(s) image URLs (the server applies its own URL policy on top)."""
@@ -52,6 +53,28 @@ class ImageLimits:
     allow_private_urls: bool = True
     """Fetch URLs whose host resolves to loopback, private, link-local or other non-public addresses. The library
     allows them (your own network); the server refuses them unless told otherwise."""
+
+    @classmethod
+    def from_options(cls, opts: LoadOptions) -> "ImageLimits":
+        """The load-time limits of `opts`, every source allowed (the library's policy)."""
+        return cls(opts.max_image_bytes, opts.max_image_pixels, opts.image_fetch_timeout)
+
+    def under(self, policy: "ImagePolicy | None") -> "ImageLimits":
+        """These limits with a caller's source policy applied (None: the library's, every source allowed)."""
+        if policy is None:
+            return self
+        return replace(self, allow_private_urls=policy.allow_private_urls,
+                       allow_local_files=policy.local_media_root is not None, local_media_root=policy.local_media_root)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ImagePolicy:
+    """Which image sources an untrusted caller (the server's clients) may name: URLs only to public addresses
+    unless allow_private_urls; local files only beneath local_media_root, none if it is None. A call carries its
+    policy to the backend, so one loaded model serves trusted (library) and untrusted (server) callers at once."""
+
+    allow_private_urls: bool = False
+    local_media_root: str | None = None
 
 
 @dataclass(frozen=True)

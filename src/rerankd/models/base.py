@@ -1,17 +1,25 @@
-"""What every model backend offers the engine, and the small typed objects passed between stages."""
+"""The contract between the scoring pipeline and a model backend, and the small typed objects passed between stages.
+
+A backend is one model family loaded for inference. The pipeline (rerankd.engine) hands it pairs to prepare, in a
+thread pool (tokenize, cut, window, decode images: no model compute), and batches of prepared sequences to score,
+on one worker thread. See docs/architecture.md.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal, Protocol
+from pathlib import Path
+from collections.abc import Callable
+from typing import Any, ClassVar, Protocol
 
 import torch
+from torch import nn
 
+from ..config import REFERENCE_LONG_DOCUMENTS, RERANK_DEFAULTS, LoadOptions, LongDocuments
+from ..errors import ModelLoadError
 from ..inputs import Item
-from ..inputs.images import PreparedImage
-
-
-LongDocuments = Literal["chunk", "truncate"]
+from ..inputs.images import ImagePolicy, PreparedImage
+from ..weights import Renames, load_weights
 
 
 @dataclass(frozen=True)
@@ -24,10 +32,10 @@ class LengthOptions:
     """Queries are cut to this many tokens (None: not cut on their own; the pair is truncated as a whole)."""
     max_doc_length: int | None = None
     """Text documents are cut to (or windowed by) this many tokens (None: the model's rule, see each backend)."""
-    long_documents: LongDocuments = "truncate"
+    long_documents: LongDocuments = REFERENCE_LONG_DOCUMENTS
     """'truncate': a document that does not fit is cut. 'chunk': it is split into overlapping token windows,
-    each scored as a pair; the document's score is the maximum over its windows."""
-    overlap: int = 80
+    each scored as a pair; the document's score is the maximum over its windows (rerankd.models.windows)."""
+    overlap: int = RERANK_DEFAULTS.overlap
     """Tokens shared by adjacent windows in 'chunk' mode."""
 
 
@@ -58,53 +66,122 @@ class Where:
         return cls(f"documents[{i}]", "query", f"documents[{i}]")
 
 
-def window_starts(tokens: int, size: int, overlap: int) -> list[int]:
-    """Start offsets of the windows over a document of `tokens` tokens: the first at 0, each next one
-    `size - overlap` later, until one reaches the end. Needs 0 <= overlap < size."""
-    starts = [0]
-    while starts[-1] + size < tokens:
-        starts.append(starts[-1] + size - overlap)
-    return starts
-
-
 @dataclass
 class PreparedSequence:
-    """One (query, document) pair made ready for the model: token ids and what goes with them."""
+    """One model input made ready: token ids and what goes with them.
+
+    A sequence yields one logit per entry of `slots`, in that order. A slot is a score the caller asked for,
+    numbered within the unit of work the sequence was prepared from: a (query, document) pair is one unit with one
+    slot (0), so today every sequence has `slots == (0,)`, and the windows of a chunked document are several
+    sequences of the same slot, reduced to their maximum. A listwise model (one sequence holding a query and many
+    documents) would prepare a unit of several slots and give each sequence several.
+    """
 
     input_ids: torch.Tensor  # [tokens] int64
     positions: torch.Tensor | None = None  # [3, tokens] M-RoPE positions (m0), [tokens] (encoders)
     images: list[PreparedImage] = field(default_factory=list)
     token_types: torch.Tensor | None = None  # [tokens] segment ids (BERT), None where the model has one type
     window: Window | None = None  # set when the document was split into several windows
+    slots: tuple[int, ...] = (0,)
 
     @property
     def length(self) -> int:
         return int(self.input_ids.shape[0])
 
 
-def text_only_message(backend: "Backend") -> str:
-    """Why a text-only backend refuses an image (a backend may say more through `text_only_reason`)."""
-    reason = getattr(backend, "text_only_reason", None)
-    return reason or f"this model ({backend.architecture}) is text only; images are not supported"
+def cu_seqlens(batch: list[PreparedSequence]) -> list[int]:
+    """Where each sequence of a packed batch starts, and the total: [0, len0, len0 + len1, ...]."""
+    cu = [0]
+    for s in batch:
+        cu.append(cu[-1] + s.length)
+    return cu
 
 
 class Backend(Protocol):
-    """A loaded model: turns pairs into sequences (thread-safe, no model compute) and sequences into scores."""
+    """A loaded model: turns pairs into sequences (thread-safe, no model compute) and sequences into logits.
+
+    Registered in rerankd.models.registry by config architecture or file type; `load` is its only constructor the
+    pipeline uses.
+    """
 
     architecture: str
-    supports_images: ClassVar[bool]
-    default_max_length: int  # max_length when a call gives none
-    default_max_query_length: int
-    compute_score_max_query_length: int | None  # compute_score's default: what the model's reference does
+    """What was loaded, for logs and messages (the config's architecture, or the file type)."""
+    supports_images: bool
+    """Whether queries and documents may be images."""
+    text_only_reason: str
+    """Why images are refused, when they are: shown to the caller, field name in front."""
+    default_max_length: int
+    """max_length when a call gives none."""
+    compute_score_max_query_length: int | None
+    """compute_score's default query cut: what the model's reference does (None: the pair is truncated whole)."""
     device: torch.device
     dtype: torch.dtype
+    cpu_gemm: str
+    """The kernel of the fp32 CPU linear layers that runs: 'onednn', 'torch', or 'none' (not torch's layers)."""
 
-    def prepare(self, query: Item, doc: Item, lengths: LengthOptions, where: Where) -> list[PreparedSequence]:
-        """The pair's sequences: one, or one per window of a chunked document (all scored, the maximum kept)."""
+    @classmethod
+    def load(cls, path: Path, config: dict | None, device: torch.device, dtype: torch.dtype, opts: LoadOptions) -> Any:
+        """Load a checkpoint directory (config: its config.json) or a model file (config None)."""
         ...
 
-    def prepare_query_image(self, query: Item, param: str) -> Item: ...
+    def prepare(
+        self, query: Item, doc: Item, lengths: LengthOptions, where: Where, images: ImagePolicy | None = None
+    ) -> list[PreparedSequence]:
+        """The pair's sequences: one, or one per window of a chunked document. `images` is the caller's image
+        source policy (None: the library's, every source allowed). Raises InputError naming `where`."""
+        ...
+
+    def prepare_query(self, query: Item, param: str, images: ImagePolicy | None = None) -> Item:
+        """A query shared by many pairs, made ready once (an image query decoded): returns the item to pair."""
+        ...
 
     def forward(self, batch: list[PreparedSequence]) -> torch.Tensor:
-        """Relevance logits [len(batch)] in fp32 on the CPU: the score is sigmoid(logit)."""
+        """Relevance logits, one per slot of each sequence in order, fp32 on the CPU: the score is sigmoid(logit)."""
         ...
+
+    def close(self) -> None:
+        """Release what the backend holds outside Python's memory (a llama.cpp context); idempotent."""
+        ...
+
+
+class TextOnly:
+    """The image half of the Backend contract for text-only models: images are refused, with the reason."""
+
+    supports_images: ClassVar[bool] = False
+    architecture: str
+
+    @property
+    def text_only_reason(self) -> str:
+        return f"this model ({self.architecture}) is text only; images are not supported"
+
+    def prepare_query(self, query: Item, param: str, images: ImagePolicy | None = None) -> Item:
+        return query
+
+
+def load_tokenizer(directory: Path, hint: str = ""):
+    """`directory`/tokenizer.json as a tokenizers.Tokenizer with truncation and padding off (the backends cut and
+    pack themselves); a clear error if it is missing (`hint` says how to make one)."""
+    from tokenizers import Tokenizer
+
+    path = directory / "tokenizer.json"
+    if not path.is_file():
+        raise ModelLoadError(f"{directory}: tokenizer.json is missing{hint}")
+    tokenizer = Tokenizer.from_file(str(path))
+    tokenizer.no_truncation()
+    tokenizer.no_padding()
+    return tokenizer
+
+
+def build_module(make: Callable[[], nn.Module], directory: Path, renames: Renames, device: torch.device,
+                 dtype: torch.dtype, opts: LoadOptions) -> nn.Module:  # fmt: skip
+    """`make()` built without memory (meta device), its weights read from `directory` through `renames`, in eval
+    mode without gradients."""
+    with torch.device("meta"):
+        model = make()
+    load_weights(model, directory, renames, device, dtype, opts.show_progress)
+    return model.eval().requires_grad_(False)
+
+
+def packed(batch: list[PreparedSequence], device: torch.device) -> tuple[torch.Tensor, list[int]]:
+    """The token ids of a batch, concatenated on `device`, and its cu_seqlens."""
+    return torch.cat([s.input_ids for s in batch]).to(device), cu_seqlens(batch)

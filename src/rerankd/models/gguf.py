@@ -30,9 +30,9 @@ import torch
 
 from ..config import LoadOptions
 from ..errors import InputError, ModelLoadError
-from ..inputs.images import PreparedImage
-from .base import LengthOptions, PreparedSequence, Where
-from .jina_m0 import DEFAULT_MAX_LENGTH, DEFAULT_MAX_QUERY_LENGTH, SCORE_TOKEN_ID, M0Prompts, SpecialTokens
+from ..inputs.images import ImagePolicy, PreparedImage
+from .base import LengthOptions, PreparedSequence, TextOnly, Where
+from .jina_m0 import DEFAULT_MAX_LENGTH, REFERENCE_MAX_QUERY_LENGTH, SCORE_TOKEN_ID, M0Prompts
 
 HEAD_FILE = "mlp_weights.npz"
 HEAD_ARRAYS = ("W1", "b1", "W2", "b2", "logit_bias")
@@ -168,13 +168,12 @@ def _char_offsets(data: bytes) -> tuple[list[int], list[int]]:
     return floor, ceil
 
 
-class GGUFBackend(M0Prompts):
+class GGUFBackend(TextOnly, M0Prompts):
     architecture: ClassVar[str] = "jina-reranker-m0 GGUF (llama.cpp)"
-    supports_images: ClassVar[bool] = False
-    text_only_reason: ClassVar[str] = TEXT_ONLY
+    text_only_reason: ClassVar[str] = TEXT_ONLY  # type: ignore[assignment]
     default_max_length: ClassVar[int] = DEFAULT_MAX_LENGTH
-    default_max_query_length: ClassVar[int] = DEFAULT_MAX_QUERY_LENGTH
-    compute_score_max_query_length: ClassVar[int | None] = DEFAULT_MAX_QUERY_LENGTH
+    compute_score_max_query_length: ClassVar[int | None] = REFERENCE_MAX_QUERY_LENGTH
+    cpu_gemm: ClassVar[str] = "none"  # llama.cpp runs the model, not torch's layers
 
     def __init__(self, llm: object, head: dict[str, np.ndarray], path: Path, n_ctx: int, box_end_row: int | None):
         import llama_cpp
@@ -187,30 +186,38 @@ class GGUFBackend(M0Prompts):
         self.dtype = torch.float32
         self.head = head
         vocab = llama_cpp.llama_model_get_vocab(llm.model)  # type: ignore[attr-defined]
-        self.tokenizer = LlamaTokenizer(vocab)  # type: ignore[assignment]
-        box_end = self.tokenizer.token_to_id(SCORE_TOKEN)
-        image_pad = self.tokenizer.token_to_id("<|image_pad|>")
+        tokenizer = LlamaTokenizer(vocab)
+        box_end = tokenizer.token_to_id(SCORE_TOKEN)
         if box_end is None:
             raise ModelLoadError(f"{path}: the GGUF's vocabulary has no {SCORE_TOKEN} token; not a jina-reranker-m0 GGUF")
-        self.score_token_id = SCORE_TOKEN_ID
+        # text only: no vision tower; a literal <|image_pad|> in the text is still refused as the torch path does
+        super().__init__(tokenizer, SCORE_TOKEN_ID, tokenizer.token_to_id("<|image_pad|>"), None)  # type: ignore[arg-type]
         # the text <|box_end|> -> the row that keeps its own embedding, when the file has one
         self._feed = {box_end: box_end_row} if box_end_row is not None else {}
-        self.special = SpecialTokens(image_pad=-1 if image_pad is None else image_pad, vision_start=-1, vision_end=-1)
-        self.merge_size = 1  # no images reach this backend (prepare_image refuses them)
         self.n_embd = int(llama_cpp.llama_model_n_embd(llm.model))  # type: ignore[attr-defined]
         self._lock = threading.Lock()  # one llama.cpp context: one forward at a time
         self._batch = llama_cpp.llama_batch_init(CALL_TOKENS, 0, 1)
         self.max_sequences = int(llama_cpp.llama_n_seq_max(llm.ctx))  # type: ignore[attr-defined]
         self.call_tokens = CALL_TOKENS
 
+    def close(self) -> None:
+        """Free llama.cpp's batch; the model and context go with the Llama object."""
+        with getattr(self, "_lock", threading.Lock()):
+            batch = getattr(self, "_batch", None)
+            if batch is not None:
+                self._lib.llama_batch_free(batch)
+                self._batch = None
+
     def __del__(self) -> None:
-        batch = getattr(self, "_batch", None)
-        if batch is not None:
-            self._lib.llama_batch_free(batch)
-            self._batch = None
+        self.close()
 
     @classmethod
-    def load(cls, path: Path, head_path: Path, device: torch.device, opts: LoadOptions, max_batch_tokens: int) -> "GGUFBackend":
+    def load(
+        cls, path: Path, config: dict | None, device: torch.device, dtype: torch.dtype, opts: LoadOptions
+    ) -> "GGUFBackend":
+        """A .gguf file, its score head (HEAD_FILE) beside it. dtype does not apply: llama.cpp computes in the
+        file's types with an f32 KV cache."""
+        head_path = path.parent / HEAD_FILE
         try:
             import llama_cpp
         except ImportError:
@@ -255,11 +262,13 @@ class GGUFBackend(M0Prompts):
 
     # ------------------------------------------------------------------ preparation
 
-    def prepare_image(self, source: object, param: str) -> PreparedImage:
+    def prepare_image(self, source: object, param: str, images: ImagePolicy | None = None) -> PreparedImage:
         raise InputError(TEXT_ONLY, param)
 
-    def prepare(self, query, doc, lengths: LengthOptions, where: Where) -> list[PreparedSequence]:
-        seqs = super().prepare(query, doc, lengths, where)
+    def prepare(
+        self, query, doc, lengths: LengthOptions, where: Where, images: ImagePolicy | None = None
+    ) -> list[PreparedSequence]:
+        seqs = M0Prompts.prepare(self, query, doc, lengths, where, images)
         for s in seqs:
             if s.length > self.n_ctx:
                 raise InputError(
@@ -280,6 +289,8 @@ class GGUFBackend(M0Prompts):
         """
         out = np.empty((len(batch), self.n_embd), dtype=np.float32)
         with self._lock:
+            if self._batch is None:
+                raise RuntimeError(f"{self.path}: this GGUF backend is closed; load the model again")
             start = 0
             while start < len(batch):
                 stop, tokens = start + 1, batch[start].length

@@ -30,28 +30,31 @@ from ..inputs.images import (
     DEFAULT_MAX_PIXELS,
     DEFAULT_MIN_PIXELS,
     ImageLimits,
+    ImagePolicy,
     PreparedImage,
     load_image,
     qwen2_vl_patches,
 )
-from ..weights import Renames, load_weights
-from .base import LengthOptions, PreparedSequence, Where, Window, window_starts
-from .layers import attention_backend
+from ..weights import Renames
+from .base import LengthOptions, PreparedSequence, Where, build_module, load_tokenizer, packed
+from .layers import attention_backend, use_cpu_gemm
 from .qwen2_vl import TextConfig, TextModel, VisionConfig, VisionTransformer
+from .windows import document_spans
 
 SCORE_TOKEN_ID = 100  # appended after every prompt; the head reads its hidden state
 LOGIT_BIAS = 2.65  # relevance = sigmoid(logit - LOGIT_BIAS)
 DEFAULT_MAX_LENGTH = 10240
-DEFAULT_MAX_QUERY_LENGTH = 512
+REFERENCE_MAX_QUERY_LENGTH = 512  # the model card's compute_score cuts queries here (a model fact)
 DOC_PREFIX = "**Document**:\n"
 QUERY_PREFIX = "\n**Query**:\n"
 IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
 
-# checkpoint name pattern -> module name (None: dropped on purpose); see rerankd.weights
+# checkpoint name template -> module name template (None: dropped on purpose), read both ways; see rerankd.weights.
+# jinaai/jina-reranker-m0 itself holds the module's names; backward gives the newer format.
 WEIGHT_RENAMES: Renames = [
-    (r"model\.language_model\.", "model."),  # transformers >= 4.52 save format
-    (r"model\.visual\.", "visual."),  # idem
-    (r"lm_head\.", None),  # the reranker never produces token logits
+    ("model.language_model.", "model."),  # transformers >= 4.52 save format
+    ("model.visual.", "visual."),  # idem
+    ("lm_head.", None),  # the reranker never produces token logits
 ]
 
 
@@ -90,6 +93,8 @@ class JinaM0(nn.Module):
 
 @dataclass(frozen=True)
 class SpecialTokens:
+    """The vision tokens of a Qwen2-VL vocabulary that m0's prompts use."""
+
     image_pad: int
     vision_start: int
     vision_end: int
@@ -100,21 +105,22 @@ class M0Prompts:
 
     Thread-safe and free of model compute. Shared by the torch backend and the GGUF one (rerankd.models.gguf),
     which differ in the tokenizer object (anything with tokenizers.Tokenizer's `encode` and `decode`), in the
-    score token appended to every prompt, and in whether images can be prepared.
+    score token appended to every prompt, and in whether images can be prepared (`prepare_image`).
     """
 
-    tokenizer: Tokenizer
-    special: SpecialTokens
-    score_token_id: int
-    merge_size: int  # the vision tower's spatial merge: an image's tokens = patches / merge_size**2
+    def __init__(self, tokenizer: Tokenizer, score_token_id: int, image_pad: int | None, merge_size: int | None):
+        self.tokenizer = tokenizer
+        self.score_token_id = score_token_id
+        self.image_pad = image_pad  # <|image_pad|>'s id (None: the vocabulary has none), expanded per image
+        self.merge_size = merge_size  # the vision tower's spatial merge (None: no vision tower)
 
-    def prepare_image(self, source: object, param: str) -> PreparedImage:
+    def prepare_image(self, source: object, param: str, images: ImagePolicy | None = None) -> PreparedImage:
         raise NotImplementedError
 
-    def prepare_query_image(self, query: Item, param: str) -> Item:
+    def prepare_query(self, query: Item, param: str, images: ImagePolicy | None = None) -> Item:
         """An image query shared by many pairs is decoded once: returns the item with its image prepared."""
         if isinstance(query, ImageItem):
-            return ImageItem(self.prepare_image(query.source, f"{param}.image"))
+            return ImageItem(self.prepare_image(query.source, f"{param}.image", images))
         return query
 
     def _encode(self, text: str) -> list[int]:
@@ -127,14 +133,16 @@ class M0Prompts:
             return self.tokenizer.decode(ids[:max_tokens], skip_special_tokens=False), max_tokens
         return text, len(ids)
 
-    def prepare(self, query: Item, doc: Item, lengths: LengthOptions, where: Where) -> list[PreparedSequence]:
+    def prepare(
+        self, query: Item, doc: Item, lengths: LengthOptions, where: Where, images: ImagePolicy | None = None
+    ) -> list[PreparedSequence]:
         qparam, dparam, param = where.query, where.document, where.pair
-        images: list[PreparedImage] = []
+        prepared: list[PreparedImage] = []
         if isinstance(doc, ImageItem):
-            images.append(self.prepare_image(doc.source, f"{dparam}.image"))
+            prepared.append(self.prepare_image(doc.source, f"{dparam}.image", images))
         if isinstance(query, ImageItem):
-            images.append(self.prepare_image(query.source, f"{qparam}.image"))
-        image_tokens = sum(im.merged_tokens(self.merge_size) for im in images)
+            prepared.append(self.prepare_image(query.source, f"{qparam}.image", images))
+        image_tokens = sum(im.merged_tokens(self.merge_size) for im in prepared)  # type: ignore[arg-type]
 
         query_text = IMAGE_PLACEHOLDER
         if isinstance(query, TextItem) and lengths.max_query_length is not None:
@@ -142,33 +150,31 @@ class M0Prompts:
         elif isinstance(query, TextItem):
             query_text = query.text
         if not isinstance(doc, TextItem):
-            return [self._fit(query_text, None, IMAGE_PLACEHOLDER, 0, images, image_tokens, lengths, param)]
+            return [self._fit(query_text, None, IMAGE_PLACEHOLDER, 0, prepared, image_tokens, lengths, param)]
         max_doc = lengths.max_doc_length
         if max_doc is None:  # the reference's rule
             max_doc = max(lengths.max_length - (lengths.max_query_length or 0), lengths.max_query_length or 0)
         if lengths.long_documents == "truncate":
             doc_text, doc_tokens = self._cut(doc.text, max_doc)
-            return [self._fit(query_text, doc.text, doc_text, doc_tokens, images, image_tokens, lengths, param)]
+            return [self._fit(query_text, doc.text, doc_text, doc_tokens, prepared, image_tokens, lengths, param)]
 
         # chunk: windows of what fits beside the query and template (2 tokens spare for merges at the seams)
-        overhead = len(self._encode(DOC_PREFIX + QUERY_PREFIX + query_text)) - len(images) + image_tokens + 1
+        overhead = len(self._encode(DOC_PREFIX + QUERY_PREFIX + query_text)) - len(prepared) + image_tokens + 1
         room = min(max_doc, lengths.max_length - overhead - 2)
         enc = self.tokenizer.encode(doc.text, add_special_tokens=True)
-        if len(enc.ids) <= room:
-            return [self._fit(query_text, doc.text, doc.text, len(enc.ids), images, image_tokens, lengths, param)]
-        if lengths.overlap >= room:
-            raise InputError(
-                f"overlap={lengths.overlap} must be smaller than the document window of {room} tokens "
-                f"(what max_length leaves beside the query and prompt); lower overlap or raise max_length",
-                param,
-            )
-        starts = window_starts(len(enc.ids), room, lengths.overlap)
+        ids = enc.ids  # read once: a tokenizers Encoding builds a new list on every read
+        spans = document_spans(
+            len(ids), room, lengths, lambda: enc.offsets, param,
+            taken=f"the prompt around the document takes {overhead + 2} tokens",
+            room_is="what max_length leaves beside the query and prompt",
+        )  # fmt: skip
+        if spans[0].window is None:
+            return [self._fit(query_text, doc.text, doc.text, len(ids), prepared, image_tokens, lengths, param)]
         out = []
-        for i, s in enumerate(starts):
-            e = min(s + room, len(enc.ids))
-            text = self.tokenizer.decode(enc.ids[s:e], skip_special_tokens=False)
-            seq = self._fit(query_text, text, text, e - s, images, image_tokens, lengths, param)
-            seq.window = Window(i, len(starts), enc.offsets[s][0], enc.offsets[e - 1][1])
+        for span in spans:
+            text = self.tokenizer.decode(ids[span.start : span.end], skip_special_tokens=False)
+            seq = self._fit(query_text, text, text, span.end - span.start, prepared, image_tokens, lengths, param)
+            seq.window = span.window
             out.append(seq)
         return out
 
@@ -215,7 +221,7 @@ class M0Prompts:
         offset by the position where it starts; the text after it continues from the image's max position + 1.
         """
         merge = self.merge_size
-        pad = self.special.image_pad
+        pad = self.image_pad
         out_ids: list[torch.Tensor] = []
         out_pos: list[torch.Tensor] = []
         next_pos, start, img_i = 0, 0, 0
@@ -232,7 +238,7 @@ class M0Prompts:
             if img_i >= len(images):
                 raise InputError("the text contains the reserved token <|image_pad|>; remove it", param)
             t, h, w = images[img_i].grid
-            gh, gw = h // merge, w // merge
+            gh, gw = h // merge, w // merge  # type: ignore[operator]
             tt = torch.arange(t).view(-1, 1, 1).expand(t, gh, gw).flatten()
             hh = torch.arange(gh).view(1, -1, 1).expand(t, gh, gw).flatten()
             ww = torch.arange(gw).view(1, 1, -1).expand(t, gh, gw).flatten()
@@ -249,9 +255,9 @@ class M0Prompts:
 class JinaM0Backend(M0Prompts):
     architecture: ClassVar[str] = "JinaVLForRanking"
     supports_images: ClassVar[bool] = True
+    text_only_reason: ClassVar[str] = ""
     default_max_length: ClassVar[int] = DEFAULT_MAX_LENGTH
-    default_max_query_length: ClassVar[int] = DEFAULT_MAX_QUERY_LENGTH
-    compute_score_max_query_length: ClassVar[int | None] = DEFAULT_MAX_QUERY_LENGTH
+    compute_score_max_query_length: ClassVar[int | None] = REFERENCE_MAX_QUERY_LENGTH
 
     def __init__(
         self,
@@ -264,26 +270,26 @@ class JinaM0Backend(M0Prompts):
         image_limits: ImageLimits,
         min_pixels: int,
         max_pixels: int,
+        cpu_gemm: str,
     ):
-        self.model = model
-        self.tokenizer = tokenizer
+        super().__init__(tokenizer, SCORE_TOKEN_ID, special.image_pad, vision.spatial_merge_size)
         self.special = special
+        self.model = model
         self.vision = vision
         self.device = device
         self.dtype = dtype
-        self.image_limits = image_limits
+        self.image_limits = image_limits  # the load-time limits; each call brings its source policy
         self.min_pixels = min_pixels
         self.max_pixels = max_pixels
+        self.cpu_gemm = cpu_gemm
         self.attn_backend = attention_backend(device, dtype)
-        self.score_token_id = SCORE_TOKEN_ID
-        self.merge_size = vision.spatial_merge_size
 
     # ------------------------------------------------------------------ preparation (thread-safe, no model compute)
 
-    def prepare_image(self, source: object, param: str) -> PreparedImage:
+    def prepare_image(self, source: object, param: str, images: ImagePolicy | None = None) -> PreparedImage:
         if isinstance(source, PreparedImage):
             return source
-        img = load_image(source, self.image_limits, param)
+        img = load_image(source, self.image_limits.under(images), param)
         v = self.vision
         return qwen2_vl_patches(
             img,
@@ -306,49 +312,32 @@ class JinaM0Backend(M0Prompts):
             vision = VisionConfig.from_dict(config["vision_config"])
         except (KeyError, ValueError) as e:
             raise ModelLoadError(f"{directory}/config.json: not a usable Qwen2-VL config ({e!r})") from None
-        tok_path = directory / "tokenizer.json"
-        if not tok_path.is_file():
-            raise ModelLoadError(f"{directory}: tokenizer.json is missing")
-        tokenizer = Tokenizer.from_file(str(tok_path))
-        tokenizer.no_truncation()
-        tokenizer.no_padding()
+        tokenizer = load_tokenizer(directory)
         special = SpecialTokens(
             image_pad=_special_id(tokenizer, config, "<|image_pad|>", "image_token_id", directory),
             vision_start=_special_id(tokenizer, config, "<|vision_start|>", "vision_start_token_id", directory),
             vision_end=_special_id(tokenizer, config, "<|vision_end|>", "vision_end_token_id", directory),
         )
-        with torch.device("meta"):
-            model = JinaM0(text, vision)
-        load_weights(model, directory, WEIGHT_RENAMES, device, dtype, opts.show_progress)
+        model = build_module(lambda: JinaM0(text, vision), directory, WEIGHT_RENAMES, device, dtype, opts)
         model.model.inv_freq = model.model.rope_inv_freq().to(device)
         model.visual.inv_freq = model.visual.rope_inv_freq().to(device)
-        model.eval().requires_grad_(False)
-        return cls(
-            model,
-            tokenizer,
-            special,
-            vision,
-            device,
-            dtype,
-            ImageLimits(opts.max_image_bytes, opts.max_image_pixels, opts.image_fetch_timeout),
-            opts.min_pixels or DEFAULT_MIN_PIXELS,
-            opts.max_pixels or DEFAULT_MAX_PIXELS,
-        )
+        gemm = use_cpu_gemm(model, opts.cpu_gemm, device, dtype)
+        return cls(model, tokenizer, special, vision, device, dtype, ImageLimits.from_options(opts),
+                   opts.min_pixels or DEFAULT_MIN_PIXELS, opts.max_pixels or DEFAULT_MAX_PIXELS, gemm)  # fmt: skip
+
+    def close(self) -> None:
+        pass
 
     # ------------------------------------------------------------------ compute
 
     @torch.inference_mode()
     def forward(self, batch: list[PreparedSequence]) -> torch.Tensor:
-        cu = [0]
-        for s in batch:
-            cu.append(cu[-1] + s.length)
-        input_ids = torch.cat([s.input_ids for s in batch]).to(self.device)
+        input_ids, cu = packed(batch, self.device)
         positions = torch.cat([s.positions for s in batch], dim=1).to(self.device)
         images = [im for s in batch for im in s.images]
         patches = torch.cat([im.patches for im in images]).to(self.device, self.dtype) if images else None
-        logits = self.model(
-            input_ids, positions, cu, patches, [im.grid for im in images], self.special.image_pad, self.attn_backend
-        )
+        logits = self.model(input_ids, positions, cu, patches, [im.grid for im in images], self.image_pad,
+                            self.attn_backend)  # fmt: skip
         return logits.float().cpu() - LOGIT_BIAS  # relevance = sigmoid(head logit - LOGIT_BIAS)
 
 

@@ -1,4 +1,7 @@
-"""config.json `architectures` -> the backend class that serves it."""
+"""What serves a model: a config's `architectures` entry, or a model file's type -> its backend class.
+
+Adding a model is one line here (see docs/architecture.md). Modules are imported only when their model is loaded.
+"""
 
 from __future__ import annotations
 
@@ -8,12 +11,16 @@ from pathlib import Path
 
 from ..errors import ModelLoadError
 
-# architecture name -> "module:Class"; modules are imported only when that architecture is loaded
+# config.json architecture name -> "module:Class"
 ARCHITECTURES: dict[str, str] = {
     "JinaVLForRanking": "rerankd.models.jina_m0:JinaM0Backend",
     "XLMRobertaForSequenceClassification": "rerankd.models.xlm_roberta:CrossEncoderBackend",
     "RobertaForSequenceClassification": "rerankd.models.xlm_roberta:CrossEncoderBackend",
     "BertForSequenceClassification": "rerankd.models.xlm_roberta:CrossEncoderBackend",
+}
+# model file suffix -> "module:Class" (a file that is the whole model, loaded without a config.json)
+FILE_TYPES: dict[str, str] = {
+    ".gguf": "rerankd.models.gguf:GGUFBackend",  # jina-reranker-m0 through llama.cpp
 }
 
 
@@ -27,13 +34,29 @@ def read_config(directory: Path) -> dict:
         raise ModelLoadError(f"{path}: not valid JSON ({e})") from None
 
 
+def _import(target: str) -> type:
+    module, cls = target.split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
 def backend_class(config: dict, where: Path) -> type:
     names = config.get("architectures") or []
     for name in names:
         if name in ARCHITECTURES:
-            module, cls = ARCHITECTURES[name].split(":")
-            return getattr(importlib.import_module(module), cls)
+            return _import(ARCHITECTURES[name])
     raise ModelLoadError(
         f"{where}/config.json: architecture {names or '(none given)'} is not supported; "
         f"supported architectures: {', '.join(sorted(ARCHITECTURES))}"
     )
+
+
+def backend_for(path: Path) -> tuple[type, dict | None]:
+    """The backend class that loads `path` (a checkpoint directory or a model file, see hub.resolve_model) and
+    the config it is loaded with (None for a model file)."""
+    if path.is_file():
+        if path.suffix not in FILE_TYPES:
+            raise ModelLoadError(f"{path}: a {path.suffix or 'suffix-less'} file is not a model rerankd loads; "
+                                 f"model files: {', '.join(FILE_TYPES)}")  # fmt: skip
+        return _import(FILE_TYPES[path.suffix]), None
+    config = read_config(path)
+    return backend_class(config, path), config

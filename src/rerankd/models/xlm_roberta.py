@@ -28,9 +28,11 @@ from torch import nn
 from ..config import LoadOptions
 from ..errors import InputError, ModelLoadError
 from ..inputs import ImageItem, Item
-from ..weights import Part, Renames, load_weights, tensor_names
-from .base import LengthOptions, PreparedSequence, Where, Window, text_only_message, window_starts
-from .layers import attention_backend, linear, rowwise, single_query_attention, varlen_attention
+from ..inputs.images import ImagePolicy
+from ..weights import Part, Renames, tensor_names
+from .base import LengthOptions, PreparedSequence, TextOnly, Where, build_module, load_tokenizer, packed
+from .layers import attention_backend, linear, rowwise, single_query_attention, use_cpu_gemm, varlen_attention
+from .windows import document_spans
 
 DEFAULT_MAX_LENGTH = 1024
 TRUNCATING_TOKENIZERS = 4  # tokenizer copies kept, one per recent max_length of compute_score calls
@@ -43,37 +45,39 @@ ACTIVATIONS = {
 
 
 def _hf_layer(prefix: str) -> Renames:
-    """Standard Hugging Face encoder layer names under `prefix` (roberta. or bert.) -> this module's names."""
-    layer = rf"{prefix}encoder\.layer\.(\d+)\."
-    out = r"encoder.layers.\1."
+    """Standard Hugging Face encoder names under `prefix` (roberta. or bert.) <-> this module's names."""
+    layer, out = prefix + "encoder.layer.{n}.", "encoder.layers.{n}."
     return [
-        (layer + r"attention\.self\.query\.", Part(out + "mixer.Wqkv.", 0, 3)),
-        (layer + r"attention\.self\.key\.", Part(out + "mixer.Wqkv.", 1, 3)),
-        (layer + r"attention\.self\.value\.", Part(out + "mixer.Wqkv.", 2, 3)),
-        (layer + r"attention\.output\.dense\.", out + "mixer.out_proj."),
-        (layer + r"attention\.output\.LayerNorm\.", out + "norm1."),
-        (layer + r"intermediate\.dense\.", out + "mlp.fc1."),
-        (layer + r"output\.dense\.", out + "mlp.fc2."),
-        (layer + r"output\.LayerNorm\.", out + "norm2."),
-        (rf"{prefix}embeddings\.LayerNorm\.", "emb_ln."),
-        (rf"{prefix}embeddings\.(position_ids|token_type_ids)$", None),  # buffers older checkpoints carry
-        (rf"{prefix}embeddings\.", "embeddings."),
+        (layer + "attention.self.query.", Part(out + "mixer.Wqkv.", 0, 3)),
+        (layer + "attention.self.key.", Part(out + "mixer.Wqkv.", 1, 3)),
+        (layer + "attention.self.value.", Part(out + "mixer.Wqkv.", 2, 3)),
+        (layer + "attention.output.dense.", out + "mixer.out_proj."),
+        (layer + "attention.output.LayerNorm.", out + "norm1."),
+        (layer + "intermediate.dense.", out + "mlp.fc1."),
+        (layer + "output.dense.", out + "mlp.fc2."),
+        (layer + "output.LayerNorm.", out + "norm2."),
+        (f"{prefix}embeddings.LayerNorm.", "emb_ln."),
+        (f"{prefix}embeddings.position_ids", None),  # buffers older checkpoints carry
+        (f"{prefix}embeddings.token_type_ids", None),
+        (f"{prefix}embeddings.", "embeddings."),
     ]
 
 
-# checkpoint name pattern -> module name (None: dropped on purpose); see rerankd.weights
+# checkpoint name template -> module name template (None: dropped on purpose), read both ways; see rerankd.weights
 WEIGHT_RENAMES: dict[str, Renames] = {
     "jina": [  # Jina's flash implementation (jina-reranker-v2): already this module's names under roberta.
-        (r"roberta\.", ""),
+        ("classifier.", "classifier."),  # the head is outside roberta.
+        ("roberta.", ""),
     ],
     "xlm-roberta": [
-        *_hf_layer(r"roberta\."),
-        (r"roberta\.pooler\.", None),  # present in some checkpoints, unused by the classification head
+        *_hf_layer("roberta."),
+        ("roberta.pooler.", None),  # present in some checkpoints, unused by the classification head
     ],
     "bert": [
-        *_hf_layer(r"bert\."),
-        (r"bert\.pooler\.dense\.", "classifier.dense."),  # BERT's head: pooler dense + tanh, then classifier
-        (r"classifier\.(weight|bias)$", r"classifier.out_proj.\1"),
+        *_hf_layer("bert."),
+        ("bert.pooler.dense.", "classifier.dense."),  # BERT's head: pooler dense + tanh, then classifier
+        ("classifier.weight", "classifier.out_proj.weight"),
+        ("classifier.bias", "classifier.out_proj.bias"),
     ],
 }
 
@@ -231,35 +235,28 @@ class CrossEncoder(nn.Module):
 # ------------------------------------------------------------------------------------------------ backend
 
 
-@dataclass(frozen=True)
-class Family:
-    """What differs between the supported architectures."""
-
-    name: str  # key of WEIGHT_RENAMES for standard names
-    prefix: str  # checkpoint prefix of the encoder in standard names
-
-
+# architecture -> its family: the key of WEIGHT_RENAMES for its standard names, and what EncoderConfig reads
 FAMILIES = {
-    "XLMRobertaForSequenceClassification": Family("xlm-roberta", "roberta."),
-    "RobertaForSequenceClassification": Family("xlm-roberta", "roberta."),
-    "BertForSequenceClassification": Family("bert", "bert."),
+    "XLMRobertaForSequenceClassification": "xlm-roberta",
+    "RobertaForSequenceClassification": "xlm-roberta",
+    "BertForSequenceClassification": "bert",
 }
 
 
-class CrossEncoderBackend:
+class CrossEncoderBackend(TextOnly):
     """Serves the architectures of FAMILIES; the registry maps each name here."""
 
-    supports_images: ClassVar[bool] = False
-    default_max_query_length: ClassVar[int] = 512
     compute_score_max_query_length: ClassVar[int | None] = None  # the reference truncates the pair longest-first
 
-    def __init__(self, model: CrossEncoder, cfg: EncoderConfig, tokenizer: Tokenizer, device, dtype, arch: str):
+    def __init__(self, model: nn.Module, cfg: EncoderConfig, tokenizer: Tokenizer, device, dtype, arch: str,
+                 cpu_gemm: str):  # fmt: skip
         self.model = model
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.device = device
         self.dtype = dtype
         self.architecture = arch
+        self.cpu_gemm = cpu_gemm
         self.default_max_length = min(DEFAULT_MAX_LENGTH, cfg.max_tokens)  # 1024, or 512 for BERT-size tables
         self.attn_backend = attention_backend(device, dtype)
         self.pair_specials = tokenizer.post_processor.num_special_tokens_to_add(True) if tokenizer.post_processor else 0
@@ -273,31 +270,22 @@ class CrossEncoderBackend:
         arch = next(a for a in config.get("architectures", []) if a in FAMILIES)
         family = FAMILIES[arch]
         try:
-            cfg = EncoderConfig.from_dict(config, family.name)
+            cfg = EncoderConfig.from_dict(config, family)
         except (KeyError, ValueError) as e:
             raise ModelLoadError(f"{directory}/config.json: not a usable {arch} reranker config ({e})") from None
-        tok_path = directory / "tokenizer.json"
-        if not tok_path.is_file():
-            raise ModelLoadError(
-                f"{directory}: tokenizer.json is missing (only fast-tokenizer checkpoints are supported; "
-                f"save one with transformers' AutoTokenizer.from_pretrained(...).save_pretrained(...))"
-            )
-        tokenizer = Tokenizer.from_file(str(tok_path))
-        tokenizer.no_truncation()
-        tokenizer.no_padding()
-        with torch.device("meta"):
-            model = CrossEncoder(cfg)
-        renames = WEIGHT_RENAMES["jina"] if _jina_names(directory) else WEIGHT_RENAMES[family.name]
-        load_weights(model, directory, renames, device, dtype, opts.show_progress)
-        model.eval().requires_grad_(False)
+        tokenizer = load_tokenizer(directory, " (only fast-tokenizer checkpoints are supported; save one with "
+                                   "transformers' AutoTokenizer.from_pretrained(...).save_pretrained(...))")  # fmt: skip
+        renames = WEIGHT_RENAMES["jina"] if _jina_names(directory) else WEIGHT_RENAMES[family]
+        model = build_module(lambda: CrossEncoder(cfg), directory, renames, device, dtype, opts)
         if opts.quantize is not None:
             model = quantize_model(model, opts.quantize, device)
-        return cls(model, cfg, tokenizer, device, dtype, arch)
+        gemm = use_cpu_gemm(model, opts.cpu_gemm, device, dtype)
+        return cls(model, cfg, tokenizer, device, dtype, arch, gemm)
+
+    def close(self) -> None:
+        pass
 
     # ------------------------------------------------------------------ preparation (thread-safe, no model compute)
-
-    def prepare_query_image(self, query: Item, param: str) -> Item:
-        return query
 
     def _truncating_tokenizer(self, max_length: int) -> Tokenizer:
         """A copy of the tokenizer that truncates pairs longest-first to max_length, as transformers does.
@@ -319,10 +307,12 @@ class CrossEncoderBackend:
 
     def _text(self, item: Item, param: str) -> str:
         if isinstance(item, ImageItem):
-            raise InputError(text_only_message(self), param)
+            raise InputError(self.text_only_reason, param)
         return item.text
 
-    def prepare(self, query: Item, doc: Item, lengths: LengthOptions, where: Where) -> list[PreparedSequence]:
+    def prepare(
+        self, query: Item, doc: Item, lengths: LengthOptions, where: Where, images: ImagePolicy | None = None
+    ) -> list[PreparedSequence]:
         q_text, d_text = self._text(query, where.query), self._text(doc, where.document)
         max_length = lengths.max_length
         if max_length > self.cfg.max_tokens:
@@ -340,40 +330,28 @@ class CrossEncoderBackend:
         if lengths.max_query_length is not None and len(q.ids) > lengths.max_query_length:
             q.truncate(lengths.max_query_length)
         d = self.tokenizer.encode(d_text, add_special_tokens=False)
+        d_ids = d.ids
         room = max_length - len(q.ids) - self.pair_specials  # document tokens per window
         if lengths.max_doc_length is not None:
             room = min(room, lengths.max_doc_length)
-        if room < 1:
-            raise InputError(
-                f"the query takes {len(q.ids)} tokens and leaves no room for the document within "
-                f"max_length={max_length}; lower max_query_length or raise max_length",
-                where.pair,
-            )
-        if lengths.long_documents == "truncate" or len(d.ids) <= room:
-            if len(d.ids) > room:
-                d.truncate(room)
-            enc = self.tokenizer.post_process(q, d, add_special_tokens=True)
-            return [self._sequence(enc.ids, enc.type_ids)]
-        if lengths.overlap >= room:
-            raise InputError(
-                f"overlap={lengths.overlap} must be smaller than the document window of {room} tokens "
-                f"(max_length - query tokens - {self.pair_specials} special tokens); lower overlap",
-                where.pair,
-            )
-        d_ids, offsets = d.ids, d.offsets
-        d.truncate(room)
-        first = self.tokenizer.post_process(q, d, add_special_tokens=True)  # the template around window 0
+        spans = document_spans(
+            len(d_ids), room, lengths, lambda: d.offsets, where.pair, taken=f"the query takes {len(q.ids)} tokens",
+            room_is=f"max_length - query tokens - {self.pair_specials} special tokens",
+        )  # fmt: skip
+        if spans[0].end < len(d_ids):
+            d.truncate(spans[0].end)
+        first = self.tokenizer.post_process(q, d, add_special_tokens=True)  # the template around the first span
+        if len(spans) == 1:
+            return [self._sequence(first.ids, first.type_ids)]
         seg = first.sequence_ids
         lo = seg.index(1)
         hi = len(seg) - seg[::-1].index(1)  # the document's tokens are first.ids[lo:hi]
-        starts = window_starts(len(d_ids), room, lengths.overlap)
         out = []
-        for i, s in enumerate(starts):
-            e = min(s + room, len(d_ids))
-            ids = first.ids[:lo] + d_ids[s:e] + first.ids[hi:]
-            types = first.type_ids[:lo] + first.type_ids[lo : lo + 1] * (e - s) + first.type_ids[hi:]
+        for span in spans:
+            ids = first.ids[:lo] + d_ids[span.start : span.end] + first.ids[hi:]
+            types = first.type_ids[:lo] + first.type_ids[lo : lo + 1] * (span.end - span.start) + first.type_ids[hi:]
             seq = self._sequence(ids, types)
-            seq.window = Window(i, len(starts), offsets[s][0], offsets[e - 1][1])
+            seq.window = span.window
             out.append(seq)
         return out
 
@@ -388,10 +366,7 @@ class CrossEncoderBackend:
     @torch.inference_mode()
     def forward(self, batch: list[PreparedSequence]) -> torch.Tensor:
         """Relevance logits [len(batch)] in fp32 on the CPU."""
-        cu = [0]
-        for s in batch:
-            cu.append(cu[-1] + s.length)
-        ids = torch.cat([s.input_ids for s in batch]).to(self.device)
+        ids, cu = packed(batch, self.device)
         positions = torch.cat([s.positions for s in batch]).to(self.device)
         if self.cfg.type_vocab_size > 1:
             types = torch.cat([s.token_types for s in batch]).to(self.device)

@@ -1,13 +1,12 @@
-"""Tiny random checkpoints in the real on-disk layouts, and the reference implementations tests compare against.
+"""Tiny random checkpoints in the real on-disk layouts (rerankd make-tiny-model; the tests and benchmarks).
 
 `make_tiny_checkpoint("jina-reranker-m0", path)` writes what `jinaai/jina-reranker-m0` holds, at toy size:
 the flat transformers-4.4x qwen2_vl config.json (`architectures: ["JinaVLForRanking"]`), bf16 safetensors with
 the real tensor names (`model.layers.N...`, `visual.blocks.N...`, `score.0/2`), a byte-level BPE tokenizer.json
 with Qwen2's pre-tokenizer and special tokens, tokenizer_config.json and preprocessor_config.json. Weight scales
 are chosen so that scores spread over (0.05, 0.95) and depend on the whole prompt, not only the last token.
-
-`ReferenceM0` is the model card's `compute_score` rebuilt on transformers' own `Qwen2VLForConditionalGeneration`
-and `Qwen2VLProcessor` (left padding, token 100 appended, sigmoid(head(h_last) - 2.65)); it needs the `dev` extra.
+The cross-encoders' weights are drawn in the module's names and written through the backward direction of the
+rename table that loads them (`rerankd.weights.rename_back`).
 """
 
 from __future__ import annotations
@@ -18,6 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from .models.xlm_roberta import WEIGHT_RENAMES
+from .weights import rename_back
 
 MODEL_KINDS = ("jina-reranker-m0", "jina-reranker-v2", "bert-cross-encoder")
 
@@ -280,14 +282,8 @@ def build_xlmr_tokenizer(vocab_size: int = 600):
     # the real one applies sentencepiece's precompiled NFKC map, then collapses runs of spaces
     normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Replace(Regex(" {2,}"), " ")])
     pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
-    # A deterministic "training" (tokenizers' UnigramTrainer is not): every character of the corpus, then its
-    # most frequent words and word pieces, each scored by its log frequency.
-    counts: dict[str, int] = {}
-    for text in CORPUS * 4:
-        for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)):
-            for n in range(1, min(len(word), 8) + 1):
-                for i in range(len(word) - n + 1):
-                    counts[word[i : i + n]] = counts.get(word[i : i + n], 0) + (4 if n == len(word) else 1)
+    # every character of the corpus, then its most frequent words and word pieces, each scored by its log frequency
+    counts = _piece_counts(normalizer, pre_tokenizer)
     chars = sorted(p for p in counts if len(p) == 1)
     longer = sorted((p for p in counts if len(p) > 1), key=lambda p: (-counts[p] * len(p), p))
     pieces = chars + longer[: max(0, vocab_size - len(XLMR_SPECIALS) - 1 - len(chars))]
@@ -306,21 +302,45 @@ def build_xlmr_tokenizer(vocab_size: int = 600):
 
 def build_bert_tokenizer(vocab_size: int = 600):
     """A WordPiece `tokenizers.Tokenizer` shaped like BERT's uncased one (ms-marco MiniLM cross-encoders):
-    `[CLS] A [SEP] B [SEP]` with token types 0 / 1."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    `[CLS] A [SEP] B [SEP]` with token types 0 / 1, [PAD]=0."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]", continuing_subword_prefix="##", max_input_chars_per_word=100))
-    tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, strip_accents=None,
-                                                lowercase=True)  # fmt: skip
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, strip_accents=None,
+                                            lowercase=True)  # fmt: skip
+    pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    # every character of the corpus, as a word's start and as a ##continuation, then its most frequent words and
+    # word pieces
+    counts = _piece_counts(normalizer, pre_tokenizer, continuation="##")
+    chars = sorted({p.removeprefix("##") for p in counts if len(p.removeprefix("##")) == 1})
+    singles = chars + ["##" + c for c in chars]
+    longer = sorted((p for p in counts if len(p.removeprefix("##")) > 1), key=lambda p: (-counts[p] * len(p), p))
+    pieces = list(BERT_SPECIALS) + singles + longer[: max(0, vocab_size - len(BERT_SPECIALS) - len(singles))]
+    tok = Tokenizer(models.WordPiece({p: i for i, p in enumerate(pieces)}, unk_token="[UNK]",
+                                     continuing_subword_prefix="##", max_input_chars_per_word=100))  # fmt: skip
+    tok.normalizer = normalizer
+    tok.pre_tokenizer = pre_tokenizer
     tok.decoder = decoders.WordPiece(prefix="##")
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=list(BERT_SPECIALS), show_progress=False)
-    tok.train_from_iterator(CORPUS * 4, trainer)
+    tok.add_special_tokens(list(BERT_SPECIALS))
     cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS]:0 $A:0 [SEP]:0", pair="[CLS]:0 $A:0 [SEP]:0 $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
     )
     return tok
+
+
+def _piece_counts(normalizer, pre_tokenizer, continuation: str = "") -> dict[str, int]:
+    """A deterministic "training" for the toy vocabularies (tokenizers' Unigram and WordPiece trainers are not:
+    their ties follow a hash map's order, seeded per call, huggingface/tokenizers#1794): how often each piece of up
+    to 8 characters occurs in the corpus's words, a whole word counting 4 times; with `continuation`, pieces that
+    do not start a word carry that prefix (WordPiece's ##)."""
+    counts: dict[str, int] = {}
+    for text in CORPUS * 4:
+        for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)):
+            for n in range(1, min(len(word), 8) + 1):
+                for i in range(len(word) - n + 1):
+                    piece = word[i : i + n] if i == 0 or not continuation else continuation + word[i : i + n]
+                    counts[piece] = counts.get(piece, 0) + (4 if n == len(word) else 1)
+    return counts
 
 
 def encoder_tiny_config(kind: str, vocab_size: int, **overrides: Any) -> dict:
@@ -349,6 +369,9 @@ def encoder_tiny_config(kind: str, vocab_size: int, **overrides: Any) -> dict:
     }  # fmt: skip
 
 
+CHECKPOINT_NAMES = {"jina": "jina", "hf": "xlm-roberta", "bert": "bert"}  # naming -> key of WEIGHT_RENAMES
+
+
 def encoder_random_weights(cfg: dict, seed: int, naming: str) -> dict[str, torch.Tensor]:
     """Weights in the names of `naming`: "jina" (flash implementation), "hf" (XLM-RoBERTa) or "bert"."""
     g = torch.Generator().manual_seed(seed)
@@ -366,38 +389,10 @@ def encoder_random_weights(cfg: dict, seed: int, naming: str) -> dict[str, torch
         w |= _linear(f"{p}.mlp.fc1", inter, h, g) | _linear(f"{p}.mlp.fc2", h, inter, g)
     w |= _linear("classifier.dense", h, h, g, gain=2.0) | _linear("classifier.out_proj", 1, h, g, gain=2.0)
     w["classifier.out_proj.bias"] = torch.zeros(1)  # scores centred on 0.5, spread by the pair
-    if naming == "jina":
-        return {(k if k.startswith("classifier.") else "roberta." + k): v for k, v in w.items()}
-    return _to_hf_names(w, "roberta." if naming == "hf" else "bert.", bert=naming == "bert")
-
-
-def _to_hf_names(w: dict[str, torch.Tensor], prefix: str, bert: bool) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    layer_names = {"mixer.out_proj": "attention.output.dense", "norm1": "attention.output.LayerNorm",
-                   "mlp.fc1": "intermediate.dense", "mlp.fc2": "output.dense", "norm2": "output.LayerNorm"}  # fmt: skip
-    for k, v in w.items():
-        if k.startswith("encoder.layers."):
-            _, _, i, rest = k.split(".", 3)
-            module, kind = rest.rsplit(".", 1)
-            base = f"{prefix}encoder.layer.{i}."
-            if module == "mixer.Wqkv":
-                for part, name in zip(v.chunk(3), ("query", "key", "value")):
-                    out[f"{base}attention.self.{name}.{kind}"] = part
-            else:
-                out[f"{base}{layer_names[module]}.{kind}"] = v
-        elif k.startswith("emb_ln."):
-            out[prefix + "embeddings.LayerNorm." + k.split(".")[-1]] = v
-        elif k.startswith("embeddings."):
-            out[prefix + k] = v
-        elif bert and k.startswith("classifier.dense."):
-            out[f"{prefix}pooler.dense.{k.split('.')[-1]}"] = v
-        elif bert and k.startswith("classifier.out_proj."):
-            out[f"classifier.{k.split('.')[-1]}"] = v
-        else:
-            out[k] = v
-    if bert:  # older BERT checkpoints carry this buffer; a strict loader must drop it on purpose
-        out[prefix + "embeddings.position_ids"] = torch.arange(w["embeddings.position_embeddings.weight"].shape[0])[None]
-    return out
+    checkpoint = rename_back(w, WEIGHT_RENAMES[CHECKPOINT_NAMES[naming]])
+    if naming == "bert":  # older BERT checkpoints carry this buffer; a strict loader must drop it on purpose
+        checkpoint["bert.embeddings.position_ids"] = torch.arange(cfg["max_position_embeddings"])[None]
+    return checkpoint
 
 
 def _make_tiny_encoder(kind: str, path: Path, seed: int, *, shards: int, dtype: torch.dtype, naming: str | None = None,
@@ -429,140 +424,3 @@ def _make_tiny_encoder(kind: str, path: Path, seed: int, *, shards: int, dtype: 
     (path / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
     _save_safetensors(encoder_random_weights(cfg, seed, naming), path, shards, dtype)
     return path
-
-
-# --------------------------------------------------------------------------------------------- references
-
-
-class ReferenceM0:
-    """The model card's `compute_score`, on transformers' own Qwen2-VL modules (the `dev` extra)."""
-
-    SCORE_TOKEN_ID = 100
-    LOGIT_BIAS = 2.65
-
-    def __init__(self, model_dir: str | Path, min_pixels: int = 3136, max_pixels: int = 602112,
-                 attn_implementation: str = "eager"):  # fmt: skip
-        import transformers
-        from safetensors.torch import load_file
-        from transformers import AutoTokenizer, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor
-
-        transformers.logging.set_verbosity_error()
-        model_dir = Path(model_dir)
-        self.model = Qwen2VLForConditionalGeneration.from_pretrained(
-            model_dir, torch_dtype=torch.float32, attn_implementation=attn_implementation
-        ).eval()
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.tokenizer.padding_side = "left"
-        self.image_processor = Qwen2VLImageProcessor(min_pixels=min_pixels, max_pixels=max_pixels)
-        files = sorted(model_dir.glob("*.safetensors"))
-        state: dict[str, torch.Tensor] = {}
-        for f in files:
-            state |= {k: v for k, v in load_file(str(f)).items() if k.startswith("score.")}
-        h = self.model.config.text_config.hidden_size if hasattr(self.model.config, "text_config") else \
-            self.model.config.hidden_size  # fmt: skip
-        self.score = torch.nn.Sequential(torch.nn.Linear(h, h), torch.nn.ReLU(), torch.nn.Linear(h, 1))
-        self.score.load_state_dict({k.removeprefix("score."): v.float() for k, v in state.items()})
-
-    @staticmethod
-    def prompt(query: str, doc: str, query_type: str, doc_type: str) -> str:
-        image = "<|vision_start|><|image_pad|><|vision_end|>"
-        d = image if doc_type == "image" else doc
-        q = image if query_type == "image" else query
-        return f"**Document**:\n{d}\n**Query**:\n{q}"
-
-    def process(self, texts: list[str], images: Any, max_length: int) -> dict[str, torch.Tensor]:
-        """What `Qwen2VLProcessor.__call__` does for images (transformers 4.57): each <|image_pad|> becomes
-        grid.prod() / merge**2 pads, then the texts are tokenized together (left padding, truncation)."""
-        batch: dict[str, torch.Tensor] = {}
-        texts = list(texts)
-        if images is not None:
-            image_inputs = self.image_processor(images=images, return_tensors="pt")
-            batch |= dict(image_inputs)
-            grids, index = image_inputs["image_grid_thw"], 0
-            for i, text in enumerate(texts):
-                while "<|image_pad|>" in text:
-                    n = int(grids[index].prod()) // self.image_processor.merge_size**2
-                    text = text.replace("<|image_pad|>", "<|placeholder|>" * n, 1)
-                    index += 1
-                texts[i] = text.replace("<|placeholder|>", "<|image_pad|>")
-        batch |= dict(self.tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt"))
-        return batch
-
-    @torch.inference_mode()
-    def compute_score(self, pairs, max_length: int = 10240, query_type: str = "text", doc_type: str = "text",
-                      batch_size: int = 8, max_query_length: int = 512) -> list[float]:  # fmt: skip
-        from transformers.image_utils import load_image
-
-        tok = self.tokenizer
-        max_doc_length = max(max_length - max_query_length, max_query_length)
-        scores: list[float] = []
-        for start in range(0, len(pairs), batch_size):
-            chunk = pairs[start : start + batch_size]
-            texts = []
-            for q, d in chunk:
-                if doc_type == "text":
-                    ids = tok(d, truncation=True, max_length=max_doc_length)["input_ids"]
-                    if len(ids) >= max_doc_length:
-                        d = tok.decode(ids)
-                texts.append(self.prompt(q, d, query_type, doc_type))
-            doc_images = [load_image(d) for _, d in chunk] if doc_type == "image" else []
-            query_images = [load_image(q) for q, _ in chunk] if query_type == "image" else []
-            if doc_images and query_images:
-                images: Any = [[d, q] for d, q in zip(doc_images, query_images)]
-            else:
-                images = doc_images or query_images or None
-            batch = self.process(texts, images, max_length - 1)
-            n = batch["input_ids"].shape[0]
-            batch["input_ids"] = torch.cat([batch["input_ids"], torch.full((n, 1), self.SCORE_TOKEN_ID)], dim=1)
-            batch["attention_mask"] = torch.cat([batch["attention_mask"], torch.ones((n, 1), dtype=torch.long)], 1)
-            out = self.model.model(**batch, use_cache=False)
-            logits = self.score(out.last_hidden_state[:, -1]).view(-1)
-            scores += torch.sigmoid(logits - self.LOGIT_BIAS).tolist()
-        return scores
-
-
-class ReferenceCrossEncoder:
-    """transformers' XLMRobertaForSequenceClassification / BertForSequenceClassification on the same weights,
-    scoring as jina-reranker-v2's `compute_score` does: padded batches, longest-first truncation, sigmoid."""
-
-    def __init__(self, model_dir: str | Path, attn_implementation: str = "eager"):
-        import transformers
-        from safetensors.torch import load_file
-        from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, XLMRobertaConfig
-        from transformers import XLMRobertaForSequenceClassification
-
-        transformers.logging.set_verbosity_error()
-        model_dir = Path(model_dir)
-        cfg = json.loads((model_dir / "config.json").read_text())
-        state: dict[str, torch.Tensor] = {}
-        for f in sorted(model_dir.glob("*.safetensors")):
-            state |= {k: v.float() for k, v in load_file(str(f)).items()}
-        bert = cfg["architectures"][0].startswith("Bert")
-        keep = {k: v for k, v in cfg.items() if k not in ("architectures", "auto_map", "model_type")}
-        if bert:
-            config = BertConfig(**keep, num_labels=1)
-            cls: Any = BertForSequenceClassification
-        else:
-            config = XLMRobertaConfig(**keep | {"num_labels": 1})
-            cls = XLMRobertaForSequenceClassification
-            if any(".mixer.Wqkv." in k for k in state):  # Jina's names -> the standard ones, q/k/v split
-                state = {k: v for k, v in _to_hf_names(
-                    {k.removeprefix("roberta."): v for k, v in state.items()}, "roberta.", bert=False).items()}  # fmt: skip
-        config._attn_implementation = attn_implementation
-        self.model = cls(config).eval()
-        state.pop("bert.embeddings.position_ids", None)
-        missing, unexpected = self.model.load_state_dict(state, strict=False)
-        missing = [k for k in missing if not k.endswith("position_ids") and "pooler" not in k or bert and "pooler" in k]
-        if missing or unexpected:
-            raise RuntimeError(f"reference: missing {missing}, unexpected {unexpected}")
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-
-    @torch.inference_mode()
-    def compute_score(self, pairs, max_length: int = 1024, batch_size: int = 16, activation: bool = True) -> list[float]:
-        scores: list[float] = []
-        for start in range(0, len(pairs), batch_size):
-            chunk = [list(p) for p in pairs[start : start + batch_size]]
-            batch = self.tokenizer(chunk, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-            logits = self.model(**batch).logits.view(-1).float()
-            scores += (torch.sigmoid(logits) if activation else logits).tolist()
-        return scores

@@ -1,0 +1,72 @@
+"""Long text documents: which tokens of a document each scored sequence holds (README, "Long text documents").
+
+The one rule for every backend: a document that fits the room beside the query is scored whole; in 'truncate'
+mode one that does not is cut to the room; in 'chunk' mode it is split into windows of `room` tokens, the first at
+token 0, each next one `room - overlap` tokens later, until one reaches the end. Every window is scored as a pair
+and the document keeps the maximum (rerankd.engine.scheduler.keep_best). Each backend computes its room (what
+max_length leaves beside its query and prompt template) and turns each span into a sequence its own way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from ..errors import InputError
+from .base import LengthOptions, Window
+
+
+@dataclass(frozen=True)
+class Span:
+    """Tokens [start, end) of a document, and the window they are (None: the document is scored as one piece)."""
+
+    start: int
+    end: int
+    window: Window | None = None
+
+
+def window_starts(tokens: int, size: int, overlap: int) -> list[int]:
+    """Start offsets of the windows over a document of `tokens` tokens: the first at 0, each next one
+    `size - overlap` later, until one reaches the end. Needs 0 <= overlap < size."""
+    starts = [0]
+    while starts[-1] + size < tokens:
+        starts.append(starts[-1] + size - overlap)
+    return starts
+
+
+def document_spans(
+    n_tokens: int,
+    room: int,
+    lengths: LengthOptions,
+    offsets: Callable[[], Sequence[tuple[int, int]]],
+    param: str,
+    taken: str,
+    room_is: str,
+) -> list[Span]:
+    """The spans of a document of `n_tokens` tokens to score, with `room` tokens per sequence.
+
+    offsets: returns each token's character span in the document text (called once, only for windows).
+    taken: what uses up max_length besides the document, for the message when nothing is left ("the query
+    takes 12 tokens"); room_is: how the room is computed, for the message when overlap does not fit.
+    """
+    if room < 1:
+        raise InputError(
+            f"{taken} and leaves no room for the document within max_length={lengths.max_length}; lower "
+            "max_query_length or raise max_length",
+            param,
+        )
+    if n_tokens <= room or lengths.long_documents == "truncate":
+        return [Span(0, min(n_tokens, room))]
+    if lengths.overlap >= room:
+        raise InputError(
+            f"overlap={lengths.overlap} must be smaller than the document window of {room} tokens ({room_is}); "
+            "lower overlap or raise max_length",
+            param,
+        )
+    at = offsets()
+    starts = window_starts(n_tokens, room, lengths.overlap)
+    spans = []
+    for i, s in enumerate(starts):
+        e = min(s + room, n_tokens)
+        spans.append(Span(s, e, Window(i, len(starts), at[s][0], at[e - 1][1])))
+    return spans
