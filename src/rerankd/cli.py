@@ -35,8 +35,7 @@ def _add_options(p: argparse.ArgumentParser, cls: type, title: str, skip: tuple[
                                help=f"{docs[f.name]} (default: {f.default})")  # fmt: skip
             continue
         base = next((t for t in typing.get_args(hint) if t is not type(None)), hint)
-        shown = "" if f.default is None else f" (default: {f.default})"  # a None default says itself in the text
-        group.add_argument(flag, type=base, default=f.default, help=docs[f.name] + shown)
+        group.add_argument(flag, type=base, default=f.default, help=f"{docs[f.name]} (default: {f.default})")
 
 
 def _options(args: argparse.Namespace, cls: type) -> dict:

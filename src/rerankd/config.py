@@ -21,16 +21,24 @@ CPU_MAX_BATCH_TOKENS = 4096
 CUDA_MAX_BATCH_TOKENS = 65536
 
 
+def batch_tokens(max_batch_tokens: int | None, device_type: str) -> int:
+    """The token budget of a forward batch: the one given, else the device's default."""
+    budget = max_batch_tokens or (CUDA_MAX_BATCH_TOKENS if device_type == "cuda" else CPU_MAX_BATCH_TOKENS)
+    if budget < 1:
+        raise ValueError(f"max_batch_tokens must be >= 1, got {budget}")
+    return budget
+
+
 @dataclass(frozen=True)
 class ScoreOptions:
     """The per-call options of a rerank, with the defaults of `Reranker.rerank`, `rerankd rerank` and /v1/rerank."""
 
     max_length: int | None = None
-    """Prompt token limit, special and image tokens included (default: the model's)."""
+    """Prompt token limit, special and image tokens included; None: the model's."""
     max_query_length: int | None = 512
     """Queries are cut to this many tokens."""
     max_doc_length: int | None = None
-    """Text documents are cut to, or windowed by, this many tokens (default: what max_length leaves beside the query)."""
+    """Text documents are cut to, or windowed by, this many tokens; None: what max_length leaves beside the query."""
     long_documents: LongDocuments = "chunk"
     """A text document that does not fit: 'chunk' scores overlapping token windows and keeps the best; 'truncate' cuts it."""
     overlap: int = 80

@@ -12,15 +12,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .config import (
-    CPU_MAX_BATCH_TOKENS,
-    CUDA_MAX_BATCH_TOKENS,
-    DEFAULT_MODEL,
-    REFERENCE_LONG_DOCUMENTS,
-    RERANK_DEFAULTS,
-    LoadOptions,
-    LongDocuments,
-)
+from .config import DEFAULT_MODEL, REFERENCE_LONG_DOCUMENTS, RERANK_DEFAULTS, LoadOptions, LongDocuments, batch_tokens
 from .engine import Scheduler, WorkerError
 from .errors import InputError, PairErrors
 from .hub import resolve_model
@@ -94,19 +86,24 @@ class Reranker:
         path = resolve_model(name_or_path, opts.revision)
         backend_cls, config = backend_for(path)
         backend: Backend = backend_cls.load(path, config, dev, dt, opts)
-        budget = opts.max_batch_tokens or (CUDA_MAX_BATCH_TOKENS if dev.type == "cuda" else CPU_MAX_BATCH_TOKENS)
-        if budget < 1:
-            raise ValueError(f"max_batch_tokens must be >= 1, got {budget}")
+        budget = batch_tokens(opts.max_batch_tokens, dev.type)
         resolved = replace(opts, device=str(backend.device), dtype=str(backend.dtype).removeprefix("torch."),
                            cpu_gemm=backend.cpu_gemm, max_batch_tokens=budget)  # fmt: skip
         return cls(backend, path, resolved)
 
     @property
+    def max_batch_tokens(self) -> int:
+        return batch_tokens(self.options.max_batch_tokens, self.backend.device.type)
+
+    @property
     def scheduler(self) -> Scheduler:
-        """The library's scheduler: no queue limit, no waiting for company (the server makes its own)."""
+        """The library's scheduler: no queue limit, no waiting for company (the server makes its own). Made on
+        first use, and made again if its worker died."""
         with self._lock:
-            if self._scheduler is None:
-                self._scheduler = Scheduler(self.backend, self.options.max_batch_tokens or CPU_MAX_BATCH_TOKENS,
+            if self._scheduler is None or not self._scheduler.alive:
+                if self._scheduler is not None:
+                    self._scheduler.close(timeout=0)
+                self._scheduler = Scheduler(self.backend, self.max_batch_tokens,
                                             prepare_workers=self.options.preprocess_workers)  # fmt: skip
             return self._scheduler
 
@@ -119,10 +116,13 @@ class Reranker:
         self.backend.close()
 
     def __del__(self) -> None:
+        # Joined, not just told to stop: no library call is in flight (a caller holds the Reranker), so the worker
+        # is idle and ends at once; a worker thread that ran torch kernels and ends while the process exits can
+        # abort it ("terminate called without an active exception", seen under load).
         scheduler = getattr(self, "_scheduler", None)
         if scheduler is not None:
             with contextlib.suppress(Exception):  # at interpreter exit, modules may be gone
-                scheduler.close(timeout=0)
+                scheduler.close()
 
     # ------------------------------------------------------------------------------------------------ scoring
 
@@ -147,9 +147,8 @@ class Reranker:
             raise ValueError(f"overlap must be a non-negative integer, got {overlap!r}")
         return LengthOptions(ml, mq, max_doc_length, long_documents, overlap)  # type: ignore[arg-type]
 
-    def parse(self, value: Any, default_type: ItemType, param: str) -> Item:
-        """A user's query or document as an Item, refused (InputError naming `param`) if the model cannot take it."""
-        item = parse_item(value, default_type, param)
+    def check_supported(self, item: Item, param: str) -> Item:
+        """The item, or InputError naming `param` if the model cannot take it (an image for a text-only model)."""
         if isinstance(item, ImageItem) and not self.backend.supports_images:
             raise InputError(self.backend.text_only_reason, param)
         return item
@@ -176,8 +175,9 @@ class Reranker:
                 outcome = self.scheduler.score_sync([items[i] for i in good], lengths, [params[i] for i in good],
                                                     max_batch_pairs=batch_size, on_pair_done=bar.update)  # fmt: skip
             except WorkerError as e:
-                if e.__cause__ is not None:  # the model's own exception, as a direct call would have raised it
-                    raise e.__cause__ from None
+                cause = e.__cause__
+                if cause is not None:  # the model's own exception, as a direct call would have raised it
+                    raise cause from cause.__cause__
                 raise
         scored = outcome.results
         values = activate([r.logit if not isinstance(r, InputError) else float("nan") for r in scored], activation)
@@ -233,8 +233,10 @@ class Reranker:
             try:
                 if not isinstance(pair, (list, tuple)) or len(pair) != 2:
                     raise InputError("a pair must be a (query, document) list or tuple of two items", f"pairs[{i}]")
-                q = self.parse(pair[0], query_type, f"pairs[{i}].query")
-                d = self.parse(pair[1], doc_type, f"pairs[{i}].document")
+                q = parse_item(pair[0], query_type, f"pairs[{i}].query")
+                d = parse_item(pair[1], doc_type, f"pairs[{i}].document")
+                self.check_supported(q, f"pairs[{i}].query")
+                self.check_supported(d, f"pairs[{i}].document")
             except InputError as e:
                 early[i] = e
                 q = d = TextItem("")
@@ -272,12 +274,13 @@ class Reranker:
         """
         check_top_n(top_n)
         lengths = self.length_options(max_length, max_query_length, max_doc_length, long_documents, overlap, None)
-        q = self.backend.prepare_query(self.parse(query, query_type, "query"), "query")  # once for all pairs
+        q = self.check_supported(parse_item(query, query_type, "query"), "query")
+        q = self.backend.prepare_query(q, "query")  # once for all pairs
         items: list[tuple[Item, Item]] = []
         errors: dict[int, InputError] = {}
         for i, doc in enumerate(documents):
             try:
-                d = self.parse(doc, doc_type, f"documents[{i}]")
+                d = self.check_supported(parse_item(doc, doc_type, f"documents[{i}]"), f"documents[{i}]")
             except InputError as e:
                 errors[i] = e
                 d = TextItem("")

@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..config import RERANK_DEFAULTS, ServeOptions
 from ..engine import Overloaded, Scheduler, WorkerError
 from ..errors import InputError
-from ..inputs import ImageItem, Item, TextItem
+from ..inputs import ImageItem, Item, TextItem, parse_item
 from ..inputs.images import ImagePolicy
 from ..models.base import LengthOptions, Where
 from ..reranker import Reranker
@@ -87,7 +87,7 @@ def create_app(
     metrics = metrics or Metrics()
     scheduler = Scheduler(
         reranker.backend,
-        max_batch_tokens=reranker.options.max_batch_tokens,
+        max_batch_tokens=reranker.max_batch_tokens,
         max_batch_wait=options.max_batch_wait_ms / 1000,
         max_queue_pairs=options.max_queue_pairs,
         prepare_workers=reranker.options.preprocess_workers,
@@ -194,10 +194,10 @@ def _lengths(reranker: Reranker, max_length, max_query_length, max_doc_length, l
 def _item(value: str | DocumentObject, param: str, reranker: Reranker) -> Item:
     try:
         if isinstance(value, DocumentObject):
-            item = reranker.parse({"text": value.text} if value.text is not None else {"image": value.image}, "text",
-                                  param)  # fmt: skip
+            item = parse_item({"text": value.text} if value.text is not None else {"image": value.image}, "text", param)
         else:
-            item = reranker.parse(value, "text", param)
+            item = parse_item(value, "text", param)
+        reranker.check_supported(item, param)
     except InputError as e:
         raise ApiError(400, str(e), e.param) from None
     if isinstance(item, ImageItem) and not isinstance(item.source, str):

@@ -32,7 +32,7 @@ class Metrics:
             "rerankd_model_seconds", "Time of one forward batch", buckets=TIME_BUCKETS, registry=r
         )
 
-    # the batcher's Observer
+    # the scheduler's Observer
     def queue_depth(self, pairs: int) -> None:
         self.queue_pairs.set(pairs)
 

@@ -3,24 +3,31 @@
 The library (`Reranker.compute_score`, `rerank`) calls it synchronously (`score_sync`), the server asynchronously
 (`score`); both go through `submit`, which makes a Job. The path a pair takes:
 
-    job (pairs) -> units (one pair each) -> prepared sequences -> the ready queue -> token-budget batches
+    job -> units (a pair each) -> prepared sequences -> the ready queue -> token-budget batches
         -> Backend.forward -> one logit per slot of each sequence -> each slot's reduction -> the job's results
 
-* Preparation (tokenize, cut, window, decode images: rerankd.models) runs in the pool, a window of WINDOW_PAIRS
-  units at a time and at most two windows of a job ahead of the model, so memory stays bounded however many pairs
-  a call has, and preparation of later pairs overlaps the forward of earlier ones (torch releases the GIL in its
-  kernels). A window's sequences join the ready queue together, longest first, when the whole window is prepared.
-* One worker thread takes batches off the ready queue: it waits at most `max_batch_wait` after the oldest waiting
-  sequence for company, then fills the batch in queue order up to `max_batch_tokens` (a longer sequence goes
-  alone) and, where a job caps pairs per batch (`compute_score(batch_size=...)`), up to that many sequences. One
-  job's sequences may span batches and share them with other jobs'. A pair's score never depends on its batch.
-* A slot is one score a caller asked for. A sequence yields one logit per slot it names (today one: a pair, or one
-  window of a chunked document); each slot reduces its logits with `keep_best`, the maximum over its windows.
+* Preparation (tokenize, cut, window, decode images: rerankd.models) runs in the pool while the model computes
+  (torch releases the GIL in its kernels). A job is prepared one of two ways:
+  - windowed (the library's): WINDOW_PAIRS units at a time, at most two windows ahead of the model, so memory
+    stays bounded however many pairs a call has. A prepared window is cut on its own into batches by
+    `plan_batches` (longest first), which join the queue in window order: a call's batches depend on its pairs
+    alone, never on timing or on other calls.
+  - streaming (the server's): every pair is handed to the pool at once and its sequences join the queue as soon as
+    it is prepared, so a slow image holds back nothing else; the worker fills batches from the queue's streaming
+    sequences in arrival order, across requests (one request's pairs may span batches), waiting at most
+    `max_batch_wait` after the oldest for company.
+  A batch holds at most `max_batch_tokens` tokens, image tokens included (a longer sequence goes alone). A pair's
+  score never depends on its batch (fp32; see README for int8).
+* A unit (a pair) owns one or more slots, a slot being one score the caller asked for; a sequence yields one
+  logit per slot it names (its `slots`, counted within its unit). Today a unit is a pair with one slot, and the
+  windows of a chunked document are several sequences of that slot; each slot reduces its logits with
+  `keep_best`, the maximum over its windows. A listwise model would prepare units of several slots.
 * Admission: at most `max_queue_pairs` pairs waiting or running (None: no limit, the library's); beyond it
   `Overloaded` is raised at once. A cancelled job (deadline, client gone, Ctrl-C) is skipped by the preparers and
   dropped by the worker before it reaches the model. A forward that raises fails the jobs of that batch with
-  `WorkerError` (the original exception as its __cause__); if the worker thread itself dies, every pending job
-  fails and `alive` turns false. Nothing ever leaves a caller waiting.
+  `WorkerError` (the model's exception as its __cause__); preparing a pair that raises something other than
+  InputError fails its job the same way; if the worker thread itself dies, every pending job fails and `alive`
+  turns false. Nothing ever leaves a caller waiting.
 """
 
 from __future__ import annotations
@@ -45,7 +52,7 @@ from ..models.base import Backend, LengthOptions, PreparedSequence, Where, Windo
 
 log = logging.getLogger("rerankd.scheduler")
 
-WINDOW_PAIRS = 128  # units of a job prepared together; at most two windows of a job are ahead of the model
+WINDOW_PAIRS = 128  # units of a windowed job prepared together; at most two windows of a job are ahead of the model
 _LIVE: "weakref.WeakSet[Scheduler]" = weakref.WeakSet()
 
 
@@ -122,7 +129,7 @@ class Outcome:
 
 @dataclass(frozen=True)
 class Batch:
-    indices: list[int]  # the items' keys (their positions in the caller's list)
+    indices: list[int]  # the items' keys (the units the sequences came from)
     sequences: list[PreparedSequence]
 
     @property
@@ -130,31 +137,22 @@ class Batch:
         return sum(s.length for s in self.sequences)
 
 
-def longest_first(items: list[tuple[int, PreparedSequence]]) -> list[tuple[int, PreparedSequence]]:
-    """The order in which a window of prepared sequences joins the ready queue: longest first, then by key. It
-    keeps similar lengths together, which balances per-sequence attention work, and runs the longest work first."""
-    return sorted(items, key=lambda it: (-it[1].length, it[0]))
-
-
-def fits(tokens: int, count: int, seq: PreparedSequence, max_batch_tokens: int, max_batch_pairs: int | None) -> bool:
-    """Whether `seq` joins a batch that holds `count` sequences of `tokens` tokens (an empty batch takes anything)."""
-    if count == 0:
-        return True
-    return tokens + seq.length <= max_batch_tokens and (max_batch_pairs is None or count < max_batch_pairs)
-
-
 def plan_batches(
     items: list[tuple[int, PreparedSequence]], max_batch_tokens: int, max_batch_pairs: int | None = None
 ) -> list[Batch]:
-    """The batches the worker cuts from one window of (key, sequence) items when nothing else is queued: in
-    `longest_first` order, each filled up to `max_batch_tokens` tokens (image tokens count) and `max_batch_pairs`
-    sequences; a sequence longer than the budget gets a batch of its own."""
+    """One window's (key, sequence) items cut into batches: longest first (then by key), each filled up to
+    `max_batch_tokens` tokens (image tokens count) and `max_batch_pairs` sequences; a sequence longer than the
+    budget gets a batch of its own. Sorting keeps similar lengths together, which balances per-sequence attention
+    work, and runs the longest work first."""
     batches: list[Batch] = []
     keys: list[int] = []
     seqs: list[PreparedSequence] = []
     tokens = 0
-    for key, seq in longest_first(items):
-        if not fits(tokens, len(seqs), seq, max_batch_tokens, max_batch_pairs):
+    for key, seq in sorted(items, key=lambda it: (-it[1].length, it[0])):
+        full = seqs and (
+            tokens + seq.length > max_batch_tokens or (max_batch_pairs is not None and len(seqs) >= max_batch_pairs)
+        )
+        if full:
             batches.append(Batch(keys, seqs))
             keys, seqs, tokens = [], [], 0
         keys.append(key)
@@ -176,30 +174,39 @@ class Job:
     lengths: LengthOptions
     wheres: Sequence[Where]
     images: ImagePolicy | None
+    streaming: bool
     max_batch_pairs: int | None
     on_pair_done: Callable[[], None] | None
     future: Future = field(default_factory=Future)
+    slot_of: list[int] = field(default_factory=list)  # per unit: its first slot (its slots are consecutive)
+    unit_of: list[int] = field(default_factory=list)  # per slot: its unit
+    unit_open: list[int] = field(default_factory=list)  # per unit: slots not finished
     results: list = field(default_factory=list)  # per slot: None, Scored or InputError
     left: list[int] = field(default_factory=list)  # per slot: logits still to come
     open: int = 0  # slots not finished
     tokens: int = 0
-    windows_unprepared: dict[int, int] = field(default_factory=dict)  # window -> units not yet prepared
-    windows_unscored: dict[int, int] = field(default_factory=dict)  # window -> units not yet finished
+    window: int = 0  # units per preparation window
+    unprepared: dict[int, int] = field(default_factory=dict)  # window -> units not yet prepared
+    unscored: dict[int, int] = field(default_factory=dict)  # window -> units not yet finished
     staged: dict[int, list[tuple[int, PreparedSequence]]] = field(default_factory=dict)  # window -> (unit, seq)
-    cancelled: bool = False
-    done: bool = False
+    next_window: int = 0  # a windowed job's next window to join the queue (they join in order)
+    done: bool = False  # answered: scored, failed or cancelled
 
     @property
     def windows(self) -> int:
-        return -(-len(self.pairs) // WINDOW_PAIRS)
+        return -(-len(self.pairs) // self.window) if self.pairs else 0
 
 
 @dataclass(eq=False)
 class _Entry:
+    """One sequence on the ready queue; `planned` when it belongs to a batch cut by plan_batches (the entries of one
+    planned batch lie together on the queue, `planned` being their count on the first and 0 on the others)."""
+
     job: Job
-    unit: int  # the unit the sequence was prepared from; its slots are unit + seq.slots
+    unit: int
     seq: PreparedSequence
     enqueued: float
+    planned: int | None = None
 
 
 class Scheduler:
@@ -213,17 +220,14 @@ class Scheduler:
         observer: Observer | None = None,
     ):
         if max_batch_tokens < 1 or (max_queue_pairs is not None and max_queue_pairs < 1) or max_batch_wait < 0:
-            raise ValueError(
-                f"need max_batch_tokens >= 1, max_queue_pairs >= 1 (or None) and max_batch_wait >= 0; got "
-                f"{max_batch_tokens}, {max_queue_pairs}, {max_batch_wait}"
-            )
+            raise ValueError("need max_batch_tokens >= 1, max_queue_pairs >= 1 and max_batch_wait >= 0")
         self.backend = backend
         self.max_batch_tokens = max_batch_tokens
         self.max_batch_wait = max_batch_wait
         self.max_queue_pairs = max_queue_pairs
         self.observer: Observer = observer or _NoObserver()
         self.pool = ThreadPoolExecutor(prepare_workers or default_prepare_workers(), thread_name_prefix="rerankd-prepare")
-        self._cond = threading.Condition()
+        self._cond = threading.Condition()  # an RLock: bookkeeping under it may call bookkeeping
         self._ready: deque[_Entry] = deque()
         self._ready_tokens = 0
         self._admitted = 0  # pairs admitted and not finished
@@ -250,16 +254,22 @@ class Scheduler:
         lengths: LengthOptions,
         wheres: Sequence[Where],
         images: ImagePolicy | None = None,
+        streaming: bool = True,
         max_batch_pairs: int | None = None,
         on_pair_done: Callable[[], None] | None = None,
     ) -> Job:
-        """Admit the pairs (or raise Overloaded / WorkerError at once) and start preparing them."""
+        """Admit the pairs (or raise Overloaded / WorkerError at once) and start preparing them: streaming (the
+        server's way) or windowed (the library's; only windowed jobs take a `max_batch_pairs` cap)."""
         n = len(pairs)
-        job = Job(pairs, lengths, wheres, images, max_batch_pairs, on_pair_done)
+        job = Job(pairs, lengths, wheres, images, streaming, max_batch_pairs, on_pair_done)
         job.future.set_running_or_notify_cancel()  # only the scheduler resolves it, cancellation included
+        job.slot_of = list(range(n))  # a pair is one unit of one slot
+        job.unit_of = list(range(n))
+        job.unit_open = [1] * n
         job.results = [None] * n
         job.left = [0] * n
         job.open = n
+        job.window = max(n, 1) if streaming else WINDOW_PAIRS
         with self._cond:
             if not self.alive:
                 raise WorkerError(f"the model worker is not running ({self.error or 'stopped'})")
@@ -273,7 +283,7 @@ class Scheduler:
             self._jobs.add(job)
             self.observer.queue_depth(self._admitted)
             if n == 0:
-                self._finish(job)
+                self._resolve(job, Outcome([], 0))
             for w in range(min(2, job.windows)):
                 self._submit_window(job, w)
         return job
@@ -283,12 +293,11 @@ class Scheduler:
         pairs: Sequence[tuple[Item, Item]],
         lengths: LengthOptions,
         wheres: Sequence[Where],
-        images: ImagePolicy | None = None,
         max_batch_pairs: int | None = None,
         on_pair_done: Callable[[], None] | None = None,
     ) -> Outcome:
-        """Score the pairs, blocking (the library's call). An interrupt withdraws them."""
-        job = self.submit(pairs, lengths, wheres, images, max_batch_pairs, on_pair_done)
+        """Score the pairs, windowed, blocking (the library's call). An interrupt withdraws them."""
+        job = self.submit(pairs, lengths, wheres, None, False, max_batch_pairs, on_pair_done)
         try:
             return job.future.result()
         except BaseException:
@@ -296,13 +305,10 @@ class Scheduler:
             raise
 
     async def score(
-        self,
-        pairs: Sequence[tuple[Item, Item]],
-        lengths: LengthOptions,
-        wheres: Sequence[Where],
+        self, pairs: Sequence[tuple[Item, Item]], lengths: LengthOptions, wheres: Sequence[Where],
         images: ImagePolicy | None = None,
-    ) -> Outcome:
-        """Score the pairs (the server's call); cancel the awaiting task to withdraw them."""
+    ) -> Outcome:  # fmt: skip
+        """Score the pairs, streaming (the server's call); cancel the awaiting task to withdraw them."""
         job = self.submit(pairs, lengths, wheres, images)
         try:
             return await asyncio.wrap_future(job.future)
@@ -312,58 +318,75 @@ class Scheduler:
 
     def cancel(self, job: Job) -> None:
         with self._cond:
-            if job.done:
-                return
-            job.cancelled = True
-            self._close(job)
-            job.future.set_exception(asyncio.CancelledError())
+            self._resolve(job, error=asyncio.CancelledError())
 
     # ------------------------------------------------------------------------------------ the preparers' side
 
     def _submit_window(self, job: Job, w: int) -> None:
         """Under the lock: start preparing window w of the job."""
-        units = range(w * WINDOW_PAIRS, min((w + 1) * WINDOW_PAIRS, len(job.pairs)))
-        job.windows_unprepared[w] = job.windows_unscored[w] = len(units)
+        units = range(w * job.window, min((w + 1) * job.window, len(job.pairs)))
+        job.unprepared[w] = job.unscored[w] = len(units)
         job.staged[w] = []
-        for i in units:
-            self.pool.submit(self._prepare, job, w, i)
+        try:
+            for i in units:
+                self.pool.submit(self._prepare, job, w, i)
+        except RuntimeError as e:  # the pool is shut down: the scheduler is closing
+            self._resolve(job, error=WorkerError(f"the model worker is shutting down ({e})"))
 
     def _prepare(self, job: Job, w: int, i: int) -> None:
-        if job.cancelled or job.done:
+        if job.done:
             return
         q, d = job.pairs[i]
         where = job.wheres[i]
+        error: InputError | None = None
         try:
             seqs = self.backend.prepare(q, d, job.lengths, where, job.images)
         except InputError as e:
             seqs, error = [], e
-        except Exception as e:  # a bug, not bad input: the job fails whole, the scheduler lives on
+        except BaseException as e:  # a bug, not bad input: the job fails whole, the scheduler lives on
             log.exception("preparing %s failed", where.pair)
-            failure = WorkerError(f"preparing {where.pair} failed: {type(e).__name__}: {e}")
-            failure.__cause__ = e
-            self._fail(job, failure)
+            self._fail(job, f"preparing {where.pair} failed", e)
             return
-        else:
-            error = None
-        with self._cond:
-            if job.done:
-                return
-            if error is not None:
-                job.results[i] = error
-            for s in seqs:
-                for r in s.slots:
-                    job.left[i + r] += 1
-                job.tokens += s.length
-            job.staged[w].extend((i, s) for s in seqs)
-            job.windows_unprepared[w] -= 1
-            if error is not None or not seqs:
-                self._slot_done(job, i)
-            if job.windows_unprepared[w] == 0 and not job.done:
-                now = time.monotonic()
-                for unit, s in longest_first(job.staged.pop(w)):
-                    self._ready.append(_Entry(job, unit, s, now))
-                    self._ready_tokens += s.length
-                self._cond.notify()
+        try:
+            with self._cond:
+                if job.done:
+                    return
+                base = job.slot_of[i]
+                if error is not None:
+                    job.results[base] = error
+                for s in seqs:
+                    for r in s.slots:
+                        job.left[base + r] += 1
+                    job.tokens += s.length
+                job.unprepared[w] -= 1
+                if job.streaming:
+                    self._enqueue(job, [(i, s) for s in seqs])
+                else:
+                    job.staged[w].extend((i, s) for s in seqs)
+                    self._enqueue_windows(job)
+                if error is not None or not seqs:
+                    self._slot_done(job, base)
+        except BaseException as e:  # the bookkeeping itself failed (a progress callback): fail the job, not hang it
+            log.exception("scheduling %s failed", where.pair)
+            self._fail(job, f"scheduling {where.pair} failed", e)
+
+    def _enqueue(self, job: Job, items: list[tuple[int, PreparedSequence]], planned: bool = False) -> None:
+        """Under the lock: sequences join the ready queue (a planned batch as one block)."""
+        if not items:
+            return
+        now = time.monotonic()
+        for k, (unit, s) in enumerate(items):
+            self._ready.append(_Entry(job, unit, s, now, (len(items) if k == 0 else 0) if planned else None))
+            self._ready_tokens += s.length
+        self._cond.notify()
+
+    def _enqueue_windows(self, job: Job) -> None:
+        """Under the lock: the windowed job's prepared windows join the queue in order, as their planned batches."""
+        while job.next_window in job.staged and job.unprepared[job.next_window] == 0:
+            items = job.staged.pop(job.next_window)
+            job.next_window += 1
+            for b in plan_batches(items, self.max_batch_tokens, job.max_batch_pairs):
+                self._enqueue(job, list(zip(b.indices, b.sequences)), planned=True)
 
     # ------------------------------------------------------------------------------------------ the worker
 
@@ -377,7 +400,7 @@ class Scheduler:
             with self._cond:
                 pending = list(self._jobs)
             for job in pending:
-                self._fail(job, WorkerError(f"the model worker died: {type(e).__name__}: {e}"))
+                self._fail(job, "the model worker died", e)
 
     def _next_batch(self) -> list[_Entry] | None:
         with self._cond:
@@ -389,27 +412,33 @@ class Scheduler:
                         return None
                     self._cond.wait()
                     continue
-                wait = self._ready[0].enqueued + self.max_batch_wait - time.monotonic()
+                head = self._ready[0]
+                if head.planned is not None:  # a planned batch runs as it was cut
+                    return [self._pop() for _ in range(head.planned)]
+                wait = head.enqueued + self.max_batch_wait - time.monotonic()
                 if self._ready_tokens >= self.max_batch_tokens or wait <= 0 or self._stopping:
                     break
                 self._cond.wait(wait)
             batch: list[_Entry] = []
             tokens = 0
-            cap: int | None = None
-            while self._ready:
+            while self._ready and self._ready[0].planned is None:  # streaming sequences, in arrival order
                 e = self._ready[0]
-                if not e.job.done:
-                    limit = e.job.max_batch_pairs if cap is None else min(cap, e.job.max_batch_pairs or cap)
-                    if not fits(tokens, len(batch), e.seq, self.max_batch_tokens, limit):
-                        break
-                    cap = limit
-                    batch.append(e)
-                    tokens += e.seq.length
-                self._ready.popleft()
-                self._ready_tokens -= e.seq.length
+                if e.job.done:
+                    self._pop()
+                    continue
+                if batch and tokens + e.seq.length > self.max_batch_tokens:
+                    break
+                batch.append(self._pop())
+                tokens += e.seq.length
             return batch
 
+    def _pop(self) -> _Entry:
+        e = self._ready.popleft()
+        self._ready_tokens -= e.seq.length
+        return e
+
     def _forward(self, batch: list[_Entry]) -> None:
+        batch = [e for e in batch if not e.job.done]
         if not batch:
             return
         start = time.monotonic()
@@ -422,10 +451,8 @@ class Scheduler:
                 raise RuntimeError(f"the backend returned {len(logits)} logits for {expected} slots")
         except Exception as e:
             log.exception("forward of a batch of %d sequences failed", len(batch))
-            failure = WorkerError(f"the model failed on a batch: {type(e).__name__}: {e}")
-            failure.__cause__ = e
             for job in {id(x.job): x.job for x in batch}.values():
-                self._fail(job, failure)
+                self._fail(job, "the model failed on a batch", e)
             return
         self.observer.batch(len(batch), sum(e.seq.length for e in batch), time.monotonic() - start)
         with self._cond:
@@ -436,7 +463,7 @@ class Scheduler:
                     logit, at = logits[at], at + 1
                     if job.done:
                         continue
-                    slot = e.unit + r
+                    slot = job.slot_of[e.unit] + r
                     job.results[slot] = keep_best(job.results[slot], logit, e.seq.window)
                     job.left[slot] -= 1
                     if not job.left[slot]:
@@ -449,36 +476,41 @@ class Scheduler:
         job.open -= 1
         self._admitted -= 1
         if job.on_pair_done is not None:
-            job.on_pair_done()
-        w = slot // WINDOW_PAIRS
-        job.windows_unscored[w] -= 1
-        if not job.windows_unscored[w] and w + 2 < job.windows:
-            self._submit_window(job, w + 2)
+            try:
+                job.on_pair_done()
+            except Exception:  # a progress bar must not stop the scoring
+                log.exception("the progress callback failed")
+        unit = job.unit_of[slot]
+        job.unit_open[unit] -= 1
+        if not job.unit_open[unit]:
+            w = unit // job.window
+            job.unscored[w] -= 1
+            if not job.unscored[w] and w + 2 < job.windows:
+                self._submit_window(job, w + 2)
         if job.open == 0:
-            self._finish(job)
+            self._resolve(job, Outcome(job.results, job.tokens))
 
-    def _close(self, job: Job) -> None:
-        """Under the lock: the job leaves the books (its unfinished pairs are released)."""
+    def _resolve(self, job: Job, outcome: Outcome | None = None, error: BaseException | None = None) -> None:
+        """Under the lock: the job leaves the books (its unfinished pairs are released) and its caller is answered."""
+        if job.done:
+            return
         job.done = True
         self._admitted -= job.open
         job.open = 0
         self._jobs.discard(job)
         job.staged.clear()
         self.observer.queue_depth(self._admitted)
-
-    def _finish(self, job: Job) -> None:
-        """Under the lock: every slot is done."""
-        if job.done:
-            return
-        self._close(job)
-        job.future.set_result(Outcome(job.results, job.tokens))
-
-    def _fail(self, job: Job, error: BaseException) -> None:
-        with self._cond:
-            if job.done:
-                return
-            self._close(job)
+        if error is None:
+            job.future.set_result(outcome)
+        else:
             job.future.set_exception(error)
+
+    def _fail(self, job: Job, what: str, cause: BaseException) -> None:
+        """The job fails with a WorkerError of its own that names `what` and carries `cause`."""
+        failure = WorkerError(f"{what}: {type(cause).__name__}: {cause}")
+        failure.__cause__ = cause
+        with self._cond:
+            self._resolve(job, error=failure)
 
     def close(self, timeout: float | None = None) -> None:
         """Finish what is queued, then stop the worker and the preparers."""
@@ -490,5 +522,5 @@ class Scheduler:
         self.pool.shutdown(wait=False, cancel_futures=True)
         with self._cond:
             pending = list(self._jobs)
-        for job in pending:
-            self._fail(job, WorkerError("the server is shutting down"))
+            for job in pending:
+                self._resolve(job, error=WorkerError("the server is shutting down"))

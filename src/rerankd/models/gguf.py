@@ -202,7 +202,10 @@ class GGUFBackend(TextOnly, M0Prompts):
 
     def close(self) -> None:
         """Free llama.cpp's batch; the model and context go with the Llama object."""
-        with getattr(self, "_lock", threading.Lock()):
+        lock = getattr(self, "_lock", None)  # None: __init__ failed before making it, nothing to free
+        if lock is None:
+            return
+        with lock:
             batch = getattr(self, "_batch", None)
             if batch is not None:
                 self._lib.llama_batch_free(batch)

@@ -1,0 +1,145 @@
+"""The one pipeline: the library's batches, failures through the library, the defaults table, the registry."""
+
+from __future__ import annotations
+
+import inspect
+import threading
+from dataclasses import replace
+
+import pytest
+
+from rerankd import Reranker
+from rerankd.api.schemas import CohereRerankRequest, RerankRequest
+from rerankd.cli import build_parser
+from rerankd.config import COHERE_MAX_TOKENS_PER_DOC, RERANK_DEFAULTS, ScoreOptions
+from rerankd.engine import WINDOW_PAIRS, plan_batches
+from rerankd.errors import ModelLoadError
+from rerankd.inputs import TextItem
+from rerankd.models.base import LengthOptions, Where
+from rerankd.models.registry import backend_for
+
+from ..conftest import assert_close
+
+
+class Recording:
+    """A backend wrapper that records every forward batch (as the token ids of its sequences) and can fail."""
+
+    def __init__(self, inner, fail: BaseException | None = None):
+        self.inner, self.fail = inner, fail
+        self.batches: list[list[tuple[int, ...]]] = []
+        self.lock = threading.Lock()
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def forward(self, batch):
+        if self.fail is not None:
+            raise self.fail
+        with self.lock:
+            self.batches.append([tuple(s.input_ids.tolist()) for s in batch])
+        return self.inner.forward(batch)
+
+
+def docs(n: int) -> list[str]:
+    return [f"document {i} " + "gold " * (i * 7 % 23) for i in range(n)]
+
+
+def test_library_batches_are_each_windows_planned_batches(m0):
+    """A library call's batches are its windows of WINDOW_PAIRS pairs, each cut on its own by plan_batches, in
+    order: they depend on the pairs alone, never on timing (so every run of a call sees the same batches)."""
+    backend = Recording(m0.backend)
+    rr = Reranker(backend, m0.model_dir, m0.options)
+    pairs = [["query", d] for d in docs(2 * WINDOW_PAIRS + 44)]
+    lengths = rr.length_options(None, 512, None, "truncate", 80)
+    expected = []
+    for start in range(0, len(pairs), WINDOW_PAIRS):
+        window = [(i, m0.backend.prepare(TextItem(q), TextItem(d), lengths, Where.for_pair(i))[0])
+                  for i, (q, d) in enumerate(pairs[start : start + WINDOW_PAIRS], start)]  # fmt: skip
+        for b in plan_batches(window, 300, 5):
+            expected.append([tuple(s.input_ids.tolist()) for s in b.sequences])
+    small = Reranker(backend, m0.model_dir, replace(m0.options, max_batch_tokens=300))
+    first = small.compute_score(pairs, batch_size=5)
+    got, backend.batches = backend.batches, []
+    again = small.compute_score(pairs, batch_size=5)
+    assert got == expected and backend.batches == expected
+    assert first == again  # bit for bit: the same batches
+    assert_close(first, rr.compute_score(pairs), 1e-5)
+    small.close()
+    rr.close()
+
+
+def test_concurrent_library_calls_share_the_scheduler(m0):
+    alone = m0.compute_score([["query", d] for d in docs(40)])
+    results: dict[int, list[float]] = {}
+
+    def call(k: int) -> None:
+        results[k] = m0.compute_score([["query", d] for d in docs(40)])
+
+    threads = [threading.Thread(target=call, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for k in range(4):
+        assert results[k] == alone
+
+
+def test_a_model_failure_reaches_the_library_as_the_models_own_exception(m0):
+    rr = Reranker(Recording(m0.backend, fail=RuntimeError("CUDA error: out of memory")), m0.model_dir, m0.options)
+    with pytest.raises(RuntimeError, match="CUDA error: out of memory"):
+        rr.compute_score([["q", "d"]])
+    rr.backend.fail = None
+    assert len(rr.compute_score([["q", "d"]])) == 1  # the scheduler lives on
+    rr.close()
+
+
+class Died(BaseException):
+    pass
+
+
+def test_a_dead_library_worker_is_replaced(m0):
+    backend = Recording(m0.backend, fail=Died("gone"))
+    rr = Reranker(backend, m0.model_dir, m0.options)
+    with pytest.raises(Died):
+        rr.compute_score([["q", "d"]])
+    dead = rr._scheduler
+    assert dead is not None and not dead.alive
+    backend.fail = None
+    assert len(rr.compute_score([["q", "d"]])) == 1
+    assert rr.scheduler is not dead
+    rr.close()
+
+
+def test_a_failing_progress_callback_does_not_hang_the_call(m0):
+    def boom():
+        raise ValueError("progress bar broke")
+
+    lengths = LengthOptions(1024, 512)
+    pairs = [(TextItem("q"), TextItem(d)) for d in docs(5)]
+    out = m0.scheduler.score_sync(pairs, lengths, [Where.for_pair(i) for i in range(5)], on_pair_done=boom)
+    assert len(out.results) == 5 and out.tokens > 0
+
+
+def test_each_default_is_read_from_the_one_table():
+    signature = inspect.signature(Reranker.rerank).parameters
+    fields = RerankRequest.model_fields
+    parsed = build_parser().parse_args(["rerank", "--query", "q", "d"])
+    for name in ScoreOptions.__dataclass_fields__:
+        default = getattr(RERANK_DEFAULTS, name)
+        assert signature[name].default == default, name
+        assert fields[name].default == default, name
+        assert getattr(parsed, name) == default, name
+    assert inspect.signature(Reranker.compute_score).parameters["overlap"].default == RERANK_DEFAULTS.overlap
+    assert CohereRerankRequest.model_fields["max_tokens_per_doc"].default == COHERE_MAX_TOKENS_PER_DOC
+
+
+def test_the_registry_maps_files_and_architectures(m0_dir, tmp_path):
+    cls, config = backend_for(m0_dir)
+    assert cls.__name__ == "JinaM0Backend" and config["architectures"] == ["JinaVLForRanking"]
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    assert backend_for(gguf)[0].__name__ == "GGUFBackend" and backend_for(gguf)[1] is None
+    other = tmp_path / "m.onnx"
+    other.write_bytes(b"x")
+    with pytest.raises(ModelLoadError, match=r"a \.onnx file is not a model rerankd loads; model files: \.gguf"):
+        backend_for(other)
