@@ -149,3 +149,165 @@ class ReferenceCrossEncoder:
             logits = self.model(**batch).logits.view(-1).float()
             scores += (torch.sigmoid(logits) if activation else logits).tolist()
         return scores
+
+
+def _load_float(model_dir: Path, cls: Any, attn_implementation: str) -> Any:
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    return cls.from_pretrained(model_dir, torch_dtype=torch.float32, attn_implementation=attn_implementation).eval()
+
+
+class ReferenceQwen3Reranker:
+    """Qwen3-Reranker's model card usage, verbatim in substance, on transformers' own Qwen3ForCausalLM (or, for a
+    converted seq-cls checkpoint, Qwen3ForSequenceClassification with sigmoid): prefix + body + suffix, the body
+    truncated to max_length - len(prefix) - len(suffix), LEFT-padded batches, softmax over the "no"/"yes" logits."""
+
+    PREFIX = ("<|im_start|>system\nJudge whether the Document meets the requirements based on the Query and the "
+              "Instruct provided. Note that the answer can only be \"yes\" or \"no\".<|im_end|>\n<|im_start|>user\n")
+    SUFFIX = "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+    TASK = "Given a web search query, retrieve relevant passages that answer the query"
+
+    def __init__(self, model_dir: str | Path, attn_implementation: str = "eager"):
+        from transformers import AutoTokenizer, Qwen3ForCausalLM, Qwen3ForSequenceClassification
+
+        model_dir = Path(model_dir)
+        arch = json.loads((model_dir / "config.json").read_text())["architectures"][0]
+        self.seq_cls = arch == "Qwen3ForSequenceClassification"
+        cls = Qwen3ForSequenceClassification if self.seq_cls else Qwen3ForCausalLM
+        self.model = _load_float(model_dir, cls, attn_implementation)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
+        self.yes = self.tokenizer.convert_tokens_to_ids("yes")
+        self.no = self.tokenizer.convert_tokens_to_ids("no")
+        self.prefix_tokens = self.tokenizer.encode(self.PREFIX, add_special_tokens=False)
+        self.suffix_tokens = self.tokenizer.encode(self.SUFFIX, add_special_tokens=False)
+
+    def format_instruction(self, instruction: str | None, query: str, doc: str) -> str:
+        return f"<Instruct>: {instruction or self.TASK}\n<Query>: {query}\n<Document>: {doc}"
+
+    @torch.inference_mode()
+    def compute_score(self, pairs, instruction: str | None = None, max_length: int = 8192, batch_size: int = 16,
+                      raw: bool = False) -> list[float]:  # fmt: skip
+        scores: list[float] = []
+        for start in range(0, len(pairs), batch_size):
+            texts = [self.format_instruction(instruction, q, d) for q, d in pairs[start : start + batch_size]]
+            inputs = self.tokenizer(texts, padding=False, truncation="longest_first", return_attention_mask=False,
+                                    max_length=max_length - len(self.prefix_tokens) - len(self.suffix_tokens))
+            for i, ids in enumerate(inputs["input_ids"]):
+                inputs["input_ids"][i] = self.prefix_tokens + ids + self.suffix_tokens
+            inputs = self.tokenizer.pad(inputs, padding=True, return_tensors="pt", max_length=max_length)
+            if self.seq_cls:
+                logits = self.model(**inputs).logits[:, 0].float()
+                scores += (logits if raw else torch.sigmoid(logits)).tolist()
+                continue
+            last = self.model(**inputs).logits[:, -1, :]
+            pair = torch.stack([last[:, self.no], last[:, self.yes]], dim=1)
+            if raw:
+                scores += (pair[:, 1] - pair[:, 0]).tolist()
+            else:
+                scores += torch.nn.functional.log_softmax(pair, dim=1)[:, 1].exp().tolist()
+        return scores
+
+
+class ReferenceJinaV3:
+    """jina-reranker-v3's `JinaForRanking.rerank` (Jina's modeling.py), rebuilt on transformers' own
+    Qwen3ForCausalLM with the checkpoint's projector: the 512 / 2048 cuts with their decode round trip, the block
+    capacity rule, one prompt per block (several blocks LEFT-padded into one batch, as its `_compute_multi_batch`
+    does), final hidden states at the special tokens, projector, cosine, and the weighted query merge in numpy."""
+
+    SPECIAL = {"query_embed_token": "<|rerank_token|>", "doc_embed_token": "<|embed_token|>"}
+
+    def __init__(self, model_dir: str | Path, attn_implementation: str = "eager"):
+        import numpy as np  # noqa: F401 (used below)
+        from safetensors.torch import load_file
+        from transformers import AutoTokenizer, Qwen3ForCausalLM
+
+        model_dir = Path(model_dir)
+        self.model = _load_float(model_dir, Qwen3ForCausalLM, attn_implementation)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.tokenizer.padding_side = "left"
+        state: dict[str, torch.Tensor] = {}
+        for f in sorted(model_dir.glob("*.safetensors")):
+            state |= {k: v.float() for k, v in load_file(str(f)).items() if k.startswith("projector.")}
+        h = self.model.config.hidden_size
+        self.projector = torch.nn.Sequential(torch.nn.Linear(h, h // 2, bias=False), torch.nn.ReLU(),
+                                             torch.nn.Linear(h // 2, 512, bias=False))  # fmt: skip
+        self.projector.load_state_dict({k.removeprefix("projector."): v for k, v in state.items()})
+        self.doc_id = self.tokenizer.convert_tokens_to_ids("<|embed_token|>")
+        self.query_id = self.tokenizer.convert_tokens_to_ids("<|rerank_token|>")
+
+    def format_prompt(self, query: str, docs: list[str], instruction: str | None = None) -> str:
+        for token in self.SPECIAL.values():
+            query = query.replace(token, "")
+            docs = [d.replace(token, "") for d in docs]
+        prefix = ("<|im_start|>system\nYou are a search relevance expert who can determine a ranking of the passages "
+                  "based on how relevant they are to the query. If the query is a question, how relevant a passage is "
+                  "depends on how well it answers the question. If not, try to analyze the intent of the query and "
+                  "assess how well each passage satisfies the intent. If an instruction is provided, you should "
+                  "follow the instruction when determining the ranking.<|im_end|>\n<|im_start|>user\n")  # fmt: skip
+        suffix = "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+        prompt = (f"I will provide you with {len(docs)} passages, each indicated by a numerical identifier. "
+                  f"Rank the passages based on their relevance to query: {query}\n")  # fmt: skip
+        if instruction:
+            prompt += f"<instruct>\n{instruction}\n</instruct>\n"
+        prompt += "\n".join(f'<passage id="{i}">\n{d}<|embed_token|>\n</passage>' for i, d in enumerate(docs)) + "\n"
+        prompt += f"<query>\n{query}<|rerank_token|>\n</query>"
+        return prefix + prompt + suffix
+
+    def truncate(self, query: str, documents: list[str], max_query_length: int, max_doc_length: int):
+        docs, doc_lengths = [], []
+        for doc in documents:
+            ids = self.tokenizer(doc, truncation=True, max_length=max_doc_length)["input_ids"]
+            if len(ids) >= max_doc_length:
+                doc = self.tokenizer.decode(ids)
+            doc_lengths.append(len(ids))
+            docs.append(doc)
+        q_ids = self.tokenizer(query, truncation=True, max_length=max_query_length)["input_ids"]
+        if len(q_ids) >= max_query_length:
+            query = self.tokenizer.decode(q_ids)
+        return query, docs, doc_lengths, len(q_ids)
+
+    def blocks(self, query: str, documents: list[str], max_length: int, max_query_length: int = 512,
+               max_doc_length: int = 2048, block_size: int = 125) -> tuple[str, list[list[str]]]:  # fmt: skip
+        query, docs, doc_lengths, query_length = self.truncate(query, documents, max_query_length, max_doc_length)
+        capacity = max_length - 2 * query_length
+        blocks, block = [], []
+        for length, doc in zip(doc_lengths, docs):
+            block.append(doc)
+            capacity -= length
+            if len(block) >= block_size or capacity <= max_doc_length:
+                blocks.append(block)
+                block = []
+                capacity = max_length - 2 * query_length
+        if block:
+            blocks.append(block)
+        return query, blocks
+
+    @torch.inference_mode()
+    def forward(self, prompts: list[str]):
+        """Left-padded batch -> per prompt (doc vectors [n, 512], query vector [1, 512], cosine scores [n])."""
+        batch = self.tokenizer(text=prompts, padding=True, padding_side="left", return_tensors="pt")
+        hidden = self.model(**batch, use_cache=False, output_hidden_states=True).hidden_states[-1]
+        out = []
+        for ids, h in zip(batch["input_ids"], hidden):
+            d = self.projector(h[ids == self.doc_id])
+            q = self.projector(h[ids == self.query_id])
+            out.append((d, q, torch.nn.functional.cosine_similarity(d, q.expand_as(d), dim=-1)))
+        return out
+
+    def rerank(self, query: str, documents: list[str], max_length: int = 131072, instruction: str | None = None,
+               **limits: int) -> list[float]:  # fmt: skip
+        """Each document's relevance_score, in input order."""
+        import numpy as np
+
+        query, blocks = self.blocks(query, documents, max_length, **limits)
+        outs = self.forward([self.format_prompt(query, b, instruction) for b in blocks])
+        doc_embeds, query_embeds, weights = [], [], []
+        for d, q, s in outs:
+            doc_embeds.extend(d.float().numpy())
+            query_embeds.append(q[0].float().numpy())
+            weights.append(((1.0 + s.float().numpy()) / 2.0).max())
+        merged = np.average(np.array(query_embeds), axis=0, weights=weights)
+        doc_embeds = np.array(doc_embeds)
+        scores = np.dot(merged, doc_embeds.T) / (np.linalg.norm(merged) * np.linalg.norm(doc_embeds, axis=1))
+        return [float(x) for x in scores]

@@ -85,7 +85,7 @@ def test_loading_errors_are_clear(m0_dir, tmp_path):
     shutil.copytree(m0_dir, bad)
     cfg = json.loads((bad / "config.json").read_text())
     (bad / "config.json").write_text(json.dumps({**cfg, "architectures": ["LlamaForCausalLM"]}))
-    with pytest.raises(ModelLoadError, match="not supported; supported architectures: BertForSequenceClassification, JinaVLForRanking, "):
+    with pytest.raises(ModelLoadError, match="not supported; supported architectures: BertForSequenceClassification, JinaForRanking, JinaVLForRanking, Qwen3ForCausalLM, "):
         Reranker.from_pretrained(bad)
     (bad / "config.json").write_text(json.dumps(cfg))
     w = load_file(str(bad / "model.safetensors"))

@@ -60,6 +60,7 @@ def _read_documents(args: argparse.Namespace) -> list:
 
 def cmd_rerank(args: argparse.Namespace) -> int:
     from . import PairErrors, Reranker, RerankdError
+    from .reranker import DEFAULT
 
     docs = _read_documents(args)
     try:
@@ -72,7 +73,7 @@ def cmd_rerank(args: argparse.Namespace) -> int:
             query_type=args.query_type,
             doc_type=args.doc_type,
             show_progress=args.progress,
-            activation=None if args.raw_scores else "sigmoid",
+            activation=None if args.raw_scores else DEFAULT,
             **_options(args, ScoreOptions),
         )
     except PairErrors as e:
@@ -191,7 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--doc-type", choices=["text", "image"], default="text", help="how to read document strings")
     p.add_argument("--top-n", type=int, default=None, help="keep the best N results (default: all)")
     p.add_argument("--no-documents", action="store_true", help="leave the documents out of the results")
-    p.add_argument("--raw-scores", action="store_true", help="report raw logits instead of sigmoid scores")
+    p.add_argument("--raw-scores", action="store_true",
+                   help="report raw logits instead of sigmoid scores (jina-reranker-v3's cosines are raw already)")  # fmt: skip
     p.add_argument("--progress", action="store_true", help="show a progress bar while scoring")
     _add_options(p, ScoreOptions, "lengths and long documents")
     _add_options(p, LoadOptions, "model loading")

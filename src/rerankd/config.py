@@ -43,6 +43,8 @@ class ScoreOptions:
     """A text document that does not fit: 'chunk' scores overlapping token windows and keeps the best; 'truncate' cuts it."""
     overlap: int = 80
     """Tokens shared by adjacent windows."""
+    instruction: str | None = None
+    """Task instruction, for models that take one (Qwen3-Reranker, jina-reranker-v3); None: the model's default."""
 
 
 RERANK_DEFAULTS = ScoreOptions()

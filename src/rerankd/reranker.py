@@ -134,6 +134,7 @@ class Reranker:
         long_documents: str,
         overlap: int,
         query_default: int | None = None,
+        instruction: str | None = None,
     ) -> LengthOptions:
         """Validated LengthOptions of one call (ValueError names a bad option)."""
         ml = self.backend.default_max_length if max_length is None else max_length
@@ -145,7 +146,17 @@ class Reranker:
             raise ValueError(f"long_documents must be 'chunk' or 'truncate', got {long_documents!r}")
         if isinstance(overlap, bool) or not isinstance(overlap, int) or overlap < 0:
             raise ValueError(f"overlap must be a non-negative integer, got {overlap!r}")
-        return LengthOptions(ml, mq, max_doc_length, long_documents, overlap)  # type: ignore[arg-type]
+        if instruction is not None:
+            if not isinstance(instruction, str):
+                raise ValueError(f"instruction must be a string, got {type(instruction).__name__}")
+            if not self.backend.supports_instruction:
+                raise ValueError(f"instruction: this model ({self.backend.architecture}) takes no instruction; leave "
+                                 "it out (Qwen3-Reranker and jina-reranker-v3 take one)")  # fmt: skip
+        return LengthOptions(ml, mq, max_doc_length, long_documents, overlap, instruction)  # type: ignore[arg-type]
+
+    def activation(self, activation: str | None | _Default) -> str | None:
+        """A call's activation: the one given, or the model's (sigmoid of a logit; none for a score already)."""
+        return self.backend.score_activation if isinstance(activation, _Default) else activation
 
     def check_supported(self, item: Item, param: str) -> Item:
         """The item, or InputError naming `param` if the model cannot take it (an image for a text-only model)."""
@@ -159,7 +170,7 @@ class Reranker:
         params: list[Where],
         early: dict[int, InputError],
         lengths: LengthOptions,
-        activation: str | None,
+        activation: str | None | _Default,
         batch_size: int | None,
         show_progress: bool,
     ) -> tuple[list[float], list[Window | None]]:
@@ -168,6 +179,7 @@ class Reranker:
         Raises PairErrors, with every computed score, if any pair failed. A model failure raises what the model
         raised.
         """
+        activation = self.activation(activation)
         check_activation(activation)
         good = [i for i in range(len(items)) if i not in early]
         with tqdm(total=len(good), unit="pair", desc="scoring", disable=not show_progress) as bar:
@@ -204,11 +216,13 @@ class Reranker:
         doc_type: ItemType = "text",
         batch_size: int | None = None,
         show_progress: bool = False,
-        activation: str | None = "sigmoid",
+        activation: str | None | _Default = DEFAULT,
         long_documents: LongDocuments = REFERENCE_LONG_DOCUMENTS,
         overlap: int = RERANK_DEFAULTS.overlap,
+        instruction: str | None = RERANK_DEFAULTS.instruction,
     ) -> list[float]:
-        """Relevance scores for (query, document) pairs, in order: in [0, 1], or raw logits with activation=None.
+        """Relevance scores for (query, document) pairs, in order: in [0, 1], or raw logits with activation=None
+        (jina-reranker-v3: its cosine in [-1, 1] either way, unless activation="sigmoid" is asked for).
 
         A drop-in for the model card's call: by default every option means what it means there (max_length:
         m0 10240, text cross-encoders 1024; m0 cuts queries to max_query_length=512, cross-encoders truncate the
@@ -219,12 +233,15 @@ class Reranker:
         {"text": ...}, {"image": ...} and PIL images are taken as they are. `batch_size` caps pairs per forward
         batch (batches are otherwise cut by the token budget). If some pairs are unusable, the others are still
         scored and PairErrors is raised naming each bad pair, with every computed score in `.scores`.
+        `instruction`: the task instruction of Qwen3-Reranker / jina-reranker-v3 (None: the model's default).
+        A listwise model (jina-reranker-v3) scores the pairs of each distinct query together, as one list in
+        input order.
         """
         if isinstance(pairs, tuple) and len(pairs) == 2 and not isinstance(pairs[0], (list, tuple)):
             pairs = [pairs]
         lengths = self.length_options(
             max_length, max_query_length, max_doc_length, long_documents, overlap,
-            self.backend.compute_score_max_query_length,
+            self.backend.compute_score_max_query_length, instruction,
         )  # fmt: skip
         items: list[tuple[Item, Item]] = []
         params = [Where.for_pair(i) for i in range(len(pairs))]
@@ -258,7 +275,8 @@ class Reranker:
         show_progress: bool = False,
         long_documents: LongDocuments = RERANK_DEFAULTS.long_documents,
         overlap: int = RERANK_DEFAULTS.overlap,
-        activation: str | None = "sigmoid",
+        activation: str | None | _Default = DEFAULT,
+        instruction: str | None = RERANK_DEFAULTS.instruction,
     ) -> list[dict[str, Any]]:
         """Documents sorted by relevance to `query` (ties by index), cut to `top_n`.
 
@@ -270,10 +288,12 @@ class Reranker:
         fill the rest of max_length (or max_doc_length), adjacent ones sharing `overlap` tokens, every window is
         scored, and the document's score is the maximum. Such a result also has "window": {"index", "count",
         "start", "end"}, the winning window and its character span in the document text.
-        long_documents="truncate" keeps only the first window.
+        long_documents="truncate" keeps only the first window. `instruction`: the task instruction of
+        Qwen3-Reranker / jina-reranker-v3 (None: the model's default); other models refuse one.
         """
         check_top_n(top_n)
-        lengths = self.length_options(max_length, max_query_length, max_doc_length, long_documents, overlap, None)
+        lengths = self.length_options(max_length, max_query_length, max_doc_length, long_documents, overlap, None,
+                                      instruction)  # fmt: skip
         q = self.check_supported(parse_item(query, query_type, "query"), "query")
         q = self.backend.prepare_query(q, "query")  # once for all pairs
         items: list[tuple[Item, Item]] = []

@@ -21,7 +21,9 @@ import torch
 from .models.xlm_roberta import WEIGHT_RENAMES
 from .weights import rename_back
 
-MODEL_KINDS = ("jina-reranker-m0", "jina-reranker-v2", "bert-cross-encoder")
+MODEL_KINDS = ("jina-reranker-m0", "jina-reranker-v2", "bert-cross-encoder", "qwen3-reranker", "qwen3-reranker-seq-cls",
+               "jina-reranker-v3")  # fmt: skip
+QWEN3_KINDS = ("qwen3-reranker", "qwen3-reranker-seq-cls", "jina-reranker-v3")
 
 # Qwen2's pre-tokenizer split pattern (tokenizer.json of Qwen2 / Qwen2-VL)
 QWEN2_SPLIT = (
@@ -48,7 +50,7 @@ CORPUS = [
 ]  # fmt: skip
 
 
-def build_qwen2_tokenizer(vocab_size: int = 1000):
+def build_qwen2_tokenizer(vocab_size: int = 1000, corpus: list[str] = CORPUS):
     """A byte-level BPE `tokenizers.Tokenizer` shaped like Qwen2's, trained on a small built-in corpus."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from tokenizers import trainers
@@ -66,7 +68,7 @@ def build_qwen2_tokenizer(vocab_size: int = 1000):
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
     )
-    tok.train_from_iterator(CORPUS * 4, trainer)
+    tok.train_from_iterator(corpus * 4, trainer)
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in QWEN2_SPECIALS])
     return tok
 
@@ -207,12 +209,16 @@ def make_tiny_checkpoint(
 
     `overrides` change config sizes (hidden_size=512, num_hidden_layers=8, vision_depth=4, ...), so the same
     function builds the mid-size checkpoints of the benchmarks. jina-reranker-v2 also takes naming="jina" (the
-    real checkpoint's flash-implementation names, the default) or "hf" (standard XLM-RoBERTa names).
+    real checkpoint's flash-implementation names, the default) or "hf" (standard XLM-RoBERTa names);
+    qwen3-reranker takes tie_word_embeddings=False (the 4B / 8B layout: an lm_head of its own; default True, the
+    0.6B's); weight_std=0.02 draws every matrix at that scale (realistic, for full-size benchmarks).
     """
     if kind not in MODEL_KINDS:
         raise ValueError(f"unknown model kind {kind!r}; known: {', '.join(MODEL_KINDS)}")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
+    if kind in QWEN3_KINDS:
+        return _make_tiny_qwen3(kind, path, seed, shards=shards, dtype=dtype, **overrides)
     if kind != "jina-reranker-m0":
         return _make_tiny_encoder(kind, path, seed, shards=shards, dtype=dtype, **overrides)
     if overrides.get("naming") is not None:
@@ -423,4 +429,110 @@ def _make_tiny_encoder(kind: str, path: Path, seed: int, *, shards: int, dtype: 
     (path / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2))
     (path / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
     _save_safetensors(encoder_random_weights(cfg, seed, naming), path, shards, dtype)
+    return path
+
+
+# ------------------------------------------------------------------------------------ Qwen3 decoders
+
+# Qwen3's added tokens after Qwen2's (ids 151657.. in the real vocabulary): <think> and </think> are not special
+QWEN3_EXTRA = ("<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>",
+               "<|repo_name|>", "<|file_sep|>", "<tool_response>", "</tool_response>", "<think>", "</think>")  # fmt: skip
+JINA_V3_EXTRA = ("<|embed_token|>", "<|rerank_token|>")  # jina-reranker-v3's own special tokens
+QWEN3_CORPUS = [  # the answers Qwen3-Reranker reads, and the words of its prompts, as whole tokens
+    *["yes", "no"] * 16, "Judge whether the Document meets the requirements based on the Query and the Instruct provided.",
+    "Given a web search query, retrieve relevant passages that answer the query",
+    "You are a search relevance expert who can determine a ranking of the passages",
+]  # fmt: skip
+
+
+def build_qwen3_tokenizer(jina_v3: bool = False):
+    """Qwen2's toy byte-level BPE with Qwen3's added tokens (and jina-reranker-v3's two), "yes" and "no" whole."""
+    from tokenizers import AddedToken
+
+    tok = build_qwen2_tokenizer(corpus=CORPUS + QWEN3_CORPUS)
+    specials = {"<think>", "</think>", "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"}
+    tok.add_tokens([AddedToken(t, special=t not in specials, normalized=False) for t in QWEN3_EXTRA])
+    if jina_v3:
+        tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in JINA_V3_EXTRA])
+    for word in ("yes", "no"):
+        if tok.token_to_id(word) is None:
+            raise RuntimeError(f"internal: the toy Qwen3 vocabulary has no token {word!r}")
+    return tok
+
+
+def qwen3_tiny_config(kind: str, vocab_size: int, first_special: int, **overrides: Any) -> dict:
+    sizes = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=24, tie_word_embeddings=kind == "qwen3-reranker")  # fmt: skip
+    sizes |= overrides
+    cfg = {
+        "architectures": [{"qwen3-reranker": "Qwen3ForCausalLM", "qwen3-reranker-seq-cls": "Qwen3ForSequenceClassification",
+                           "jina-reranker-v3": "JinaForRanking"}[kind]],  # fmt: skip
+        "attention_bias": False, "attention_dropout": 0.0, "bos_token_id": first_special,
+        "eos_token_id": first_special + 2, "hidden_act": "silu", "initializer_range": 0.02,
+        "max_position_embeddings": 40960, "max_window_layers": sizes["num_hidden_layers"], "model_type": "qwen3",
+        "rms_norm_eps": 1e-06, "rope_scaling": None, "rope_theta": 1000000, "sliding_window": None,
+        "torch_dtype": "bfloat16", "transformers_version": "4.51.0", "use_cache": True, "use_sliding_window": False,
+        "vocab_size": vocab_size, **sizes,
+    }  # fmt: skip
+    if kind == "qwen3-reranker-seq-cls":
+        cfg |= {"id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0}, "pad_token_id": first_special}
+    if kind == "jina-reranker-v3":
+        cfg |= {"auto_map": {"AutoModel": "modeling.JinaForRanking"}, "max_position_embeddings": 131072,
+                "tie_word_embeddings": True}  # fmt: skip
+    return cfg
+
+
+def qwen3_random_weights(kind: str, cfg: dict, seed: int, weight_std: float | None = None) -> dict[str, torch.Tensor]:
+    """Weights in the checkpoint's names; `weight_std` draws every matrix at that scale instead of the toy gains."""
+    g = torch.Generator().manual_seed(seed)
+    h, inter, v, hd = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"], cfg["head_dim"]
+    heads, kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+
+    def lin(name: str, out_f: int, in_f: int, gain: float = 1.0) -> dict:
+        if weight_std is not None:
+            return {f"{name}.weight": _rand((out_f, in_f), weight_std, g)}
+        return _linear(name, out_f, in_f, g, bias=False, gain=gain)
+
+    # toy scales: the last token (the same template token in every prompt) must carry the pair's content, so
+    # values and outputs are amplified; the head rows (tied: the embedding's) spread the scores over (0.05, 0.95)
+    w: dict[str, torch.Tensor] = {"model.embed_tokens.weight": _rand((v, h), weight_std or 0.5, g)}
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}"
+        w |= lin(f"{p}.self_attn.q_proj", heads * hd, h, gain=2.0) | lin(f"{p}.self_attn.k_proj", kv * hd, h, gain=2.0)
+        w |= lin(f"{p}.self_attn.v_proj", kv * hd, h, gain=2.0) | lin(f"{p}.self_attn.o_proj", h, heads * hd, gain=2.0)
+        w |= _norm(f"{p}.self_attn.q_norm", hd, g) | _norm(f"{p}.self_attn.k_norm", hd, g)
+        w |= lin(f"{p}.mlp.gate_proj", inter, h) | lin(f"{p}.mlp.up_proj", inter, h) | lin(f"{p}.mlp.down_proj", h, inter)
+        w |= _norm(f"{p}.input_layernorm", h, g) | _norm(f"{p}.post_attention_layernorm", h, g)
+    w |= _norm("model.norm", h, g)
+    if kind == "qwen3-reranker" and not cfg["tie_word_embeddings"]:
+        w |= {"lm_head.weight": _rand((v, h), weight_std or 0.5, g)}
+    if kind == "qwen3-reranker-seq-cls":
+        w |= {"score.weight": _rand((1, h), weight_std or 0.7, g)}
+    if kind == "jina-reranker-v3":
+        w |= lin("projector.0", h // 2, h, gain=2.0) | lin("projector.2", 512, h // 2)
+    return w
+
+
+def _make_tiny_qwen3(kind: str, path: Path, seed: int, *, shards: int, dtype: torch.dtype,
+                     weight_std: float | None = None, **overrides: Any) -> Path:  # fmt: skip
+    if overrides.get("naming") is not None:
+        raise ValueError("naming= applies to jina-reranker-v2 only")
+    tok = build_qwen3_tokenizer(jina_v3=kind == "jina-reranker-v3")
+    first_special = tok.token_to_id(QWEN2_SPECIALS[0])
+    n_tokens = tok.get_vocab_size(with_added_tokens=True)
+    cfg = qwen3_tiny_config(kind, n_tokens, first_special, **overrides)  # vocab_size: the tokens, as the real 151669
+    (path / "config.json").write_text(json.dumps(cfg, indent=2))
+    tok.save(str(path / "tokenizer.json"))
+    tok.model.save(str(path))  # vocab.json, merges.txt, as the real repos have them
+    vocab = tok.get_vocab(with_added_tokens=True)
+    added = {str(vocab[t]): {"content": t, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
+                             "special": t not in ("<think>", "</think>")}
+             for t in QWEN2_SPECIALS + QWEN3_EXTRA + (JINA_V3_EXTRA if kind == "jina-reranker-v3" else ())}  # fmt: skip
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "add_bos_token": False, "add_prefix_space": False, "added_tokens_decoder": added, "bos_token": None,
+        "clean_up_tokenization_spaces": False, "eos_token": "<|im_end|>", "errors": "replace",
+        "model_max_length": 131072, "pad_token": "<|endoftext|>", "split_special_tokens": False,
+        "tokenizer_class": "Qwen2Tokenizer", "unk_token": None,
+    }, indent=2))  # fmt: skip
+    _save_safetensors(qwen3_random_weights(kind, cfg, seed, weight_std), path, shards, dtype)
     return path

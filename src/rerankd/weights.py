@@ -202,3 +202,19 @@ def _check_shape(tensor: torch.Tensor, param: torch.Tensor, key: str, where: Pat
             f"{where.name}: tensor {key} has shape {tuple(tensor.shape)}, the model expects {tuple(param.shape)} "
             f"(does config.json match the weights?)"
         )
+
+
+def read_rows(directory: Path, key: str, rows: list[int]) -> torch.Tensor:
+    """Rows `rows` of checkpoint tensor `key`, read without loading the rest of it (two rows of a 151k-row LM
+    head); a ModelLoadError if the checkpoint has no such tensor."""
+    for path in safetensors_files(directory):
+        with safe_open(str(path), framework="pt") as f:
+            if key not in f.keys():
+                continue
+            whole = f.get_slice(key)
+            n = whole.get_shape()[0]
+            bad = [r for r in rows if not 0 <= r < n]
+            if bad:
+                raise ModelLoadError(f"{path.name}: tensor {key} has {n} rows; rows {bad} do not exist")
+            return torch.cat([whole[r : r + 1] for r in rows])
+    raise ModelLoadError(f"{directory}: the checkpoint has no tensor {key}")

@@ -8,7 +8,8 @@ from safetensors.torch import save_file
 
 from rerankd.errors import ModelLoadError
 from rerankd.models import jina_m0, xlm_roberta
-from rerankd.models.qwen2_vl import TextConfig, VisionConfig
+from rerankd.models.decoder import TextConfig
+from rerankd.models.qwen2_vl import VisionConfig
 from rerankd.tiny import encoder_tiny_config, m0_tiny_config
 from rerankd.weights import Part, load_weights, rename, rename_back
 

@@ -94,6 +94,7 @@ def create_app(
         observer=metrics,
     )
     images = ImagePolicy(options.allow_private_urls, options.allowed_local_media_path)
+    activation = reranker.backend.score_activation  # what makes an output a relevance_score (v3: none)
     state = ServerState(reranker, scheduler, metrics, options, model_name, images, source)
 
     @contextlib.asynccontextmanager
@@ -118,7 +119,7 @@ def create_app(
         state.check_model(body.model)
         _check_count(len(body.documents), options.max_documents)
         lengths = _lengths(reranker, body.max_length, body.max_query_length, body.max_doc_length,
-                           body.long_documents, body.overlap)  # fmt: skip
+                           body.long_documents, body.overlap, body.instruction)  # fmt: skip
         query = _item(body.query, "query", reranker)
         docs = [_item(d, f"documents[{i}]", reranker) for i, d in enumerate(body.documents)]
         scored, tokens = await _score(request, state, query, docs, lengths)
@@ -127,8 +128,8 @@ def create_app(
             d = body.documents[i]
             return DocumentObject(text=d) if isinstance(d, str) else d
 
-        results = rerank_results(activate([s.logit for s in scored]), [s.window for s in scored], body.top_n,
-                                 echo if body.return_documents else None)  # fmt: skip
+        results = rerank_results(activate([s.logit for s in scored], activation), [s.window for s in scored],
+                                 body.top_n, echo if body.return_documents else None)  # fmt: skip
         return RerankResponse.model_validate(jina_response(state.model_name, results, tokens))
 
     @app.post("/v2/rerank", response_model=CohereResponse, response_model_exclude_none=True)
@@ -139,7 +140,7 @@ def create_app(
         lengths = _lengths(reranker, None, RERANK_DEFAULTS.max_query_length, body.max_tokens_per_doc, "truncate", 0)
         docs: list[Item] = [TextItem(d) for d in body.documents]
         scored, tokens = await _score(request, state, TextItem(body.query), docs, lengths)
-        results = rerank_results(activate([s.logit for s in scored]), [None] * len(scored), body.top_n,
+        results = rerank_results(activate([s.logit for s in scored], activation), [None] * len(scored), body.top_n,
                                  (lambda i: {"text": body.documents[i]}) if body.return_documents else None)  # fmt: skip
         return CohereResponse.model_validate(cohere_response(results, tokens))
 
@@ -184,11 +185,13 @@ def _check_count(n: int, limit: int) -> None:
                        "documents")  # fmt: skip
 
 
-def _lengths(reranker: Reranker, max_length, max_query_length, max_doc_length, long_documents, overlap) -> LengthOptions:
+def _lengths(reranker: Reranker, max_length, max_query_length, max_doc_length, long_documents, overlap,
+             instruction: str | None = None) -> LengthOptions:  # fmt: skip
     try:
-        return reranker.length_options(max_length, max_query_length, max_doc_length, long_documents, overlap)
+        return reranker.length_options(max_length, max_query_length, max_doc_length, long_documents, overlap,
+                                       instruction=instruction)  # fmt: skip
     except ValueError as e:
-        raise ApiError(400, str(e), str(e).split(" ", 1)[0]) from None
+        raise ApiError(400, str(e), str(e).split(" ", 1)[0].rstrip(":")) from None
 
 
 def _item(value: str | DocumentObject, param: str, reranker: Reranker) -> Item:

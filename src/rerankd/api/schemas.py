@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
 
 from ..config import COHERE_MAX_TOKENS_PER_DOC, RERANK_DEFAULTS, LongDocuments, ScoreOptions, field_docs
 
@@ -46,6 +46,8 @@ class RerankRequest(BaseModel):
     max_doc_length: int | None = Field(RERANK_DEFAULTS.max_doc_length, ge=1, description=_DOCS["max_doc_length"])
     long_documents: LongDocuments = Field(RERANK_DEFAULTS.long_documents, description=_DOCS["long_documents"])
     overlap: int = Field(RERANK_DEFAULTS.overlap, ge=0, description=_DOCS["overlap"])
+    instruction: str | None = Field(RERANK_DEFAULTS.instruction, description=_DOCS["instruction"] + ' Also read as "instruct" (SGLang).',
+                                    validation_alias=AliasChoices("instruction", "instruct"))  # fmt: skip
 
 
 class CohereRerankRequest(BaseModel):

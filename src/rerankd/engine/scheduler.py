@@ -18,10 +18,13 @@ The library (`Reranker.compute_score`, `rerank`) calls it synchronously (`score_
     `max_batch_wait` after the oldest for company.
   A batch holds at most `max_batch_tokens` tokens, image tokens included (a longer sequence goes alone). A pair's
   score never depends on its batch (fp32; see README for int8).
-* A unit (a pair) owns one or more slots, a slot being one score the caller asked for; a sequence yields one
-  logit per slot it names (its `slots`, counted within its unit). Today a unit is a pair with one slot, and the
-  windows of a chunked document are several sequences of that slot; each slot reduces its logits with
-  `keep_best`, the maximum over its windows. A listwise model would prepare units of several slots.
+* A unit owns one or more slots, a slot being one score the caller asked for (a pair); a sequence yields one
+  output per slot it names (its `slots`, counted within its unit). For a pointwise model a unit is a pair with
+  one slot, the windows of a chunked document are several sequences of that slot, and each slot reduces its
+  logits with `keep_best`, the maximum over its windows. For a listwise model (`Backend.listwise`, e.g.
+  jina-reranker-v3) a unit is every pair of the job with the same query, prepared together by
+  `Backend.prepare_list` into one or more sequences (blocks of documents); when all of a unit's sequences are
+  scored, `Backend.combine` turns their outputs into the slots' scores (v3 merges its blocks' query vectors).
 * Admission: at most `max_queue_pairs` pairs waiting or running (None: no limit, the library's); beyond it
   `Overloaded` is raised at once. A cancelled job (deadline, client gone, Ctrl-C) is skipped by the preparers and
   dropped by the worker before it reaches the model. A forward that raises fails the jobs of that batch with
@@ -44,6 +47,8 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
+
+import torch
 
 from ..errors import InputError, RerankdError
 from ..inputs import Item
@@ -87,6 +92,12 @@ class Observer(Protocol):
     def queue_depth(self, pairs: int) -> None: ...
     def queue_wait(self, seconds: float) -> None: ...
     def batch(self, pairs: int, tokens: int, model_seconds: float) -> None: ...
+
+
+def _failure(what: str, cause: BaseException) -> WorkerError:
+    failure = WorkerError(f"{what}: {type(cause).__name__}: {cause}")
+    failure.__cause__ = cause
+    return failure
 
 
 class _NoObserver:
@@ -178,11 +189,10 @@ class Job:
     max_batch_pairs: int | None
     on_pair_done: Callable[[], None] | None
     future: Future = field(default_factory=Future)
-    slot_of: list[int] = field(default_factory=list)  # per unit: its first slot (its slots are consecutive)
-    unit_of: list[int] = field(default_factory=list)  # per slot: its unit
-    unit_open: list[int] = field(default_factory=list)  # per unit: slots not finished
+    unit_slots: list[list[int]] = field(default_factory=list)  # per unit: its slots (pair indices), in order
+    unit_left: list[int] = field(default_factory=list)  # per unit: sequences prepared and not yet scored
+    unit_outputs: dict[int, list[tuple[PreparedSequence, torch.Tensor]]] = field(default_factory=dict)  # listwise
     results: list = field(default_factory=list)  # per slot: None, Scored or InputError
-    left: list[int] = field(default_factory=list)  # per slot: logits still to come
     open: int = 0  # slots not finished
     tokens: int = 0
     window: int = 0  # units per preparation window
@@ -194,7 +204,19 @@ class Job:
 
     @property
     def windows(self) -> int:
-        return -(-len(self.pairs) // self.window) if self.pairs else 0
+        units = len(self.unit_slots)
+        return -(-units // self.window) if units else 0
+
+
+def group_units(pairs: Sequence[tuple[Item, Item]], listwise: bool) -> list[list[int]]:
+    """The units of work a job's pairs make: one per pair, or for a listwise model one per distinct query (its
+    pairs in input order), units ordered by their first pair."""
+    if not listwise:
+        return [[i] for i in range(len(pairs))]
+    units: dict[Item, list[int]] = {}
+    for i, (q, _) in enumerate(pairs):
+        units.setdefault(q, []).append(i)
+    return list(units.values())
 
 
 @dataclass(eq=False)
@@ -222,6 +244,7 @@ class Scheduler:
         if max_batch_tokens < 1 or (max_queue_pairs is not None and max_queue_pairs < 1) or max_batch_wait < 0:
             raise ValueError("need max_batch_tokens >= 1, max_queue_pairs >= 1 and max_batch_wait >= 0")
         self.backend = backend
+        self.listwise = getattr(backend, "listwise", False)  # Backend.listwise: one sequence scores a list
         self.max_batch_tokens = max_batch_tokens
         self.max_batch_wait = max_batch_wait
         self.max_queue_pairs = max_queue_pairs
@@ -263,13 +286,11 @@ class Scheduler:
         n = len(pairs)
         job = Job(pairs, lengths, wheres, images, streaming, max_batch_pairs, on_pair_done)
         job.future.set_running_or_notify_cancel()  # only the scheduler resolves it, cancellation included
-        job.slot_of = list(range(n))  # a pair is one unit of one slot
-        job.unit_of = list(range(n))
-        job.unit_open = [1] * n
+        job.unit_slots = group_units(pairs, self.listwise)
+        job.unit_left = [0] * len(job.unit_slots)
         job.results = [None] * n
-        job.left = [0] * n
         job.open = n
-        job.window = max(n, 1) if streaming else WINDOW_PAIRS
+        job.window = max(len(job.unit_slots), 1) if streaming else WINDOW_PAIRS
         with self._cond:
             if not self.alive:
                 raise WorkerError(f"the model worker is not running ({self.error or 'stopped'})")
@@ -324,23 +345,32 @@ class Scheduler:
 
     def _submit_window(self, job: Job, w: int) -> None:
         """Under the lock: start preparing window w of the job."""
-        units = range(w * job.window, min((w + 1) * job.window, len(job.pairs)))
+        units = range(w * job.window, min((w + 1) * job.window, len(job.unit_slots)))
         job.unprepared[w] = job.unscored[w] = len(units)
         job.staged[w] = []
         try:
-            for i in units:
-                self.pool.submit(self._prepare, job, w, i)
+            for u in units:
+                self.pool.submit(self._prepare, job, w, u)
         except RuntimeError as e:  # the pool is shut down: the scheduler is closing
             self._resolve(job, error=WorkerError(f"the model worker is shutting down ({e})"))
 
-    def _prepare(self, job: Job, w: int, i: int) -> None:
+    def _prepare(self, job: Job, w: int, u: int) -> None:
         if job.done:
             return
-        q, d = job.pairs[i]
-        where = job.wheres[i]
+        slots = job.unit_slots[u]
+        where = job.wheres[slots[0]]
         error: InputError | None = None
         try:
-            seqs = self.backend.prepare(q, d, job.lengths, where, job.images)
+            if self.listwise:
+                query = job.pairs[slots[0]][0]
+                docs = [job.pairs[i][1] for i in slots]
+                seqs, bad = self.backend.prepare_list(query, docs, job.lengths, [job.wheres[i] for i in slots],
+                                                      job.images)  # fmt: skip
+                for r, e in bad.items():
+                    job.results[slots[r]] = e
+            else:
+                q, d = job.pairs[slots[0]]
+                seqs = self.backend.prepare(q, d, job.lengths, where, job.images)
         except InputError as e:
             seqs, error = [], e
         except BaseException as e:  # a bug, not bad input: the job fails whole, the scheduler lives on
@@ -351,21 +381,19 @@ class Scheduler:
             with self._cond:
                 if job.done:
                     return
-                base = job.slot_of[i]
                 if error is not None:
-                    job.results[base] = error
-                for s in seqs:
-                    for r in s.slots:
-                        job.left[base + r] += 1
-                    job.tokens += s.length
+                    for i in slots:
+                        job.results[i] = error
+                job.unit_left[u] += len(seqs)
+                job.tokens += sum(s.length for s in seqs)
                 job.unprepared[w] -= 1
                 if job.streaming:
-                    self._enqueue(job, [(i, s) for s in seqs])
+                    self._enqueue(job, [(u, s) for s in seqs])
                 else:
-                    job.staged[w].extend((i, s) for s in seqs)
+                    job.staged[w].extend((u, s) for s in seqs)
                     self._enqueue_windows(job)
-                if error is not None or not seqs:
-                    self._slot_done(job, base)
+                if not seqs:
+                    self._unit_done(job, u)
         except BaseException as e:  # the bookkeeping itself failed (a progress callback): fail the job, not hang it
             log.exception("scheduling %s failed", where.pair)
             self._fail(job, f"scheduling {where.pair} failed", e)
@@ -445,10 +473,11 @@ class Scheduler:
         for e in batch:
             self.observer.queue_wait(start - e.enqueued)
         try:
-            logits = self.backend.forward([e.seq for e in batch]).tolist()
-            expected = sum(len(e.seq.slots) for e in batch)
-            if len(logits) != expected:
-                raise RuntimeError(f"the backend returned {len(logits)} logits for {expected} slots")
+            out = self.backend.forward([e.seq for e in batch])
+            expected = len(batch) if self.listwise else sum(len(e.seq.slots) for e in batch)
+            if len(out) != expected:
+                raise RuntimeError(f"the backend returned {len(out)} outputs for {expected} {'sequences' if self.listwise else 'slots'}")
+            logits = out if self.listwise else out.tolist()
         except Exception as e:
             log.exception("forward of a batch of %d sequences failed", len(batch))
             for job in {id(x.job): x.job for x in batch}.values():
@@ -457,36 +486,51 @@ class Scheduler:
         self.observer.batch(len(batch), sum(e.seq.length for e in batch), time.monotonic() - start)
         with self._cond:
             at = 0
-            for e in batch:
+            for k, e in enumerate(batch):
                 job = e.job
-                for r in e.seq.slots:
-                    logit, at = logits[at], at + 1
-                    if job.done:
-                        continue
-                    slot = job.slot_of[e.unit] + r
-                    job.results[slot] = keep_best(job.results[slot], logit, e.seq.window)
-                    job.left[slot] -= 1
-                    if not job.left[slot]:
-                        self._slot_done(job, slot)
+                if self.listwise:
+                    if not job.done:
+                        job.unit_outputs.setdefault(e.unit, []).append((e.seq, logits[k]))
+                else:
+                    for r in e.seq.slots:
+                        logit, at = logits[at], at + 1
+                        if not job.done:
+                            slot = job.unit_slots[e.unit][r]
+                            job.results[slot] = keep_best(job.results[slot], logit, e.seq.window)
+                if job.done:
+                    continue
+                job.unit_left[e.unit] -= 1
+                if not job.unit_left[e.unit]:  # (a unit's sequences are all counted before any is queued)
+                    self._unit_done(job, e.unit)
 
     # ------------------------------------------------------------------------------------------ bookkeeping
 
-    def _slot_done(self, job: Job, slot: int) -> None:
-        """Under the lock: one more slot of the job is finished (scored, or failed as bad input)."""
-        job.open -= 1
-        self._admitted -= 1
-        if job.on_pair_done is not None:
+    def _unit_done(self, job: Job, u: int) -> None:
+        """Under the lock: every sequence of unit u is scored (or it failed as bad input): its slots are finished.
+        A listwise unit's slots get their scores now, from all of its sequences' outputs (Backend.combine)."""
+        slots = job.unit_slots[u]
+        outputs = job.unit_outputs.pop(u, None)
+        if outputs is not None:
             try:
-                job.on_pair_done()
-            except Exception:  # a progress bar must not stop the scoring
-                log.exception("the progress callback failed")
-        unit = job.unit_of[slot]
-        job.unit_open[unit] -= 1
-        if not job.unit_open[unit]:
-            w = unit // job.window
-            job.unscored[w] -= 1
-            if not job.unscored[w] and w + 2 < job.windows:
-                self._submit_window(job, w + 2)
+                scored = self.backend.combine(outputs)
+            except Exception as e:
+                log.exception("combining the scores of %s failed", job.wheres[slots[0]].pair)
+                self._resolve(job, error=_failure("the model failed combining a list's scores", e))
+                return
+            for r, logit, window in scored:
+                job.results[slots[r]] = keep_best(job.results[slots[r]], logit, window)
+        for _ in slots:
+            job.open -= 1
+            self._admitted -= 1
+            if job.on_pair_done is not None:
+                try:
+                    job.on_pair_done()
+                except Exception:  # a progress bar must not stop the scoring
+                    log.exception("the progress callback failed")
+        w = u // job.window
+        job.unscored[w] -= 1
+        if not job.unscored[w] and w + 2 < job.windows:
+            self._submit_window(job, w + 2)
         if job.open == 0:
             self._resolve(job, Outcome(job.results, job.tokens))
 
@@ -507,10 +551,8 @@ class Scheduler:
 
     def _fail(self, job: Job, what: str, cause: BaseException) -> None:
         """The job fails with a WorkerError of its own that names `what` and carries `cause`."""
-        failure = WorkerError(f"{what}: {type(cause).__name__}: {cause}")
-        failure.__cause__ = cause
         with self._cond:
-            self._resolve(job, error=failure)
+            self._resolve(job, error=_failure(what, cause))
 
     def close(self, timeout: float | None = None) -> None:
         """Finish what is queued, then stop the worker and the preparers."""

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..config import REFERENCE_LONG_DOCUMENTS, RERANK_DEFAULTS, LoadOptions, LongDocuments
-from ..errors import ModelLoadError
+from ..errors import InputError, ModelLoadError
 from ..inputs import Item
 from ..inputs.images import ImagePolicy, PreparedImage
 from ..weights import Renames, load_weights
@@ -24,7 +24,8 @@ from ..weights import Renames, load_weights
 
 @dataclass(frozen=True)
 class LengthOptions:
-    """Token limits of one call, and what happens to a text document that does not fit."""
+    """The options of one call that shape its prompts: token limits, what happens to a text document that does
+    not fit, and the task instruction of instruction-following models."""
 
     max_length: int
     """Longest prompt, in tokens, including special tokens (and m0's score token and image tokens)."""
@@ -37,6 +38,9 @@ class LengthOptions:
     each scored as a pair; the document's score is the maximum over its windows (rerankd.models.windows)."""
     overlap: int = RERANK_DEFAULTS.overlap
     """Tokens shared by adjacent windows in 'chunk' mode."""
+    instruction: str | None = None
+    """The task instruction of a model that takes one (Qwen3-Reranker, jina-reranker-v3); None: the model's
+    default. Backends without `supports_instruction` never see one (Reranker.length_options refuses it)."""
 
 
 @dataclass(frozen=True)
@@ -114,6 +118,14 @@ class Backend(Protocol):
     """max_length when a call gives none."""
     compute_score_max_query_length: int | None
     """compute_score's default query cut: what the model's reference does (None: the pair is truncated whole)."""
+    supports_instruction: bool
+    """Whether calls may give an `instruction` (LengthOptions.instruction)."""
+    score_activation: str | None
+    """What turns an output into the score by default: 'sigmoid' (a logit), or None (already a score: v3's cosine)."""
+    listwise: bool
+    """False: `prepare` makes each pair's sequences and `forward` gives one logit per slot. True: one sequence
+    scores many documents of one query: `prepare_list` and `combine` below, and `forward` gives one tensor per
+    sequence."""
     device: torch.device
     dtype: torch.dtype
     cpu_gemm: str
@@ -135,8 +147,22 @@ class Backend(Protocol):
         """A query shared by many pairs, made ready once (an image query decoded): returns the item to pair."""
         ...
 
-    def forward(self, batch: list[PreparedSequence]) -> torch.Tensor:
-        """Relevance logits, one per slot of each sequence in order, fp32 on the CPU: the score is sigmoid(logit)."""
+    def forward(self, batch: list[PreparedSequence]) -> torch.Tensor | list[torch.Tensor]:
+        """Pointwise: relevance logits, one per slot of each sequence in order, fp32 on the CPU (the score is
+        sigmoid(logit)). Listwise: one tensor per sequence, what `combine` reads."""
+        ...
+
+    def prepare_list(
+        self, query: Item, docs: list[Item], lengths: LengthOptions, wheres: list[Where], images: ImagePolicy | None
+    ) -> tuple[list[PreparedSequence], dict[int, InputError]]:
+        """Listwise only: the sequences scoring `docs` against `query`, each naming in `slots` the documents (their
+        indices in `docs`) it scores, and the documents that cannot be scored (index -> InputError naming its
+        `wheres` entry; they are left out of the sequences). Raises InputError when the whole list fails."""
+        ...
+
+    def combine(self, outputs: list[tuple[PreparedSequence, torch.Tensor]]) -> list[tuple[int, float, Window | None]]:
+        """Listwise only: from the forward outputs of all of one list's sequences (in any order), every scored
+        (slot, logit, window); a slot scored several times (a windowed document) keeps its best (keep_best)."""
         ...
 
     def close(self) -> None:
@@ -144,7 +170,16 @@ class Backend(Protocol):
         ...
 
 
-class TextOnly:
+class Pointwise:
+    """The defaults of the Backend contract for a model that scores one (query, document) pair per sequence with a
+    logit, and takes no instruction."""
+
+    listwise: ClassVar[bool] = False
+    supports_instruction: ClassVar[bool] = False
+    score_activation: ClassVar[str | None] = "sigmoid"
+
+
+class TextOnly(Pointwise):
     """The image half of the Backend contract for text-only models: images are refused, with the reason."""
 
     supports_images: ClassVar[bool] = False
@@ -170,6 +205,26 @@ def load_tokenizer(directory: Path, hint: str = ""):
     tokenizer.no_truncation()
     tokenizer.no_padding()
     return tokenizer
+
+
+def token_id(tokenizer, directory: Path, token: str, config: dict | None = None, key: str | None = None) -> int:
+    """The id of `token` in the tokenizer, looked up by its string (never hard-coded); a ModelLoadError if it is
+    missing, or if config.json's `key` names another id."""
+    tid = tokenizer.token_to_id(token)
+    if tid is None:
+        raise ModelLoadError(f"{directory}/tokenizer.json has no {token} token; is this the model's own tokenizer?")
+    if config is not None and key in config and config[key] != tid:
+        raise ModelLoadError(f"{directory}: config.json {key}={config[key]} but tokenizer.json maps {token} to {tid}")
+    return tid
+
+
+def cut_text(tokenizer, text: str, max_tokens: int) -> tuple[str, int]:
+    """The Jina references' cut (m0, v3): tokenize the text alone, and if it reaches max_tokens, replace it by the
+    decoding of its first max_tokens tokens. Returns the text and its token count (at most max_tokens)."""
+    ids = tokenizer.encode(text, add_special_tokens=True).ids
+    if len(ids) >= max_tokens:
+        return tokenizer.decode(ids[:max_tokens], skip_special_tokens=False), max_tokens
+    return text, len(ids)
 
 
 def build_module(make: Callable[[], nn.Module], directory: Path, renames: Renames, device: torch.device,

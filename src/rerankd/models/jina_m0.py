@@ -36,9 +36,20 @@ from ..inputs.images import (
     qwen2_vl_patches,
 )
 from ..weights import Renames
-from .base import LengthOptions, PreparedSequence, Where, build_module, load_tokenizer, packed
+from .base import (
+    LengthOptions,
+    Pointwise,
+    PreparedSequence,
+    Where,
+    build_module,
+    cut_text,
+    load_tokenizer,
+    packed,
+    token_id,
+)
 from .layers import attention_backend, use_cpu_gemm
-from .qwen2_vl import TextConfig, TextModel, VisionConfig, VisionTransformer
+from .decoder import TextConfig, TextModel
+from .qwen2_vl import VisionConfig, VisionTransformer
 from .windows import document_spans
 
 SCORE_TOKEN_ID = 100  # appended after every prompt; the head reads its hidden state
@@ -87,7 +98,7 @@ class JinaM0(nn.Module):
                     f"internal: {int(mask.sum())} image tokens in the batch but {image_embeds.shape[0]} image embeddings"
                 )
             x = x.masked_scatter(mask[:, None], image_embeds.to(x.dtype))
-        h = self.model.last_hidden(x, positions, cu_seqlens, backend)  # [sequences, hidden]
+        h = self.model.hidden_at(x, positions, cu_seqlens, backend)  # [sequences, hidden]
         return self.score(h).squeeze(-1)  # [sequences]
 
 
@@ -100,7 +111,7 @@ class SpecialTokens:
     vision_end: int
 
 
-class M0Prompts:
+class M0Prompts(Pointwise):
     """m0's prompts: pairs -> token ids and M-RoPE positions, with the cuts and document windows of LengthOptions.
 
     Thread-safe and free of model compute. Shared by the torch backend and the GGUF one (rerankd.models.gguf),
@@ -127,11 +138,7 @@ class M0Prompts:
         return self.tokenizer.encode(text, add_special_tokens=True).ids
 
     def _cut(self, text: str, max_tokens: int) -> tuple[str, int]:
-        """The reference's cut: tokenize, and if the text reaches max_tokens, decode its first max_tokens tokens."""
-        ids = self._encode(text)
-        if len(ids) >= max_tokens:
-            return self.tokenizer.decode(ids[:max_tokens], skip_special_tokens=False), max_tokens
-        return text, len(ids)
+        return cut_text(self.tokenizer, text, max_tokens)
 
     def prepare(
         self, query: Item, doc: Item, lengths: LengthOptions, where: Where, images: ImagePolicy | None = None
@@ -314,9 +321,9 @@ class JinaM0Backend(M0Prompts):
             raise ModelLoadError(f"{directory}/config.json: not a usable Qwen2-VL config ({e!r})") from None
         tokenizer = load_tokenizer(directory)
         special = SpecialTokens(
-            image_pad=_special_id(tokenizer, config, "<|image_pad|>", "image_token_id", directory),
-            vision_start=_special_id(tokenizer, config, "<|vision_start|>", "vision_start_token_id", directory),
-            vision_end=_special_id(tokenizer, config, "<|vision_end|>", "vision_end_token_id", directory),
+            image_pad=token_id(tokenizer, directory, "<|image_pad|>", config, "image_token_id"),
+            vision_start=token_id(tokenizer, directory, "<|vision_start|>", config, "vision_start_token_id"),
+            vision_end=token_id(tokenizer, directory, "<|vision_end|>", config, "vision_end_token_id"),
         )
         model = build_module(lambda: JinaM0(text, vision), directory, WEIGHT_RENAMES, device, dtype, opts)
         model.model.inv_freq = model.model.rope_inv_freq().to(device)
@@ -339,12 +346,3 @@ class JinaM0Backend(M0Prompts):
         logits = self.model(input_ids, positions, cu, patches, [im.grid for im in images], self.image_pad,
                             self.attn_backend)  # fmt: skip
         return logits.float().cpu() - LOGIT_BIAS  # relevance = sigmoid(head logit - LOGIT_BIAS)
-
-
-def _special_id(tokenizer: Tokenizer, config: dict, token: str, key: str, directory: Path) -> int:
-    tid = tokenizer.token_to_id(token)
-    if tid is None:
-        raise ModelLoadError(f"{directory}/tokenizer.json has no {token} token; not a Qwen2-VL tokenizer")
-    if key in config and config[key] != tid:
-        raise ModelLoadError(f"{directory}: config.json {key}={config[key]} but tokenizer.json maps {token} to {tid}")
-    return tid

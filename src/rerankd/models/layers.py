@@ -112,21 +112,39 @@ def varlen_attention(
     return out
 
 
-def single_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: list[int]) -> torch.Tensor:
-    """Attention of ONE query per sequence over all of that sequence's keys, with no mask.
+def row_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: list[int], rows: list[int] | None = None
+) -> torch.Tensor:
+    """Attention of a few query rows per packed sequence over that sequence's keys: the final layer's, where only
+    some tokens feed a head.
 
-    q: [n, heads, head_dim]; k, v: [tokens, kv_heads, head_dim]. Returns [n, heads, head_dim]. Used by the final
-    layer, where only one token feeds the head: the last (a causal decoder's last token sees every key) or the
-    first (a bidirectional encoder's [CLS]).
+    k, v: [tokens, kv_heads, head_dim]. rows None: q is [n, heads, head_dim], ONE query per sequence that sees
+    every key of its sequence, with no mask (a causal decoder's last token, a bidirectional encoder's [CLS]).
+    rows: the token indices (into the packed tokens, ascending) whose queries q holds, [len(rows), heads,
+    head_dim]; causal: each sees the keys of its own sequence up to itself (jina-reranker-v3's special tokens).
+    Returns q's shape.
     """
     gqa = k.shape[1] != q.shape[1]
     outs = []
+    r = 0
     for i, (start, end) in enumerate(zip(cu_seqlens[:-1], cu_seqlens[1:])):
-        qs = q[i : i + 1].transpose(0, 1).unsqueeze(0)  # [1, heads, 1, head_dim]
+        if rows is None:
+            lo, hi, mask = i, i + 1, None
+        else:
+            lo = hi = r
+            while hi < len(rows) and rows[hi] < end:
+                hi += 1
+            r = hi
+            if lo == hi:
+                continue
+            at = torch.tensor(rows[lo:hi], device=q.device) - start
+            mask = torch.arange(end - start, device=q.device)[None, :] <= at[:, None]  # [rows, len]
+        qs = q[lo:hi].transpose(0, 1).unsqueeze(0)  # [1, heads, rows, head_dim]
         ks = k[start:end].transpose(0, 1).unsqueeze(0)  # [1, kv_heads, len, head_dim]
         vs = v[start:end].transpose(0, 1).unsqueeze(0)
-        outs.append(F.scaled_dot_product_attention(qs, ks, vs, enable_gqa=gqa)[0, :, 0])  # [heads, head_dim]
-    return torch.stack(outs)
+        o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, enable_gqa=gqa)
+        outs.append(o[0].transpose(0, 1))  # [rows, heads, head_dim]
+    return torch.cat(outs)
 
 
 # ------------------------------------------------------------------------------------------------ CPU linear layers

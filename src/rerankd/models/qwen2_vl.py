@@ -1,9 +1,8 @@
-"""Qwen2-VL (vision tower, 2x2 patch merger, M-RoPE Qwen2 decoder), padding-free.
+"""Qwen2-VL's vision tower (2x2 patch merger), padding-free; its M-RoPE Qwen2 decoder is rerankd.models.decoder.
 
-Reproduces transformers' `Qwen2VLForConditionalGeneration` (modeling_qwen2_vl.py, transformers 4.4x-4.57) for
-inference on packed sequences: the decoder and the vision tower see [tokens, hidden] tensors, attention runs per
-sequence (per image in the vision tower), and no padding exists anywhere. Module and parameter names follow the
-checkpoint so that weights load by name.
+Reproduces the vision half of transformers' `Qwen2VLForConditionalGeneration` (modeling_qwen2_vl.py, transformers
+4.4x-4.57) for inference on packed images: [patches, dim] tensors, attention per image, no padding anywhere.
+Module and parameter names follow the checkpoint so that weights load by name.
 """
 
 from __future__ import annotations
@@ -14,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import RMSNorm, apply_rotary, onednn_linear, rowwise, single_query_attention, varlen_attention
+from .layers import apply_rotary, onednn_linear, varlen_attention
 
 
 @dataclass(frozen=True)
@@ -50,49 +49,6 @@ class VisionConfig:
     def patch_values(self) -> int:
         """Values in one flattened patch: channels * temporal * patch * patch (3*2*14*14 = 1176)."""
         return self.in_channels * self.temporal_patch_size * self.patch_size**2
-
-
-@dataclass(frozen=True)
-class TextConfig:
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    rms_norm_eps: float
-    rope_theta: float
-    mrope_section: tuple[int, ...]
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TextConfig":
-        # transformers >= 4.5x may nest the text fields under text_config; 4.4x keeps them at the top level
-        d = {**d, **d.get("text_config", {})}
-        act = d.get("hidden_act", "silu")
-        if act != "silu":
-            raise ValueError(f"hidden_act={act!r}: only 'silu' (Qwen2) is supported")
-        rope = d.get("rope_scaling") or {}
-        section = rope.get("mrope_section")
-        if section is None:
-            raise ValueError("rope_scaling.mrope_section is missing: not a Qwen2-VL config")
-        cfg = cls(
-            vocab_size=d["vocab_size"],
-            hidden_size=d["hidden_size"],
-            intermediate_size=d["intermediate_size"],
-            num_hidden_layers=d["num_hidden_layers"],
-            num_attention_heads=d["num_attention_heads"],
-            num_key_value_heads=d.get("num_key_value_heads", d["num_attention_heads"]),
-            rms_norm_eps=d.get("rms_norm_eps", 1e-6),
-            rope_theta=d.get("rope_theta", 1_000_000.0),
-            mrope_section=tuple(section),
-        )
-        if 2 * sum(cfg.mrope_section) != cfg.head_dim:
-            raise ValueError(f"mrope_section {section} does not cover head_dim {cfg.head_dim} (2 * sum must equal it)")
-        return cfg
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
 
 
 # ----------------------------------------------------------------------------------------------- vision tower
@@ -208,105 +164,3 @@ class VisionTransformer(nn.Module):
         for blk in self.blocks:
             x = blk(x, cos, sin, cu, backend)
         return self.merger(x)
-
-
-# ----------------------------------------------------------------------------------------------- decoder
-
-
-def mrope_cos_sin(
-    positions: torch.Tensor, inv_freq: torch.Tensor, section: tuple[int, ...]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """M-RoPE: positions [3, tokens] (t, h, w) -> cos, sin [tokens, head_dim].
-
-    Frequency band i of the head takes its angle from axis i % 3, with bands of sizes `section` (twice over,
-    since the two halves of the head share frequencies).
-    """
-    freqs = positions.float()[..., None] * inv_freq  # [3, tokens, head_dim / 2]
-    emb = torch.cat([freqs, freqs], dim=-1)  # [3, tokens, head_dim]
-    chunks = emb.split(list(section) * 2, dim=-1)
-    emb = torch.cat([c[i % 3] for i, c in enumerate(chunks)], dim=-1)  # [tokens, head_dim]
-    return emb.cos(), emb.sin()
-
-
-class Attention(nn.Module):
-    def __init__(self, cfg: TextConfig):
-        super().__init__()
-        self.heads, self.kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.hidden_size, self.heads * self.head_dim, bias=True)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.kv_heads * self.head_dim, bias=True)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.kv_heads * self.head_dim, bias=True)
-        self.o_proj = nn.Linear(self.heads * self.head_dim, cfg.hidden_size, bias=False)
-
-    def forward(self, x, cos, sin, cu: list[int], backend: str, last: torch.Tensor | None):
-        n = x.shape[0]
-        k = apply_rotary(self.k_proj(x).view(n, self.kv_heads, self.head_dim), cos, sin)  # [tokens, kv, hd]
-        v = self.v_proj(x).view(n, self.kv_heads, self.head_dim)
-        if last is None:
-            q = apply_rotary(self.q_proj(x).view(n, self.heads, self.head_dim), cos, sin)  # [tokens, heads, hd]
-            o = varlen_attention(q, k, v, cu, causal=True, backend=backend)
-        else:
-            # only the last token of each sequence is needed: one query per sequence
-            q = self.q_proj(x[last]).view(-1, self.heads, self.head_dim)  # [seqs, heads, hd]
-            q = apply_rotary(q, cos[last], sin[last])
-            o = single_query_attention(q, k, v, cu)
-        return self.o_proj(o.reshape(o.shape[0], -1))
-
-
-class MLP(nn.Module):
-    def __init__(self, cfg: TextConfig):
-        super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
-
-    def forward(self, x):
-        return rowwise(self._forward, x)
-
-    def _forward(self, x):
-        h = F.silu(self.gate_proj(x), inplace=True)
-        return self.down_proj(h.mul_(self.up_proj(x)))
-
-
-class DecoderLayer(nn.Module):
-    def __init__(self, cfg: TextConfig):
-        super().__init__()
-        self.self_attn = Attention(cfg)
-        self.mlp = MLP(cfg)
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-
-    def forward(self, x, cos, sin, cu, backend, last: torch.Tensor | None = None):
-        h = self.self_attn(self.input_layernorm(x), cos, sin, cu, backend, last)
-        x = (x if last is None else x[last]) + h
-        return x + self.mlp(self.post_attention_layernorm(x))
-
-
-class TextModel(nn.Module):
-    """The Qwen2 decoder. Named `model` in the checkpoint."""
-
-    def __init__(self, cfg: TextConfig):
-        super().__init__()
-        self.cfg = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList([DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers)])
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.inv_freq = self.rope_inv_freq()
-
-    def rope_inv_freq(self) -> torch.Tensor:
-        """Inverse frequencies of the rotary embedding, on the CPU (a plain tensor, never a checkpoint entry)."""
-        hd = self.cfg.head_dim
-        return 1.0 / (self.cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float, device="cpu") / hd))
-
-    def last_hidden(self, x: torch.Tensor, positions: torch.Tensor, cu: list[int], backend: str) -> torch.Tensor:
-        """x: [tokens, hidden] input embeddings of packed sequences; positions [3, tokens].
-
-        Returns the final-norm hidden state of each sequence's last token: [sequences, hidden].
-        """
-        cos, sin = mrope_cos_sin(positions, self.inv_freq, self.cfg.mrope_section)
-        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-        last = torch.tensor(cu[1:], device=x.device) - 1
-        for layer in self.layers[:-1]:
-            x = layer(x, cos, sin, cu, backend)
-        x = self.layers[-1](x, cos, sin, cu, backend, last=last)  # [sequences, hidden]
-        return self.norm(x)
-

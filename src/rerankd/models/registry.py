@@ -17,6 +17,9 @@ ARCHITECTURES: dict[str, str] = {
     "XLMRobertaForSequenceClassification": "rerankd.models.xlm_roberta:CrossEncoderBackend",
     "RobertaForSequenceClassification": "rerankd.models.xlm_roberta:CrossEncoderBackend",
     "BertForSequenceClassification": "rerankd.models.xlm_roberta:CrossEncoderBackend",
+    "Qwen3ForCausalLM": "rerankd.models.qwen3_reranker:Qwen3RerankerBackend",  # Qwen3-Reranker
+    "Qwen3ForSequenceClassification": "rerankd.models.qwen3_reranker:Qwen3RerankerBackend",  # its seq-cls conversion
+    "JinaForRanking": "rerankd.models.jina_v3:JinaV3Backend",  # jina-reranker-v3
 }
 # model file suffix -> "module:Class" (a file that is the whole model, loaded without a config.json)
 FILE_TYPES: dict[str, str] = {

@@ -31,7 +31,7 @@ from ..inputs import ImageItem, Item
 from ..inputs.images import ImagePolicy
 from ..weights import Part, Renames, tensor_names
 from .base import LengthOptions, PreparedSequence, TextOnly, Where, build_module, load_tokenizer, packed
-from .layers import attention_backend, linear, rowwise, single_query_attention, use_cpu_gemm, varlen_attention
+from .layers import attention_backend, linear, rowwise, row_attention, use_cpu_gemm, varlen_attention
 from .windows import document_spans
 
 DEFAULT_MAX_LENGTH = 1024
@@ -152,11 +152,11 @@ class SelfAttention(nn.Module):
             if first is None:
                 o = varlen_attention(q, k, v, cu, causal=False, backend=backend)  # [tokens, heads, head_dim]
             else:
-                o = single_query_attention(q[first], k, v, cu)  # [sequences, heads, head_dim]
+                o = row_attention(q[first], k, v, cu)  # [sequences, heads, head_dim]
         else:  # only the first token of each sequence is needed: its query, every token's key and value
             q = linear(x[first], self.Wqkv, slice(None, h)).view(-1, self.heads, self.head_dim)  # [sequences, ...]
             kv = linear(x, self.Wqkv, slice(h, None)).view(n, 2, self.heads, self.head_dim)  # [tokens, 2, heads, head_dim]
-            o = single_query_attention(q, kv[:, 0], kv[:, 1], cu)  # [sequences, heads, head_dim]
+            o = row_attention(q, kv[:, 0], kv[:, 1], cu)  # [sequences, heads, head_dim]
         return o.reshape(o.shape[0], -1)
 
 
