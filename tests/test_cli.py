@@ -66,3 +66,23 @@ def test_cross_encoder_from_the_cli_with_windows(tmp_path):
     assert [round(r["relevance_score"], 5) for r in raw] == [round(r["relevance_score"], 5) for r in truncated]
     out = run("make-tiny-model", "jina-reranker-m0", str(tmp_path / "x"), "--naming", "hf")
     assert out.returncode == 2 and "naming= applies to jina-reranker-v2 only" in out.stderr
+
+
+def test_decoder_rerankers_from_the_cli_with_an_instruction(tmp_path):
+    for kind in ("qwen3-reranker", "jina-reranker-v3"):
+        d = tmp_path / kind
+        out = run("make-tiny-model", kind, str(d))
+        assert out.returncode == 0, out.stderr
+        args = ("rerank", "--model", str(d), "--query", "slm markdown", "first doc", "second document here",
+                "--instruction", "Rank German first", "--no-show-progress")  # fmt: skip
+        out = run(*args)
+        assert out.returncode == 0, out.stderr
+        res = json.loads(out.stdout)["results"]
+        expected = Reranker.from_pretrained(d, show_progress=False).rerank(
+            "slm markdown", ["first doc", "second document here"], instruction="Rank German first"
+        )
+        assert [r["index"] for r in res] == [r["index"] for r in expected]
+        assert all(abs(a["relevance_score"] - b["relevance_score"]) < 1e-6 for a, b in zip(res, expected))
+    out = run("rerank", "--model", str(tmp_path / "jina-reranker-v3"), "--query", "q", "d", "--raw-scores",
+              "--no-show-progress")  # fmt: skip
+    assert out.returncode == 0 and -1 <= json.loads(out.stdout)["results"][0]["relevance_score"] <= 1

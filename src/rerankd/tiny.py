@@ -505,7 +505,7 @@ def qwen3_random_weights(kind: str, cfg: dict, seed: int, weight_std: float | No
         w |= _norm(f"{p}.input_layernorm", h, g) | _norm(f"{p}.post_attention_layernorm", h, g)
     w |= _norm("model.norm", h, g)
     if kind == "qwen3-reranker" and not cfg["tie_word_embeddings"]:
-        w |= {"lm_head.weight": _rand((v, h), weight_std or 0.5, g)}
+        w |= {"lm_head.weight": _rand((v, h), weight_std or 0.15, g)}
     if kind == "qwen3-reranker-seq-cls":
         w |= {"score.weight": _rand((1, h), weight_std or 0.7, g)}
     if kind == "jina-reranker-v3":

@@ -1,0 +1,121 @@
+"""Qwen3-Reranker scores equal the model card's usage on transformers' own Qwen3 modules (fp32 <= 1e-5), for the
+causal checkpoints (tied embeddings as 0.6B, an lm_head of their own as 4B / 8B) and the converted seq-cls ones."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from rerankd import PairErrors, Reranker
+from rerankd.inputs import TextItem
+from rerankd.models.base import LengthOptions, Where
+from rerankd.models.qwen3_reranker import DEFAULT_INSTRUCTION, PREFIX, SUFFIX
+from rerankd.tiny import make_tiny_checkpoint
+
+from ..conftest import assert_close
+
+TOL = 1e-5
+WORDS = "markdown model web content extraction gold rush Paris France capital 数据 提取 Beiträge 🙂 yes no".split()
+
+
+def text_of(n_words: int, seed: int) -> str:
+    rng = np.random.default_rng(seed)
+    return " ".join(rng.choice(WORDS, n_words))
+
+
+DOCS = [text_of(n, i) for i, n in enumerate([0, 1, 3, 10, 40, 120, 7])] + [
+    "During the California Gold Rush, some merchants made more money.\n\nSecond paragraph!",
+    "数据提取么?为什么不用正则啊?", "12 monkeys <think> and </think> tokens <|im_end|> inside",
+]  # fmt: skip
+PAIRS = [["slm markdown", d] for d in DOCS] + [["What is the capital of France?", d] for d in DOCS[:5]]
+
+VARIANTS = {
+    "tied": ("qwen3-reranker", {}),  # Qwen3-Reranker-0.6B
+    "untied": ("qwen3-reranker", {"tie_word_embeddings": False}),  # 4B, 8B
+    "seq-cls": ("qwen3-reranker-seq-cls", {}),  # the converted checkpoints
+}
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
+def variant(request, tmp_path_factory):
+    pytest.importorskip("transformers")
+    from ..references import ReferenceQwen3Reranker
+
+    kind, extra = VARIANTS[request.param]
+    path = make_tiny_checkpoint(kind, tmp_path_factory.mktemp(request.param), seed=1, **extra)
+    return Reranker.from_pretrained(path, show_progress=False), ReferenceQwen3Reranker(path), path
+
+
+def test_scores_equal_the_model_card_usage(variant):
+    rr, ref, _ = variant
+    ours = rr.compute_score(PAIRS)
+    assert_close(ours, ref.compute_score(PAIRS, batch_size=len(PAIRS)), TOL)  # one left-padded batch
+    assert np.std(ours) > 0.02, ours  # the scores depend on the pair
+    assert_close(rr.compute_score(PAIRS, activation=None), ref.compute_score(PAIRS, raw=True), 1e-4)
+
+
+def test_instruction_and_truncation_follow_the_reference(variant):
+    rr, ref, _ = variant
+    custom = rr.compute_score(PAIRS, instruction="Find the document that is written in German")
+    assert_close(custom, ref.compute_score(PAIRS, instruction="Find the document that is written in German"), TOL)
+    assert np.max(np.abs(np.array(custom) - rr.compute_score(PAIRS))) > 1e-3  # the instruction reaches the model
+    # a short max_length cuts the body from its end, the query too when the document is shorter than the cut
+    template = len(rr.backend.prefix) + len(rr.backend.suffix)
+    for max_length in (template + 30, template + 8):
+        assert_close(rr.compute_score(PAIRS, max_length=max_length), ref.compute_score(PAIRS, max_length=max_length), TOL)
+
+
+def test_the_head_is_two_rows_of_the_lm_head(variant):
+    rr, _, path = variant
+    cfg = json.loads((path / "config.json").read_text())
+    head = rr.backend.model.head
+    assert head.shape == (1 if "SequenceClassification" in cfg["architectures"][0] else 2, cfg["hidden_size"])
+    if cfg["architectures"] == ["Qwen3ForCausalLM"] and cfg["tie_word_embeddings"]:
+        tok = rr.backend.tokenizer
+        emb = rr.backend.model.model.embed_tokens.weight
+        assert torch.equal(head, emb[[tok.token_to_id("yes"), tok.token_to_id("no")]])
+
+
+def test_prompt_is_the_official_one(variant):
+    rr, ref, _ = variant
+    be = rr.backend
+    [seq] = be.prepare(TextItem("q?"), TextItem("a doc"), LengthOptions(8192, None), Where.for_pair(0))
+    want = ref.tokenizer.encode(PREFIX, add_special_tokens=False)
+    want += ref.tokenizer.encode(f"<Instruct>: {DEFAULT_INSTRUCTION}\n<Query>: q?\n<Document>: a doc", add_special_tokens=False)
+    want += ref.tokenizer.encode(SUFFIX, add_special_tokens=False)
+    assert seq.input_ids.tolist() == want
+
+
+def test_long_documents_are_windowed_and_the_first_window_is_the_truncated_pair(variant):
+    rr, ref, _ = variant
+    doc = text_of(400, 5)
+    template = len(rr.backend.prefix) + len(rr.backend.suffix)
+    max_length = template + 60
+    [hit] = rr.rerank("slm markdown", [doc], max_length=max_length, overlap=10, max_query_length=None)
+    w = hit["window"]
+    assert w["count"] > 3 and 0 <= w["start"] < w["end"] <= len(doc)
+    # every window fits max_length; the first is what truncation keeps, which is the reference's cut
+    seqs = rr.backend.prepare(TextItem("slm markdown"), TextItem(doc),
+                              LengthOptions(max_length, None, None, "chunk", 10), Where.for_pair(0))  # fmt: skip
+    assert len(seqs) == w["count"] and all(s.length <= max_length for s in seqs)
+    first = rr.compute_score([["slm markdown", doc]], max_length=max_length)[0]  # truncate: the reference's cut
+    assert_close([first], ref.compute_score([["slm markdown", doc]], max_length=max_length), TOL)
+    truncated = rr.rerank("slm markdown", [doc], max_length=max_length, long_documents="truncate", max_query_length=None)
+    assert_close([truncated[0]["relevance_score"]], [first], TOL)
+    assert hit["relevance_score"] >= first - TOL
+
+
+def test_batch_invariance_and_errors(variant):
+    rr, _, path = variant
+    docs = DOCS + [text_of(300, 9)]
+    alone = [rr.compute_score([["slm markdown", d]])[0] for d in docs]
+    small = Reranker.from_pretrained(path, show_progress=False, max_batch_tokens=200)
+    assert_close(small.compute_score([["slm markdown", d] for d in docs]), alone, TOL)
+    assert_close(rr.compute_score([["slm markdown", d] for d in docs], batch_size=3), alone, TOL)
+    with pytest.raises(PairErrors, match=r"pairs\[1\].document: this model \(Qwen3For\w+\) is text only"):
+        rr.compute_score([["q", "d"], ["q", {"image": "data:image/png;base64,AAAA"}]])
+    with pytest.raises(PairErrors, match="more than this model's 40960 positions"):
+        rr.compute_score([["q", "d"]], max_length=50000)
