@@ -287,7 +287,8 @@ class ReferenceJinaV3:
     def forward(self, prompts: list[str]):
         """Left-padded batch -> per prompt (doc vectors [n, 512], query vector [1, 512], cosine scores [n])."""
         batch = self.tokenizer(text=prompts, padding=True, padding_side="left", return_tensors="pt")
-        hidden = self.model(**batch, use_cache=False, output_hidden_states=True).hidden_states[-1]
+        # JinaForRanking's hidden_states[-1] with its lm_head = Identity: the decoder's final-norm output
+        hidden = self.model.model(**batch, use_cache=False).last_hidden_state
         out = []
         for ids, h in zip(batch["input_ids"], hidden):
             d = self.projector(h[ids == self.doc_id])

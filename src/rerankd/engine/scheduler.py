@@ -51,7 +51,7 @@ from typing import Protocol
 import torch
 
 from ..errors import InputError, RerankdError
-from ..inputs import Item
+from ..inputs import Item, TextItem
 from ..inputs.images import ImagePolicy
 from ..models.base import Backend, LengthOptions, PreparedSequence, Where, Window
 
@@ -213,9 +213,9 @@ def group_units(pairs: Sequence[tuple[Item, Item]], listwise: bool) -> list[list
     pairs in input order), units ordered by their first pair."""
     if not listwise:
         return [[i] for i in range(len(pairs))]
-    units: dict[Item, list[int]] = {}
+    units: dict[object, list[int]] = {}
     for i, (q, _) in enumerate(pairs):
-        units.setdefault(q, []).append(i)
+        units.setdefault(q.text if isinstance(q, TextItem) else id(q), []).append(i)  # (an image may be unhashable)
     return list(units.values())
 
 

@@ -1,0 +1,193 @@
+"""Benchmark: rerankd's decoder rerankers vs their references (CPU, fp32 unless --dtype), in one process.
+
+Two workloads on random checkpoints in the real layouts, at the real Qwen3-0.6B widths (hidden 1024, 16 query and
+8 key/value heads of head_dim 128, intermediate 3072) and --layers decoder layers (default 8), weights drawn at a
+realistic scale (std 0.02):
+
+* qwen3: Qwen3-Reranker, --pairs (64) (query, document) pairs of --min-tokens..--max-tokens (16..1024) document
+  tokens, shuffled. rerankd's `compute_score` against the model card's usage on transformers' Qwen3ForCausalLM
+  (left-padded batches of 8), with attention "eager" and "sdpa".
+* v3: jina-reranker-v3, one query and --docs (100) documents of --v3-min-tokens..--v3-max-tokens (64..512)
+  tokens. rerankd's `rerank` against `JinaForRanking.rerank` rebuilt on transformers' Qwen3 modules
+  (tests/references.py: one sequence per block of documents, sdpa attention: eager would hold a [heads, n, n]
+  matrix of the ~30k-token block).
+
+Each engine is warmed up, then the engines are timed in turn, --repeats rounds, and the best time of each is kept.
+For v3 the script also times the decoder's parts on the block (attention vs the rest) to say where the time goes.
+Scores must agree within --tolerance (1e-4), else the exit code is 1.
+
+    .venv/bin/python benchmarks/bench_decoder_rerankers.py [--only qwen3|v3] [--repeats 2] [--json-out out.json]
+
+Needs the `dev` extra (transformers) for the references.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from bench_m0_engine import add_repo_root_to_path, cpu_name, log, make_pairs, timed
+
+QWEN3_MAX_LENGTH = 8192  # the model card's
+REFERENCE_BATCH = 8
+WIDTHS = dict(hidden_size=1024, intermediate_size=3072, num_attention_heads=16, num_key_value_heads=8, head_dim=128)
+QUERY = "slm markdown"
+
+
+def time_engines(engines: dict, inputs, repeats: int, warm) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """Warm each engine up on `warm`, then time them in turn over `inputs`; the best time of each, and its scores."""
+    for name, fn in engines.items():
+        t, _ = timed(fn, warm)
+        log(f"warm-up {name}: {t:.2f}s")
+    best: dict[str, float] = {}
+    scores: dict[str, list[float]] = {}
+    for r in range(repeats):
+        for name, fn in engines.items():
+            t, s = timed(fn, inputs)
+            log(f"round {r + 1}/{repeats} {name}: {t:.2f}s")
+            best[name] = min(best.get(name, float("inf")), t)
+            scores.setdefault(name, s)
+    return best, scores
+
+
+def qwen3_workload(args, ckpt: Path) -> dict:
+    from rerankd import Reranker
+    from rerankd.tiny import make_tiny_checkpoint
+    from tests.references import ReferenceQwen3Reranker
+
+    log(f"writing a Qwen3-Reranker checkpoint ({args.layers} layers, {WIDTHS})")
+    make_tiny_checkpoint("qwen3-reranker", ckpt, seed=args.seed, num_hidden_layers=args.layers, weight_std=0.02,
+                         tie_word_embeddings=False, **WIDTHS)  # fmt: skip
+    pairs, lengths = make_pairs(ckpt / "tokenizer.json", args.pairs, args.min_tokens, args.max_tokens, args.seed)
+    log(f"{len(pairs)} pairs, document tokens {min(lengths)}..{max(lengths)}, total {sum(lengths)}")
+    ours = Reranker.from_pretrained(ckpt, show_progress=False, dtype=args.dtype)
+    engines = {"rerankd": lambda p: ours.compute_score(p)}
+    for impl in ("eager", "sdpa"):
+        ref = ReferenceQwen3Reranker(ckpt, attn_implementation=impl)
+        if args.dtype == "bfloat16":
+            ref.model.to(torch.bfloat16)
+        engines[f"reference {impl}"] = lambda p, ref=ref: ref.compute_score(p, batch_size=REFERENCE_BATCH)
+    best, scores = time_engines(engines, pairs, args.repeats, pairs[:REFERENCE_BATCH])
+    return report("qwen3", best, scores, len(pairs), ours, {"doc_tokens": [min(lengths), max(lengths), sum(lengths)]})
+
+
+def v3_workload(args, ckpt: Path) -> dict:
+    from rerankd import Reranker
+    from rerankd.tiny import make_tiny_checkpoint
+    from tests.references import ReferenceJinaV3
+
+    log(f"writing a jina-reranker-v3 checkpoint ({args.layers} layers, {WIDTHS})")
+    make_tiny_checkpoint("jina-reranker-v3", ckpt, seed=args.seed, num_hidden_layers=args.layers, weight_std=0.02,
+                         **WIDTHS)  # fmt: skip
+    pairs, lengths = make_pairs(ckpt / "tokenizer.json", args.docs, args.v3_min_tokens, args.v3_max_tokens, args.seed)
+    docs = [d for _, d in pairs]
+    log(f"{len(docs)} documents, tokens {min(lengths)}..{max(lengths)}, total {sum(lengths)}")
+    ours = Reranker.from_pretrained(ckpt, show_progress=False, dtype=args.dtype)
+    ref = ReferenceJinaV3(ckpt, attn_implementation="sdpa")
+    if args.dtype == "bfloat16":
+        ref.model.to(torch.bfloat16)
+        ref.projector.to(torch.bfloat16)
+    _, blocks = ref.blocks(QUERY, docs, 131072)
+    engines = {
+        "rerankd": lambda ds: [r["relevance_score"] for r in sorted(ours.rerank(QUERY, ds), key=lambda r: r["index"])],
+        "reference sdpa": lambda ds: ref.rerank(QUERY, ds),
+    }
+    best, scores = time_engines(engines, docs, args.repeats, docs[:8])
+    where = where_the_time_goes(ours, docs)
+    return report("v3", best, scores, len(docs), ours, {"doc_tokens": [min(lengths), max(lengths), sum(lengths)],
+                                                         "blocks": len(blocks), "rerankd_time_split": where})  # fmt: skip
+
+
+def where_the_time_goes(rr, docs: list[str]) -> dict:
+    """Seconds of one forward of the v3 block in rerankd, split into attention (the per-sequence SDPA calls) and
+    the rest (linear layers, norms, rotary, MLP), by timing the same forward with attention swapped for a no-op."""
+    from rerankd.inputs import TextItem
+    from rerankd.models import decoder
+    from rerankd.models.base import LengthOptions, Where
+
+    be = rr.backend
+    seqs, _ = be.prepare_list(TextItem(QUERY), [TextItem(d) for d in docs], LengthOptions(be.default_max_length, 512),
+                              [Where.for_pair(0)] * len(docs), None)  # fmt: skip
+    t0 = time.perf_counter()
+    be.forward(seqs)
+    whole = time.perf_counter() - t0
+    real = decoder.varlen_attention
+    decoder.varlen_attention = lambda q, k, v, cu, causal, backend: torch.empty_like(q)
+    try:
+        t0 = time.perf_counter()
+        be.forward(seqs)
+        rest = time.perf_counter() - t0
+    finally:
+        decoder.varlen_attention = real
+    tokens = sum(s.length for s in seqs)
+    log(f"one forward of the {tokens}-token block: {whole:.1f}s, of which attention {whole - rest:.1f}s "
+        f"({100 * (whole - rest) / whole:.0f}%)")  # fmt: skip
+    return {"block_tokens": tokens, "forward_s": whole, "attention_s": whole - rest}
+
+
+def report(name: str, best: dict, scores: dict, items: int, ours, extra: dict) -> dict:
+    rate = {k: items / t for k, t in best.items()}
+    diffs = {k: max(abs(a - b) for a, b in zip(scores["rerankd"], s)) for k, s in scores.items() if k != "rerankd"}
+    speedup = {k: rate["rerankd"] / v for k, v in rate.items() if k != "rerankd"}
+    for k in best:
+        more = "" if k == "rerankd" else f", rerankd {speedup[k]:.2f}x, max |diff| {diffs[k]:.1e}"
+        log(f"{name} {k}: {rate[k]:.2f} documents/s (best {best[k]:.2f}s){more}")
+    return {"best_seconds": best, "per_second": rate, "speedup": speedup, "max_abs_score_diff": diffs,
+            "cpu_gemm": ours.options.cpu_gemm, "max_batch_tokens": ours.options.max_batch_tokens, **extra}  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--only", choices=["qwen3", "v3"], help="run one workload (default: both)")
+    ap.add_argument("--layers", type=int, default=8, help="decoder layers of both checkpoints (default 8)")
+    ap.add_argument("--pairs", type=int, default=64, help="Qwen3-Reranker pairs (default 64)")
+    ap.add_argument("--min-tokens", type=int, default=16, help="Qwen3-Reranker: shortest document (16)")
+    ap.add_argument("--max-tokens", type=int, default=1024, help="Qwen3-Reranker: longest document (1024)")
+    ap.add_argument("--docs", type=int, default=100, help="v3: documents of the one query (default 100)")
+    ap.add_argument("--v3-min-tokens", type=int, default=64, help="v3: shortest document (64)")
+    ap.add_argument("--v3-max-tokens", type=int, default=512, help="v3: longest document (512)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="both engines' dtype")
+    ap.add_argument("--repeats", type=int, default=2, help="timed rounds; the best time of each engine is kept")
+    ap.add_argument("--tolerance", type=float, default=None, help="largest |score diff| (1e-4 fp32, 0.05 bf16)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json-out", type=Path, help="also write the results to this JSON file")
+    args = ap.parse_args(argv)
+    tolerance = args.tolerance if args.tolerance is not None else (1e-4 if args.dtype == "float32" else 0.05)
+    add_repo_root_to_path()
+    random.seed(args.seed)
+    results: dict = {
+        "date": datetime.date.today().isoformat(),
+        "machine": f"{cpu_name()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads",
+        "python": platform.python_version(), "torch": torch.__version__,
+        "transformers": __import__("transformers").__version__, "dtype": args.dtype, "layers": args.layers,
+        "widths": WIDTHS, "repeats": args.repeats, "tolerance": tolerance,
+    }  # fmt: skip
+    workloads = {"qwen3": qwen3_workload, "v3": v3_workload}
+    ok = True
+    for name, run in workloads.items():
+        if args.only not in (None, name):
+            continue
+        with tempfile.TemporaryDirectory(prefix=f"rerankd-bench-{name}-") as tmp:
+            results[name] = run(args, Path(tmp))
+        ok &= max(results[name]["max_abs_score_diff"].values()) <= tolerance
+    print(json.dumps(results, indent=2))
+    if args.json_out:
+        args.json_out.write_text(json.dumps(results, indent=2) + "\n")
+    if not ok:
+        print(f"FAIL: a score differs by more than {tolerance:g}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
