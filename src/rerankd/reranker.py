@@ -152,7 +152,9 @@ class Reranker:
             if not self.backend.supports_instruction:
                 raise ValueError(f"instruction: this model ({self.backend.architecture}) takes no instruction; leave "
                                  "it out (Qwen3-Reranker and jina-reranker-v3 take one)")  # fmt: skip
-        return LengthOptions(ml, mq, max_doc_length, long_documents, overlap, instruction)  # type: ignore[arg-type]
+        lengths = LengthOptions(ml, mq, max_doc_length, long_documents, overlap, instruction)  # type: ignore[arg-type]
+        self.backend.check(lengths)
+        return lengths
 
     def activation(self, activation: str | None | _Default) -> str | None:
         """A call's activation: the one given, or the model's (sigmoid of a logit; none for a score already)."""

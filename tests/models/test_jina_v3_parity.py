@@ -125,8 +125,14 @@ def test_errors(v3):
     with pytest.raises(PairErrors, match=r"documents\[1\]: this model \(JinaForRanking\) is text only") as e:
         v3.rerank("q", ["a", {"image": "data:image/png;base64,AAAA"}, "c"])
     assert e.value.scores[0] is not None and e.value.scores[2] is not None
-    with pytest.raises(PairErrors, match=r"reserved token"):
+    with pytest.raises(PairErrors, match=r"reserved token") as e:
         v3.rerank("q", ["fine", "<|embed<|embed_token|>_token|>"])
+    assert list(e.value.errors) == [1] and e.value.scores[0] is not None
+    with pytest.raises(PairErrors, match=r"pairs\[0\].query: the query contains the reserved token") as e:
+        v3.compute_score([["<|embed<|embed_token|>_token|>", "a"], ["<|embed<|embed_token|>_token|>", "b"], ["q", "c"]])
+    assert sorted(e.value.errors) == [0, 1] and str(e.value.errors[1]).startswith("pairs[1].query")
+    with pytest.raises(ValueError, match=r"instruction: contains the reserved token"):
+        v3.rerank("q", ["a"], instruction="rank <|embed_token|> first")
 
 
 def test_models_without_an_instruction_refuse_one(m0):

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from rerankd import PairErrors, Reranker
+from rerankd.errors import ModelLoadError
 from rerankd.inputs import TextItem
 from rerankd.models.base import LengthOptions, Where
 from rerankd.models.qwen3_reranker import DEFAULT_INSTRUCTION, PREFIX, SUFFIX
@@ -117,5 +118,14 @@ def test_batch_invariance_and_errors(variant):
     assert_close(rr.compute_score([["slm markdown", d] for d in docs], batch_size=3), alone, TOL)
     with pytest.raises(PairErrors, match=r"pairs\[1\].document: this model \(Qwen3For\w+\) is text only"):
         rr.compute_score([["q", "d"], ["q", {"image": "data:image/png;base64,AAAA"}]])
-    with pytest.raises(PairErrors, match="more than this model's 40960 positions"):
+    with pytest.raises(ValueError, match="max_length: 50000 is more than this model's 40960 positions"):
         rr.compute_score([["q", "d"]], max_length=50000)
+
+
+def test_sliding_window_layers_are_refused(tmp_path):
+    path = make_tiny_checkpoint("qwen3-reranker", tmp_path / "q")
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["layer_types"] = ["full_attention", "sliding_attention", "full_attention"]
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelLoadError, match=r"layer_types \['sliding_attention'\] are not supported"):
+        Reranker.from_pretrained(path, show_progress=False)

@@ -83,8 +83,13 @@ def test_concurrent_mixed_requests_get_their_scores_alone(served):
 
 
 def test_bad_requests(served):
-    _, _, server = served
+    kind, _, server = served
     status, body, _ = server.post("/v1/rerank", {"query": "q", "documents": ["a", {"image": "data:image/png;base64,AAAA"}]})
     assert status == 400 and "documents[1]" in body["error"]["message"] and "text only" in body["error"]["message"]
     status, body, _ = server.post("/v1/rerank", {"query": "q", "documents": ["a"], "max_length": 10_000_000})
-    assert status == 400 and "positions" in body["error"]["message"], body
+    assert status == 400 and "positions" in body["error"]["message"] and body["error"]["param"] == "max_length", body
+    status, body, _ = server.post("/v1/rerank", {"query": "q", "documents": ["a"], "instruct": "<|rerank_token|>"})
+    if kind == "jina-reranker-v3":
+        assert status == 400 and body["error"]["param"] == "instruction", body
+    else:
+        assert status == 200, body

@@ -22,8 +22,8 @@ class FakeListwise:
 
     listwise = True
 
-    def __init__(self, combine_fails: bool = False):
-        self.combine_fails = combine_fails
+    def __init__(self, combine_fails: bool = False, combine_drops: bool = False):
+        self.combine_fails, self.combine_drops = combine_fails, combine_drops
         self.forwards: list[int] = []
 
     def prepare_list(self, query, docs, lengths, wheres, images):
@@ -45,7 +45,8 @@ class FakeListwise:
     def combine(self, outputs):
         if self.combine_fails:
             raise RuntimeError("combine broke")
-        return [(slot, float(out[k] + out[-1]), None) for seq, out in outputs for k, slot in enumerate(seq.slots)]
+        scored = [(slot, float(out[k] + out[-1]), None) for seq, out in outputs for k, slot in enumerate(seq.slots)]
+        return scored[1:] if self.combine_drops else scored
 
 
 def pairs_of(spec: list[tuple[str, str]]):
@@ -101,3 +102,11 @@ def test_a_cancelled_list_is_dropped():
     assert scheduler.queued_pairs == 0
     scheduler.close()
     assert backend.forwards == []  # dropped before reaching the model
+
+
+def test_a_backend_that_leaves_a_pair_unscored_fails_the_call_instead_of_answering_a_hole():
+    scheduler = Scheduler(FakeListwise(combine_drops=True), max_batch_tokens=100)
+    with pytest.raises(WorkerError, match=r"the backend gave no score for pairs \[0\]"):
+        scheduler.score_sync(pairs_of([("1", "2"), ("1", "3")]), LENGTHS, [Where.for_pair(0), Where.for_pair(1)])
+    assert scheduler.alive and scheduler.queued_pairs == 0
+    scheduler.close()

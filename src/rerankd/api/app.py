@@ -137,7 +137,11 @@ def create_app(
         """Cohere's v2 rerank: string documents, each cut to max_tokens_per_doc tokens."""
         state.check_model(body.model)
         _check_count(len(body.documents), options.max_documents)
-        lengths = _lengths(reranker, None, RERANK_DEFAULTS.max_query_length, body.max_tokens_per_doc, "truncate", 0)
+        # Cohere's default cut (4096) stands in for the reference's own, except for a listwise model, whose cut
+        # (v3: 2048) also sets its block sizes: there max_tokens_per_doc applies when the request gives it
+        own_cut = reranker.backend.listwise and "max_tokens_per_doc" not in body.model_fields_set
+        lengths = _lengths(reranker, None, RERANK_DEFAULTS.max_query_length, None if own_cut else body.max_tokens_per_doc,
+                           "truncate", 0)  # fmt: skip
         docs: list[Item] = [TextItem(d) for d in body.documents]
         scored, tokens = await _score(request, state, TextItem(body.query), docs, lengths)
         results = rerank_results(activate([s.logit for s in scored], activation), [None] * len(scored), body.top_n,

@@ -3,13 +3,13 @@
 The library (`Reranker.compute_score`, `rerank`) calls it synchronously (`score_sync`), the server asynchronously
 (`score`); both go through `submit`, which makes a Job. The path a pair takes:
 
-    job -> units (a pair each) -> prepared sequences -> the ready queue -> token-budget batches
-        -> Backend.forward -> one logit per slot of each sequence -> each slot's reduction -> the job's results
+    job -> units (a pair each, or a listwise model's list) -> prepared sequences -> the ready queue
+        -> token-budget batches -> Backend.forward -> outputs per slot -> each slot's reduction -> the job's results
 
 * Preparation (tokenize, cut, window, decode images: rerankd.models) runs in the pool while the model computes
   (torch releases the GIL in its kernels). A job is prepared one of two ways:
   - windowed (the library's): WINDOW_PAIRS units at a time, at most two windows ahead of the model, so memory
-    stays bounded however many pairs a call has. A prepared window is cut on its own into batches by
+    stays bounded however many pairs a call has (a listwise unit, every document of one query, is prepared whole). A prepared window is cut on its own into batches by
     `plan_batches` (longest first), which join the queue in window order: a call's batches depend on its pairs
     alone, never on timing or on other calls.
   - streaming (the server's): every pair is handed to the pool at once and its sequences join the queue as soon as
@@ -111,7 +111,8 @@ class _NoObserver:
 
 @dataclass(frozen=True)
 class Scored:
-    """A slot's relevance logit (score = sigmoid(logit)) and, for a chunked document, the window that gave it."""
+    """A slot's relevance logit (the score is its Backend.score_activation: sigmoid(logit), or the logit itself for
+    a model whose output is a score already) and, for a chunked document, the window that gave it."""
 
     logit: float
     window: Window | None = None
@@ -359,20 +360,22 @@ class Scheduler:
             return
         slots = job.unit_slots[u]
         where = job.wheres[slots[0]]
-        error: InputError | None = None
+        errors: dict[int, InputError] = {}  # slot -> why it cannot be scored
         try:
             if self.listwise:
                 query = job.pairs[slots[0]][0]
                 docs = [job.pairs[i][1] for i in slots]
                 seqs, bad = self.backend.prepare_list(query, docs, job.lengths, [job.wheres[i] for i in slots],
                                                       job.images)  # fmt: skip
-                for r, e in bad.items():
-                    job.results[slots[r]] = e
+                errors = {slots[r]: e for r, e in bad.items()}
             else:
                 q, d = job.pairs[slots[0]]
                 seqs = self.backend.prepare(q, d, job.lengths, where, job.images)
-        except InputError as e:
-            seqs, error = [], e
+        except InputError as e:  # the whole unit failed; each of a list's pairs is named as itself
+            seqs = []
+            errors = {i: e if len(slots) == 1 else
+                      InputError(e.reason, job.wheres[i].query if e.param == where.query else job.wheres[i].pair)
+                      for i in slots}  # fmt: skip
         except BaseException as e:  # a bug, not bad input: the job fails whole, the scheduler lives on
             log.exception("preparing %s failed", where.pair)
             self._fail(job, f"preparing {where.pair} failed", e)
@@ -381,9 +384,8 @@ class Scheduler:
             with self._cond:
                 if job.done:
                     return
-                if error is not None:
-                    for i in slots:
-                        job.results[i] = error
+                for i, e in errors.items():
+                    job.results[i] = e
                 job.unit_left[u] += len(seqs)
                 job.tokens += sum(s.length for s in seqs)
                 job.unprepared[w] -= 1
@@ -519,6 +521,12 @@ class Scheduler:
                 return
             for r, logit, window in scored:
                 job.results[slots[r]] = keep_best(job.results[slots[r]], logit, window)
+        unscored = [i for i in slots if job.results[i] is None]
+        if unscored:  # a backend bug; the caller must not get a hole where a score should be
+            failure = RuntimeError(f"the backend gave no score for pairs {unscored[:8]}")
+            log.error("%s", failure)
+            self._resolve(job, error=_failure("the model failed", failure))
+            return
         for _ in slots:
             job.open -= 1
             self._admitted -= 1

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..config import REFERENCE_LONG_DOCUMENTS, RERANK_DEFAULTS, LoadOptions, LongDocuments
 from ..errors import InputError, ModelLoadError
-from ..inputs import Item
+from ..inputs import ImageItem, Item
 from ..inputs.images import ImagePolicy, PreparedImage
 from ..weights import Renames, load_weights
 
@@ -74,11 +74,12 @@ class Where:
 class PreparedSequence:
     """One model input made ready: token ids and what goes with them.
 
-    A sequence yields one logit per entry of `slots`, in that order. A slot is a score the caller asked for,
-    numbered within the unit of work the sequence was prepared from: a (query, document) pair is one unit with one
-    slot (0), so today every sequence has `slots == (0,)`, and the windows of a chunked document are several
-    sequences of the same slot, reduced to their maximum. A listwise model (one sequence holding a query and many
-    documents) would prepare a unit of several slots and give each sequence several.
+    A sequence yields one output per entry of `slots`, in that order. A slot is a score the caller asked for,
+    numbered within the unit of work the sequence was prepared from: for a pointwise model a (query, document)
+    pair is one unit with one slot (0), and the windows of a chunked document are several sequences of the same
+    slot, reduced to their maximum. A listwise model (jina-reranker-v3: one sequence holds a query and many
+    documents) prepares a unit of several slots, every document of one query, and gives each sequence the slots
+    of the documents it holds.
     """
 
     input_ids: torch.Tensor  # [tokens] int64
@@ -147,6 +148,11 @@ class Backend(Protocol):
         """A query shared by many pairs, made ready once (an image query decoded): returns the item to pair."""
         ...
 
+    def check(self, lengths: LengthOptions) -> None:
+        """Refuse a call's options that this model cannot take (a max_length past its positions), before any work:
+        ValueError whose message starts with the option's name."""
+        ...
+
     def forward(self, batch: list[PreparedSequence]) -> torch.Tensor | list[torch.Tensor]:
         """Pointwise: relevance logits, one per slot of each sequence in order, fp32 on the CPU (the score is
         sigmoid(logit)). Listwise: one tensor per sequence, what `combine` reads."""
@@ -178,6 +184,9 @@ class Pointwise:
     supports_instruction: ClassVar[bool] = False
     score_activation: ClassVar[str | None] = "sigmoid"
 
+    def check(self, lengths: LengthOptions) -> None:
+        pass
+
 
 class TextOnly(Pointwise):
     """The image half of the Backend contract for text-only models: images are refused, with the reason."""
@@ -191,6 +200,12 @@ class TextOnly(Pointwise):
 
     def prepare_query(self, query: Item, param: str, images: ImagePolicy | None = None) -> Item:
         return query
+
+    def text(self, item: Item, param: str) -> str:
+        """The item's text, or InputError naming `param` for an image."""
+        if isinstance(item, ImageItem):
+            raise InputError(self.text_only_reason, param)
+        return item.text  # type: ignore[union-attr]
 
 
 def load_tokenizer(directory: Path, hint: str = ""):

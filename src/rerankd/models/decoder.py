@@ -56,6 +56,9 @@ class TextConfig:
             raise ValueError("use_sliding_window=true is not supported (Qwen3 rerankers attend to the whole prompt)")
         if d.get("rope_scaling"):
             raise ValueError(f"rope_scaling {d['rope_scaling']} is not supported (plain RoPE only)")
+        windowed = sorted({t for t in d.get("layer_types") or [] if t != "full_attention"})
+        if windowed:
+            raise ValueError(f"layer_types {windowed} are not supported (every layer must be full_attention)")
         return cls._common(d, "Qwen3", head_dim=d.get("head_dim") or d["hidden_size"] // d["num_attention_heads"],
                            attention_bias=bool(d.get("attention_bias", False)), qk_norm=True, mrope_section=None)  # fmt: skip
 

@@ -125,6 +125,11 @@ class JinaV3Backend(Qwen3Backend):
                    doc_token=token_id(tokenizer, directory, DOC_TOKEN),
                    query_token=token_id(tokenizer, directory, QUERY_TOKEN))  # fmt: skip
 
+    def check(self, lengths: LengthOptions) -> None:
+        super().check(lengths)
+        if lengths.instruction is not None and (DOC_TOKEN in lengths.instruction or QUERY_TOKEN in lengths.instruction):
+            raise ValueError(f"instruction: contains the reserved token {DOC_TOKEN} or {QUERY_TOKEN}; remove it")
+
     # ------------------------------------------------------------------ preparation (thread-safe, no model compute)
 
     def prepare(self, query: Item, doc: Item, lengths: LengthOptions, where: Where, images: ImagePolicy | None = None):
@@ -134,7 +139,6 @@ class JinaV3Backend(Qwen3Backend):
         self, query: Item, docs: list[Item], lengths: LengthOptions, wheres: list[Where], images: ImagePolicy | None
     ) -> tuple[list[PreparedSequence], dict[int, InputError]]:
         where = wheres[0]
-        self.check_max_length(lengths.max_length, where.pair)
         q_text, q_tokens = self.text(query, where.query), 0
         if lengths.max_query_length is not None:
             q_text, q_tokens = cut_text(self.tokenizer, q_text, lengths.max_query_length)
@@ -166,10 +170,11 @@ class JinaV3Backend(Qwen3Backend):
         enc = self.tokenizer.encode(text, add_special_tokens=True)
         ids = enc.ids
         spans = document_spans(len(ids), max_doc, lengths, lambda: enc.offsets, where.document,
-                               taken="", room_is="max_doc_length")  # fmt: skip
-        if spans[0].window is None:  # one passage: the reference's cut
-            cut, tokens = cut_text(self.tokenizer, text, max_doc) if len(ids) >= max_doc else (text, len(ids))
-            passages = [Passage(slot, cut, tokens)]
+                               taken=f"max_doc_length={max_doc}", room_is="max_doc_length", grow="max_doc_length")  # fmt: skip
+        if spans[0].window is None:  # one passage: the reference's cut (decoded back to text when it reaches it)
+            if len(ids) >= max_doc:
+                text = self.tokenizer.decode(ids[:max_doc], skip_special_tokens=False)
+            passages = [Passage(slot, text, min(len(ids), max_doc))]
         else:
             passages = [Passage(slot, self.tokenizer.decode(ids[s.start : s.end], skip_special_tokens=False),
                                 s.end - s.start, s.window) for s in spans]  # fmt: skip

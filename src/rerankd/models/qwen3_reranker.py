@@ -25,10 +25,20 @@ from torch import nn
 
 from ..config import LoadOptions
 from ..errors import InputError, ModelLoadError
-from ..inputs import ImageItem, Item
+from ..inputs import Item
 from ..inputs.images import ImagePolicy
 from ..weights import Renames, read_rows
-from .base import LengthOptions, PreparedSequence, TextOnly, Where, build_module, load_tokenizer, packed, token_id
+from .base import (
+    LengthOptions,
+    PreparedSequence,
+    TextOnly,
+    Where,
+    build_module,
+    cut_text,
+    load_tokenizer,
+    packed,
+    token_id,
+)
 from .decoder import TextConfig, TextModel
 from .layers import attention_backend, use_cpu_gemm
 from .windows import document_spans
@@ -103,18 +113,13 @@ class Qwen3Backend(TextOnly):
     def close(self) -> None:
         pass
 
-    def check_max_length(self, max_length: int, param: str) -> None:
-        if max_length > self.cfg.max_position_embeddings:
-            raise InputError(f"max_length={max_length} is more than this model's {self.cfg.max_position_embeddings} "
-                             "positions; lower it", param)  # fmt: skip
+    def check(self, lengths: LengthOptions) -> None:
+        if lengths.max_length > self.cfg.max_position_embeddings:
+            raise ValueError(f"max_length: {lengths.max_length} is more than this model's "
+                             f"{self.cfg.max_position_embeddings} positions; lower it")  # fmt: skip
 
-    def text(self, item: Item, param: str) -> str:
-        if isinstance(item, ImageItem):
-            raise InputError(self.text_only_reason, param)
-        return item.text
-
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=True).ids
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
 
     def packed_inputs(self, batch: list[PreparedSequence]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
         """Token ids [tokens], RoPE positions [tokens] (0, 1, ... in each sequence), cu_seqlens."""
@@ -131,8 +136,8 @@ class Qwen3RerankerBackend(Qwen3Backend):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.prefix = self.encode(PREFIX)
-        self.suffix = self.encode(SUFFIX)
+        self.prefix = self.encode(PREFIX, add_special_tokens=False)  # as the model card tokenizes them
+        self.suffix = self.encode(SUFFIX, add_special_tokens=False)
 
     @classmethod
     def load(
@@ -163,7 +168,6 @@ class Qwen3RerankerBackend(Qwen3Backend):
         self, query: Item, doc: Item, lengths: LengthOptions, where: Where, images: ImagePolicy | None = None
     ) -> list[PreparedSequence]:
         q_text, d_text = self.text(query, where.query), self.text(doc, where.document)
-        self.check_max_length(lengths.max_length, where.pair)
         instruction = DEFAULT_INSTRUCTION if lengths.instruction is None else lengths.instruction
         room = lengths.max_length - len(self.prefix) - len(self.suffix)  # body tokens
         if room < 1:
@@ -174,9 +178,7 @@ class Qwen3RerankerBackend(Qwen3Backend):
             return [self._sequence(self.encode(body(instruction, q_text, d_text))[:room])]
 
         if lengths.max_query_length is not None:
-            q_ids = self.encode(q_text)
-            if len(q_ids) > lengths.max_query_length:
-                q_text = self.tokenizer.decode(q_ids[: lengths.max_query_length], skip_special_tokens=False)
+            q_text = cut_text(self.tokenizer, q_text, lengths.max_query_length)[0]
         head = body(instruction, q_text, "")
         enc = self.tokenizer.encode(head + d_text, add_special_tokens=True)
         ids, offsets = enc.ids, enc.offsets  # each read once: an Encoding builds a new list on every read
@@ -188,7 +190,8 @@ class Qwen3RerankerBackend(Qwen3Backend):
         spans = document_spans(
             len(doc_ids), doc_room, lengths,
             lambda: [(max(a - len(head), 0), b - len(head)) for a, b in offsets[split:]], where.pair,
-            taken=f"the instruction and query take {split} tokens",
+            taken=f"the prompt template takes {len(self.prefix) + len(self.suffix)} tokens and the instruction and "
+            f"query {split}",
             room_is=f"max_length - {split} instruction and query tokens - {len(self.prefix) + len(self.suffix)} "
             "template tokens",
         )  # fmt: skip

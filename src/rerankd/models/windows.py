@@ -42,12 +42,14 @@ def document_spans(
     param: str,
     taken: str,
     room_is: str,
+    grow: str = "max_length",
 ) -> list[Span]:
     """The spans of a document of `n_tokens` tokens to score, with `room` tokens per sequence.
 
     offsets: returns each token's character span in the document text (called once, only for windows).
     taken: what uses up max_length besides the document, for the message when nothing is left ("the query
-    takes 12 tokens"); room_is: how the room is computed, for the message when overlap does not fit.
+    takes 12 tokens"); room_is: how the room is computed, for the message when overlap does not fit; grow: the
+    option that widens the window, for the same message.
     """
     if room < 1:
         raise InputError(
@@ -60,7 +62,7 @@ def document_spans(
     if lengths.overlap >= room:
         raise InputError(
             f"overlap={lengths.overlap} must be smaller than the document window of {room} tokens ({room_is}); "
-            "lower overlap or raise max_length",
+            f"lower overlap or raise {grow}",
             param,
         )
     at = offsets()

@@ -27,7 +27,7 @@ from torch import nn
 
 from ..config import LoadOptions
 from ..errors import InputError, ModelLoadError
-from ..inputs import ImageItem, Item
+from ..inputs import Item
 from ..inputs.images import ImagePolicy
 from ..weights import Part, Renames, tensor_names
 from .base import LengthOptions, PreparedSequence, TextOnly, Where, build_module, load_tokenizer, packed
@@ -305,15 +305,10 @@ class CrossEncoderBackend(TextOnly):
                 self._truncating.pop(next(iter(self._truncating)))
             return tok
 
-    def _text(self, item: Item, param: str) -> str:
-        if isinstance(item, ImageItem):
-            raise InputError(self.text_only_reason, param)
-        return item.text
-
     def prepare(
         self, query: Item, doc: Item, lengths: LengthOptions, where: Where, images: ImagePolicy | None = None
     ) -> list[PreparedSequence]:
-        q_text, d_text = self._text(query, where.query), self._text(doc, where.document)
+        q_text, d_text = self.text(query, where.query), self.text(doc, where.document)
         max_length = lengths.max_length
         if max_length > self.cfg.max_tokens:
             raise InputError(
