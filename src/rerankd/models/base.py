@@ -222,6 +222,28 @@ def load_tokenizer(directory: Path, hint: str = ""):
     return tokenizer
 
 
+class TorchTextBackend(TextOnly):
+    """What a text-only backend of torch modules holds (the cross-encoders, the Qwen3 rerankers): its module, config,
+    tokenizer, device, dtype, architecture name, the fp32 CPU kernel its linear layers run on, and its attention
+    backend, chosen once."""
+
+    def __init__(self, model: nn.Module, cfg: Any, tokenizer: Any, device: torch.device, dtype: torch.dtype,
+                 arch: str, cpu_gemm: str):  # fmt: skip
+        from .layers import attention_backend
+
+        self.model = model
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.device = device
+        self.dtype = dtype
+        self.architecture = arch
+        self.cpu_gemm = cpu_gemm
+        self.attn_backend = attention_backend(device, dtype)
+
+    def close(self) -> None:
+        pass
+
+
 def token_id(tokenizer, directory: Path, token: str, config: dict | None = None, key: str | None = None) -> int:
     """The id of `token` in the tokenizer, looked up by its string (never hard-coded); a ModelLoadError if it is
     missing, or if config.json's `key` names another id."""

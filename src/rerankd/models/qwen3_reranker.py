@@ -31,7 +31,7 @@ from ..weights import Renames, read_rows
 from .base import (
     LengthOptions,
     PreparedSequence,
-    TextOnly,
+    TorchTextBackend,
     Where,
     build_module,
     cut_text,
@@ -40,7 +40,7 @@ from .base import (
     token_id,
 )
 from .decoder import TextConfig, TextModel
-from .layers import attention_backend, use_cpu_gemm
+from .layers import use_cpu_gemm
 from .windows import document_spans
 
 PREFIX = (
@@ -77,22 +77,12 @@ class Qwen3Ranker(nn.Module):
         return F.linear(h, self.head).float()  # [sequences, rows]
 
 
-class Qwen3Backend(TextOnly):
+class Qwen3Backend(TorchTextBackend):
     """Loading and packed forward of a Qwen3 decoder checkpoint; subclasses build the prompts and read the head."""
 
     architecture: str
+    cfg: TextConfig
     supports_instruction: ClassVar[bool] = True
-
-    def __init__(self, model: nn.Module, cfg: TextConfig, tokenizer: Tokenizer, device: torch.device,
-                 dtype: torch.dtype, arch: str, cpu_gemm: str):  # fmt: skip
-        self.model = model
-        self.cfg = cfg
-        self.tokenizer = tokenizer
-        self.device = device
-        self.dtype = dtype
-        self.architecture = arch
-        self.cpu_gemm = cpu_gemm
-        self.attn_backend = attention_backend(device, dtype)
 
     @staticmethod
     def load_decoder(directory: Path, config: dict, make: Callable[[TextConfig], nn.Module], renames: Renames,
@@ -109,9 +99,6 @@ class Qwen3Backend(TextOnly):
         model = build_module(lambda: make(cfg), directory, renames, device, dtype, opts)
         model.model.inv_freq = model.model.rope_inv_freq().to(device)
         return model, cfg, tokenizer
-
-    def close(self) -> None:
-        pass
 
     def check(self, lengths: LengthOptions) -> None:
         if lengths.max_length > self.cfg.max_position_embeddings:

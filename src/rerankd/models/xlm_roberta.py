@@ -30,8 +30,8 @@ from ..errors import InputError, ModelLoadError
 from ..inputs import Item
 from ..inputs.images import ImagePolicy
 from ..weights import Part, Renames, tensor_names
-from .base import LengthOptions, PreparedSequence, TextOnly, Where, build_module, load_tokenizer, packed
-from .layers import attention_backend, linear, rowwise, row_attention, use_cpu_gemm, varlen_attention
+from .base import LengthOptions, PreparedSequence, TorchTextBackend, Where, build_module, load_tokenizer, packed
+from .layers import linear, row_attention, rowwise, use_cpu_gemm, varlen_attention
 from .windows import document_spans
 
 DEFAULT_MAX_LENGTH = 1024
@@ -243,22 +243,15 @@ FAMILIES = {
 }
 
 
-class CrossEncoderBackend(TextOnly):
+class CrossEncoderBackend(TorchTextBackend):
     """Serves the architectures of FAMILIES; the registry maps each name here."""
 
     compute_score_max_query_length: ClassVar[int | None] = None  # the reference truncates the pair longest-first
 
     def __init__(self, model: nn.Module, cfg: EncoderConfig, tokenizer: Tokenizer, device, dtype, arch: str,
                  cpu_gemm: str):  # fmt: skip
-        self.model = model
-        self.cfg = cfg
-        self.tokenizer = tokenizer
-        self.device = device
-        self.dtype = dtype
-        self.architecture = arch
-        self.cpu_gemm = cpu_gemm
+        super().__init__(model, cfg, tokenizer, device, dtype, arch, cpu_gemm)
         self.default_max_length = min(DEFAULT_MAX_LENGTH, cfg.max_tokens)  # 1024, or 512 for BERT-size tables
-        self.attn_backend = attention_backend(device, dtype)
         self.pair_specials = tokenizer.post_processor.num_special_tokens_to_add(True) if tokenizer.post_processor else 0
         self._truncating: dict[int, Tokenizer] = {}
         self._lock = threading.Lock()
@@ -281,9 +274,6 @@ class CrossEncoderBackend(TextOnly):
             model = quantize_model(model, opts.quantize, device)
         gemm = use_cpu_gemm(model, opts.cpu_gemm, device, dtype)
         return cls(model, cfg, tokenizer, device, dtype, arch, gemm)
-
-    def close(self) -> None:
-        pass
 
     # ------------------------------------------------------------------ preparation (thread-safe, no model compute)
 
