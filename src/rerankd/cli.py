@@ -35,6 +35,10 @@ def _add_options(p: argparse.ArgumentParser, cls: type, title: str, skip: tuple[
                                help=f"{docs[f.name]} (default: {f.default})")  # fmt: skip
             continue
         base = next((t for t in typing.get_args(hint) if t is not type(None)), hint)
+        if typing.get_origin(base) is tuple:  # several values: tuple[str, ...]
+            group.add_argument(flag, nargs="+", type=typing.get_args(base)[0], default=f.default,
+                               help=f"{docs[f.name]} (default: {f.default})")  # fmt: skip
+            continue
         group.add_argument(flag, type=base, default=f.default, help=f"{docs[f.name]} (default: {f.default})")
 
 
@@ -97,7 +101,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     serve = ServeOptions(**_options(args, ServeOptions))
     if serve.api_key is None and os.environ.get("RERANKD_API_KEY"):
         serve = dataclasses.replace(serve, api_key=os.environ["RERANKD_API_KEY"])
-    name = serve.served_model_name or args.model
+    names = tuple(serve.served_model_name or (args.model,))
     try:
         import uvicorn
 
@@ -112,11 +116,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
             start = time.monotonic()
             rr.compute_score([["warm-up query", "warm-up document"]])
             log.info("warm-up forward done in %.2fs", time.monotonic() - start)
-        app = create_app(rr, serve, name, source=str(args.model))
+        app = create_app(rr, serve, names, source=str(args.model))
     except (RerankdError, ValueError, OSError) as e:
         print(f"rerankd: error: {e}", file=sys.stderr)
         return 2
-    log.info("serving %r on http://%s:%d (auth %s)", name, serve.host, serve.port, "on" if serve.api_key else "off")
+    log.info("serving %s on http://%s:%d (auth %s)", " / ".join(map(repr, names)), serve.host, serve.port,
+             "on" if serve.api_key else "off")  # fmt: skip
     server = _graceful_server_class()(uvicorn.Config(app, host=serve.host, port=serve.port, log_level=serve.log_level))
     server.run()  # SIGTERM / SIGINT: stop accepting, finish the requests in flight, then return
     return 0 if server.started else 1

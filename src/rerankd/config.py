@@ -91,8 +91,9 @@ class ServeOptions:
     """Address to listen on (0.0.0.0 for all interfaces)."""
     port: int = 30000
     """Port to listen on."""
-    served_model_name: str | None = None
-    """The model name clients send (default: the --model argument)."""
+    served_model_name: tuple[str, ...] | None = None
+    """The model names clients may send, one or several (each is answered as the model; responses carry the
+    first). Default: the --model argument."""
     max_batch_wait_ms: float = 5.0
     """How long a batch waits for company from other requests before it runs, in milliseconds."""
     max_queue_pairs: int = 20000

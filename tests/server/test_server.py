@@ -152,7 +152,7 @@ def test_long_documents_are_windowed_over_http(server, local):
 def error_of(status_body, status: int, *fragments: str, param: str | None = None):
     got_status, body, _ = status_body
     assert got_status == status, body
-    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param"}, body
+    assert set(body) == {"error", "detail"} and set(body["error"]) == {"message", "type", "param"}, body
     for f in fragments:
         assert f in body["error"]["message"], body
     if param is not None:

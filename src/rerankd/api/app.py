@@ -60,7 +60,10 @@ class ApiError(Exception):
 
 
 def error_body(status: int, message: str, param: str | None = None) -> dict:
-    return {"error": {"message": message, "type": ERROR_TYPES.get(status, "error"), "param": param}}
+    """Every error's body: OpenAI-style `error`, and the message again as `detail` (FastAPI's and Jina's shape,
+    which Jina clients read)."""
+    return {"error": {"message": message, "type": ERROR_TYPES.get(status, "error"), "param": param},
+            "detail": message}  # fmt: skip
 
 
 @dataclass
@@ -69,21 +72,30 @@ class ServerState:
     scheduler: Scheduler
     metrics: Metrics
     options: ServeOptions
-    model_name: str
+    names: tuple[str, ...]  # the names clients may send; answers carry the first
     images: ImagePolicy  # what the clients may name as image sources
     source: str | None = None
     created: int = field(default_factory=lambda: int(time.time()))
 
+    @property
+    def model_name(self) -> str:
+        return self.names[0]
+
     def check_model(self, name: str | None) -> None:
-        if name is not None and name != self.model_name:
-            raise ApiError(404, f"model {name!r} is not served here; served: [{self.model_name!r}]", "model")
+        if name is not None and name not in self.names:
+            raise ApiError(404, f"model {name!r} is not served here; served: {list(self.names)!r}", "model")
 
 
 def create_app(
-    reranker: Reranker, options: ServeOptions, model_name: str, metrics: Metrics | None = None, source: str | None = None
+    reranker: Reranker, options: ServeOptions, model_name: str | Sequence[str], metrics: Metrics | None = None,
+    source: str | None = None,
 ) -> FastAPI:
-    """The app serving `reranker` as `model_name`; `source` (the hub id or directory it came from) is shown in
-    /v1/models, so that clients such as `rerankd bench` can find its tokenizer."""
+    """The app serving `reranker` as `model_name` (or several names, each answered as the model; responses carry
+    the first); `source` (the hub id or directory it came from) is shown in /v1/models, so that clients such as
+    `rerankd bench` can find its tokenizer."""
+    names = (model_name,) if isinstance(model_name, str) else tuple(model_name)
+    if not names:
+        raise ValueError("create_app: give at least one model name")
     metrics = metrics or Metrics()
     scheduler = Scheduler(
         reranker.backend,
@@ -95,7 +107,7 @@ def create_app(
     )
     images = ImagePolicy(options.allow_private_urls, options.allowed_local_media_path)
     activation = reranker.backend.score_activation  # what makes an output a relevance_score (v3: none)
-    state = ServerState(reranker, scheduler, metrics, options, model_name, images, source)
+    state = ServerState(reranker, scheduler, metrics, options, names, images, source)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -113,13 +125,14 @@ def create_app(
     _install_error_handlers(app)
 
     @app.post("/v1/rerank", response_model=RerankResponse, response_model_exclude_none=True)
-    @app.post("/rerank", response_model=RerankResponse, response_model_exclude_none=True, include_in_schema=False)
+    @app.post("/rerank", response_model=RerankResponse, response_model_exclude_none=True)
     async def rerank(body: RerankRequest, request: Request) -> RerankResponse:
         """Rerank documents (text or images) against a query: Jina's and vLLM's request and response."""
         state.check_model(body.model)
         _check_count(len(body.documents), options.max_documents)
-        lengths = _lengths(reranker, body.max_length, body.max_query_length, body.max_doc_length,
-                           body.long_documents, body.overlap, body.instruction)  # fmt: skip
+        max_query_length, max_doc_length, long_documents = body.lengths()
+        lengths = _lengths(reranker, body.max_length, max_query_length, max_doc_length, long_documents, body.overlap,
+                           body.instruction)  # fmt: skip
         query = _item(body.query, "query", reranker)
         docs = [_item(d, f"documents[{i}]", reranker) for i, d in enumerate(body.documents)]
         scored, tokens = await _score(request, state, query, docs, lengths)
@@ -158,7 +171,7 @@ def create_app(
 
     @app.get("/v1/models", response_model=ModelList)
     async def models() -> ModelList:
-        return ModelList(data=[ModelCard(id=state.model_name, created=state.created, root=state.source)])
+        return ModelList(data=[ModelCard(id=n, created=state.created, root=state.source) for n in state.names])
 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus() -> Response:

@@ -32,10 +32,24 @@ class DocumentObject(BaseModel):
 Document = str | DocumentObject
 
 
-class RerankRequest(BaseModel):
-    """Jina's /v1/rerank and vLLM's /rerank request."""
+class Request(BaseModel):
+    """A request body: unknown fields are ignored, and null for an optional field means its default, as Cohere's
+    API reads it (its clients, langchain-cohere's among them, send every unset optional as null)."""
 
     model_config = ConfigDict(extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data: object) -> object:
+        if not isinstance(data, dict):
+            return data
+        required = {name for name, f in cls.model_fields.items() if f.is_required()}
+        return {k: v for k, v in data.items() if v is not None or k in required}
+
+
+class RerankRequest(Request):
+    """Jina's /v1/rerank and vLLM's /rerank request."""
+
     model: str | None = Field(None, description="The served model's name; optional when one model is served.")
     query: Document = Field(description='A string, {"text": ...} or {"image": ...}.')
     documents: list[Document] = Field(description='Strings, {"text": ...} or {"image": URL | data URI | base64}.')
@@ -48,12 +62,21 @@ class RerankRequest(BaseModel):
     overlap: int = Field(RERANK_DEFAULTS.overlap, ge=0, description=_DOCS["overlap"])
     instruction: str | None = Field(RERANK_DEFAULTS.instruction, description=_DOCS["instruction"] + ' Also read as "instruct" (SGLang).',
                                     validation_alias=AliasChoices("instruction", "instruct"))  # fmt: skip
+    max_tokens_per_doc: int | None = Field(None, ge=1, description="vLLM's and Cohere's field: documents are cut to "
+                                           "this many tokens (max_doc_length with long_documents 'truncate').")  # fmt: skip
+    max_tokens_per_query: int | None = Field(None, ge=1, description="vLLM's field: the same as max_query_length.")
+
+    def lengths(self) -> tuple[int | None, int | None, str]:
+        """max_query_length, max_doc_length and long_documents, vLLM's names read as rerankd's."""
+        query = self.max_tokens_per_query if self.max_tokens_per_query is not None else self.max_query_length
+        if self.max_tokens_per_doc is not None:
+            return query, self.max_tokens_per_doc, "truncate"
+        return query, self.max_doc_length, self.long_documents
 
 
-class CohereRerankRequest(BaseModel):
+class CohereRerankRequest(Request):
     """Cohere's /v2/rerank request."""
 
-    model_config = ConfigDict(extra="ignore")
     model: str | None = None
     query: str
     documents: list[str]
@@ -125,3 +148,4 @@ class ErrorDetail(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorDetail
+    detail: str = Field(description="The message again, where FastAPI's and Jina's clients read it.")

@@ -17,12 +17,28 @@ from .runner import drive, format_summary, plot, summarize
 from .workload import TokenCounter, file_workload, random_workload
 
 
+DEFAULT_URL = "http://127.0.0.1:30000"
+# sglang.bench_serving's --backend -> the API of that server (SGLang's accepts rerankd's answer too, so its command,
+# pointed at rerankd in SGLang's place, runs unchanged)
+BACKENDS = {"sglang": "sglang", "sglang-native": "sglang", "sglang-oai": "sglang", "vllm": "vllm", "tei": "tei",
+            "jina": "jina", "cohere": "cohere", "infinity": "infinity", "rerankd": "rerankd"}  # fmt: skip
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--base-url", default="http://127.0.0.1:30000", help="the server (default: http://127.0.0.1:30000)")
-    p.add_argument("--api", choices=sorted(APIS), default="rerankd",
-                   help="request/response schema: " + "; ".join(f"{a.name}: {a.description}" for a in APIS.values()))  # fmt: skip
+    p.add_argument("--base-url", default=None, help=f"the server (default: {DEFAULT_URL})")
+    p.add_argument("--host", default=None, help="with --port, the server as sglang.bench_serving names it")
+    p.add_argument("--port", type=int, default=None, help="with --host, the server as sglang.bench_serving names it")
+    p.add_argument("--api", choices=sorted(APIS), default=None,
+                   help="request/response schema (default rerankd): " + "; ".join(f"{a.name}: {a.description}"
+                                                                           for a in APIS.values()))  # fmt: skip
+    p.add_argument("--backend", choices=sorted(BACKENDS), default=None,
+                   help="sglang.bench_serving's name for --api (sglang, vllm, tei, ...)")  # fmt: skip
     p.add_argument("--model", default=None, help="model name to send (default: the server's, from /v1/models)")
-    p.add_argument("--dataset", default="random", help="'random' or a JSONL file, one {\"query\", \"documents\"} a line")
+    p.add_argument("--dataset", "--dataset-name", dest="dataset", default="random",
+                   help="'random' or a JSONL file, one {\"query\", \"documents\"} a line (--dataset-name: "
+                        "sglang.bench_serving's name)")  # fmt: skip
+    p.add_argument("--random-output", type=int, default=None,
+                   help="accepted for sglang.bench_serving's commands and ignored: a reranker generates nothing")
     p.add_argument("--num-prompts", type=int, default=500, help="requests to send (default 500)")
     p.add_argument("--random-input", type=int, default=512, help="tokens per random document (default 512)")
     p.add_argument("--random-range-ratio", type=float, default=1.0,
@@ -75,7 +91,24 @@ def _local_tokenizer(names: list[str]) -> str | None:
     return None
 
 
+def resolve_server(args: argparse.Namespace) -> None:
+    """--base-url, or sglang.bench_serving's --host/--port; --api, or its --backend (SystemExit when they clash)."""
+    if args.host is not None or args.port is not None:
+        if args.base_url is not None:
+            raise SystemExit("give --base-url or --host/--port, not both")
+        host = args.host or "127.0.0.1"
+        args.base_url = f"http://{'[' + host + ']' if ':' in host else host}:{args.port or 30000}"
+    args.base_url = args.base_url or DEFAULT_URL
+    if args.backend is not None:
+        if args.api is not None and args.api != BACKENDS[args.backend]:
+            raise SystemExit(f"--backend {args.backend} means --api {BACKENDS[args.backend]}, but --api {args.api} "
+                             "was given; give one of them")  # fmt: skip
+        args.api = BACKENDS[args.backend]
+    args.api = args.api or "rerankd"
+
+
 def run(args: argparse.Namespace) -> int:
+    resolve_server(args)
     api = APIS[args.api]
     key = args.api_key or os.environ.get("RERANKD_API_KEY")
     headers = {"Authorization": f"Bearer {key}"} if key else {}

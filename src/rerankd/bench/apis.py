@@ -39,6 +39,11 @@ def _bare_list(body: Any, score: str = "score") -> int:
     return len(body)
 
 
+def _bare_list_or_results(body: Any) -> int:
+    """SGLang's bare list, or the Jina shape of a server in SGLang's place (rerankd answers SGLang's request so)."""
+    return _results_list(body) if isinstance(body, dict) else _bare_list(body)
+
+
 def _text(doc: Doc) -> str:
     if isinstance(doc, dict):
         if "text" not in doc:
@@ -96,6 +101,7 @@ APIS: dict[str, Api] = {
     "cohere": Api("cohere", "/v2/rerank", _cohere, _results_list, False, "Cohere v2: POST /v2/rerank"),
     "vllm": Api("vllm", "/rerank", _vllm, _results_list, False, "vLLM: POST /rerank"),
     "tei": Api("tei", "/rerank", _tei, _bare_list, False, "text-embeddings-inference: POST /rerank {query, texts}"),
-    "sglang": Api("sglang", "/v1/rerank", _sglang, _bare_list, False, "SGLang: POST /v1/rerank, a bare list back"),
+    "sglang": Api("sglang", "/v1/rerank", _sglang, _bare_list_or_results, False,
+                  "SGLang: POST /v1/rerank, a bare list back (or Jina's shape, from rerankd)"),
     "infinity": Api("infinity", "/rerank", _infinity, _results_list, False, "Infinity: POST /rerank"),
 }

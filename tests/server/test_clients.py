@@ -1,0 +1,110 @@
+"""What clients people already have send, against a real `rerankd serve` on loopback (issue 17): null optionals
+(langchain-cohere), `detail` in error bodies (Jina clients), vLLM's max_tokens_per_doc / max_tokens_per_query,
+several served model names, /rerank in the OpenAPI document, and sglang.bench_serving's flags on `rerankd bench`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from rerankd import Reranker
+
+from ..conftest import assert_close
+from .conftest import Server
+
+DOCS = ["Paris is the capital of France. " * 6, "gold rush merchants", "数据提取 " * 30]
+
+
+@pytest.fixture(scope="module")
+def named(m0_dir):
+    s = Server(m0_dir, "--served-model-name", "jinaai/jina-reranker-m0", "rerank-v3.5", "jina-reranker-v1-base-en",
+               "--max-batch-wait-ms", "5")  # fmt: skip
+    yield s
+    assert s.stop() == 0
+
+
+def test_null_optionals_mean_their_defaults(named, m0):
+    # langchain-cohere's body: every unset optional as null
+    status, body, _ = named.post("/v2/rerank", {"model": "rerank-v3.5", "query": "capital", "documents": DOCS,
+                                                "top_n": None, "max_tokens_per_doc": None, "return_documents": None,
+                                                "rank_fields": None})  # fmt: skip
+    assert status == 200, body
+    assert "document" not in body["results"][0]  # return_documents: Cohere's default (false)
+    want = m0.rerank("capital", DOCS, max_doc_length=4096, long_documents="truncate")
+    assert_close([r["relevance_score"] for r in body["results"]], [r["relevance_score"] for r in want], 1e-5)
+    status, body, _ = named.post("/v1/rerank", {"query": "capital", "documents": DOCS, "top_n": None, "overlap": None,
+                                                "max_query_length": None, "long_documents": None})  # fmt: skip
+    assert status == 200 and len(body["results"]) == 3, body
+    status, body, _ = named.post("/v1/rerank", {"query": None, "documents": DOCS})  # a required field stays required
+    assert status == 422 and body["error"]["param"] == "query", body
+
+
+def test_errors_carry_detail_for_jina_clients(named):
+    status, body, _ = named.post("/v1/rerank", {"query": "q", "documents": ["a"], "model": "nope"})
+    assert status == 404 and body["detail"] == body["error"]["message"] and "rerank-v3.5" in body["detail"]
+    status, body, _ = named.post("/v1/rerank", {"query": "q", "documents": "not a list"})
+    assert status == 422 and body["detail"].startswith("documents")
+    status, body, _ = named.get("/no/such/route")
+    assert status == 404 and body["detail"] == "no route GET /no/such/route"
+
+
+def test_vllms_max_tokens_fields(named, m0):
+    status, body, _ = named.post("/rerank", {"query": "capital of France", "documents": DOCS,
+                                             "max_tokens_per_doc": 12, "max_tokens_per_query": 2})  # fmt: skip
+    assert status == 200, body
+    want = m0.rerank("capital of France", DOCS, max_doc_length=12, max_query_length=2, long_documents="truncate")
+    assert_close([r["relevance_score"] for r in body["results"]], [r["relevance_score"] for r in want], 1e-5)
+    assert all("window" not in r for r in body["results"])  # cut, not windowed
+    full = m0.rerank("capital of France", DOCS)
+    assert max(abs(a["relevance_score"] - b["relevance_score"]) for a, b in zip(want, full)) > 1e-4
+
+
+def test_every_served_name_is_answered_as_the_model(named):
+    for name in ("jinaai/jina-reranker-m0", "rerank-v3.5", "jina-reranker-v1-base-en"):
+        status, body, _ = named.post("/v1/rerank", {"model": name, "query": "q", "documents": ["a"]})
+        assert status == 200 and body["model"] == "jinaai/jina-reranker-m0", body
+    status, body, _ = named.get("/v1/models")
+    assert [m["id"] for m in body["data"]] == ["jinaai/jina-reranker-m0", "rerank-v3.5", "jina-reranker-v1-base-en"]
+
+
+def test_openapi_describes_every_route_with_nullable_fields(named):
+    status, spec, _ = named.get("/openapi.json")
+    assert status == 200
+    for path in ("/v1/rerank", "/rerank", "/v2/rerank", "/health", "/v1/models"):
+        assert path in spec["paths"], path
+    props = spec["components"]["schemas"]["RerankRequest"]["properties"]
+    assert {"type": "null"} in props["top_n"]["anyOf"] and "max_tokens_per_doc" in props
+    assert "detail" in spec["components"]["schemas"]["ErrorResponse"]["properties"]
+
+
+def test_the_seeds_sglang_bench_command_runs_with_only_the_program_name_changed(named, tmp_path):
+    port = named.url.rsplit(":", 1)[1]
+    out = subprocess.run(
+        [sys.executable, "-m", "rerankd", "bench", "--backend", "sglang", "--host", "127.0.0.1", "--port", port,
+         "--dataset-name", "random", "--num-prompts", "6", "--random-input", "32", "--random-output", "1",
+         "--max-concurrency", "3", "--docs-per-request", "2", "--no-progress", "--output-file", str(tmp_path / "o.json")],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr
+    result = json.loads((tmp_path / "o.json").read_text())
+    assert result["completed"] == 6 and result["failed"] == 0 and result["settings"]["api"] == "sglang"
+    clash = subprocess.run([sys.executable, "-m", "rerankd", "bench", "--backend", "sglang", "--api", "cohere"],
+                           capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert clash.returncode != 0 and "--backend sglang means --api sglang" in clash.stderr
+
+
+def test_served_names_from_the_library_side(m0_dir):
+    """create_app takes one name or several (the CLI passes what --served-model-name lists)."""
+    from fastapi.testclient import TestClient
+
+    from rerankd.api import create_app
+    from rerankd.config import ServeOptions
+
+    rr = Reranker.from_pretrained(m0_dir, show_progress=False)
+    with TestClient(create_app(rr, ServeOptions(), ["a", "b"])) as client:
+        r = client.post("/v1/rerank", json={"model": "b", "query": "q", "documents": ["d"]})
+        assert r.status_code == 200 and r.json()["model"] == "a"
+        assert client.post("/v1/rerank", json={"model": "c", "query": "q", "documents": ["d"]}).status_code == 404
