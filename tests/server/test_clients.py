@@ -108,3 +108,37 @@ def test_served_names_from_the_library_side(m0_dir):
         r = client.post("/v1/rerank", json={"model": "b", "query": "q", "documents": ["d"]})
         assert r.status_code == 200 and r.json()["model"] == "a"
         assert client.post("/v1/rerank", json={"model": "c", "query": "q", "documents": ["d"]}).status_code == 404
+
+
+def test_tei_request_shape_on_rerank(named, m0):
+    texts = DOCS + ["short"]
+    status, body, _ = named.post("/rerank", {"query": "capital", "texts": texts, "raw_scores": False,
+                                             "return_text": True, "truncate": False})  # fmt: skip
+    assert status == 200 and isinstance(body, list), body
+    want = m0.rerank("capital", texts)
+    assert [r["index"] for r in body] == [r["index"] for r in want]
+    assert_close([r["score"] for r in body], [r["relevance_score"] for r in want], 1e-5)
+    assert all(r["text"] == texts[r["index"]] for r in body) and set(body[0]) == {"index", "score", "text"}
+    status, raw, _ = named.post("/rerank", {"query": "capital", "texts": texts, "raw_scores": True, "truncate": True})
+    assert status == 200 and set(raw[0]) == {"index", "score"}
+    logits = m0.rerank("capital", texts, activation=None, long_documents="truncate")
+    assert_close([r["score"] for r in raw], [r["relevance_score"] for r in logits], 1e-5)
+    status, body, _ = named.post("/rerank", {"query": "q", "texts": ["a"], "truncation_direction": "Left"})
+    assert status == 422 and "truncation_direction" in body["detail"], body
+
+
+def test_cohere_v1_object_documents_with_rank_fields(named, m0):
+    docs = [{"title": "France", "content": "Paris is the capital"}, {"title": "Gold", "content": "merchants"}]
+    status, body, _ = named.post("/v1/rerank", {"query": "capital", "documents": docs, "rank_fields": ["content"]})
+    assert status == 200, body
+    by_index = {r["index"]: r for r in body["results"]}
+    assert by_index[0]["document"] == docs[0]  # echoed as sent
+    want = m0.rerank("capital", ["Paris is the capital", "merchants"])
+    assert_close([by_index[r["index"]]["relevance_score"] for r in want], [r["relevance_score"] for r in want], 1e-5)
+    status, body, _ = named.post("/v1/rerank", {"query": "capital", "documents": docs, "rank_fields": ["title", "content"]})
+    want = m0.rerank("capital", ["title: France\ncontent: Paris is the capital", "title: Gold\ncontent: merchants"])
+    assert_close(sorted(r["relevance_score"] for r in body["results"]), sorted(r["relevance_score"] for r in want), 1e-5)
+    status, body, _ = named.post("/v1/rerank", {"query": "capital", "documents": docs})
+    assert status == 400 and body["error"]["param"] == "documents[0]" and "rank_fields" in body["detail"], body
+    status, body, _ = named.post("/v1/rerank", {"query": "q", "documents": docs, "rank_fields": ["author"]})
+    assert status == 400 and "has none of the rank_fields" in body["detail"], body

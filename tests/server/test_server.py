@@ -171,7 +171,7 @@ def test_bad_input_gets_clear_json_errors(server, media_dir):
     error_of(post("/v1/rerank", {"query": "q"}), 422, "documents: Field required", param="documents")
     error_of(post("/v1/rerank", {"query": "q", "documents": ["a", 5]}), 422, "documents[1]", param="documents[1]")
     error_of(post("/v1/rerank", {"query": "q", "documents": [{"text": "a", "image": "b"}]}), 422,
-             'exactly one of "text" or "image"')  # fmt: skip
+             'give one of "text" or "image", not both')  # fmt: skip
     error_of(post("/v1/rerank", {"query": "q", "documents": ["a"], "top_n": 0}), 422, "top_n", param="top_n")
     error_of(post("/v1/rerank", {"query": "q", "documents": ["a"], "long_documents": "x"}), 422, "long_documents")
     error_of(post("/v1/rerank", {"query": "q", "documents": ["a", {"image": "bm90IGFuIGltYWdlIGF0IGFsbA=="}]}), 400,

@@ -41,6 +41,8 @@ from .schemas import (
     ModelList,
     RerankRequest,
     RerankResponse,
+    TEIRerankRequest,
+    TEIResult,
 )
 
 log = logging.getLogger("rerankd.server")
@@ -125,25 +127,39 @@ def create_app(
     _install_error_handlers(app)
 
     @app.post("/v1/rerank", response_model=RerankResponse, response_model_exclude_none=True)
-    @app.post("/rerank", response_model=RerankResponse, response_model_exclude_none=True)
     async def rerank(body: RerankRequest, request: Request) -> RerankResponse:
-        """Rerank documents (text or images) against a query: Jina's and vLLM's request and response."""
+        """Rerank documents (text or images) against a query: Jina's and vLLM's request and response (Cohere v1's
+        and SGLang's requests too)."""
         state.check_model(body.model)
         _check_count(len(body.documents), options.max_documents)
         max_query_length, max_doc_length, long_documents = body.lengths()
         lengths = _lengths(reranker, body.max_length, max_query_length, max_doc_length, long_documents, body.overlap,
                            body.instruction)  # fmt: skip
         query = _item(body.query, "query", reranker)
-        docs = [_item(d, f"documents[{i}]", reranker) for i, d in enumerate(body.documents)]
+        docs = [_item(d, f"documents[{i}]", reranker, body.rank_fields) for i, d in enumerate(body.documents)]
         scored, tokens = await _score(request, state, query, docs, lengths)
 
-        def echo(i: int) -> DocumentObject:
+        def echo(i: int) -> DocumentObject:  # the caller's document as sent
             d = body.documents[i]
             return DocumentObject(text=d) if isinstance(d, str) else d
 
         results = rerank_results(activate([s.logit for s in scored], activation), [s.window for s in scored],
                                  body.top_n, echo if body.return_documents else None)  # fmt: skip
         return RerankResponse.model_validate(jina_response(state.model_name, results, tokens))
+
+    @app.post("/rerank", response_model=RerankResponse | list[TEIResult], response_model_exclude_none=True)
+    async def rerank_vllm_or_tei(body: RerankRequest | TEIRerankRequest, request: Request):
+        """vLLM's (and Jina's) request and response, as /v1/rerank; or text-embeddings-inference's: `texts`, a bare
+        list of {"index", "score", "text"?} back, best first."""
+        if isinstance(body, RerankRequest):
+            return await rerank(body, request)
+        _check_count(len(body.texts), options.max_documents)
+        lengths = _lengths(reranker, None, RERANK_DEFAULTS.max_query_length, None,
+                           "truncate" if body.truncate else RERANK_DEFAULTS.long_documents, RERANK_DEFAULTS.overlap)  # fmt: skip
+        scored, _ = await _score(request, state, TextItem(body.query), [TextItem(t) for t in body.texts], lengths)
+        scores = activate([s.logit for s in scored], None if body.raw_scores else activation)
+        return [TEIResult(index=r["index"], score=r["relevance_score"], text=body.texts[r["index"]] if body.return_text else None)
+                for r in rerank_results(scores, [None] * len(scores), None, None)]  # fmt: skip
 
     @app.post("/v2/rerank", response_model=CohereResponse, response_model_exclude_none=True)
     async def rerank_cohere(body: CohereRerankRequest, request: Request) -> CohereResponse:
@@ -211,9 +227,17 @@ def _lengths(reranker: Reranker, max_length, max_query_length, max_doc_length, l
         raise ApiError(400, str(e), str(e).split(" ", 1)[0].rstrip(":")) from None
 
 
-def _item(value: str | DocumentObject, param: str, reranker: Reranker) -> Item:
+def _item(value: str | DocumentObject, param: str, reranker: Reranker, rank_fields: list[str] | None = None) -> Item:
     try:
-        if isinstance(value, DocumentObject):
+        if isinstance(value, DocumentObject) and rank_fields is not None:
+            text = value.fields_text(rank_fields)
+            if text is None:
+                raise InputError(f"has none of the rank_fields {rank_fields}", param)
+            item = TextItem(text)
+        elif isinstance(value, DocumentObject) and value.text is None and value.image is None:
+            raise InputError('an object document needs "text" or "image" (or rank_fields naming its fields to score)',
+                             param)  # fmt: skip
+        elif isinstance(value, DocumentObject):
             item = parse_item({"text": value.text} if value.text is not None else {"image": value.image}, "text", param)
         else:
             item = parse_item(value, "text", param)

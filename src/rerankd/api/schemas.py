@@ -16,17 +16,31 @@ _DOCS = field_docs(ScoreOptions)
 
 
 class DocumentObject(BaseModel):
-    """{"text": ...} or {"image": URL | data URI | base64}; exactly one of them."""
+    """{"text": ...} or {"image": URL | data URI | base64}, not both; other fields are kept and echoed (Cohere v1's
+    object documents, scored through `rank_fields`)."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")
     text: str | None = None
     image: str | None = None
 
     @model_validator(mode="after")
     def _one_of(self) -> "DocumentObject":
-        if (self.text is None) == (self.image is None):
-            raise ValueError('give exactly one of "text" or "image"')
+        if self.text is not None and self.image is not None:
+            raise ValueError('give one of "text" or "image", not both')
+        if self.text is None and self.image is None and not self.model_extra:
+            raise ValueError('give "text" or "image"')
         return self
+
+    def fields_text(self, fields: list[str]) -> str | None:
+        """The text Cohere's rank_fields make of this document: the one field's value, or for several fields their
+        `field: value` lines in the order given (fields it lacks are skipped); None when it has none of them."""
+        values = [(f, getattr(self, f, None) if f in ("text", "image") else (self.model_extra or {}).get(f)) for f in fields]
+        present = [(f, v) for f, v in values if v is not None]
+        if not present:
+            return None
+        if len(fields) == 1:
+            return str(present[0][1])
+        return "\n".join(f"{f}: {v}" for f, v in present)
 
 
 Document = str | DocumentObject
@@ -65,6 +79,9 @@ class RerankRequest(Request):
     max_tokens_per_doc: int | None = Field(None, ge=1, description="vLLM's and Cohere's field: documents are cut to "
                                            "this many tokens (max_doc_length with long_documents 'truncate').")  # fmt: skip
     max_tokens_per_query: int | None = Field(None, ge=1, description="vLLM's field: the same as max_query_length.")
+    rank_fields: list[str] | None = Field(None, min_length=1, description="Cohere v1: the fields of object documents "
+                                          "to score, their values joined as 'field: value' lines in this order (one "
+                                          "field: its value alone). Default: their 'text'.")  # fmt: skip
 
     def lengths(self) -> tuple[int | None, int | None, str]:
         """max_query_length, max_doc_length and long_documents, vLLM's names read as rerankd's."""
@@ -83,6 +100,25 @@ class CohereRerankRequest(Request):
     top_n: int | None = Field(None, ge=1)
     return_documents: bool = False
     max_tokens_per_doc: int = Field(COHERE_MAX_TOKENS_PER_DOC, ge=1, description="Documents are cut to this many tokens.")
+
+
+class TEIRerankRequest(Request):
+    """text-embeddings-inference's /rerank request."""
+
+    query: str
+    texts: list[str]
+    raw_scores: bool = Field(False, description="Relevance logits instead of scores.")
+    return_text: bool = Field(False, description="Echo each text in its result.")
+    truncate: bool = Field(False, description="Cut texts that do not fit; rerankd otherwise scores them as windows "
+                           "(TEI would refuse them).")  # fmt: skip
+    truncation_direction: Literal["Right", "right"] = Field("Right", description="Where texts are cut: rerankd cuts "
+                                                            "their end (Right) only.")  # fmt: skip
+
+
+class TEIResult(BaseModel):
+    index: int
+    score: float
+    text: str | None = None
 
 
 class Usage(BaseModel):
