@@ -142,3 +142,29 @@ def test_cohere_v1_object_documents_with_rank_fields(named, m0):
     assert status == 400 and body["error"]["param"] == "documents[0]" and "rank_fields" in body["detail"], body
     status, body, _ = named.post("/v1/rerank", {"query": "q", "documents": docs, "rank_fields": ["author"]})
     assert status == 400 and "has none of the rank_fields" in body["detail"], body
+
+
+def test_the_cohere_sdk_unchanged(named, m0):
+    """The cohere SDK's documented calls, pointed at rerankd (`base_url`): ClientV2, Client (v1), and both async."""
+    import asyncio
+
+    cohere = pytest.importorskip("cohere")
+    want = m0.rerank("capital", DOCS, max_doc_length=4096, long_documents="truncate", top_n=2)
+    v2 = cohere.ClientV2(api_key="unused", base_url=named.url)
+    got = v2.rerank(model="rerank-v3.5", query="capital", documents=DOCS, top_n=2)
+    assert [r.index for r in got.results] == [r["index"] for r in want]
+    assert_close([r.relevance_score for r in got.results], [r["relevance_score"] for r in want], 1e-5)
+    v1 = cohere.Client(api_key="unused", base_url=named.url)
+    got1 = v1.rerank(model="rerank-v3.5", query="capital", documents=DOCS, top_n=2, return_documents=True)
+    assert [r.index for r in got1.results] == [r["index"] for r in m0.rerank("capital", DOCS, top_n=2)]
+    assert got1.results[0].document.text == DOCS[got1.results[0].index]
+
+    async def both_async():
+        a2 = await cohere.AsyncClientV2(api_key="unused", base_url=named.url).rerank(
+            model="rerank-v3.5", query="capital", documents=DOCS, top_n=2)
+        a1 = await cohere.AsyncClient(api_key="unused", base_url=named.url).rerank(
+            model="rerank-v3.5", query="capital", documents=DOCS, top_n=2)
+        return a2, a1
+
+    a2, a1 = asyncio.run(both_async())
+    assert [r.index for r in a2.results] == [r.index for r in got.results] and len(a1.results) == 2
