@@ -15,4 +15,15 @@ echo "[setup] installing torch (${RERANKD_TORCH:-torch==2.13.0})"
 .venv/bin/python -m pip install --progress-bar off ${RERANKD_TORCH:-torch==2.13.0}
 echo "[setup] installing rerankd and its test dependencies (llama-cpp-python compiles llama.cpp: ~6 min on 2 cores)"
 .venv/bin/python -m pip install --progress-bar off -e ".[dev,gguf]"
+if ! command -v chromedriver >/dev/null 2>&1; then
+    # the playground's browser test (tests/server/test_playground.py) drives Debian's headless Chromium
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "[setup] installing chromium and chromium-driver for the playground's browser test"
+        if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; }; then
+            echo "[setup] WARNING: could not install chromium; the playground's browser test will be skipped"
+        fi
+    else
+        echo "[setup] no chromedriver: the playground's browser test will be skipped (as root: apt-get install chromium chromium-driver)"
+    fi
+fi
 echo "[setup] done: activate with 'source .venv/bin/activate'"

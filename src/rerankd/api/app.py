@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import importlib.resources
 import json
 import logging
 import time
@@ -19,7 +20,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -50,7 +51,10 @@ log = logging.getLogger("rerankd.server")
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
                405: "invalid_request_error", 413: "request_too_large", 422: "invalid_request_error",
                429: "rate_limit_error", 500: "internal_error", 503: "service_unavailable", 504: "timeout_error"}  # fmt: skip
-ROUTES = ("/v1/rerank", "/rerank", "/v2/rerank", "/health", "/v1/models", "/metrics", "/docs", "/openapi.json")
+ROUTES = ("/v1/rerank", "/rerank", "/v2/rerank", "/health", "/v1/models", "/metrics", "/docs", "/openapi.json", "/",
+          "/playground")
+OPEN_ROUTES = ("/health", "/", "/playground")  # never need the API key (the playground page holds no data; it sends
+# the key the person types with its own calls)
 DRAIN_LIMIT = 64 * 1024 * 1024  # bytes of a refused body read and dropped before answering 413
 CLIENT_CLOSED = 499  # nginx's code for a client that went away; only ever seen in metrics
 
@@ -188,6 +192,15 @@ def create_app(
     @app.get("/v1/models", response_model=ModelList)
     async def models() -> ModelList:
         return ModelList(data=[ModelCard(id=n, created=state.created, root=state.source) for n in state.names])
+
+    playground = importlib.resources.files("rerankd.api").joinpath("playground.html").read_text(encoding="utf-8")
+
+    @app.get("/", include_in_schema=False)
+    @app.get("/playground", include_in_schema=False)
+    async def playground_page() -> HTMLResponse:
+        """A page to try the server by hand: query (text or image), documents (lines, text files, images), top_n,
+        the ranked results with score bars, tokens and latency, through this server's own /v1/rerank."""
+        return HTMLResponse(playground)
 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus() -> Response:
@@ -359,14 +372,15 @@ async def _send_error(send, status: int, message: str, param: str | None = None,
 
 
 class AuthMiddleware:
-    """`Authorization: Bearer <key>` on every route but /health, compared in constant time."""
+    """`Authorization: Bearer <key>` on every route but /health and the playground page, compared in constant
+    time."""
 
     def __init__(self, app, api_key: str | None):
         self.app = app
         self.expected = f"Bearer {api_key}".encode() if api_key else None
 
     async def __call__(self, scope, receive, send):
-        if self.expected is None or scope["type"] != "http" or scope["path"] == "/health":
+        if self.expected is None or scope["type"] != "http" or scope["path"] in OPEN_ROUTES:
             return await self.app(scope, receive, send)
         given = dict(scope["headers"]).get(b"authorization", b"")
         if not hmac.compare_digest(given, self.expected):
