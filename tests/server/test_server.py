@@ -185,7 +185,7 @@ def test_bad_input_gets_clear_json_errors(server, media_dir):
     error_of(post("/v1/rerank", {"query": "q", "documents": [{"image": "file:///etc/passwd"}]}), 400,
              "documents[0].image")  # fmt: skip
     error_of(post("/v1/rerank", {"query": "q", "documents": [{"image": __file__}]}), 400,
-             f"local image paths must lie beneath {media_dir}")  # fmt: skip
+             "no readable image file at this path in the folder the server allows")  # fmt: skip
     error_of(server.get("/nope"), 404, "no route GET /nope")
     error_of(server.get("/v1/rerank"), 405)
 

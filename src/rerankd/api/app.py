@@ -135,7 +135,7 @@ def create_app(
         """Rerank documents (text or images) against a query: Jina's and vLLM's request and response (Cohere v1's
         and SGLang's requests too)."""
         state.check_model(body.model)
-        _check_count(len(body.documents), options.max_documents)
+        _check_count(len(body.documents), options)
         max_query_length, max_doc_length, long_documents = body.lengths()
         lengths = _lengths(reranker, body.max_length, max_query_length, max_doc_length, long_documents, body.overlap,
                            body.instruction)  # fmt: skip
@@ -157,7 +157,7 @@ def create_app(
         list of {"index", "score", "text"?} back, best first."""
         if isinstance(body, RerankRequest):
             return await rerank(body, request)
-        _check_count(len(body.texts), options.max_documents)
+        _check_count(len(body.texts), options)
         lengths = _lengths(reranker, None, RERANK_DEFAULTS.max_query_length, None,
                            "truncate" if body.truncate else RERANK_DEFAULTS.long_documents, RERANK_DEFAULTS.overlap)  # fmt: skip
         scored, _ = await _score(request, state, TextItem(body.query), [TextItem(t) for t in body.texts], lengths)
@@ -169,7 +169,7 @@ def create_app(
     async def rerank_cohere(body: CohereRerankRequest, request: Request) -> CohereResponse:
         """Cohere's v2 rerank: string documents, each cut to max_tokens_per_doc tokens."""
         state.check_model(body.model)
-        _check_count(len(body.documents), options.max_documents)
+        _check_count(len(body.documents), options)
         # Cohere's default cut (4096) stands in for the reference's own, except for a listwise model, whose cut
         # (v3: 2048) also sets its block sizes: there max_tokens_per_doc applies when the request gives it
         own_cut = reranker.backend.listwise and "max_tokens_per_doc" not in body.model_fields_set
@@ -225,10 +225,13 @@ def _version() -> str:
         return "0"
 
 
-def _check_count(n: int, limit: int) -> None:
-    if n > limit:
-        raise ApiError(413, f"{n} documents is more than the limit of {limit} per request; split the request",
-                       "documents")  # fmt: skip
+def _check_count(n: int, options: ServeOptions) -> None:
+    if n > options.max_documents:
+        raise ApiError(413, f"{n} documents is more than the limit of {options.max_documents} per request; split the "
+                       "request", "documents")  # fmt: skip
+    if n > options.max_queue_pairs:  # could never be admitted, however idle the server
+        raise ApiError(413, f"{n} documents is more than the server's queue of {options.max_queue_pairs} pairs "
+                       "(--max-queue-pairs); split the request", "documents")  # fmt: skip
 
 
 def _lengths(reranker: Reranker, max_length, max_query_length, max_doc_length, long_documents, overlap,

@@ -48,7 +48,8 @@ Document = str | DocumentObject
 
 class Request(BaseModel):
     """A request body: unknown fields are ignored, and null for an optional field means its default, as Cohere's
-    API reads it (its clients, langchain-cohere's among them, send every unset optional as null)."""
+    API reads it (its clients, langchain-cohere's among them, send every unset optional as null). Numbers and
+    booleans are strict: "2" or true for top_n is a 422, not 2 or 1."""
 
     model_config = ConfigDict(extra="ignore")
 
@@ -67,18 +68,18 @@ class RerankRequest(Request):
     model: str | None = Field(None, description="The served model's name; optional when one model is served.")
     query: Document = Field(description='A string, {"text": ...} or {"image": ...}.')
     documents: list[Document] = Field(description='Strings, {"text": ...} or {"image": URL | data URI | base64}.')
-    top_n: int | None = Field(None, ge=1, description="Return the best N results (default: all).")
-    return_documents: bool = Field(True, description="Echo each document in its result.")
-    max_length: int | None = Field(RERANK_DEFAULTS.max_length, ge=1, description=_DOCS["max_length"])
-    max_query_length: int | None = Field(RERANK_DEFAULTS.max_query_length, ge=1, description=_DOCS["max_query_length"])
-    max_doc_length: int | None = Field(RERANK_DEFAULTS.max_doc_length, ge=1, description=_DOCS["max_doc_length"])
+    top_n: int | None = Field(None, strict=True, ge=1, description="Return the best N results (default: all).")
+    return_documents: bool = Field(True, strict=True, description="Echo each document in its result.")
+    max_length: int | None = Field(RERANK_DEFAULTS.max_length, strict=True, ge=1, description=_DOCS["max_length"])
+    max_query_length: int | None = Field(RERANK_DEFAULTS.max_query_length, strict=True, ge=1, description=_DOCS["max_query_length"])
+    max_doc_length: int | None = Field(RERANK_DEFAULTS.max_doc_length, strict=True, ge=1, description=_DOCS["max_doc_length"])
     long_documents: LongDocuments = Field(RERANK_DEFAULTS.long_documents, description=_DOCS["long_documents"])
-    overlap: int = Field(RERANK_DEFAULTS.overlap, ge=0, description=_DOCS["overlap"])
+    overlap: int = Field(RERANK_DEFAULTS.overlap, strict=True, ge=0, description=_DOCS["overlap"])
     instruction: str | None = Field(RERANK_DEFAULTS.instruction, description=_DOCS["instruction"] + ' Also read as "instruct" (SGLang).',
                                     validation_alias=AliasChoices("instruction", "instruct"))  # fmt: skip
-    max_tokens_per_doc: int | None = Field(None, ge=1, description="vLLM's and Cohere's field: documents are cut to "
+    max_tokens_per_doc: int | None = Field(None, strict=True, ge=1, description="vLLM's and Cohere's field: documents are cut to "
                                            "this many tokens (max_doc_length with long_documents 'truncate').")  # fmt: skip
-    max_tokens_per_query: int | None = Field(None, ge=1, description="vLLM's field: the same as max_query_length.")
+    max_tokens_per_query: int | None = Field(None, strict=True, ge=1, description="vLLM's field: the same as max_query_length.")
     rank_fields: list[str] | None = Field(None, min_length=1, description="Cohere v1: the fields of object documents "
                                           "to score, their values joined as 'field: value' lines in this order (one "
                                           "field: its value alone). Default: their 'text'.")  # fmt: skip
@@ -97,9 +98,9 @@ class CohereRerankRequest(Request):
     model: str | None = None
     query: str
     documents: list[str]
-    top_n: int | None = Field(None, ge=1)
-    return_documents: bool = False
-    max_tokens_per_doc: int = Field(COHERE_MAX_TOKENS_PER_DOC, ge=1, description="Documents are cut to this many tokens.")
+    top_n: int | None = Field(None, strict=True, ge=1)
+    return_documents: bool = Field(False, strict=True)
+    max_tokens_per_doc: int = Field(COHERE_MAX_TOKENS_PER_DOC, strict=True, ge=1, description="Documents are cut to this many tokens.")
 
 
 class TEIRerankRequest(Request):
@@ -107,9 +108,9 @@ class TEIRerankRequest(Request):
 
     query: str
     texts: list[str]
-    raw_scores: bool = Field(False, description="Relevance logits instead of scores.")
-    return_text: bool = Field(False, description="Echo each text in its result.")
-    truncate: bool = Field(False, description="Cut texts that do not fit; rerankd otherwise scores them as windows "
+    raw_scores: bool = Field(False, strict=True, description="Relevance logits instead of scores.")
+    return_text: bool = Field(False, strict=True, description="Echo each text in its result.")
+    truncate: bool = Field(False, strict=True, description="Cut texts that do not fit; rerankd otherwise scores them as windows "
                            "(TEI would refuse them).")  # fmt: skip
     truncation_direction: Literal["Right", "right"] = Field("Right", description="Where texts are cut: rerankd cuts "
                                                             "their end (Right) only.")  # fmt: skip

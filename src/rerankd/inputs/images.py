@@ -113,6 +113,8 @@ def read_image_bytes(source: object, limits: ImageLimits, param: str) -> bytes:
             data = _read_local(s, limits, param)
         elif _BASE64_RE.match(s.encode("ascii", "replace").replace(b"\n", b"")) and len(s) >= 16:
             data = _b64decode(s, limits, param)
+        elif limits.local_media_root is not None and ("/" in s or os.sep in s):
+            raise _path_refused(param)  # a missing file answers as a forbidden one: no telling which files exist
         else:
             shown = s if len(s) <= 60 else s[:57] + "..."
             raise InputError(
@@ -132,13 +134,15 @@ def decode_image(data: bytes, limits: ImageLimits, param: str) -> Image.Image:
         raise InputError(f"not a {'/'.join(ALLOWED_FORMATS)} image (or a corrupt one)", param) from None
     except Image.DecompressionBombError as e:
         raise InputError(f"image is over the limit of {limits.max_image_pixels} pixels ({e})", param) from None
+    except Exception as e:  # a header cut short or nonsense (Pillow raises OSError, SyntaxError, struct.error, ...)
+        raise InputError(f"not a {'/'.join(ALLOWED_FORMATS)} image (corrupt header: {type(e).__name__})", param) from None
     _check_pixels(img.width, img.height, limits, param)
     try:
         img.load()
         img = ImageOps.exif_transpose(img)
         return img.convert("RGB")
-    except (OSError, ValueError, SyntaxError) as e:
-        raise InputError(f"image data does not decode ({img.format}): {e}", param) from None
+    except Exception as e:  # corrupt pixel data, in any of the ways a decoder can fail
+        raise InputError(f"image data does not decode ({img.format}, {type(e).__name__})", param) from None
 
 
 def _check_pixels(width: int, height: int, limits: ImageLimits, param: str) -> None:
@@ -168,19 +172,29 @@ def _fetch(url: str, limits: ImageLimits, param: str) -> bytes:
     return fetch_url(url, limits.max_image_bytes, limits.fetch_timeout, limits.allow_private_urls, param)
 
 
+def _path_refused(param: str) -> InputError:
+    """One answer for a path outside the allowed folder and for a missing or unreadable one, naming neither the
+    folder nor whether the file exists (a client must not learn the server's files from the errors)."""
+    return InputError("no readable image file at this path in the folder the server allows", param)
+
+
 def _read_local(path: str, limits: ImageLimits, param: str) -> bytes:
     if not limits.allow_local_files:
         raise InputError("local image paths are not allowed here", param)
+    refused = _path_refused(param)
     real = os.path.realpath(path)
     if limits.local_media_root is not None:
         root = os.path.realpath(limits.local_media_root)
         if os.path.commonpath([real, root]) != root:
-            raise InputError(f"local image paths must lie beneath {limits.local_media_root}", param)
-    size = os.path.getsize(real)
-    if size > limits.max_image_bytes:
-        raise InputError(f"image file is {size} bytes, over the limit of {limits.max_image_bytes}", param)
-    with open(real, "rb") as f:
-        return f.read()
+            raise refused
+    try:
+        size = os.path.getsize(real)
+        if size > limits.max_image_bytes:
+            raise InputError(f"image file is {size} bytes, over the limit of {limits.max_image_bytes}", param)
+        with open(real, "rb") as f:
+            return f.read(limits.max_image_bytes + 1)
+    except OSError:
+        raise refused from None
 
 
 def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:

@@ -22,10 +22,27 @@ from ..errors import InputError
 MAX_REDIRECTS = 5
 
 
+# IPv6 prefixes whose last 32 bits are an IPv4 address that the packet reaches: IPv4-compatible (::a.b.c.d),
+# SIIT's IPv4-translated (::ffff:0:a.b.c.d) and NAT64's well-known and local-use prefixes (RFC 6052, 8215)
+EMBEDDING_PREFIXES = tuple(ipaddress.ip_network(n) for n in ("::/96", "::ffff:0:0:0/96", "64:ff9b::/96", "64:ff9b:1::/48"))
+
+
+def embedded_ipv4(addr: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    """The IPv4 addresses an IPv6 address carries: mapped, 6to4, Teredo's client, or in a translation prefix."""
+    found = [a for a in (addr.ipv4_mapped, addr.sixtofour, addr.teredo and addr.teredo[1]) if a is not None]
+    if any(addr in net for net in EMBEDDING_PREFIXES):
+        found.append(ipaddress.IPv4Address(int(addr) & 0xFFFFFFFF))
+    return found
+
+
 def is_public(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    """A globally routable address (an IPv4-mapped IPv6 address is judged by its IPv4 part)."""
-    mapped = getattr(addr, "ipv4_mapped", None)
-    return (mapped or addr).is_global
+    """A globally routable address; an IPv6 address that carries an IPv4 one (mapped, 6to4, Teredo, NAT64,
+    IPv4-compatible or translated) is public only if that IPv4 address is too."""
+    if isinstance(addr, ipaddress.IPv6Address):
+        inner = embedded_ipv4(addr)
+        if inner:
+            return all(a.is_global for a in inner) and (addr.ipv4_mapped is not None or addr.is_global)
+    return addr.is_global
 
 
 def resolve_public(host: str, port: int, allow_private: bool, param: str) -> list[tuple]:

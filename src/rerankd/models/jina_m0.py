@@ -58,7 +58,8 @@ DEFAULT_MAX_LENGTH = 10240
 REFERENCE_MAX_QUERY_LENGTH = 512  # the model card's compute_score cuts queries here (a model fact)
 DOC_PREFIX = "**Document**:\n"
 QUERY_PREFIX = "\n**Query**:\n"
-IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
+IMAGE_PAD = "<|image_pad|>"  # expanded to an image's tokens; refused in text
+IMAGE_PLACEHOLDER = f"<|vision_start|>{IMAGE_PAD}<|vision_end|>"
 
 # checkpoint name template -> module name template (None: dropped on purpose), read both ways; see rerankd.weights.
 # jinaai/jina-reranker-m0 itself holds the module's names; backward gives the newer format.
@@ -144,6 +145,9 @@ class M0Prompts(Pointwise):
         self, query: Item, doc: Item, lengths: LengthOptions, where: Where, images: ImagePolicy | None = None
     ) -> list[PreparedSequence]:
         qparam, dparam, param = where.query, where.document, where.pair
+        for item, name in ((query, qparam), (doc, dparam)):  # blamed on the part that holds it
+            if isinstance(item, TextItem) and IMAGE_PAD in item.text:
+                raise InputError(f"the text contains the reserved token {IMAGE_PAD}; remove it", name)
         prepared: list[PreparedImage] = []
         if isinstance(doc, ImageItem):
             prepared.append(self.prepare_image(doc.source, f"{dparam}.image", images))
@@ -290,6 +294,11 @@ class JinaM0Backend(M0Prompts):
         self.max_pixels = max_pixels
         self.cpu_gemm = cpu_gemm
         self.attn_backend = attention_backend(device, dtype)
+
+    def check(self, lengths: LengthOptions) -> None:
+        limit = self.model.model.cfg.max_position_embeddings
+        if lengths.max_length > limit:
+            raise ValueError(f"max_length: {lengths.max_length} is more than this model's {limit} positions; lower it")
 
     # ------------------------------------------------------------------ preparation (thread-safe, no model compute)
 
