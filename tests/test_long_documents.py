@@ -180,3 +180,19 @@ def test_m0_chunks_long_text_documents(m0):
     [cut] = m0.compute_score([[query, doc]], max_length=160)
     [first] = m0.rerank(query, [doc], max_length=160, long_documents="truncate")
     assert_close([cut], [first["relevance_score"]], 1e-6)
+
+
+def test_the_window_bound_counts_exactly_the_windows_it_would_build():
+    from rerankd.errors import InputError
+    from rerankd.models.base import LengthOptions
+    from rerankd.models.windows import document_spans, window_starts
+
+    for n, room, overlap in [(10, 3, 0), (10, 3, 1), (11, 4, 2), (1000, 7, 6), (8, 8, 0), (9, 8, 7), (5000, 512, 80)]:
+        count = len(window_starts(n, room, overlap))
+        at = [(i, i + 1) for i in range(n)]
+        ok = LengthOptions(10_000, None, None, "chunk", overlap, max_windows=count)
+        assert len(document_spans(n, room, ok, lambda: at, "d", "", "")) == count
+        if count > 1:
+            with pytest.raises(InputError, match=f"would make {count} windows"):
+                document_spans(n, room, LengthOptions(10_000, None, None, "chunk", overlap, max_windows=count - 1),
+                               lambda: at, "d", "", "")  # fmt: skip

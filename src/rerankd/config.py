@@ -104,6 +104,11 @@ class ServeOptions:
     """Documents per request at most (413 beyond)."""
     max_request_bytes: int = 50 * 1024 * 1024
     """Largest request body, in bytes (413 beyond)."""
+    max_document_windows: int = 256
+    """Windows one long document may be split into at most (400 beyond, naming the document)."""
+    max_request_tokens: int = 4 * 1024 * 1024
+    """Tokens one request may put through the model at most, windows and image tokens included (413 beyond, as soon
+    as its preparation passes it)."""
     allow_private_urls: bool = False
     """Fetch image URLs whose host resolves to loopback, private, link-local or other non-public addresses."""
     allowed_local_media_path: str | None = None

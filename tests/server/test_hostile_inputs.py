@@ -102,3 +102,30 @@ def test_ipv6_forms_of_private_ipv4_addresses_are_not_public(addr):
 def test_ipv6_forms_of_public_ipv4_addresses_stay_public():
     for addr in ("64:ff9b::808:808", "2002:808:808::", "::ffff:8.8.8.8", "2606:4700::1111"):
         assert is_public(ipaddress.ip_address(addr)), addr
+
+
+def test_windows_per_document_are_bounded_before_they_are_built(server):
+    """The probe's 1 MiB document with max_doc_length=1 made 660k windows (2.7 GB); now it is refused, by count,
+    before any window exists, and the server goes on."""
+    doc = "gold rush merchants Paris France " * 6000  # ~200k characters
+    body = error_of(server.post("/v1/rerank", {"query": "q", "documents": ["short", doc], "max_doc_length": 1,
+                                               "overlap": 0}), 400, "over the limit of 256 windows a document",
+                    param="documents[1]")  # fmt: skip
+    assert "raise max_doc_length" in body["detail"]
+    status, _, _ = server.post("/v1/rerank", {"query": "q", "documents": ["short", doc[:3000]]})
+    assert status == 200
+
+
+def test_a_request_over_the_token_budget_is_413(m0):
+    from fastapi.testclient import TestClient
+
+    from rerankd.api import create_app
+    from rerankd.config import ServeOptions
+
+    with TestClient(create_app(m0, ServeOptions(max_request_tokens=300), "tiny")) as client:
+        r = client.post("/v1/rerank", json={"query": "q", "documents": ["gold rush merchants " * 40] * 4})
+        assert r.status_code == 413 and "--max-request-tokens" in r.json()["detail"], r.json()
+        assert r.json()["error"]["param"] == "documents"
+        ok = client.post("/v1/rerank", json={"query": "q", "documents": ["gold rush"] * 4})
+        assert ok.status_code == 200, ok.json()
+        assert client.get("/health").status_code == 200

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hmac
 import importlib.resources
 import json
@@ -25,7 +26,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..config import RERANK_DEFAULTS, ServeOptions
-from ..engine import Overloaded, Scheduler, WorkerError
+from ..engine import Overloaded, Scheduler, TooLarge, WorkerError
 from ..errors import InputError
 from ..inputs import ImageItem, Item, TextItem, parse_item
 from ..inputs.images import ImagePolicy
@@ -110,6 +111,7 @@ def create_app(
         max_queue_pairs=options.max_queue_pairs,
         prepare_workers=reranker.options.preprocess_workers,
         observer=metrics,
+        max_request_tokens=options.max_request_tokens,
     )
     images = ImagePolicy(options.allow_private_urls, options.allowed_local_media_path)
     activation = reranker.backend.score_activation  # what makes an output a relevance_score (v3: none)
@@ -137,7 +139,7 @@ def create_app(
         state.check_model(body.model)
         _check_count(len(body.documents), options)
         max_query_length, max_doc_length, long_documents = body.lengths()
-        lengths = _lengths(reranker, body.max_length, max_query_length, max_doc_length, long_documents, body.overlap,
+        lengths = _lengths(reranker, options, body.max_length, max_query_length, max_doc_length, long_documents, body.overlap,
                            body.instruction)  # fmt: skip
         query = _item(body.query, "query", reranker)
         docs = [_item(d, f"documents[{i}]", reranker, body.rank_fields) for i, d in enumerate(body.documents)]
@@ -158,7 +160,7 @@ def create_app(
         if isinstance(body, RerankRequest):
             return await rerank(body, request)
         _check_count(len(body.texts), options)
-        lengths = _lengths(reranker, None, RERANK_DEFAULTS.max_query_length, None,
+        lengths = _lengths(reranker, options, None, RERANK_DEFAULTS.max_query_length, None,
                            "truncate" if body.truncate else RERANK_DEFAULTS.long_documents, RERANK_DEFAULTS.overlap)  # fmt: skip
         scored, _ = await _score(request, state, TextItem(body.query), [TextItem(t) for t in body.texts], lengths)
         scores = activate([s.logit for s in scored], None if body.raw_scores else activation)
@@ -173,7 +175,7 @@ def create_app(
         # Cohere's default cut (4096) stands in for the reference's own, except for a listwise model, whose cut
         # (v3: 2048) also sets its block sizes: there max_tokens_per_doc applies when the request gives it
         own_cut = reranker.backend.listwise and "max_tokens_per_doc" not in body.model_fields_set
-        lengths = _lengths(reranker, None, RERANK_DEFAULTS.max_query_length, None if own_cut else body.max_tokens_per_doc,
+        lengths = _lengths(reranker, options, None, RERANK_DEFAULTS.max_query_length, None if own_cut else body.max_tokens_per_doc,
                            "truncate", 0)  # fmt: skip
         docs: list[Item] = [TextItem(d) for d in body.documents]
         scored, tokens = await _score(request, state, TextItem(body.query), docs, lengths)
@@ -234,11 +236,13 @@ def _check_count(n: int, options: ServeOptions) -> None:
                        "(--max-queue-pairs); split the request", "documents")  # fmt: skip
 
 
-def _lengths(reranker: Reranker, max_length, max_query_length, max_doc_length, long_documents, overlap,
-             instruction: str | None = None) -> LengthOptions:  # fmt: skip
+def _lengths(reranker: Reranker, options: ServeOptions, max_length, max_query_length, max_doc_length, long_documents,
+             overlap, instruction: str | None = None) -> LengthOptions:  # fmt: skip
+    """A request's LengthOptions, with the server's bound on windows per document; 400 naming a bad option."""
     try:
-        return reranker.length_options(max_length, max_query_length, max_doc_length, long_documents, overlap,
-                                       instruction=instruction)  # fmt: skip
+        lengths = reranker.length_options(max_length, max_query_length, max_doc_length, long_documents, overlap,
+                                          instruction=instruction)  # fmt: skip
+        return dataclasses.replace(lengths, max_windows=options.max_document_windows)
     except ValueError as e:
         raise ApiError(400, str(e), str(e).split(" ", 1)[0].rstrip(":")) from None
 
@@ -300,6 +304,8 @@ async def _score(request: Request, state: ServerState, query: Item, docs: Sequen
         raise ApiError(400, str(e), e.param) from None
     except Overloaded as e:
         raise ApiError(429, str(e), headers={"Retry-After": str(max(1, round(e.retry_after)))}) from None
+    except TooLarge as e:
+        raise ApiError(413, str(e), "documents") from None
     except WorkerError as e:
         raise ApiError(500 if scheduler.alive else 503, str(e)) from None
     errors = {i: r for i, r in enumerate(outcome.results) if isinstance(r, InputError)}

@@ -7,10 +7,11 @@ from .scheduler import (
     Overloaded,
     Scheduler,
     Scored,
+    TooLarge,
     WorkerError,
     keep_best,
     plan_batches,
 )
 
-__all__ = ["WINDOW_PAIRS", "Batch", "Outcome", "Overloaded", "Scheduler", "Scored", "WorkerError", "keep_best",
-           "plan_batches"]  # fmt: skip
+__all__ = ["WINDOW_PAIRS", "Batch", "Outcome", "Overloaded", "Scheduler", "Scored", "TooLarge", "WorkerError",
+           "keep_best", "plan_batches"]  # fmt: skip

@@ -82,6 +82,10 @@ class Overloaded(RerankdError):
         self.retry_after = retry_after
 
 
+class TooLarge(RerankdError):
+    """A job needs more tokens than the scheduler's per-job budget (`max_request_tokens`)."""
+
+
 class WorkerError(RerankdError):
     """The model failed on a batch, preparing a pair failed unexpectedly, or the worker is not running."""
 
@@ -241,6 +245,7 @@ class Scheduler:
         max_queue_pairs: int | None = None,
         prepare_workers: int | None = None,
         observer: Observer | None = None,
+        max_request_tokens: int | None = None,
     ):
         if max_batch_tokens < 1 or (max_queue_pairs is not None and max_queue_pairs < 1) or max_batch_wait < 0:
             raise ValueError("need max_batch_tokens >= 1, max_queue_pairs >= 1 and max_batch_wait >= 0")
@@ -249,6 +254,7 @@ class Scheduler:
         self.max_batch_tokens = max_batch_tokens
         self.max_batch_wait = max_batch_wait
         self.max_queue_pairs = max_queue_pairs
+        self.max_request_tokens = max_request_tokens  # per job (None: no bound); passing it fails the job (TooLarge)
         self.observer: Observer = observer or _NoObserver()
         self.pool = ThreadPoolExecutor(prepare_workers or default_prepare_workers(), thread_name_prefix="rerankd-prepare")
         self._cond = threading.Condition()  # an RLock: bookkeeping under it may call bookkeeping
@@ -388,6 +394,12 @@ class Scheduler:
                     job.results[i] = e
                 job.unit_left[u] += len(seqs)
                 job.tokens += sum(s.length for s in seqs)
+                if self.max_request_tokens is not None and job.tokens > self.max_request_tokens:
+                    self._resolve(job, error=TooLarge(
+                        f"the request needs more than the server's limit of {self.max_request_tokens} tokens through "
+                        f"the model (--max-request-tokens; it reached {job.tokens} while being prepared): send fewer "
+                        "or shorter documents, or lower max_length"))  # fmt: skip
+                    return
                 job.unprepared[w] -= 1
                 if job.streaming:
                     self._enqueue(job, [(u, s) for s in seqs])

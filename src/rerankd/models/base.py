@@ -41,6 +41,8 @@ class LengthOptions:
     instruction: str | None = None
     """The task instruction of a model that takes one (Qwen3-Reranker, jina-reranker-v3); None: the model's
     default. Backends without `supports_instruction` never see one (Reranker.length_options refuses it)."""
+    max_windows: int | None = None
+    """Windows one document may be split into at most (the server's --max-document-windows); None: no bound."""
 
 
 @dataclass(frozen=True)

@@ -65,6 +65,14 @@ def document_spans(
             f"lower overlap or raise {grow}",
             param,
         )
+    count = 1 + -(-(n_tokens - room) // (room - lengths.overlap))  # window_starts' count, before building them
+    if lengths.max_windows is not None and count > lengths.max_windows:
+        raise InputError(
+            f"the document's {n_tokens} tokens would make {count} windows of {room} tokens (overlap "
+            f"{lengths.overlap}), over the limit of {lengths.max_windows} windows a document; raise max_doc_length, "
+            "lower overlap, or send a shorter document",
+            param,
+        )
     at = offsets()
     starts = window_starts(n_tokens, room, lengths.overlap)
     spans = []
