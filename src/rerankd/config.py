@@ -114,7 +114,7 @@ class ServeOptions:
     allowed_local_media_path: str | None = None
     """Folder beneath which clients may name local image files (default: none allowed)."""
     api_key: str | None = None
-    """Require `Authorization: Bearer <key>` on every route but /health (default: $RERANKD_API_KEY if set)."""
+    """Require `Authorization: Bearer <key>` on every route but /health and the playground page (default: $RERANKD_API_KEY if set)."""
     skip_warmup: bool = False
     """Skip the warm-up forward pass at start-up."""
     log_level: str = "info"

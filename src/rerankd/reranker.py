@@ -17,6 +17,7 @@ from .engine import Scheduler, WorkerError
 from .errors import InputError, PairErrors
 from .hub import resolve_model
 from .inputs import ImageItem, Item, TextItem, parse_item
+from .inputs.items import valid_text
 from .inputs.items import ItemType
 from .models.base import Backend, LengthOptions, Where, Window
 from .models.layers import check_cpu_gemm
@@ -149,6 +150,10 @@ class Reranker:
         if instruction is not None:
             if not isinstance(instruction, str):
                 raise ValueError(f"instruction must be a string, got {type(instruction).__name__}")
+            try:
+                valid_text(instruction, "instruction")
+            except InputError as e:
+                raise ValueError(str(e)) from None
             if not self.backend.supports_instruction:
                 raise ValueError(f"instruction: this model ({self.backend.architecture}) takes no instruction; leave "
                                  "it out (Qwen3-Reranker and jina-reranker-v3 take one)")  # fmt: skip

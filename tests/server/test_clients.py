@@ -168,3 +168,27 @@ def test_the_cohere_sdk_unchanged(named, m0):
 
     a2, a1 = asyncio.run(both_async())
     assert [r.index for r in a2.results] == [r.index for r in got.results] and len(a1.results) == 2
+
+
+def test_a_bad_rerank_body_is_answered_in_its_own_shapes_terms(named):
+    status, body, _ = named.post("/rerank", {"query": "q", "documents": ["a"], "top_n": 0})
+    assert status == 422 and body["error"]["param"] == "top_n" and "texts" not in body["detail"], body
+    status, body, _ = named.post("/rerank", {"query": "q", "texts": ["a"], "truncation_direction": "Left"})
+    assert status == 422 and body["error"]["param"] == "truncation_direction" and "documents" not in body["detail"], body
+
+
+def test_bench_reads_sglangs_flag_spellings():
+    import argparse
+
+    from rerankd.bench import add_arguments, resolve_server
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    args = p.parse_args(["--backend", "sglang", "--host", "[::1]", "--port", "30001", "--random-input-len", "64",
+                         "--random-output-len", "1", "--dataset-path", "q.jsonl", "--disable-tqdm"])  # fmt: skip
+    resolve_server(args)
+    assert (args.base_url, args.api, args.random_input, args.dataset, args.no_progress) == (
+        "http://[::1]:30001", "sglang", 64, "q.jsonl", True)
+    args = p.parse_args(["--base-url", "http://h:1", "--port", "2"])
+    resolve_server(args)
+    assert args.base_url == "http://h:1" and args.api == "rerankd"  # --base-url wins, as in sglang.bench_serving

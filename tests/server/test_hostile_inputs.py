@@ -111,7 +111,7 @@ def test_windows_per_document_are_bounded_before_they_are_built(server):
     body = error_of(server.post("/v1/rerank", {"query": "q", "documents": ["short", doc], "max_doc_length": 1,
                                                "overlap": 0}), 400, "over the limit of 256 windows a document",
                     param="documents[1]")  # fmt: skip
-    assert "raise max_doc_length" in body["detail"]
+    assert "raise max_length (or max_doc_length" in body["detail"]
     status, _, _ = server.post("/v1/rerank", {"query": "q", "documents": ["short", doc[:3000]]})
     assert status == 200
 
@@ -129,3 +129,29 @@ def test_a_request_over_the_token_budget_is_413(m0):
         ok = client.post("/v1/rerank", json={"query": "q", "documents": ["gold rush"] * 4})
         assert ok.status_code == 200, ok.json()
         assert client.get("/health").status_code == 200
+
+
+def test_lone_surrogates_on_every_route_and_field(server):
+    for path, body, param in [
+        ("/v2/rerank", b'{"query": "q", "documents": ["a", "\\ud800"]}', "documents[1]"),
+        ("/rerank", b'{"query": "\\ud800", "texts": ["a"]}', "query"),
+        ("/v1/rerank", b'{"query": "q", "documents": [{"t": "\\ud800"}], "rank_fields": ["t"]}', "documents[0]"),
+    ]:
+        error_of(server.post(path, body), 400, "not valid Unicode", param=param)
+
+
+def test_whether_a_file_exists_is_never_told(server, media_dir):
+    """Paths outside the allowed folder are never looked at: an existing and a missing file answer alike, also
+    for paths that read as base64."""
+    for pair in [("/usr/bin/python3", "/usr/bin/python9"), ("/etc/bash.bashrc", "/etc/bash.bashrx"), ("/etc/hostname", "/etc/hostnamx")]:
+        answers = {server.post("/v1/rerank", {"query": "q", "documents": [{"image": p}]})[1]["error"]["message"]
+                   .replace(p, "PATH") for p in pair}  # fmt: skip
+        assert len(answers) == 1, answers
+
+
+def test_wrapped_base64_is_not_read_as_a_path(server):
+    raw = base64.b64encode(encode(make_image(30, 20, 3), "JPEG")).decode()
+    assert raw.startswith("/9j/")
+    wrapped = "\r\n".join(raw[i : i + 60] for i in range(0, len(raw), 60))
+    status, body, _ = server.post("/v1/rerank", {"query": "q", "documents": [{"image": wrapped}]})
+    assert status == 200, body

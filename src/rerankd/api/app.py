@@ -29,6 +29,7 @@ from ..config import RERANK_DEFAULTS, ServeOptions
 from ..engine import Overloaded, Scheduler, TooLarge, WorkerError
 from ..errors import InputError
 from ..inputs import ImageItem, Item, TextItem, parse_item
+from ..inputs.items import valid_text
 from ..inputs.images import ImagePolicy
 from ..models.base import LengthOptions, Where
 from ..reranker import Reranker
@@ -45,6 +46,7 @@ from .schemas import (
     RerankResponse,
     TEIRerankRequest,
     TEIResult,
+    VllmOrTeiRequest,
 )
 
 log = logging.getLogger("rerankd.server")
@@ -154,7 +156,7 @@ def create_app(
         return RerankResponse.model_validate(jina_response(state.model_name, results, tokens))
 
     @app.post("/rerank", response_model=RerankResponse | list[TEIResult], response_model_exclude_none=True)
-    async def rerank_vllm_or_tei(body: RerankRequest | TEIRerankRequest, request: Request):
+    async def rerank_vllm_or_tei(body: VllmOrTeiRequest, request: Request):
         """vLLM's (and Jina's) request and response, as /v1/rerank; or text-embeddings-inference's: `texts`, a bare
         list of {"index", "score", "text"?} back, best first."""
         if isinstance(body, RerankRequest):
@@ -162,7 +164,9 @@ def create_app(
         _check_count(len(body.texts), options)
         lengths = _lengths(reranker, options, None, RERANK_DEFAULTS.max_query_length, None,
                            "truncate" if body.truncate else RERANK_DEFAULTS.long_documents, RERANK_DEFAULTS.overlap)  # fmt: skip
-        scored, _ = await _score(request, state, TextItem(body.query), [TextItem(t) for t in body.texts], lengths)
+        query = _item(body.query, "query", reranker)
+        scored, _ = await _score(request, state, query, [_item(t, f"texts[{i}]", reranker) for i, t in enumerate(body.texts)],
+                                 lengths)  # fmt: skip
         scores = activate([s.logit for s in scored], None if body.raw_scores else activation)
         return [TEIResult(index=r["index"], score=r["relevance_score"], text=body.texts[r["index"]] if body.return_text else None)
                 for r in rerank_results(scores, [None] * len(scores), None, None)]  # fmt: skip
@@ -177,8 +181,8 @@ def create_app(
         own_cut = reranker.backend.listwise and "max_tokens_per_doc" not in body.model_fields_set
         lengths = _lengths(reranker, options, None, RERANK_DEFAULTS.max_query_length, None if own_cut else body.max_tokens_per_doc,
                            "truncate", 0)  # fmt: skip
-        docs: list[Item] = [TextItem(d) for d in body.documents]
-        scored, tokens = await _score(request, state, TextItem(body.query), docs, lengths)
+        docs = [_item(d, f"documents[{i}]", reranker) for i, d in enumerate(body.documents)]
+        scored, tokens = await _score(request, state, _item(body.query, "query", reranker), docs, lengths)
         results = rerank_results(activate([s.logit for s in scored], activation), [None] * len(scored), body.top_n,
                                  (lambda i: {"text": body.documents[i]}) if body.return_documents else None)  # fmt: skip
         return CohereResponse.model_validate(cohere_response(results, tokens))
@@ -253,7 +257,7 @@ def _item(value: str | DocumentObject, param: str, reranker: Reranker, rank_fiel
             text = value.fields_text(rank_fields)
             if text is None:
                 raise InputError(f"has none of the rank_fields {rank_fields}", param)
-            item = TextItem(text)
+            item = TextItem(valid_text(text, param))
         elif isinstance(value, DocumentObject) and value.text is None and value.image is None:
             raise InputError('an object document needs "text" or "image" (or rank_fields naming its fields to score)',
                              param)  # fmt: skip

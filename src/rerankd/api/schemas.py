@@ -6,9 +6,9 @@ too); /v2/rerank takes Cohere v2's (string documents, return_documents false by 
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, ClassVar, Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 
 from ..config import COHERE_MAX_TOKENS_PER_DOC, RERANK_DEFAULTS, LongDocuments, ScoreOptions, field_docs
 
@@ -48,18 +48,20 @@ Document = str | DocumentObject
 
 class Request(BaseModel):
     """A request body: unknown fields are ignored, and null for an optional field means its default, as Cohere's
-    API reads it (its clients, langchain-cohere's among them, send every unset optional as null). Numbers and
-    booleans are strict: "2" or true for top_n is a 422, not 2 or 1."""
+    API reads it (its clients, langchain-cohere's among them, send every unset optional as null), except where null
+    is a value of its own (max_query_length: null, queries are not cut). Numbers and booleans are strict: "2" or
+    true for top_n is a 422, not 2 or 1."""
 
     model_config = ConfigDict(extra="ignore")
+    NULL_IS_A_VALUE: ClassVar[frozenset[str]] = frozenset({"max_query_length"})  # null: queries are not cut
 
     @model_validator(mode="before")
     @classmethod
     def _null_is_default(cls, data: object) -> object:
         if not isinstance(data, dict):
             return data
-        required = {name for name, f in cls.model_fields.items() if f.is_required()}
-        return {k: v for k, v in data.items() if v is not None or k in required}
+        keep = {name for name, f in cls.model_fields.items() if f.is_required()} | cls.NULL_IS_A_VALUE
+        return {k: v for k, v in data.items() if v is not None or k in keep}
 
 
 class RerankRequest(Request):
@@ -114,6 +116,18 @@ class TEIRerankRequest(Request):
                            "(TEI would refuse them).")  # fmt: skip
     truncation_direction: Literal["Right", "right"] = Field("Right", description="Where texts are cut: rerankd cuts "
                                                             "their end (Right) only.")  # fmt: skip
+
+
+def _shape(body: object) -> str:
+    """Which request a /rerank body is: TEI's (`texts`, no `documents`) or Jina's / vLLM's."""
+    return "TEI" if isinstance(body, dict) and "texts" in body and "documents" not in body else "Jina"
+
+
+# POST /rerank's body, told apart by its fields so that a bad request is answered in its own shape's terms (tags
+# are capitalized: error locations leave them out)
+VllmOrTeiRequest = Annotated[
+    Annotated[RerankRequest, Tag("Jina")] | Annotated[TEIRerankRequest, Tag("TEI")], Discriminator(_shape)
+]
 
 
 class TEIResult(BaseModel):

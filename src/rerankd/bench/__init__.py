@@ -37,10 +37,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", "--dataset-name", dest="dataset", default="random",
                    help="'random' or a JSONL file, one {\"query\", \"documents\"} a line (--dataset-name: "
                         "sglang.bench_serving's name)")  # fmt: skip
-    p.add_argument("--random-output", type=int, default=None,
-                   help="accepted for sglang.bench_serving's commands and ignored: a reranker generates nothing")
+    p.add_argument("--random-output", "--random-output-len", dest="random_output", type=int, default=None,
+                   help="accepted for sglang.bench_serving's commands and ignored: a reranker generates nothing")  # fmt: skip
+    p.add_argument("--dataset-path", default=None, help="sglang.bench_serving's dataset file: the same as --dataset FILE")
     p.add_argument("--num-prompts", type=int, default=500, help="requests to send (default 500)")
-    p.add_argument("--random-input", type=int, default=512, help="tokens per random document (default 512)")
+    p.add_argument("--random-input", "--random-input-len", dest="random_input", type=int, default=512,
+                   help="tokens per random document (default 512)")  # fmt: skip
     p.add_argument("--random-range-ratio", type=float, default=1.0,
                    help="random documents have random-input x U[ratio, 1] tokens (default 1.0: all equal)")  # fmt: skip
     p.add_argument("--random-query", type=int, default=16, help="tokens per random query (default 16)")
@@ -60,7 +62,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the random workload (default 0)")
     p.add_argument("--output-file", default=None, help="write the results as JSON here")
     p.add_argument("--plot", default=None, help="draw throughput and p99 latency against concurrency to this PNG")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", "--disable-tqdm", dest="no_progress", action="store_true", help="no progress bar")
 
 
 def _served_model(base_url: str, headers: dict[str, str]) -> tuple[str | None, list[str]]:
@@ -93,12 +95,12 @@ def _local_tokenizer(names: list[str]) -> str | None:
 
 def resolve_server(args: argparse.Namespace) -> None:
     """--base-url, or sglang.bench_serving's --host/--port; --api, or its --backend (SystemExit when they clash)."""
-    if args.host is not None or args.port is not None:
-        if args.base_url is not None:
-            raise SystemExit("give --base-url or --host/--port, not both")
-        host = args.host or "127.0.0.1"
+    if args.base_url is None and (args.host is not None or args.port is not None):  # --base-url wins, as there
+        host = (args.host or "127.0.0.1").strip("[]")
         args.base_url = f"http://{'[' + host + ']' if ':' in host else host}:{args.port or 30000}"
     args.base_url = args.base_url or DEFAULT_URL
+    if args.dataset_path is not None:
+        args.dataset = args.dataset_path
     if args.backend is not None:
         if args.api is not None and args.api != BACKENDS[args.backend]:
             raise SystemExit(f"--backend {args.backend} means --api {BACKENDS[args.backend]}, but --api {args.api} "

@@ -109,16 +109,17 @@ def read_image_bytes(source: object, limits: ImageLimits, param: str) -> bytes:
             if not sep or ";base64" not in head or not head[5:].startswith("image/"):
                 raise InputError("a data URI must look like 'data:image/<format>;base64,<data>'", param)
             data = _b64decode(payload, limits, param)
-        elif len(s) < 4096 and os.path.isfile(s):
+        elif len(s) < 4096 and _local_file(s, limits):
             data = _read_local(s, limits, param)
-        elif _BASE64_RE.match(s.encode("ascii", "replace").replace(b"\n", b"")) and len(s) >= 16:
+        elif _BASE64_RE.match("".join(s.split()).encode("ascii", "replace")) and len(s) >= 16:
             data = _b64decode(s, limits, param)
         elif limits.local_media_root is not None and ("/" in s or os.sep in s):
             raise _path_refused(param)  # a missing file answers as a forbidden one: no telling which files exist
         else:
             shown = s if len(s) <= 60 else s[:57] + "..."
             raise InputError(
-                f"{shown!r} is not an http(s) URL, a data: URI, an existing file or base64 image data", param
+                f"{shown!r} is not an http(s) URL, a data: URI, "
+                f"{'an existing file or ' if limits.allow_local_files else ''}base64 image data", param
             )
     else:
         raise InputError(f"unsupported image source of type {type(source).__name__}", param)
@@ -170,6 +171,19 @@ def _fetch(url: str, limits: ImageLimits, param: str) -> bytes:
     if not limits.allow_urls:
         raise InputError("image URLs are not allowed here", param)
     return fetch_url(url, limits.max_image_bytes, limits.fetch_timeout, limits.allow_private_urls, param)
+
+
+def _local_file(path: str, limits: ImageLimits) -> bool:
+    """Whether `path` names a file to read: any file for the library (no folder set), only one beneath the allowed
+    folder for the server; none when local files are off. The disk is never looked at outside that folder, so
+    what a client is told never depends on which files exist there."""
+    if not limits.allow_local_files:
+        return False
+    if limits.local_media_root is not None:
+        root = os.path.realpath(limits.local_media_root)
+        if os.path.commonpath([os.path.realpath(path), root]) != root:
+            return False
+    return os.path.isfile(path)
 
 
 def _path_refused(param: str) -> InputError:

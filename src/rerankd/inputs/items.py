@@ -31,7 +31,7 @@ def parse_item(value: object, default_type: ItemType, param: str) -> Item:
         return value
     if isinstance(value, str):
         if default_type == "text":
-            return TextItem(_valid_text(value, param))
+            return TextItem(valid_text(value, param))
         if default_type == "image":
             return ImageItem(value)
         raise InputError(f"unknown type {default_type!r}; use 'text' or 'image'", param)
@@ -40,7 +40,7 @@ def parse_item(value: object, default_type: ItemType, param: str) -> Item:
         if keys == {"text"}:
             if not isinstance(value["text"], str):
                 raise InputError(f"'text' must be a string, got {type(value['text']).__name__}", param)
-            return TextItem(_valid_text(value["text"], f"{param}.text"))
+            return TextItem(valid_text(value["text"], f"{param}.text"))
         if keys == {"image"}:
             if not isinstance(value["image"], (str, bytes)) and not _is_pil(value["image"]):
                 raise InputError(
@@ -58,7 +58,7 @@ def parse_item(value: object, default_type: ItemType, param: str) -> Item:
     )
 
 
-def _valid_text(text: str, param: str) -> str:
+def valid_text(text: str, param: str) -> str:
     """The text, or InputError if it is not valid Unicode (a lone surrogate such as "\\ud800", which JSON allows)."""
     try:
         text.encode("utf-8")

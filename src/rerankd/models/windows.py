@@ -69,8 +69,8 @@ def document_spans(
     if lengths.max_windows is not None and count > lengths.max_windows:
         raise InputError(
             f"the document's {n_tokens} tokens would make {count} windows of {room} tokens (overlap "
-            f"{lengths.overlap}), over the limit of {lengths.max_windows} windows a document; raise max_doc_length, "
-            "lower overlap, or send a shorter document",
+            f"{lengths.overlap}), over the limit of {lengths.max_windows} windows a document; raise max_length (or "
+            "max_doc_length where it sets the window), lower overlap, or send a shorter document",
             param,
         )
     at = offsets()
