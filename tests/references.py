@@ -218,7 +218,6 @@ class ReferenceJinaV3:
     SPECIAL = {"query_embed_token": "<|rerank_token|>", "doc_embed_token": "<|embed_token|>"}
 
     def __init__(self, model_dir: str | Path, attn_implementation: str = "eager"):
-        import numpy as np  # noqa: F401 (used below)
         from safetensors.torch import load_file
         from transformers import AutoTokenizer, Qwen3ForCausalLM
 

@@ -44,7 +44,6 @@ from .schemas import (
     ModelList,
     RerankRequest,
     RerankResponse,
-    TEIRerankRequest,
     TEIResult,
     VllmOrTeiRequest,
 )

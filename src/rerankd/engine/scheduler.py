@@ -9,7 +9,8 @@ The library (`Reranker.compute_score`, `rerank`) calls it synchronously (`score_
 * Preparation (tokenize, cut, window, decode images: rerankd.models) runs in the pool while the model computes
   (torch releases the GIL in its kernels). A job is prepared one of two ways:
   - windowed (the library's): WINDOW_PAIRS units at a time, at most two windows ahead of the model, so memory
-    stays bounded however many pairs a call has (a listwise unit, every document of one query, is prepared whole). A prepared window is cut on its own into batches by
+    stays bounded however many pairs a call has (a listwise unit, every document of one query, is prepared
+    whole). A prepared window is cut on its own into batches by
     `plan_batches` (longest first), which join the queue in window order: a call's batches depend on its pairs
     alone, never on timing or on other calls.
   - streaming (the server's): every pair is handed to the pool at once and its sequences join the queue as soon as

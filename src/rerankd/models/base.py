@@ -257,10 +257,18 @@ def token_id(tokenizer, directory: Path, token: str, config: dict | None = None,
     return tid
 
 
-def cut_text(tokenizer, text: str, max_tokens: int) -> tuple[str, int]:
+def check_positions(lengths: LengthOptions, positions: int) -> None:
+    """Backend.check's rule for a model with a position table: max_length may not pass it."""
+    if lengths.max_length > positions:
+        raise ValueError(f"max_length: {lengths.max_length} is more than this model's {positions} positions; lower it")
+
+
+def cut_text(tokenizer, text: str, max_tokens: int, ids: list[int] | None = None) -> tuple[str, int]:
     """The Jina references' cut (m0, v3): tokenize the text alone, and if it reaches max_tokens, replace it by the
-    decoding of its first max_tokens tokens. Returns the text and its token count (at most max_tokens)."""
-    ids = tokenizer.encode(text, add_special_tokens=True).ids
+    decoding of its first max_tokens tokens. Returns the text and its token count (at most max_tokens). `ids`: the
+    text's token ids when the caller has them already."""
+    if ids is None:
+        ids = tokenizer.encode(text, add_special_tokens=True).ids
     if len(ids) >= max_tokens:
         return tokenizer.decode(ids[:max_tokens], skip_special_tokens=False), max_tokens
     return text, len(ids)

@@ -42,6 +42,7 @@ from .base import (
     PreparedSequence,
     Where,
     build_module,
+    check_positions,
     cut_text,
     load_tokenizer,
     packed,
@@ -296,9 +297,7 @@ class JinaM0Backend(M0Prompts):
         self.attn_backend = attention_backend(device, dtype)
 
     def check(self, lengths: LengthOptions) -> None:
-        limit = self.model.model.cfg.max_position_embeddings
-        if lengths.max_length > limit:
-            raise ValueError(f"max_length: {lengths.max_length} is more than this model's {limit} positions; lower it")
+        check_positions(lengths, self.model.model.cfg.max_position_embeddings)
 
     # ------------------------------------------------------------------ preparation (thread-safe, no model compute)
 

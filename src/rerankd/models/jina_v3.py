@@ -18,6 +18,7 @@ keeps its best score (README); long_documents="truncate" (compute_score's defaul
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import LoadOptions
-from ..errors import InputError, ModelLoadError
+from ..errors import InputError
 from ..inputs import Item
 from ..inputs.images import ImagePolicy
 from ..weights import Renames
@@ -66,9 +67,22 @@ def prompt(query: str, passages: list[str], instruction: str | None) -> str:
     return SYSTEM + text + SUFFIX
 
 
-def sanitize(text: str) -> str:
-    for token in (QUERY_TOKEN, DOC_TOKEN):  # the reference's order (its special_tokens dict)
+RESERVED = (QUERY_TOKEN, DOC_TOKEN)  # removed from the query and documents, in the reference's order
+RESERVED_MESSAGE = f"contains the reserved token {DOC_TOKEN} or {QUERY_TOKEN}; remove it"
+
+
+def holds_reserved(text: str) -> bool:
+    return any(token in text for token in RESERVED)
+
+
+def sanitize(text: str, param: str, subject: str = "") -> str:
+    """The text with the special strings removed, as the reference does (one pass each); InputError naming `param`
+    (and `subject` in the message) if that leaves one: a string built around another, which the reference would
+    mis-score."""
+    for token in RESERVED:
         text = text.replace(token, "")
+    if holds_reserved(text):
+        raise InputError(f"{subject} {RESERVED_MESSAGE}".lstrip(), param)
     return text
 
 
@@ -127,8 +141,8 @@ class JinaV3Backend(Qwen3Backend):
 
     def check(self, lengths: LengthOptions) -> None:
         super().check(lengths)
-        if lengths.instruction is not None and (DOC_TOKEN in lengths.instruction or QUERY_TOKEN in lengths.instruction):
-            raise ValueError(f"instruction: contains the reserved token {DOC_TOKEN} or {QUERY_TOKEN}; remove it")
+        if lengths.instruction is not None and holds_reserved(lengths.instruction):
+            raise ValueError(f"instruction: {RESERVED_MESSAGE}")
 
     # ------------------------------------------------------------------ preparation (thread-safe, no model compute)
 
@@ -139,14 +153,12 @@ class JinaV3Backend(Qwen3Backend):
         self, query: Item, docs: list[Item], lengths: LengthOptions, wheres: list[Where], images: ImagePolicy | None
     ) -> tuple[list[PreparedSequence], dict[int, InputError]]:
         where = wheres[0]
-        q_text, q_tokens = self.text(query, where.query), 0
+        q_text = self.text(query, where.query)
+        q_ids = self.encode(q_text)
+        q_tokens = len(q_ids)
         if lengths.max_query_length is not None:
-            q_text, q_tokens = cut_text(self.tokenizer, q_text, lengths.max_query_length)
-        else:
-            q_tokens = len(self.encode(q_text))
-        q_text = sanitize(q_text)
-        if DOC_TOKEN in q_text or QUERY_TOKEN in q_text:
-            raise InputError(f"the query contains the reserved token {DOC_TOKEN} or {QUERY_TOKEN}; remove it", where.query)
+            q_text, q_tokens = cut_text(self.tokenizer, q_text, lengths.max_query_length, q_ids)
+        q_text = sanitize(q_text, where.query, "the query")
         max_doc = lengths.max_doc_length or MAX_DOC_LENGTH
         errors: dict[int, InputError] = {}
         passages: list[Passage] = []
@@ -171,17 +183,13 @@ class JinaV3Backend(Qwen3Backend):
         ids = enc.ids
         spans = document_spans(len(ids), max_doc, lengths, lambda: enc.offsets, where.document,
                                taken=f"max_doc_length={max_doc}", room_is="max_doc_length", grow="max_doc_length")  # fmt: skip
-        if spans[0].window is None:  # one passage: the reference's cut (decoded back to text when it reaches it)
-            if len(ids) >= max_doc:
-                text = self.tokenizer.decode(ids[:max_doc], skip_special_tokens=False)
-            passages = [Passage(slot, text, min(len(ids), max_doc))]
+        if spans[0].window is None:  # one passage: the reference's cut
+            passages = [Passage(slot, *cut_text(self.tokenizer, text, max_doc, ids))]
         else:
             passages = [Passage(slot, self.tokenizer.decode(ids[s.start : s.end], skip_special_tokens=False),
                                 s.end - s.start, s.window) for s in spans]  # fmt: skip
         for p in passages:
-            p.text = sanitize(p.text)
-            if DOC_TOKEN in p.text or QUERY_TOKEN in p.text:
-                raise InputError(f"contains the reserved token {DOC_TOKEN} or {QUERY_TOKEN}; remove it", where.document)
+            p.text = sanitize(p.text, where.document)
         return passages
 
     def _block(self, query: str, passages: list[Passage], instruction: str | None, index: int) -> Block:
@@ -226,8 +234,6 @@ class JinaV3Backend(Qwen3Backend):
 
 def _model_max_length(directory: Path) -> int | None:
     """tokenizer_config.json's model_max_length (the reference's block capacity), if it gives one."""
-    import json
-
     path = directory / "tokenizer_config.json"
     if not path.is_file():
         return None

@@ -34,6 +34,7 @@ from .base import (
     TorchTextBackend,
     Where,
     build_module,
+    check_positions,
     cut_text,
     load_tokenizer,
     packed,
@@ -101,9 +102,7 @@ class Qwen3Backend(TorchTextBackend):
         return model, cfg, tokenizer
 
     def check(self, lengths: LengthOptions) -> None:
-        if lengths.max_length > self.cfg.max_position_embeddings:
-            raise ValueError(f"max_length: {lengths.max_length} is more than this model's "
-                             f"{self.cfg.max_position_embeddings} positions; lower it")  # fmt: skip
+        check_positions(lengths, self.cfg.max_position_embeddings)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
