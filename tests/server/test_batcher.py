@@ -108,6 +108,30 @@ def test_a_cancelled_request_has_its_pairs_dropped(m0):
     assert sum(backend.batches) < 40 - 10  # most of the cancelled request never reached the model
 
 
+def test_a_small_request_is_not_queued_behind_a_large_one(m0):
+    """Fair queuing: a one-pair request that arrives while 300 pairs are queued is scored within a few batches,
+    and the large request's preparation stays a few batches ahead of the model instead of running to the end."""
+    backend = SlowBackend(m0.backend, delay=0.01)
+    b = Scheduler(backend, max_batch_tokens=40, max_batch_wait=0.0, max_queue_pairs=1000, prepare_workers=2)
+
+    async def main():
+        large = asyncio.create_task(b.score(pairs(300), LENGTHS, wheres(300)))
+        while len(backend.batches) < 5:
+            await asyncio.sleep(0.01)
+        job = next(iter(b._jobs))
+        assert job.next_unit < 60, job.next_unit  # prepared a few batches ahead, not all 300
+        before = len(backend.batches)
+        await b.score(pairs(1, 1000), LENGTHS, wheres(1))
+        waited = len(backend.batches) - before
+        assert not large.done()
+        await large
+        return waited
+
+    waited = asyncio.run(main())
+    b.close()
+    assert waited <= 6, f"the small request waited {waited} batches"
+
+
 def test_bad_pairs_come_back_as_input_errors_and_the_rest_is_scored(m0):
     b = Scheduler(m0.backend, 4096, 0.0, 100)
     items = pairs(3)

@@ -13,10 +13,16 @@ The library (`Reranker.compute_score`, `rerank`) calls it synchronously (`score_
     whole). A prepared window is cut on its own into batches by
     `plan_batches` (longest first), which join the queue in window order: a call's batches depend on its pairs
     alone, never on timing or on other calls.
-  - streaming (the server's): every pair is handed to the pool at once and its sequences join the queue as soon as
-    it is prepared, so a slow image holds back nothing else; the worker fills batches from the queue's streaming
-    sequences in arrival order, across requests (one request's pairs may span batches), waiting at most
-    `max_batch_wait` after the oldest for company.
+  - streaming (the server's): a pair's sequences join the queue as soon as it is prepared, so a slow image holds
+    back nothing else, and batches mix requests (one request's pairs may span batches), waiting at most
+    `max_batch_wait` after the oldest sequence for company. A job has at most as many pairs in the pool as there
+    are preparers, and no more are started while it has `PREPARE_AHEAD_BATCHES` batches' worth of tokens waiting:
+    a large request neither fills the pool ahead of the requests behind it nor holds more prepared memory than that,
+    and one past its deadline stops being prepared.
+* Fairness: the worker fills batches by start-time fair queuing over the jobs with sequences waiting (each job's
+  virtual time advances by the tokens it has had through the model; a newly waiting job starts at the current
+  one), so a request of a few pairs is scored within a batch or two of arriving however much a large request
+  behind which it came still has queued.
   A batch holds at most `max_batch_tokens` tokens, image tokens included (a longer sequence goes alone). A pair's
   score never depends on its batch (fp32; see README for int8).
 * A unit owns one or more slots, a slot being one score the caller asked for (a pair); a sequence yields one
@@ -59,6 +65,7 @@ from ..models.base import Backend, LengthOptions, PreparedSequence, Where, Windo
 log = logging.getLogger("rerankd.scheduler")
 
 WINDOW_PAIRS = 128  # units of a windowed job prepared together; at most two windows of a job are ahead of the model
+PREPARE_AHEAD_BATCHES = 4  # a streaming job starts no preparation while it has this many batches' tokens waiting
 _LIVE: "weakref.WeakSet[Scheduler]" = weakref.WeakSet()
 
 
@@ -206,6 +213,10 @@ class Job:
     unscored: dict[int, int] = field(default_factory=dict)  # window -> units not yet finished
     staged: dict[int, list[tuple[int, PreparedSequence]]] = field(default_factory=dict)  # window -> (unit, seq)
     next_window: int = 0  # a windowed job's next window to join the queue (they join in order)
+    next_unit: int = 0  # a streaming job's next unit to hand to the preparers
+    preparing: int = 0  # a streaming job's units in the pool
+    waiting_tokens: int = 0  # tokens of its sequences on the ready queue
+    vtime: int = 0  # fair queuing: its virtual time (tokens through the model, from when it started waiting)
     done: bool = False  # answered: scored, failed or cancelled
 
     @property
@@ -257,10 +268,12 @@ class Scheduler:
         self.max_queue_pairs = max_queue_pairs
         self.max_request_tokens = max_request_tokens  # per job (None: no bound); passing it fails the job (TooLarge)
         self.observer: Observer = observer or _NoObserver()
-        self.pool = ThreadPoolExecutor(prepare_workers or default_prepare_workers(), thread_name_prefix="rerankd-prepare")
+        self._workers = prepare_workers or default_prepare_workers()
+        self.pool = ThreadPoolExecutor(self._workers, thread_name_prefix="rerankd-prepare")
         self._cond = threading.Condition()  # an RLock: bookkeeping under it may call bookkeeping
-        self._ready: deque[_Entry] = deque()
+        self._ready: dict[Job, deque[_Entry]] = {}  # the jobs with sequences waiting, each's in order
         self._ready_tokens = 0
+        self._vclock = 0  # fair queuing's virtual time: the start of the last job served
         self._admitted = 0  # pairs admitted and not finished
         self._jobs: set[Job] = set()
         self._stopping = False
@@ -352,15 +365,30 @@ class Scheduler:
     # ------------------------------------------------------------------------------------ the preparers' side
 
     def _submit_window(self, job: Job, w: int) -> None:
-        """Under the lock: start preparing window w of the job."""
+        """Under the lock: start preparing window w of the job (a streaming job's one window, as _feed allows)."""
         units = range(w * job.window, min((w + 1) * job.window, len(job.unit_slots)))
         job.unprepared[w] = job.unscored[w] = len(units)
         job.staged[w] = []
+        if job.streaming:
+            job.next_unit = units.start
+            return self._feed(job)
         try:
             for u in units:
                 self.pool.submit(self._prepare, job, w, u)
         except RuntimeError as e:  # the pool is shut down: the scheduler is closing
             self._resolve(job, error=WorkerError(f"the model worker is shutting down ({e})"))
+
+    def _feed(self, job: Job) -> None:
+        """Under the lock: hand a streaming job's next units to the preparers, at most one per preparer at a time and
+        none while it has PREPARE_AHEAD_BATCHES batches' tokens waiting for the model."""
+        while (not job.done and job.next_unit < len(job.unit_slots) and job.preparing < self._workers
+               and job.waiting_tokens < PREPARE_AHEAD_BATCHES * self.max_batch_tokens):  # fmt: skip
+            try:
+                self.pool.submit(self._prepare, job, 0, job.next_unit)
+            except RuntimeError as e:  # the pool is shut down: the scheduler is closing
+                return self._resolve(job, error=WorkerError(f"the model worker is shutting down ({e})"))
+            job.next_unit += 1
+            job.preparing += 1
 
     def _prepare(self, job: Job, w: int, u: int) -> None:
         if job.done:
@@ -389,6 +417,7 @@ class Scheduler:
             return
         try:
             with self._cond:
+                job.preparing -= 1
                 if job.done:
                     return
                 for i, e in errors.items():
@@ -404,6 +433,7 @@ class Scheduler:
                 job.unprepared[w] -= 1
                 if job.streaming:
                     self._enqueue(job, [(u, s) for s in seqs])
+                    self._feed(job)
                 else:
                     job.staged[w].extend((u, s) for s in seqs)
                     self._enqueue_windows(job)
@@ -418,9 +448,13 @@ class Scheduler:
         if not items:
             return
         now = time.monotonic()
+        if job not in self._ready:  # it starts waiting: at the current virtual time, never behind it
+            job.vtime = max(job.vtime, self._vclock)
+        queue = self._ready.setdefault(job, deque())
         for k, (unit, s) in enumerate(items):
-            self._ready.append(_Entry(job, unit, s, now, (len(items) if k == 0 else 0) if planned else None))
+            queue.append(_Entry(job, unit, s, now, (len(items) if k == 0 else 0) if planned else None))
             self._ready_tokens += s.length
+            job.waiting_tokens += s.length
         self._cond.notify()
 
     def _enqueue_windows(self, job: Job) -> None:
@@ -448,36 +482,50 @@ class Scheduler:
     def _next_batch(self) -> list[_Entry] | None:
         with self._cond:
             while True:
-                while self._ready and self._ready[0].job.done:
-                    self._ready_tokens -= self._ready.popleft().seq.length
+                for job in [j for j in self._ready if j.done]:
+                    self._ready_tokens -= sum(e.seq.length for e in self._ready.pop(job))
                 if not self._ready:
                     if self._stopping:
                         return None
                     self._cond.wait()
                     continue
-                head = self._ready[0]
+                job = min(self._ready, key=lambda j: j.vtime)  # the fairest next (first waiting among equals)
+                head = self._ready[job][0]
                 if head.planned is not None:  # a planned batch runs as it was cut
-                    return [self._pop() for _ in range(head.planned)]
-                wait = head.enqueued + self.max_batch_wait - time.monotonic()
+                    return [self._pop(job) for _ in range(head.planned)]
+                oldest = min(q[0].enqueued for q in self._ready.values() if q[0].planned is None)
+                wait = oldest + self.max_batch_wait - time.monotonic()
                 if self._ready_tokens >= self.max_batch_tokens or wait <= 0 or self._stopping:
                     break
                 self._cond.wait(wait)
             batch: list[_Entry] = []
             tokens = 0
-            while self._ready and self._ready[0].planned is None:  # streaming sequences, in arrival order
-                e = self._ready[0]
-                if e.job.done:
-                    self._pop()
-                    continue
-                if batch and tokens + e.seq.length > self.max_batch_tokens:
+            full: set[Job] = set()  # jobs whose next sequence does not fit this batch
+            while True:  # streaming sequences, fairest job first, each job's in arrival order
+                open_jobs = [j for j, q in self._ready.items() if q[0].planned is None and j not in full]
+                if not open_jobs:
                     break
-                batch.append(self._pop())
+                job = min(open_jobs, key=lambda j: j.vtime)
+                if batch and tokens + self._ready[job][0].seq.length > self.max_batch_tokens:
+                    full.add(job)
+                    continue
+                e = self._pop(job)
+                batch.append(e)
                 tokens += e.seq.length
+            for job in {id(e.job): e.job for e in batch}.values():
+                self._feed(job)
             return batch
 
-    def _pop(self) -> _Entry:
-        e = self._ready.popleft()
+    def _pop(self, job: Job) -> _Entry:
+        """Under the lock: the job's next waiting sequence leaves the queue; its virtual time advances."""
+        queue = self._ready[job]
+        e = queue.popleft()
+        if not queue:
+            del self._ready[job]
         self._ready_tokens -= e.seq.length
+        job.waiting_tokens -= e.seq.length
+        self._vclock = job.vtime
+        job.vtime += e.seq.length
         return e
 
     def _forward(self, batch: list[_Entry]) -> None:
