@@ -106,6 +106,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         import uvicorn
 
         from .api import create_app
+        from .api.connections import connection_cap, guarded_protocol, raise_open_files_limit
 
         log.info("loading %s", args.model)
         start = time.monotonic()
@@ -117,12 +118,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
             rr.compute_score([["warm-up query", "warm-up document"]])
             log.info("warm-up forward done in %.2fs", time.monotonic() - start)
         app = create_app(rr, serve, names, source=str(args.model))
+        cap = connection_cap(serve.max_connections, raise_open_files_limit())
     except (RerankdError, ValueError, OSError) as e:
         print(f"rerankd: error: {e}", file=sys.stderr)
         return 2
     log.info("serving %s on http://%s:%d (auth %s)", " / ".join(map(repr, names)), serve.host, serve.port,
              "on" if serve.api_key else "off")  # fmt: skip
-    server = _graceful_server_class()(uvicorn.Config(app, host=serve.host, port=serve.port, log_level=serve.log_level))
+    server = _graceful_server_class()(uvicorn.Config(
+        app, host=serve.host, port=serve.port, log_level=serve.log_level,
+        http=guarded_protocol(cap, serve.header_timeout), timeout_keep_alive=serve.keep_alive_timeout,  # type: ignore[arg-type]
+        # a backstop: slow clients are already bounded by the header, body and request timeouts
+        timeout_graceful_shutdown=serve.header_timeout + serve.body_timeout + serve.request_timeout + 5,  # type: ignore[arg-type]
+    ))  # fmt: skip
     server.run()  # SIGTERM / SIGINT: stop accepting, finish the requests in flight, then return
     return 0 if server.started else 1
 

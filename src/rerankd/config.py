@@ -72,6 +72,9 @@ class LoadOptions:
     """Largest encoded image accepted, in bytes (counted while downloading)."""
     max_image_pixels: int = 100_000_000
     """Largest image accepted, in pixels, read from the header before decoding."""
+    max_decoded_bytes: int = 1024 * 1024 * 1024
+    """Bytes of decoded image pixels in memory at once, across all requests (an image's pixels in its own mode and
+    their RGB copy); a decode waits for room, an image needing more than all of it is refused."""
     image_fetch_timeout: float = 10.0
     """Seconds allowed to fetch one image URL."""
     quantize: str | None = None
@@ -109,6 +112,21 @@ class ServeOptions:
     max_request_tokens: int = 4 * 1024 * 1024
     """Tokens one request may put through the model at most, windows and image tokens included (413 beyond, as soon
     as its preparation passes it)."""
+    max_json_values: int = 200_000
+    """JSON values (objects, arrays, strings, numbers) in a request body at most, counted before it is parsed (413
+    beyond): bounds the memory a body may take once parsed."""
+    max_json_depth: int = 32
+    """Nesting of objects and arrays in a request body at most, checked before it is parsed (413 beyond)."""
+    header_timeout: float = 10.0
+    """Seconds a client has to send a request's head in full, from connecting or from the previous response; then the
+    connection is closed."""
+    body_timeout: float = 30.0
+    """Seconds a client has to send a request's body in full, after its head; then 408 and the connection is closed."""
+    keep_alive_timeout: float = 5.0
+    """Seconds an idle keep-alive connection stays open after a response."""
+    max_connections: int = 1000
+    """Open connections at most (kept below the open files limit): past it the connection idle longest is closed,
+    or when all are busy the new one gets 503."""
     allow_private_urls: bool = False
     """Fetch image URLs whose host resolves to loopback, private, link-local or other non-public addresses."""
     allowed_local_media_path: str | None = None

@@ -23,13 +23,13 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, model_dir: Path, *args: str, env: dict | None = None):
+    def __init__(self, model_dir: Path, *args: str, env: dict | None = None, preexec_fn=None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "rerankd", "serve", "--model", str(model_dir), "--port", str(self.port),
                "--no-show-progress", "--log-level", "warning", *args]  # fmt: skip
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     env={**os.environ, **(env or {})})  # fmt: skip
+                                     env={**os.environ, **(env or {})}, preexec_fn=preexec_fn)  # fmt: skip
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

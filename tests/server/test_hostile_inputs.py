@@ -155,3 +155,14 @@ def test_wrapped_base64_is_not_read_as_a_path(server):
     wrapped = "\r\n".join(raw[i : i + 60] for i in range(0, len(raw), 60))
     status, body, _ = server.post("/v1/rerank", {"query": "q", "documents": [{"image": wrapped}]})
     assert status == 200, body
+
+
+def test_json_bodies_are_bounded_in_values_and_depth_before_parsing(server):
+    many = b'{"query": "q", "documents": ["a"], "ignored": [' + b"0," * 250_000 + b"0]}"
+    error_of(server.post("/v1/rerank", many), 413, "--max-json-values")
+    deep = b'{"query": "q", "documents": ["a"], "x": ' + b"[" * 40 + b"]" * 40 + b"}"
+    error_of(server.post("/v2/rerank", deep), 413, "--max-json-depth")
+    # strings count once however many commas or brackets they hold
+    doc = "commas, [brackets] and {braces}, \\\"quoted\\\" " * 20000
+    status, body, _ = server.post("/v1/rerank", {"query": "q", "documents": [doc, "b"], "long_documents": "truncate"})
+    assert status == 200, body

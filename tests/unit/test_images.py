@@ -155,3 +155,22 @@ def test_url_images_fetch_with_limits(image_server):
         load_image(f"{image_server}/missing.png", LIMITS, "x")
     with pytest.raises(InputError, match="not allowed"):
         load_image(f"{image_server}/a.png", ImageLimits(allow_urls=False), "x")
+
+
+def test_decoded_bytes_are_held_within_the_budget():
+    """Decompression bombs: what decoding takes is counted against one budget; decodes wait for room (here about
+    three 100x100 images at once out of 16 decoding on 8 threads) and an image needing more than all of it is a
+    400 naming the field."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from rerankd.inputs.images import DecodeBudget, decoded_bytes
+
+    each = decoded_bytes(100, 100, "RGB")
+    limits = ImageLimits(decode_budget=DecodeBudget(3 * each + 10))
+    data = encode(make_image(100, 100))
+    with ThreadPoolExecutor(8) as pool:
+        images = list(pool.map(lambda i: load_image(data, limits, f"documents[{i}]"), range(16)))
+    assert all(img.size == (100, 100) for img in images)
+    assert 0 < limits.decode_budget.peak <= 3 * each + 10 and limits.decode_budget.in_use == 0
+    with pytest.raises(InputError, match=r"documents\[0\].*--max-decoded-bytes"):
+        load_image(encode(make_image(300, 200)), limits, "documents[0]")

@@ -1,7 +1,7 @@
 """The HTTP server: FastAPI app factory, routes, limits, auth, and errors as JSON.
 
 Every error is `{"error": {"message", "type", "param"}}` with the status that fits: 400 bad input, 401 auth,
-404 unknown model or route, 413 too large, 422 schema, 429 overloaded, 500 model failure, 503 not ready,
+404 unknown model or route, 408 body not sent in time, 413 too large, 422 schema, 429 overloaded, 500 model failure, 503 not ready,
 504 deadline. Messages name the field (`documents[3].image: ...`).
 """
 
@@ -14,6 +14,7 @@ import hmac
 import importlib.resources
 import json
 import logging
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -51,7 +52,7 @@ from .schemas import (
 log = logging.getLogger("rerankd.server")
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-               405: "invalid_request_error", 413: "request_too_large", 422: "invalid_request_error",
+               405: "invalid_request_error", 408: "timeout_error", 413: "request_too_large", 422: "invalid_request_error",
                429: "rate_limit_error", 500: "internal_error", 503: "service_unavailable", 504: "timeout_error"}  # fmt: skip
 ROUTES = ("/v1/rerank", "/rerank", "/v2/rerank", "/health", "/v1/models", "/metrics", "/docs", "/openapi.json", "/",
           "/playground")
@@ -128,7 +129,7 @@ def create_app(
         description="Reranking server: Jina / vLLM `/v1/rerank`, Cohere `/v2/rerank`.",
         version=_version(),
         lifespan=lifespan,
-        responses={s: {"model": ErrorResponse} for s in (400, 401, 404, 413, 422, 429, 500, 503, 504)},
+        responses={s: {"model": ErrorResponse} for s in (400, 401, 404, 408, 413, 422, 429, 500, 503, 504)},
     )
     app.state.rerankd = state
     _install_error_handlers(app)
@@ -212,7 +213,7 @@ def create_app(
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     # the last added runs first: metrics see everything, auth comes before reading a body
-    app.add_middleware(BodyLimitMiddleware, max_bytes=options.max_request_bytes)
+    app.add_middleware(BodyLimitMiddleware, options=options)
     app.add_middleware(AuthMiddleware, api_key=options.api_key)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     return app
@@ -403,23 +404,32 @@ class AuthMiddleware:
 
 
 class BodyLimitMiddleware:
-    """Refuse bodies over max_bytes with 413, by Content-Length or while reading them."""
+    """Read a body before the app sees it, within bounds: at most max_request_bytes (413, by Content-Length or while
+    reading), in full within body_timeout seconds (408, and the connection is closed), and at most max_json_values
+    JSON values nested at most max_json_depth deep (413), counted before anything parses it (json_shape)."""
 
-    def __init__(self, app, max_bytes: int):
+    def __init__(self, app, options: ServeOptions):
         self.app = app
-        self.max_bytes = max_bytes
+        self.options = options
+        self.max_bytes = options.max_request_bytes
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
             return await self.app(scope, receive, send)
         declared = dict(scope["headers"]).get(b"content-length")
-        too_big = f"the request body is over the limit of {self.max_bytes} bytes"
+        too_big = f"the request body is over the limit of {self.max_bytes} bytes (--max-request-bytes)"
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             await self._drain(receive)
             return await _send_error(send, 413, too_big)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.options.body_timeout
         chunks, total = [], 0
         while True:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(deadline - loop.time(), 0))
+            except TimeoutError:
+                return await _send_error(send, 408, f"the request body did not arrive in full within "
+                                         f"{self.options.body_timeout:g}s (--body-timeout)", None, {"Connection": "close"})  # fmt: skip
             if message["type"] == "http.disconnect":
                 return
             chunk = message.get("body", b"")
@@ -430,7 +440,13 @@ class BodyLimitMiddleware:
             chunks.append(chunk)
             if not message.get("more_body", False):
                 break
-        replay = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+        body = b"".join(chunks)
+        # counted off the event loop when large (the scan lets other requests run between its matches)
+        shape = json_shape(body, self.options.max_json_values, self.options.max_json_depth) if len(body) < 65536 else \
+            await loop.run_in_executor(None, json_shape, body, self.options.max_json_values, self.options.max_json_depth)  # fmt: skip
+        if shape is not None:
+            return await _send_error(send, 413, shape)
+        replay = {"type": "http.request", "body": body, "more_body": False}
         sent = False
 
         async def replaying_receive():
@@ -450,6 +466,30 @@ class BodyLimitMiddleware:
             if message["type"] != "http.request" or not message.get("more_body", False):
                 return
             read += len(message.get("body", b""))
+
+
+_JSON_TOKEN = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[\[{]|[\]}]|,')  # a string, a bracket or a comma
+
+
+def json_shape(body: bytes, max_values: int, max_depth: int) -> str | None:
+    """Why a JSON body is too large to parse, or None: its values (strings, objects, arrays and the elements commas
+    separate) counted, and its nesting measured, by a scan that builds nothing. A body that is not JSON passes (the
+    parser says what is wrong with it)."""
+    values = depth = 0
+    for m in _JSON_TOKEN.finditer(body):
+        c = body[m.start()]
+        if c in b"]}":
+            depth -= 1
+            continue
+        values += 1
+        if values > max_values:
+            return (f"the request body has more than {max_values} JSON values (--max-json-values); send fewer "
+                    "documents or fields")  # fmt: skip
+        if c in b"[{":
+            depth += 1
+            if depth > max_depth:
+                return f"the request body nests objects and arrays more than {max_depth} deep (--max-json-depth)"
+    return None
 
 
 class MetricsMiddleware:

@@ -15,7 +15,9 @@ import io
 import math
 import os
 import re
-from dataclasses import dataclass, replace
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -36,6 +38,41 @@ ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
 _BASE64_RE = re.compile(rb"^[A-Za-z0-9+/=_-]+$")
 
 
+class DecodeBudget:
+    """Bytes of decoded pixels in memory at once, across every decode that shares it (one loaded model's): a decode
+    waits until its bytes fit. A few KB of PNG can declare 100 M pixels, which decode to 300 MB and more; without a
+    budget, every preparer decoding one at once multiplies that."""
+
+    def __init__(self, max_bytes: int):
+        if max_bytes < 1:
+            raise ValueError(f"max_decoded_bytes must be >= 1, got {max_bytes}")
+        self.max_bytes = max_bytes
+        self.in_use = 0
+        self.peak = 0  # the most ever in use (tests read it)
+        self._cond = threading.Condition()
+
+    @contextmanager
+    def hold(self, nbytes: int, param: str):
+        if nbytes > self.max_bytes:
+            raise InputError(f"image needs {nbytes} bytes decoded, over the server's budget of {self.max_bytes} "
+                             "(--max-decoded-bytes); send a smaller image", param)  # fmt: skip
+        with self._cond:
+            self._cond.wait_for(lambda: self.in_use + nbytes <= self.max_bytes)
+            self.in_use += nbytes
+            self.peak = max(self.peak, self.in_use)
+        try:
+            yield
+        finally:
+            with self._cond:
+                self.in_use -= nbytes
+                self._cond.notify_all()
+
+
+def decoded_bytes(width: int, height: int, mode: str) -> int:
+    """What decoding an image takes at once: its pixels in their own mode, and their RGB copy."""
+    return width * height * (Image.getmodebands(mode) * (2 if ";16" in mode else 4 if mode in ("I", "F") else 1) + 3)
+
+
 @dataclass(frozen=True)
 class ImageLimits:
     max_image_bytes: int = LoadOptions.max_image_bytes
@@ -53,11 +90,14 @@ class ImageLimits:
     allow_private_urls: bool = True
     """Fetch URLs whose host resolves to loopback, private, link-local or other non-public addresses. The library
     allows them (your own network); the server refuses them unless told otherwise."""
+    decode_budget: DecodeBudget = field(default_factory=lambda: DecodeBudget(LoadOptions.max_decoded_bytes), compare=False)
+    """Decoded bytes in memory at once, shared by every decode under these limits (and their `under` copies)."""
 
     @classmethod
     def from_options(cls, opts: LoadOptions) -> "ImageLimits":
         """The load-time limits of `opts`, every source allowed (the library's policy)."""
-        return cls(opts.max_image_bytes, opts.max_image_pixels, opts.image_fetch_timeout)
+        return cls(opts.max_image_bytes, opts.max_image_pixels, opts.image_fetch_timeout,
+                   decode_budget=DecodeBudget(opts.max_decoded_bytes))  # fmt: skip
 
     def under(self, policy: "ImagePolicy | None") -> "ImageLimits":
         """These limits with a caller's source policy applied (None: the library's, every source allowed)."""
@@ -138,12 +178,13 @@ def decode_image(data: bytes, limits: ImageLimits, param: str) -> Image.Image:
     except Exception as e:  # a header cut short or nonsense (Pillow raises OSError, SyntaxError, struct.error, ...)
         raise InputError(f"not a {'/'.join(ALLOWED_FORMATS)} image (corrupt header: {type(e).__name__})", param) from None
     _check_pixels(img.width, img.height, limits, param)
-    try:
-        img.load()
-        img = ImageOps.exif_transpose(img)
-        return img.convert("RGB")
-    except Exception as e:  # corrupt pixel data, in any of the ways a decoder can fail
-        raise InputError(f"image data does not decode ({img.format}, {type(e).__name__})", param) from None
+    with limits.decode_budget.hold(decoded_bytes(img.width, img.height, img.mode), param):
+        try:
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            return img.convert("RGB")
+        except Exception as e:  # corrupt pixel data, in any of the ways a decoder can fail
+            raise InputError(f"image data does not decode ({img.format}, {type(e).__name__})", param) from None
 
 
 def _check_pixels(width: int, height: int, limits: ImageLimits, param: str) -> None:

@@ -1,0 +1,130 @@
+"""Connection hygiene for `rerankd serve`: what uvicorn leaves open, bounded.
+
+uvicorn closes a keep-alive connection that stays idle after a response (`timeout_keep_alive`), but never one that
+has not sent a full request head: a client that connects and says nothing, or trickles its headers a byte at a
+time, holds its socket (and a file descriptor) for ever, and enough of them make the server refuse everyone
+(EMFILE on accept). Here, on uvicorn's h11 protocol:
+
+* a request head must arrive in full within `header_timeout` seconds of the connection opening (or of the previous
+  response on a keep-alive connection), however it trickles; otherwise the connection is closed;
+* at most `max_connections` connections are open: a new one past the cap closes the connection idle the longest
+  (no request in progress: idle keep-alive, or a head still arriving); when none is idle it is answered 503 and
+  closed;
+* the body's own deadline (`--body-timeout`, 408) is kept by the app's BodyLimitMiddleware, which reads bodies.
+
+`raise_open_files_limit` lifts the process's soft file limit to its hard one, and `connection_cap` keeps the cap
+below it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import resource
+
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+log = logging.getLogger("rerankd.server")
+
+RESERVED_FILES = 128  # descriptors kept for what is not a client connection (weights, threads, image fetches, logs)
+
+
+def raise_open_files_limit() -> int:
+    """Lift the soft limit on open files to the hard limit; returns the soft limit in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = 1 << 20 if hard == resource.RLIM_INFINITY else hard
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as e:
+            log.warning("could not raise the open files limit from %d to %d: %s", soft, target, e)
+    return soft
+
+
+def connection_cap(max_connections: int, open_files: int) -> int:
+    """The connections the server keeps open at most: `max_connections`, below the file limit by RESERVED_FILES."""
+    cap = min(max_connections, open_files - RESERVED_FILES)
+    if cap < 1:
+        raise ValueError(f"the open files limit ({open_files}) leaves no room for connections: raise it (ulimit -n)")
+    if cap < max_connections:
+        log.warning("--max-connections %d lowered to %d by the open files limit (%d)", max_connections, cap, open_files)
+    return cap
+
+
+def guarded_protocol(max_connections: int, header_timeout: float) -> type[H11Protocol]:
+    """uvicorn's h11 protocol with a deadline on request heads and a cap on open connections (module docstring)."""
+
+    class GuardedH11Protocol(H11Protocol):
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            self.waiting_since = self.loop.time()
+            self.head_timer: asyncio.TimerHandle | None = None
+            if len(self.connections) >= max_connections and not self._evict_one():
+                super().connection_made(transport)
+                return self._refuse()
+            super().connection_made(transport)
+            self._arm_head_timer()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm_head_timer()
+            super().connection_lost(exc)
+
+        def handle_events(self) -> None:
+            cycle = self.cycle
+            super().handle_events()
+            if self.cycle is not cycle:  # a request head arrived in full
+                self._disarm_head_timer()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing() and (self.cycle is None or self.cycle.response_complete):
+                self.waiting_since = self.loop.time()
+                self._arm_head_timer()
+
+        @property
+        def idle(self) -> bool:
+            """No request in progress: a head still arriving, or a keep-alive connection between requests."""
+            return self.cycle is None or self.cycle.response_complete
+
+        def _evict_one(self) -> bool:
+            idle = [c for c in self.connections if isinstance(c, GuardedH11Protocol) and c.idle
+                    and not c.transport.is_closing()]  # fmt: skip
+            if not idle:
+                return False
+            oldest = min(idle, key=lambda c: c.waiting_since)
+            log.info("connection cap (%d) reached: closing the connection idle longest", max_connections)
+            oldest._close()
+            return True
+
+        def _refuse(self) -> None:
+            log.warning("connection cap (%d) reached and every connection is busy: refusing one", max_connections)
+            message = f"the server has {max_connections} connections open (--max-connections), all busy; retry later"
+            body = json.dumps({"error": {"message": message, "type": "service_unavailable", "param": None},
+                               "detail": message}).encode()  # fmt: skip
+            head = (f"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {len(body)}"
+                    "\r\nretry-after: 1\r\nconnection: close\r\n\r\n").encode()  # fmt: skip
+            self.transport.write(head + body)
+            self.transport.close()
+
+        def _arm_head_timer(self) -> None:
+            self._disarm_head_timer()
+            self.head_timer = self.loop.call_later(header_timeout, self._head_timed_out)
+
+        def _disarm_head_timer(self) -> None:
+            if getattr(self, "head_timer", None) is not None:
+                self.head_timer.cancel()
+                self.head_timer = None
+
+        def _head_timed_out(self) -> None:
+            self.head_timer = None
+            if self.idle and not self.transport.is_closing():
+                log.info("closing a connection whose request head did not arrive within %.0f s", header_timeout)
+                self._close()
+
+        def _close(self) -> None:
+            self._disarm_head_timer()
+            self._unset_keepalive_if_required()
+            self.transport.close()
+
+    return GuardedH11Protocol

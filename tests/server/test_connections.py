@@ -1,0 +1,129 @@
+"""Connection hygiene (issue 18): request heads and bodies have deadlines, idle sockets cannot lock clients out
+(a cap on connections below the file limit, the idle ones closed first), and SIGTERM does not wait on a slow
+client. A real server over loopback, with short timeouts; every wait is bounded."""
+
+from __future__ import annotations
+
+import json
+import resource
+import signal
+import socket
+import time
+
+import pytest
+
+from .conftest import Server
+
+REQUEST = json.dumps({"query": "q", "documents": ["gold rush"]}).encode()
+
+
+def head(length: int) -> bytes:
+    return (f"POST /v1/rerank HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {length}\r\n"
+            "\r\n").encode()  # fmt: skip
+
+
+def connect(server: Server) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", server.port), timeout=10)
+
+
+def closed_within(sock: socket.socket, seconds: float) -> tuple[bool, bytes]:
+    """Whether the server closed the socket within `seconds`, and what it sent before."""
+    sock.settimeout(0.2)
+    got, end = b"", time.monotonic() + seconds
+    while time.monotonic() < end:
+        try:
+            chunk = sock.recv(65536)
+        except TimeoutError:
+            continue
+        except ConnectionResetError:
+            return True, got
+        if not chunk:
+            return True, got
+        got += chunk
+    return False, got
+
+
+@pytest.fixture(scope="module")
+def strict_server(m0_dir):
+    s = Server(m0_dir, "--header-timeout", "1", "--body-timeout", "1.5", "--keep-alive-timeout", "1",
+               "--max-connections", "16")  # fmt: skip
+    yield s
+    assert s.stop() == 0
+
+
+def test_a_silent_connection_is_closed_after_the_header_timeout(strict_server):
+    with connect(strict_server) as sock:
+        start = time.monotonic()
+        closed, _ = closed_within(sock, 5)
+        assert closed and 0.8 < time.monotonic() - start < 3
+
+
+def test_a_trickled_head_is_cut_off_however_it_trickles(strict_server):
+    with connect(strict_server) as sock:
+        start, closed = time.monotonic(), False
+        for byte in head(len(REQUEST)):
+            try:
+                sock.sendall(bytes([byte]))
+            except OSError:
+                closed = True
+                break
+            closed, _ = closed_within(sock, 0.2)
+            if closed or time.monotonic() - start > 5:
+                break
+        assert closed and time.monotonic() - start < 3
+
+
+def test_a_slow_body_gets_408_and_the_connection_closes(strict_server):
+    with connect(strict_server) as sock:
+        sock.sendall(head(len(REQUEST)) + REQUEST[:5])
+        closed, got = closed_within(sock, 5)
+    assert closed and got.startswith(b"HTTP/1.1 408"), got[:200]
+    body = json.loads(got.split(b"\r\n\r\n", 1)[1])
+    assert "--body-timeout" in body["error"]["message"]
+
+
+def test_idle_sockets_cannot_lock_clients_out(strict_server):
+    """40 silent sockets against a cap of 16: the idle ones are closed to make room and requests are served."""
+    socks = [connect(strict_server) for _ in range(40)]
+    try:
+        for _ in range(3):
+            start = time.monotonic()
+            status, body, _ = strict_server.post("/v1/rerank", json.loads(REQUEST), timeout=10)
+            assert status == 200 and time.monotonic() - start < 2, body
+    finally:
+        for s in socks:
+            s.close()
+
+
+def test_the_cap_stays_below_the_open_files_limit(m0_dir):
+    """At a file limit of 256 (soft and hard), 300 idle sockets leave the server answering."""
+
+    def limit_files():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+
+    server = Server(m0_dir, "--header-timeout", "30", preexec_fn=limit_files)
+    socks = []
+    try:
+        for _ in range(300):
+            try:
+                socks.append(connect(server))
+            except OSError:
+                break
+        time.sleep(0.5)
+        status, body, _ = server.post("/v1/rerank", json.loads(REQUEST), timeout=10)
+        assert status == 200, body
+        assert server.get("/health")[0] == 200
+    finally:
+        for s in socks:
+            s.close()
+        assert server.stop() == 0
+
+
+def test_sigterm_does_not_wait_on_a_slow_client(m0_dir):
+    server = Server(m0_dir, "--body-timeout", "2")
+    with connect(server) as sock:
+        sock.sendall(head(len(REQUEST)) + REQUEST[:5])  # and nothing more
+        time.sleep(0.3)
+        start = time.monotonic()
+        code = server.stop(signal.SIGTERM, timeout=30)
+        assert code == 0 and time.monotonic() - start < 10, (code, time.monotonic() - start)
