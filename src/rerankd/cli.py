@@ -1,4 +1,5 @@
-"""`rerankd` command line: serve, rerank (one-shot scoring, JSON out), bench (load generator) and make-tiny-model.
+"""`rerankd` command line: serve, rerank (one-shot scoring, JSON out), bench (load generator), eval (ranking quality),
+convert-gguf and make-tiny-model.
 
 Model-loading flags are derived from `rerankd.config.LoadOptions` and server flags from `ServeOptions`, so the
 library, the server and the CLI cannot drift.
@@ -223,6 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(p)
     p.set_defaults(func=cmd_bench)
 
+    sub.add_parser("eval", help="ranking quality (nDCG, MRR, recall, MAP) of models and servers on a BEIR-layout "
+                   "dataset, against a first stage; `rerankd eval --help`", add_help=False)  # fmt: skip
+
     p = sub.add_parser("convert-gguf", help="write a jina-reranker-m0 checkpoint as a GGUF for llama.cpp plus mlp_weights.npz")
     p.add_argument("checkpoint", help="the Hugging Face checkpoint: a local directory or a hub repo id")
     p.add_argument("out_dir", help="output directory: gets <name>-<outtype>.gguf and mlp_weights.npz")
@@ -244,6 +248,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["eval"]:  # its targets repeat (--name ... --name ...): it parses its own arguments
+        from .evaluation import main as eval_main
+
+        return eval_main(argv[1:])
     args = build_parser().parse_args(argv)
     return args.func(args)
 

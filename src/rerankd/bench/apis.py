@@ -1,7 +1,8 @@
 """The request and response schemas of the rerank servers `rerankd bench` can drive.
 
-Each API turns (query, documents, top_n) into a path and a JSON body, and a response body into the number of
-results (so a server that answers 200 with something else is counted as a failure, not a success).
+Each API turns (query, documents, top_n) into a path and a JSON body, and a response body into its (index, score)
+results (so a server that answers 200 with something else is counted as a failure, not a success; `rerankd eval`
+reads the scores).
 """
 
 from __future__ import annotations
@@ -26,20 +27,32 @@ def _jina_body(model: str | None, query: Doc, docs: list[Doc], top_n: int | None
     return body
 
 
-def _results_list(body: Any, key: str = "results", score: str = "relevance_score") -> int:
+Scores = list[tuple[int, float]]  # (document index, score), as the server ordered them
+
+
+def _pairs(items: list, score: str) -> Scores:
+    return [(int(r["index"]), float(r[score])) for r in items]
+
+
+def _valid(r: Any, score: str) -> bool:
+    return (isinstance(r, dict) and isinstance(r.get("index"), int) and not isinstance(r["index"], bool)
+            and isinstance(r.get(score), (int, float)) and not isinstance(r[score], bool))  # fmt: skip
+
+
+def _results_list(body: Any, key: str = "results", score: str = "relevance_score") -> Scores:
     items = body.get(key) if isinstance(body, dict) else None
-    if not isinstance(items, list) or not all(isinstance(r, dict) and "index" in r and score in r for r in items):
+    if not isinstance(items, list) or not all(_valid(r, score) for r in items):
         raise BadResponse(f"expected {{{key!r}: [{{'index', {score!r}}}, ...]}}")
-    return len(items)
+    return _pairs(items, score)
 
 
-def _bare_list(body: Any, score: str = "score") -> int:
-    if not isinstance(body, list) or not all(isinstance(r, dict) and "index" in r and score in r for r in body):
+def _bare_list(body: Any, score: str = "score") -> Scores:
+    if not isinstance(body, list) or not all(_valid(r, score) for r in body):
         raise BadResponse(f"expected a list of {{'index', {score!r}}}")
-    return len(body)
+    return _pairs(body, score)
 
 
-def _bare_list_or_results(body: Any) -> int:
+def _bare_list_or_results(body: Any) -> Scores:
     """SGLang's bare list, or the Jina shape of a server in SGLang's place (rerankd answers SGLang's request so)."""
     return _results_list(body) if isinstance(body, dict) else _bare_list(body)
 
@@ -57,7 +70,7 @@ class Api:
     name: str
     path: str
     build: Callable[[str | None, Doc, list[Doc], int | None], dict]
-    count: Callable[[Any], int]
+    scores: Callable[[Any], Scores]  # a response body's results, or BadResponse
     images: bool  # whether image documents / queries can be sent
     description: str
 

@@ -37,7 +37,7 @@ async def _one(client: httpx.AsyncClient, api: Api, model: str | None, req: Requ
     if resp.status_code // 100 != 2:
         return Outcome(False, resp.status_code, latency, 0, 0, _error_text(resp))
     try:
-        n = api.count(resp.json())
+        n = len(api.scores(resp.json()))
     except (ValueError, BadResponse) as e:
         return Outcome(False, resp.status_code, latency, 0, 0, f"unexpected response body: {e}")
     expected = min(len(req.documents), top_n or len(req.documents))

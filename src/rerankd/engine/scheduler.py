@@ -15,14 +15,15 @@ The library (`Reranker.compute_score`, `rerank`) calls it synchronously (`score_
     alone, never on timing or on other calls.
   - streaming (the server's): a pair's sequences join the queue as soon as it is prepared, so a slow image holds
     back nothing else, and batches mix requests (one request's pairs may span batches), waiting at most
-    `max_batch_wait` after the oldest sequence for company. A job has at most as many pairs in the pool as there
-    are preparers, and no more are started while it has `PREPARE_AHEAD_BATCHES` batches' worth of tokens waiting:
-    a large request neither fills the pool ahead of the requests behind it nor holds more prepared memory than that,
-    and one past its deadline stops being prepared.
-* Fairness: the worker fills batches by start-time fair queuing over the jobs with sequences waiting (each job's
-  virtual time advances by the tokens it has had through the model; a newly waiting job starts at the current
-  one), so a request of a few pairs is scored within a batch or two of arriving however much a large request
-  behind which it came still has queued.
+    `max_batch_wait` after the oldest sequence for company. Each preparer takes its next pair from the oldest job
+    that has fewer than `PREPARE_AHEAD_BATCHES` batches' worth of tokens waiting for the model: requests are
+    prepared in arrival order, but a large one, once that far ahead, lets the requests behind it through, holds no
+    more prepared memory than that, and stops being prepared when it is past its deadline.
+* Fairness: the worker fills batches by fair queuing over the jobs with sequences waiting, in quanta of one batch's
+  tokens: each job's virtual time advances by the tokens it has had through the model, a newly waiting job starts
+  at the current virtual time, and jobs in the same quantum go in arrival order. A request of a few pairs is thus
+  scored within a batch or two of arriving however much a large request before it still has queued, while
+  requests that each fit a quantum keep arrival order (no interleaving that would finish them all late together).
   A batch holds at most `max_batch_tokens` tokens, image tokens included (a longer sequence goes alone). A pair's
   score never depends on its batch (fp32; see README for int8).
 * A unit owns one or more slots, a slot being one score the caller asked for (a pair); a sequence yields one
@@ -214,9 +215,9 @@ class Job:
     staged: dict[int, list[tuple[int, PreparedSequence]]] = field(default_factory=dict)  # window -> (unit, seq)
     next_window: int = 0  # a windowed job's next window to join the queue (they join in order)
     next_unit: int = 0  # a streaming job's next unit to hand to the preparers
-    preparing: int = 0  # a streaming job's units in the pool
     waiting_tokens: int = 0  # tokens of its sequences on the ready queue
     vtime: int = 0  # fair queuing: its virtual time (tokens through the model, from when it started waiting)
+    arrival: int = 0  # fair queuing: its place in arrival order, among equals in virtual time
     done: bool = False  # answered: scored, failed or cancelled
 
     @property
@@ -274,6 +275,9 @@ class Scheduler:
         self._ready: dict[Job, deque[_Entry]] = {}  # the jobs with sequences waiting, each's in order
         self._ready_tokens = 0
         self._vclock = 0  # fair queuing's virtual time: the start of the last job served
+        self._arrivals = 0
+        self._streams: deque[Job] = deque()  # streaming jobs, in arrival order, while they have units to prepare
+        self._pulls = 0  # preparer turns (_pull) queued
         self._admitted = 0  # pairs admitted and not finished
         self._jobs: set[Job] = set()
         self._stopping = False
@@ -322,6 +326,8 @@ class Scheduler:
                     retry_after=1.0,
                 )
             self._admitted += n
+            self._arrivals += 1
+            job.arrival = self._arrivals
             self._jobs.add(job)
             self.observer.queue_depth(self._admitted)
             if n == 0:
@@ -365,30 +371,58 @@ class Scheduler:
     # ------------------------------------------------------------------------------------ the preparers' side
 
     def _submit_window(self, job: Job, w: int) -> None:
-        """Under the lock: start preparing window w of the job (a streaming job's one window, as _feed allows)."""
+        """Under the lock: start preparing window w of the job (a streaming job's one window: its units go to the
+        preparers as _pump allows)."""
         units = range(w * job.window, min((w + 1) * job.window, len(job.unit_slots)))
         job.unprepared[w] = job.unscored[w] = len(units)
         job.staged[w] = []
         if job.streaming:
             job.next_unit = units.start
-            return self._feed(job)
+            self._streams.append(job)
+            return self._pump()
         try:
             for u in units:
                 self.pool.submit(self._prepare, job, w, u)
         except RuntimeError as e:  # the pool is shut down: the scheduler is closing
             self._resolve(job, error=WorkerError(f"the model worker is shutting down ({e})"))
 
-    def _feed(self, job: Job) -> None:
-        """Under the lock: hand a streaming job's next units to the preparers, at most one per preparer at a time and
-        none while it has PREPARE_AHEAD_BATCHES batches' tokens waiting for the model."""
-        while (not job.done and job.next_unit < len(job.unit_slots) and job.preparing < self._workers
-               and job.waiting_tokens < PREPARE_AHEAD_BATCHES * self.max_batch_tokens):  # fmt: skip
+    def _pump(self) -> None:
+        """Under the lock: keep a preparer's turn (_pull) queued for each preparer while a streaming job has a unit
+        it may prepare."""
+        while self._pulls < self._workers and self._next_stream() is not None:
             try:
-                self.pool.submit(self._prepare, job, 0, job.next_unit)
+                self.pool.submit(self._pull)
             except RuntimeError as e:  # the pool is shut down: the scheduler is closing
-                return self._resolve(job, error=WorkerError(f"the model worker is shutting down ({e})"))
+                for job in list(self._streams):
+                    self._resolve(job, error=WorkerError(f"the model worker is shutting down ({e})"))
+                return
+            self._pulls += 1
+
+    def _next_stream(self) -> Job | None:
+        """Under the lock: the streaming job whose unit is prepared next: the oldest with units left that has fewer
+        than PREPARE_AHEAD_BATCHES batches' tokens waiting for the model."""
+        while self._streams and (self._streams[0].done or self._streams[0].next_unit >= len(self._streams[0].unit_slots)):
+            self._streams.popleft()
+        ahead = PREPARE_AHEAD_BATCHES * self.max_batch_tokens
+        for job in self._streams:
+            if not job.done and job.next_unit < len(job.unit_slots) and job.waiting_tokens < ahead:
+                return job
+        return None
+
+    def _pull(self) -> None:
+        """A preparer's turn for the server's jobs: the next unit of the job _next_stream names, if any."""
+        with self._cond:
+            self._pulls -= 1
+            job = self._next_stream()
+            if job is None:
+                return
+            u = job.next_unit
             job.next_unit += 1
-            job.preparing += 1
+        try:
+            self._prepare(job, 0, u)
+        finally:
+            with self._cond:
+                self._pump()
 
     def _prepare(self, job: Job, w: int, u: int) -> None:
         if job.done:
@@ -417,7 +451,6 @@ class Scheduler:
             return
         try:
             with self._cond:
-                job.preparing -= 1
                 if job.done:
                     return
                 for i, e in errors.items():
@@ -433,7 +466,6 @@ class Scheduler:
                 job.unprepared[w] -= 1
                 if job.streaming:
                     self._enqueue(job, [(u, s) for s in seqs])
-                    self._feed(job)
                 else:
                     job.staged[w].extend((u, s) for s in seqs)
                     self._enqueue_windows(job)
@@ -489,7 +521,7 @@ class Scheduler:
                         return None
                     self._cond.wait()
                     continue
-                job = min(self._ready, key=lambda j: j.vtime)  # the fairest next (first waiting among equals)
+                job = min(self._ready, key=self._turn)
                 head = self._ready[job][0]
                 if head.planned is not None:  # a planned batch runs as it was cut
                     return [self._pop(job) for _ in range(head.planned)]
@@ -505,16 +537,19 @@ class Scheduler:
                 open_jobs = [j for j, q in self._ready.items() if q[0].planned is None and j not in full]
                 if not open_jobs:
                     break
-                job = min(open_jobs, key=lambda j: j.vtime)
+                job = min(open_jobs, key=self._turn)
                 if batch and tokens + self._ready[job][0].seq.length > self.max_batch_tokens:
                     full.add(job)
                     continue
                 e = self._pop(job)
                 batch.append(e)
                 tokens += e.seq.length
-            for job in {id(e.job): e.job for e in batch}.values():
-                self._feed(job)
+            self._pump()  # the jobs that were too far ahead may be prepared again
             return batch
+
+    def _turn(self, job: Job) -> tuple[int, int]:
+        """Fair queuing's order: the job's quantum of virtual time (a batch's tokens), then its arrival."""
+        return job.vtime // self.max_batch_tokens, job.arrival
 
     def _pop(self, job: Job) -> _Entry:
         """Under the lock: the job's next waiting sequence leaves the queue; its virtual time advances."""

@@ -1,0 +1,142 @@
+"""What `rerankd eval` scores candidates with: a local model with its loading and scoring options, or a running
+server of any API `rerankd bench` speaks (so that rerankd can be compared with another server on the same
+candidates). Each target has a fingerprint of everything that changes its scores: the score cache's key."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import RerankdError
+
+
+class TargetError(RerankdError):
+    """A target that cannot score: a server that refuses or answers out of shape, a model that fails to load."""
+
+
+Doc = str | dict
+
+
+@dataclass
+class LocalTarget:
+    """A model loaded in this process: `load` are Reranker.from_pretrained's options, `score` rerank's."""
+
+    name: str
+    model: str
+    load: dict[str, Any] = field(default_factory=dict)
+    score_options: dict[str, Any] = field(default_factory=dict)
+    show_progress: bool = True  # while loading weights (changes no score: not in the fingerprint)
+    reranker: Any = None
+
+    @property
+    def fingerprint(self) -> str:
+        return json.dumps({"model": self.model, "load": self.load, "score": self.score_options}, sort_keys=True)
+
+    @property
+    def description(self) -> str:
+        opts = {**self.load, **self.score_options}
+        return self.model + "".join(f" {k}={v}" for k, v in sorted(opts.items()))
+
+    def open(self) -> None:
+        if self.reranker is None:
+            from ..reranker import Reranker
+
+            self.reranker = Reranker.from_pretrained(self.model, **self.load, show_progress=self.show_progress)
+
+    def score(self, query: Doc, docs: list[Doc]) -> list[float]:
+        self.open()
+        results = self.reranker.rerank(query, docs, return_documents=False, **self.score_options)
+        scores = [0.0] * len(docs)
+        for r in results:
+            scores[r["index"]] = r["relevance_score"]
+        return scores
+
+    def close(self) -> None:
+        if self.reranker is not None:
+            self.reranker.close()
+            self.reranker = None
+
+
+@dataclass
+class ServerTarget:
+    """A running rerank server, driven through one of `rerankd bench`'s APIs."""
+
+    name: str
+    base_url: str
+    api: str = "rerankd"
+    model: str | None = None
+    api_key: str | None = None
+    timeout: float = 300.0
+    client: Any = None
+
+    @property
+    def fingerprint(self) -> str:
+        self.open()  # the model name asked of the server is part of it
+        return json.dumps({"base_url": self.base_url, "api": self.api, "model": self.model}, sort_keys=True)
+
+    @property
+    def description(self) -> str:
+        return f"{self.base_url} ({self.api} API{', model ' + self.model if self.model else ''})"
+
+    def open(self) -> None:
+        if self.client is None:
+            import httpx
+
+            from ..bench.apis import APIS
+
+            if self.api not in APIS:
+                raise TargetError(f"target {self.name!r}: unknown --api {self.api!r}; choose one of {sorted(APIS)}")
+            headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+            self.client = httpx.Client(base_url=self.base_url, headers=headers, timeout=self.timeout)
+            if self.model is None:  # the model the server serves, as /v1/models names it (vLLM, rerankd, ...)
+                self.model = self._served_model()
+
+    def _served_model(self) -> str | None:
+        import httpx
+
+        try:
+            resp = self.client.get("/v1/models")
+            data = resp.json().get("data") if resp.status_code == 200 else None
+            return data[0]["id"] if isinstance(data, list) and data and isinstance(data[0].get("id"), str) else None
+        except (httpx.HTTPError, ValueError, AttributeError, KeyError):
+            return None
+
+    def score(self, query: Doc, docs: list[Doc]) -> list[float]:
+        import httpx
+
+        from ..bench.apis import APIS, BadResponse
+
+        self.open()
+        api = APIS[self.api]
+        try:
+            body = api.build(self.model, query, docs, None)
+        except ValueError as e:
+            raise TargetError(f"target {self.name!r}: {e}") from None
+        try:
+            resp = self.client.post(api.path, json=body)
+        except httpx.HTTPError as e:
+            raise TargetError(f"target {self.name!r}: {self.base_url}{api.path}: {type(e).__name__}: {e}") from None
+        if resp.status_code // 100 != 2:
+            raise TargetError(f"target {self.name!r}: {self.base_url}{api.path} answered {resp.status_code}: "
+                              f"{resp.text[:300]}")  # fmt: skip
+        try:
+            pairs = api.scores(resp.json())
+        except (ValueError, BadResponse) as e:
+            raise TargetError(f"target {self.name!r}: {self.base_url}{api.path}: unexpected response: {e}") from None
+        scores: list[float | None] = [None] * len(docs)
+        for index, score in pairs:
+            if 0 <= index < len(docs):
+                scores[index] = score
+        if any(s is None for s in scores):
+            raise TargetError(f"target {self.name!r}: {self.base_url}{api.path} returned {len(pairs)} scores for "
+                              f"{len(docs)} documents")  # fmt: skip
+        return scores  # type: ignore[return-value]
+
+    def close(self) -> None:
+        if self.client is not None:
+            self.client.close()
+            self.client = None
+
+
+Target = LocalTarget | ServerTarget
