@@ -100,30 +100,35 @@ def _read_entries(path: Path, folder: Path, title: bool) -> dict[str, Entry]:
     return out
 
 
-def read_qrels(path: str | Path) -> Qrels:
-    """BEIR's tsv (`query-id<TAB>corpus-id<TAB>score`, with that header) or TREC qrels (`qid 0 docid rel`)."""
+def _fields(path: str | Path, what: str):
+    """(where, fields) for each non-empty line of a whitespace-separated file; `where` is 'file:line'."""
     path = Path(path)
     if not path.is_file():
-        raise EvalDataError(f"{path}: no such qrels file")
-    qrels: Qrels = {}
+        raise EvalDataError(f"{path}: no such {what} file")
     with path.open(encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
-            parts = line.split()
-            if not parts or (n == 1 and parts[:2] == ["query-id", "corpus-id"]):
-                continue
-            where = f"{path}:{n}"
-            if len(parts) == 3:
-                qid, docid, rel = parts
-            elif len(parts) == 4:
-                qid, _, docid, rel = parts
-            else:
-                raise EvalDataError(f"{where}: expected 'query-id corpus-id score' (BEIR) or 'qid 0 docid rel' (TREC), "
-                                    f"got {len(parts)} fields")  # fmt: skip
-            try:
-                value = int(rel)
-            except ValueError:
-                raise EvalDataError(f"{where}: score: {rel!r} is not an integer relevance") from None
-            qrels.setdefault(qid, {})[docid] = value
+            if parts := line.split():
+                yield f"{path}:{n}", parts
+
+
+def _number(value: str, kind: type, where: str, field: str, what: str):
+    try:
+        return kind(value)
+    except ValueError:
+        raise EvalDataError(f"{where}: {field}: {value!r} is not {what}") from None
+
+
+def read_qrels(path: str | Path) -> Qrels:
+    """BEIR's tsv (`query-id<TAB>corpus-id<TAB>score`, with that header) or TREC qrels (`qid 0 docid rel`)."""
+    qrels: Qrels = {}
+    for where, parts in _fields(path, "qrels"):
+        if parts[:2] == ["query-id", "corpus-id"] and where.endswith(":1"):
+            continue
+        if len(parts) not in (3, 4):
+            raise EvalDataError(f"{where}: expected 'query-id corpus-id score' (BEIR) or 'qid 0 docid rel' (TREC), "
+                                f"got {len(parts)} fields")  # fmt: skip
+        qid, docid, rel = parts if len(parts) == 3 else (parts[0], parts[2], parts[3])
+        qrels.setdefault(qid, {})[docid] = _number(rel, int, where, "score", "an integer relevance")
     if not qrels:
         raise EvalDataError(f"{path}: no judgements")
     return qrels
@@ -131,27 +136,13 @@ def read_qrels(path: str | Path) -> Qrels:
 
 def read_run(path: str | Path) -> Run:
     """A TREC run file: `qid Q0 docid rank score tag` a line."""
-    path = Path(path)
-    if not path.is_file():
-        raise EvalDataError(f"{path}: no such run file")
     run: Run = {}
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            parts = line.split()
-            if not parts:
-                continue
-            where = f"{path}:{n}"
-            if len(parts) != 6:
-                raise EvalDataError(f"{where}: expected 'qid Q0 docid rank score tag', got {len(parts)} fields")
-            qid, _, docid, rank, score, _ = parts
-            try:
-                int(rank)
-            except ValueError:
-                raise EvalDataError(f"{where}: rank: {rank!r} is not an integer") from None
-            try:
-                run.setdefault(qid, {})[docid] = float(score)
-            except ValueError:
-                raise EvalDataError(f"{where}: score: {score!r} is not a number") from None
+    for where, parts in _fields(path, "run"):
+        if len(parts) != 6:
+            raise EvalDataError(f"{where}: expected 'qid Q0 docid rank score tag', got {len(parts)} fields")
+        qid, _, docid, rank, score, _ = parts
+        _number(rank, int, where, "rank", "an integer")
+        run.setdefault(qid, {})[docid] = _number(score, float, where, "score", "a number")
     if not run:
         raise EvalDataError(f"{path}: empty run")
     return run
