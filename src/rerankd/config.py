@@ -112,6 +112,9 @@ class ServeOptions:
     max_request_tokens: int = 4 * 1024 * 1024
     """Tokens one request may put through the model at most, windows and image tokens included (413 beyond, as soon
     as its preparation passes it)."""
+    max_inflight_bytes: int = 1024 * 1024 * 1024
+    """Bytes of request bodies being read or served at once, across all requests: the server-wide budget on what
+    requests hold in memory (429 with Retry-After beyond; 413 for one request larger than all of it)."""
     max_json_values: int = 200_000
     """JSON values (objects, arrays, strings, numbers) in a request body at most, counted before it is parsed (413
     beyond): bounds the memory a body may take once parsed."""

@@ -46,7 +46,7 @@ def closed_within(sock: socket.socket, seconds: float) -> tuple[bool, bytes]:
 @pytest.fixture(scope="module")
 def strict_server(m0_dir):
     s = Server(m0_dir, "--header-timeout", "1", "--body-timeout", "1.5", "--keep-alive-timeout", "1",
-               "--max-connections", "16")  # fmt: skip
+               "--max-connections", "16", "--max-inflight-bytes", "300000")  # fmt: skip
     yield s
     assert s.stop() == 0
 
@@ -127,3 +127,22 @@ def test_sigterm_does_not_wait_on_a_slow_client(m0_dir):
         start = time.monotonic()
         code = server.stop(signal.SIGTERM, timeout=30)
         assert code == 0 and time.monotonic() - start < 10, (code, time.monotonic() - start)
+
+
+def test_bodies_in_progress_are_bounded_server_wide(strict_server):
+    """--max-inflight-bytes 300000: a 200 KB body still arriving holds its bytes, so a second one is a 429 naming
+    the budget; one larger than the budget is a 413; once the first is gone the budget is free again."""
+    big = json.dumps({"query": "q", "documents": ["gold rush " * 20000], "long_documents": "truncate"}).encode()
+    assert 150_000 < len(big) < 300_000
+    with connect(strict_server) as sock:
+        sock.sendall(head(len(big)) + big[:1000])  # and the rest later, or never
+        time.sleep(0.2)
+        status, body, headers = strict_server.post("/v1/rerank", big)
+        assert status == 429 and "--max-inflight-bytes" in body["detail"] and headers.get("retry-after") == "1", body
+    huge = json.dumps({"query": "q", "documents": ["gold rush " * 40000]}).encode()
+    status, body, _ = strict_server.post("/v1/rerank", huge)
+    assert status == 413 and "--max-inflight-bytes" in body["detail"], body
+    deadline = time.monotonic() + 10
+    while (status := strict_server.post("/v1/rerank", big)[0]) == 429 and time.monotonic() < deadline:
+        time.sleep(0.1)  # the first connection's bytes are released as the server sees it closed
+    assert status == 200

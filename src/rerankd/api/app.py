@@ -406,21 +406,52 @@ class AuthMiddleware:
 class BodyLimitMiddleware:
     """Read a body before the app sees it, within bounds: at most max_request_bytes (413, by Content-Length or while
     reading), in full within body_timeout seconds (408, and the connection is closed), and at most max_json_values
-    JSON values nested at most max_json_depth deep (413), counted before anything parses it (json_shape)."""
+    JSON values nested at most max_json_depth deep (413), counted before anything parses it (json_shape). Across
+    requests, at most max_inflight_bytes of bodies are read or served at once (429 with Retry-After beyond), counted
+    by Content-Length before reading, or while reading a body sent without one."""
 
     def __init__(self, app, options: ServeOptions):
         self.app = app
         self.options = options
         self.max_bytes = options.max_request_bytes
+        self.inflight = 0  # bytes of the bodies being read or served (one event loop: no lock needed)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
             return await self.app(scope, receive, send)
+        held = [0]
+        try:
+            return await self._read_and_serve(scope, receive, send, held)
+        finally:
+            self.inflight -= held[0]
+
+    def _hold(self, n: int, held: list[int]) -> tuple[int, str] | None:
+        """Count n more bytes of this request against the server-wide budget, or say why not (status, message)."""
+        budget = self.options.max_inflight_bytes
+        if held[0] + n > budget:
+            return 413, (f"the request body ({held[0] + n} bytes) is larger than the server's budget of {budget} bytes "
+                         "for all requests in progress (--max-inflight-bytes); send a smaller request")  # fmt: skip
+        if self.inflight + n > budget:
+            return 429, (f"the server is busy: {self.inflight} bytes of requests in progress, this one adds {n}, its "
+                         f"budget is {budget} (--max-inflight-bytes); retry later")  # fmt: skip
+        self.inflight += n
+        held[0] += n
+        return None
+
+    async def _refuse(self, send, receive, read: int, refusal: tuple[int, str]) -> None:
+        await self._drain(receive, read)
+        status, message = refusal
+        await _send_error(send, status, message, None, {"Retry-After": "1"} if status == 429 else None)
+
+    async def _read_and_serve(self, scope, receive, send, held: list[int]):
         declared = dict(scope["headers"]).get(b"content-length")
         too_big = f"the request body is over the limit of {self.max_bytes} bytes (--max-request-bytes)"
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             await self._drain(receive)
             return await _send_error(send, 413, too_big)
+        counted = declared is not None and declared.isdigit()
+        if counted and (refusal := self._hold(int(declared), held)):
+            return await self._refuse(send, receive, 0, refusal)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.options.body_timeout
         chunks, total = [], 0
@@ -437,6 +468,8 @@ class BodyLimitMiddleware:
             if total > self.max_bytes:
                 await self._drain(receive, total)
                 return await _send_error(send, 413, too_big)
+            if not counted and (refusal := self._hold(len(chunk), held)):
+                return await self._refuse(send, receive, total, refusal)
             chunks.append(chunk)
             if not message.get("more_body", False):
                 break
