@@ -194,3 +194,32 @@ def test_the_cache_resumes_an_interrupted_eval(dataset, v2_dir, tmp_path, monkey
     calls.clear()
     assert main([*argv, "--max-length", "64"]) == 0  # other options, another fingerprint: nothing reused
     assert calls == [4, 4, 4, 4]
+
+
+def test_an_image_corpus_with_a_given_run(m0_dir, tmp_path):
+    """A multimodal corpus (page images by relative path) ranked by m0 for text queries; BM25 cannot index images,
+    so the candidates come from a run file."""
+    from .conftest import make_image
+
+    folder = tmp_path / "pages"
+    (folder / "img").mkdir(parents=True)
+    corpus = []
+    for i in range(4):
+        make_image(60 + 10 * i, 40, seed=i).save(folder / "img" / f"p{i}.png")
+        corpus.append({"_id": f"p{i}", "image": f"img/p{i}.png"})
+    (folder / "corpus.jsonl").write_text("".join(json.dumps(c) + "\n" for c in corpus))
+    (folder / "queries.jsonl").write_text('{"_id": "q1", "text": "a chart"}\n{"_id": "q2", "text": "a table"}\n')
+    (folder / "qrels").mkdir()
+    (folder / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq1\tp0\t1\nq2\tp3\t1\n")
+    with pytest.raises(EvalDataError, match="BM25 needs text documents"):
+        from rerankd.evaluation.run import bm25_run
+
+        bm25_run(read_beir(folder), 4)
+    write_run({q: {f"p{i}": 1.0 - i / 10 for i in range(4)} for q in ("q1", "q2")}, tmp_path / "all.trec", "all")
+    out = tmp_path / "out"
+    assert main(["eval", "--data", str(folder), "--run", str(tmp_path / "all.trec"), "--top-k", "4", "--output-dir",
+                 str(out), "--no-progress", "--name", "m0", "--model", str(m0_dir), "--no-show-progress"]) == 0  # fmt: skip
+    report = json.loads((out / "report.json").read_text())
+    assert report["targets"][0]["pairs_scored"] == 8
+    scores = read_run(out / "run.m0.trec")
+    assert len({round(s, 6) for s in scores["q1"].values()}) == 4  # four different images, four different scores
