@@ -122,5 +122,7 @@ def test_soak_mixed_text_and_image_requests(busy_server):
     rss_after = rss_mb(busy_server.proc.pid)
     print(f"soak: {statuses}, probe drift {drift:.2e}, RSS {rss_before:.0f} -> {rss_after:.0f} MB")
     assert statuses == {200: SOAK_REQUESTS}, statuses
-    assert drift == 0.0, drift  # fp32 scores do not depend on their batch
+    # fp32 scores do not depend on their batch beyond the last bits of a float32 (measured: 0 and 1.2e-7 in two runs);
+    # the bound is tests/test_batch_invariance.py's
+    assert drift <= 1e-5, drift
     assert rss_after - rss_before < SOAK_RSS_GROWTH_MB, (rss_before, rss_after)
