@@ -194,12 +194,20 @@ def test_the_cache_resumes_an_interrupted_eval(dataset, v2_dir, tmp_path, monkey
     calls.clear()
     assert main([*argv, "--max-length", "64"]) == 0  # other options, another fingerprint: nothing reused
     assert calls == [4, 4, 4, 4]
+    edited = tmp_path / "edited"  # the same ids with one document's text changed: only its query is scored anew
+    write_dataset(edited)
+    corpus = (edited / "corpus.jsonl").read_text().replace("the price of coffee went up", "coffee is expensive")
+    (edited / "corpus.jsonl").write_text(corpus)
+    calls.clear()
+    assert main([*argv[:2], str(edited), *argv[3:]]) == 0
+    assert calls == [1]
 
 
 def test_an_image_corpus_with_a_given_run(m0_dir, tmp_path):
     """A multimodal corpus (page images by relative path) ranked by m0 for text queries; BM25 cannot index images,
     so the candidates come from a run file."""
     from .conftest import make_image
+    from .server.conftest import Server
 
     folder = tmp_path / "pages"
     (folder / "img").mkdir(parents=True)
@@ -217,9 +225,15 @@ def test_an_image_corpus_with_a_given_run(m0_dir, tmp_path):
         bm25_run(read_beir(folder), 4)
     write_run({q: {f"p{i}": 1.0 - i / 10 for i in range(4)} for q in ("q1", "q2")}, tmp_path / "all.trec", "all")
     out = tmp_path / "out"
-    assert main(["eval", "--data", str(folder), "--run", str(tmp_path / "all.trec"), "--top-k", "4", "--output-dir",
-                 str(out), "--no-progress", "--name", "m0", "--model", str(m0_dir), "--no-show-progress"]) == 0  # fmt: skip
+    server = Server(m0_dir)  # no --allowed-local-media-path: the pages go to it as data: URIs
+    try:
+        assert main(["eval", "--data", str(folder), "--run", str(tmp_path / "all.trec"), "--top-k", "4",
+                     "--output-dir", str(out), "--no-progress", "--name", "m0", "--model", str(m0_dir),
+                     "--no-show-progress", "--name", "served", "--base-url", server.url]) == 0  # fmt: skip
+    finally:
+        assert server.stop() == 0
     report = json.loads((out / "report.json").read_text())
     assert report["targets"][0]["pairs_scored"] == 8
-    scores = read_run(out / "run.m0.trec")
+    scores, served = read_run(out / "run.m0.trec"), read_run(out / "run.served.trec")
     assert len({round(s, 6) for s in scores["q1"].values()}) == 4  # four different images, four different scores
+    assert max(abs(scores[q][d] - served[q][d]) for q in scores for d in scores[q]) < 1e-5

@@ -5,8 +5,9 @@ has not sent a full request head: a client that connects and says nothing, or tr
 time, holds its socket (and a file descriptor) for ever, and enough of them make the server refuse everyone
 (EMFILE on accept). Here, on uvicorn's h11 protocol:
 
-* a request head must arrive in full within `header_timeout` seconds of the connection opening (or of the previous
-  response on a keep-alive connection), however it trickles; otherwise the connection is closed;
+* a request head must arrive in full within `header_timeout` seconds of the connection opening (on a keep-alive
+  connection: of the end of its keep-alive wait after the previous response), however it trickles; otherwise the
+  connection is closed;
 * at most `max_connections` connections are open: a new one past the cap closes the connection idle the longest
   (no request in progress: idle keep-alive, or a head still arriving); when none is idle it is answered 503 and
   closed;
@@ -80,7 +81,7 @@ def guarded_protocol(max_connections: int, header_timeout: float) -> type[H11Pro
             super().on_response_complete()
             if not self.transport.is_closing() and (self.cycle is None or self.cycle.response_complete):
                 self.waiting_since = self.loop.time()
-                self._arm_head_timer()
+                self._arm_head_timer(self.timeout_keep_alive)  # idle first (keep-alive), then the next head's time
 
         @property
         def idle(self) -> bool:
@@ -107,9 +108,9 @@ def guarded_protocol(max_connections: int, header_timeout: float) -> type[H11Pro
             self.transport.write(head + body)
             self.transport.close()
 
-        def _arm_head_timer(self) -> None:
+        def _arm_head_timer(self, idle_first: float = 0.0) -> None:
             self._disarm_head_timer()
-            self.head_timer = self.loop.call_later(header_timeout, self._head_timed_out)
+            self.head_timer = self.loop.call_later(idle_first + header_timeout, self._head_timed_out)
 
         def _disarm_head_timer(self) -> None:
             if getattr(self, "head_timer", None) is not None:

@@ -1,9 +1,13 @@
 """The score cache of `rerankd eval`: every (target, query, document) score, written as each query is scored, so an
 interrupted evaluation continues where it stopped. SQLite (one file, safe against a kill mid-write); a target is
-keyed by its fingerprint, so changing a target's options never reuses its old scores."""
+keyed by its fingerprint, so changing a target's options never reuses its old scores, and each score carries a digest of
+the query and document it was computed from, so an edited dataset, or another one with the same ids, never reuses
+them either."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import sqlite3
 from pathlib import Path
 
@@ -13,18 +17,24 @@ class ScoreCache:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(self.path)
-        self.db.execute("CREATE TABLE IF NOT EXISTS scores (target TEXT, qid TEXT, docid TEXT, score REAL, "
+        self.db.execute("CREATE TABLE IF NOT EXISTS scores (target TEXT, qid TEXT, docid TEXT, digest TEXT, score REAL, "
                         "PRIMARY KEY (target, qid, docid))")  # fmt: skip
         self.db.commit()
 
-    def get(self, target: str, qid: str) -> dict[str, float]:
-        rows = self.db.execute("SELECT docid, score FROM scores WHERE target = ? AND qid = ?", (target, qid))
-        return dict(rows.fetchall())
+    def get(self, target: str, qid: str, digests: dict[str, str]) -> dict[str, float]:
+        """The cached scores of the query's documents whose digest (of query and document) is still the same."""
+        rows = self.db.execute("SELECT docid, digest, score FROM scores WHERE target = ? AND qid = ?", (target, qid))
+        return {d: score for d, digest, score in rows.fetchall() if digests.get(d) == digest}
 
-    def put(self, target: str, qid: str, scores: dict[str, float]) -> None:
-        self.db.executemany("INSERT OR REPLACE INTO scores VALUES (?, ?, ?, ?)",
-                            [(target, qid, d, s) for d, s in scores.items()])  # fmt: skip
+    def put(self, target: str, qid: str, scores: dict[str, float], digests: dict[str, str]) -> None:
+        self.db.executemany("INSERT OR REPLACE INTO scores VALUES (?, ?, ?, ?, ?)",
+                            [(target, qid, d, digests[d], s) for d, s in scores.items()])  # fmt: skip
         self.db.commit()
 
     def close(self) -> None:
         self.db.close()
+
+
+def digest(query: object, document: object) -> str:
+    """What a cached score was computed from: the query and document items as the target is given them."""
+    return hashlib.sha1(json.dumps([query, document], sort_keys=True).encode()).hexdigest()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from .cache import ScoreCache
+from .cache import ScoreCache, digest
 from .data import Dataset, EvalDataError, Run, top_k, write_run
 from .targets import Target
 
@@ -77,16 +78,18 @@ def score_target(target: Target, dataset: Dataset, candidates: dict[str, list[st
     target.open()  # loading a model or reaching a server is not scoring time
     bar = tqdm(candidates.items(), desc=f"scoring with {target.name}", unit="query", disable=not progress)
     for qid, docids in bar:
-        have = cache.get(target.fingerprint, qid) if cache is not None else {}
+        query = dataset.queries[qid].item()
+        digests = {d: digest(query, dataset.corpus[d].item()) for d in docids}
+        have = cache.get(target.fingerprint, qid, digests) if cache is not None else {}
         todo = [d for d in docids if d not in have]
         if todo:
             start = time.perf_counter()
-            scores = target.score(dataset.queries[qid].item(), [dataset.corpus[d].item() for d in todo])
+            scores = target.score(query, [dataset.corpus[d].item() for d in todo])
             seconds += time.perf_counter() - start
             scored += len(todo)
             new = dict(zip(todo, (float(s) for s in scores)))
             if cache is not None:
-                cache.put(target.fingerprint, qid, new)
+                cache.put(target.fingerprint, qid, new, digests)
             have = {**have, **new}
         cached += len(docids) - len(todo)
         run[qid] = {d: have[d] for d in docids}
@@ -105,11 +108,13 @@ def evaluate(dataset: Dataset, first_stage: Run, first_stage_name: str, targets:
     unknown = {d for docs in candidates.values() for d in docs if d not in dataset.corpus}
     if unknown:
         raise EvalDataError(f"the first stage names documents not in the corpus, e.g. {sorted(unknown)[:3]}")
-    if not candidates:
+    if not any(candidates.values()):
         raise EvalDataError("the first stage has no candidates for any judged query (do its query ids match the "
-                            "dataset's?)")  # fmt: skip
-    if len({t.name for t in targets}) != len(targets) or first_stage_name in {t.name for t in targets}:
-        raise ValueError("give each target its own --name (and none named like the first stage)")
+                            "dataset's? BM25 finds none when no document shares a term with a query)")  # fmt: skip
+    files = [_safe(n) for n in (first_stage_name, *(t.name for t in targets))]
+    if len(set(files)) != len(files):
+        raise ValueError("give each target its own --name (none named like the first stage, and names that differ "
+                         "in more than punctuation: each names a run file)")  # fmt: skip
     runs: dict[str, Run] = {first_stage_name: {q: {d: first_stage[q][d] for d in docs} for q, docs in candidates.items()}}
     results: list[TargetResult] = []
     for target in targets:
@@ -129,7 +134,8 @@ def evaluate(dataset: Dataset, first_stage: Run, first_stage_name: str, targets:
     for r in results:
         r.metrics = {m: float(table[r.name]["scores"][m]) for m in names}
         if first is not None and r.name != first:
-            r.p_values = {m: float(table[r.name]["comparisons"][first][m]) for m in names}
+            # identical rankings have no t statistic (NaN): reported as null, i.e. no evidence of a difference
+            r.p_values = {m: _finite(table[r.name]["comparisons"][first][m]) for m in names}
     return {
         "dataset": dataset.name,
         "queries": len(judged),
@@ -150,6 +156,11 @@ def evaluate(dataset: Dataset, first_stage: Run, first_stage_name: str, targets:
     }
 
 
+def _finite(value) -> float | None:
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
 def _complete(run: Run, judged: list[str]) -> Run:
     """Every judged query present (an empty ranking for one without candidates counts as zero, not as absent)."""
     return {q: run.get(q) or {} for q in judged}
@@ -165,7 +176,8 @@ def format_table(report: dict[str, Any]) -> str:
         for m in names:
             cell = f"{t['metrics'][m]:.4f}"
             if t["delta"]:
-                mark = "*" if t["p_value"].get(m, 1.0) < report["significance"]["alpha"] else ""
+                p = t["p_value"].get(m)
+                mark = "*" if p is not None and p < report["significance"]["alpha"] else ""
                 cell += f" ({t['delta'][m]:+.4f}{mark})"
             cells.append(cell)
         rate = f"{t['pairs_per_s']:.1f}" if t["pairs_per_s"] else ("cached" if t["cached_pairs"] else "")

@@ -4,8 +4,10 @@ candidates). Each target has a fingerprint of everything that changes its scores
 
 from __future__ import annotations
 
+import base64
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ..errors import RerankdError
@@ -72,8 +74,11 @@ class ServerTarget:
 
     @property
     def fingerprint(self) -> str:
+        # the target's name too: a server's settings cannot be seen from here, so a server restarted with others
+        # (int8, another max_length) must be evaluated under another name to be scored anew
         self.open()  # the model name asked of the server is part of it
-        return json.dumps({"base_url": self.base_url, "api": self.api, "model": self.model}, sort_keys=True)
+        return json.dumps({"name": self.name, "base_url": self.base_url, "api": self.api, "model": self.model},
+                          sort_keys=True)  # fmt: skip
 
     @property
     def description(self) -> str:
@@ -109,6 +114,7 @@ class ServerTarget:
 
         self.open()
         api = APIS[self.api]
+        query, docs = _sendable(query), [_sendable(d) for d in docs]
         try:
             body = api.build(self.model, query, docs, None)
         except ValueError as e:
@@ -137,6 +143,15 @@ class ServerTarget:
         if self.client is not None:
             self.client.close()
             self.client = None
+
+
+def _sendable(item: Doc) -> Doc:
+    """A dataset's local image file as a data: URI (a server reads no client's files unless told to)."""
+    if isinstance(item, dict) and isinstance(item.get("image"), str) and Path(item["image"]).is_absolute():
+        path = Path(item["image"])
+        kind = {".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp", ".gif": "gif", ".bmp": "bmp"}.get(path.suffix.lower(), "png")
+        return {"image": f"data:image/{kind};base64," + base64.b64encode(path.read_bytes()).decode()}
+    return item
 
 
 Target = LocalTarget | ServerTarget
