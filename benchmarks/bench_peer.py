@@ -41,6 +41,19 @@ from bench_m0_engine import cpu_name, log  # noqa: E402
 FULL_SIZE = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)
 
 
+def write_v2_full_size(path: Path) -> None:
+    """The full-size jina-reranker-v2 architecture with random weights (std 0.02) in standard Hugging Face names,
+    its config.json saying model_type "xlm-roberta", so that peers load it without remote code."""
+    from rerankd.tiny import make_tiny_checkpoint
+
+    log("writing the full-size jina-reranker-v2 architecture, random weights, standard names")
+    make_tiny_checkpoint("jina-reranker-v2", path, seed=0, naming="hf", dtype=torch.float32, **FULL_SIZE)
+    cfg = json.loads((path / "config.json").read_text())
+    cfg.pop("auto_map", None)
+    cfg["model_type"] = "xlm-roberta"
+    (path / "config.json").write_text(json.dumps(cfg, indent=2))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -86,17 +99,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json-out", type=Path)
     args = ap.parse_args(argv)
 
-    from rerankd.tiny import make_tiny_checkpoint
-
     results: dict = {}
     with tempfile.TemporaryDirectory(prefix="rerankd-bench-peer-") as tmp:
         args.ckpt = Path(tmp) / "ckpt"
-        log("writing the full-size jina-reranker-v2 architecture, random weights, standard names")
-        make_tiny_checkpoint("jina-reranker-v2", args.ckpt, seed=0, naming="hf", dtype=torch.float32, **FULL_SIZE)
-        cfg = json.loads((args.ckpt / "config.json").read_text())
-        cfg.pop("auto_map", None)
-        cfg["model_type"] = "xlm-roberta"
-        (args.ckpt / "config.json").write_text(json.dumps(cfg, indent=2))
+        write_v2_full_size(args.ckpt)
         if args.infinity_engine == "optimum":  # Infinity's ONNX Runtime engine wants an .onnx file in the model dir
             exe = shutil.which(args.infinity) or args.infinity
             python = Path(exe).parent / "python"  # the interpreter of Infinity's venv, which has optimum
