@@ -174,3 +174,35 @@ def test_decoded_bytes_are_held_within_the_budget():
     assert 0 < limits.decode_budget.peak <= 3 * each + 10 and limits.decode_budget.in_use == 0
     with pytest.raises(InputError, match=r"documents\[0\].*--max-decoded-bytes"):
         load_image(encode(make_image(300, 200)), limits, "documents[0]")
+
+
+def test_the_decode_budget_is_first_come_first_served_and_held_through_preprocessing():
+    """A large decode waiting for room is not overtaken by small ones arriving after it, and a decode's bytes stay
+    counted until what is made of the image (its patches) is done."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from rerankd.inputs.images import DecodeBudget, decoded_bytes
+
+    small, large = decoded_bytes(50, 50, "RGB"), decoded_bytes(100, 100, "RGB")
+    budget = DecodeBudget(large)
+    limits = ImageLimits(decode_budget=budget)
+    order = []
+
+    def slow_then(tag):
+        def then(img):
+            order.append(tag)
+            time.sleep(0.2)
+            assert budget.in_use >= decoded_bytes(*img.size, "RGB")  # still held while preprocessing
+            return img.size
+        return then
+
+    with ThreadPoolExecutor(4) as pool:
+        first = pool.submit(load_image, encode(make_image(50, 50)), limits, "a", slow_then("small-1"))
+        time.sleep(0.05)
+        big = pool.submit(load_image, encode(make_image(100, 100)), limits, "b", slow_then("large"))
+        time.sleep(0.05)
+        late = pool.submit(load_image, encode(make_image(50, 50)), limits, "c", slow_then("small-2"))
+        assert [f.result(10) for f in (first, big, late)] == [(50, 50), (100, 100), (50, 50)]
+    assert order == ["small-1", "large", "small-2"], order
+    assert budget.in_use == 0 and budget.peak <= large and small < large

@@ -16,6 +16,8 @@ import math
 import os
 import re
 import threading
+from collections import deque
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
@@ -40,8 +42,9 @@ _BASE64_RE = re.compile(rb"^[A-Za-z0-9+/=_-]+$")
 
 class DecodeBudget:
     """Bytes of decoded pixels in memory at once, across every decode that shares it (one loaded model's): a decode
-    waits until its bytes fit. A few KB of PNG can declare 100 M pixels, which decode to 300 MB and more; without a
-    budget, every preparer decoding one at once multiplies that."""
+    waits, first come first served, until its bytes fit, and holds them until its image is preprocessed. A few KB of
+    PNG can declare 100 M pixels, which decode to 300 MB and more; without a budget, every preparer decoding one at
+    once multiplies that."""
 
     def __init__(self, max_bytes: int):
         if max_bytes < 1:
@@ -50,16 +53,21 @@ class DecodeBudget:
         self.in_use = 0
         self.peak = 0  # the most ever in use (tests read it)
         self._cond = threading.Condition()
+        self._queue: deque[object] = deque()  # waiting decodes, in arrival order (a large one is not starved)
 
     @contextmanager
     def hold(self, nbytes: int, param: str):
         if nbytes > self.max_bytes:
             raise InputError(f"image needs {nbytes} bytes decoded, over the server's budget of {self.max_bytes} "
                              "(--max-decoded-bytes); send a smaller image", param)  # fmt: skip
+        ticket = object()
         with self._cond:
-            self._cond.wait_for(lambda: self.in_use + nbytes <= self.max_bytes)
+            self._queue.append(ticket)
+            self._cond.wait_for(lambda: self._queue[0] is ticket and self.in_use + nbytes <= self.max_bytes)
+            self._queue.popleft()
             self.in_use += nbytes
             self.peak = max(self.peak, self.in_use)
+            self._cond.notify_all()  # the next in line may fit too
         try:
             yield
         finally:
@@ -127,14 +135,16 @@ class PreparedImage:
         return t * h * w // merge_size**2
 
 
-def load_image(source: object, limits: ImageLimits, param: str) -> Image.Image:
-    """Any accepted source -> a decoded RGB PIL image, or InputError naming `param`."""
+def load_image(source: object, limits: ImageLimits, param: str, then: Callable[[Image.Image], object] | None = None):
+    """Any accepted source -> a decoded RGB PIL image, or InputError naming `param`; with `then`, what `then` makes
+    of that image, computed while its decoded bytes are still counted against the decode budget (preprocessing)."""
     if isinstance(source, Image.Image):
         _check_pixels(source.width, source.height, limits, param)
         # a PIL image is used as given, as the reference does (no EXIF rotation)
-        return source if source.mode == "RGB" else source.convert("RGB")
+        img = source if source.mode == "RGB" else source.convert("RGB")
+        return img if then is None else then(img)
     data = read_image_bytes(source, limits, param)
-    return decode_image(data, limits, param)
+    return decode_image(data, limits, param, then)
 
 
 def read_image_bytes(source: object, limits: ImageLimits, param: str) -> bytes:
@@ -168,7 +178,7 @@ def read_image_bytes(source: object, limits: ImageLimits, param: str) -> bytes:
     return data
 
 
-def decode_image(data: bytes, limits: ImageLimits, param: str) -> Image.Image:
+def decode_image(data: bytes, limits: ImageLimits, param: str, then: Callable[[Image.Image], object] | None = None):
     try:
         img = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
     except UnidentifiedImageError:
@@ -182,9 +192,11 @@ def decode_image(data: bytes, limits: ImageLimits, param: str) -> Image.Image:
         try:
             img.load()
             img = ImageOps.exif_transpose(img)
-            return img.convert("RGB")
+            rgb = img.convert("RGB")
         except Exception as e:  # corrupt pixel data, in any of the ways a decoder can fail
             raise InputError(f"image data does not decode ({img.format}, {type(e).__name__})", param) from None
+        del img
+        return rgb if then is None else then(rgb)
 
 
 def _check_pixels(width: int, height: int, limits: ImageLimits, param: str) -> None:

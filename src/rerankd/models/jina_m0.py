@@ -304,9 +304,8 @@ class JinaM0Backend(M0Prompts):
     def prepare_image(self, source: object, param: str, images: ImagePolicy | None = None) -> PreparedImage:
         if isinstance(source, PreparedImage):
             return source
-        img = load_image(source, self.image_limits.under(images), param)
         v = self.vision
-        return qwen2_vl_patches(
+        return load_image(source, self.image_limits.under(images), param, then=lambda img: qwen2_vl_patches(
             img,
             patch_size=v.patch_size,
             temporal_patch_size=v.temporal_patch_size,
@@ -314,7 +313,7 @@ class JinaM0Backend(M0Prompts):
             min_pixels=self.min_pixels,
             max_pixels=self.max_pixels,
             param=param,
-        )
+        ))  # fmt: skip
 
     @classmethod
     def load(
