@@ -74,6 +74,15 @@ def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 600) -> None
     raise RuntimeError(f"{url} did not answer within {timeout:.0f}s")
 
 
+def stop(proc: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL after a minute."""
+    proc.terminate()
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
 def run_bench(base_url: str, api: str, args, out: Path, model: str | None = None) -> dict:
     cmd = [sys.executable, "-m", "rerankd", "bench", "--base-url", base_url, "--api", api, "--num-prompts",
            str(args.num_prompts), "--docs-per-request", str(args.docs), "--random-input", str(args.tokens),
@@ -149,11 +158,7 @@ def main(argv: list[str] | None = None) -> int:
                 results[name] = {"error": f"{e}; log tail: {tail}"}
                 log(f"{name}: {e}\n{tail}")
             finally:
-                proc.terminate()
-                try:
-                    proc.wait(60)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+                stop(proc)
 
     rows = []
     ours, peer = results.get("rerankd", {}), results.get("infinity", {})

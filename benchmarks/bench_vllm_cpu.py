@@ -37,7 +37,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_m0_engine import cpu_name, log  # noqa: E402
-from bench_peer import free_port, run_bench, wait_healthy, write_v2_full_size  # noqa: E402
+from bench_peer import free_port, run_bench, stop, wait_healthy, write_v2_full_size  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs" / "benchmarks.md"
@@ -111,11 +111,7 @@ def serve_and_drive(name: str, cmd: list[str], env: dict, args, workdir: Path, t
         log(f"{name} ({tag}): {type(e).__name__}: {e}\n{tail}")
         return {"error": f"{type(e).__name__}: {e}"}
     finally:
-        proc.terminate()
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
 
 
 def update_docs(lines: list[str]) -> None:
