@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import heapq
 import logging
 import os
 import threading
@@ -532,18 +533,19 @@ class Scheduler:
                 self._cond.wait(wait)
             batch: list[_Entry] = []
             tokens = 0
-            full: set[Job] = set()  # jobs whose next sequence does not fit this batch
-            while True:  # streaming sequences, fairest job first, each job's in arrival order
-                open_jobs = [j for j, q in self._ready.items() if q[0].planned is None and j not in full]
-                if not open_jobs:
-                    break
-                job = min(open_jobs, key=self._turn)
+            # streaming sequences, fairest job first, each job's in arrival order; a heap of the jobs keeps a batch's
+            # cost at O(jobs + sequences x log jobs) however many requests wait (turns are unique: arrival breaks ties)
+            turns = [(self._turn(j), j) for j, q in self._ready.items() if q[0].planned is None]
+            heapq.heapify(turns)
+            while turns:
+                _, job = heapq.heappop(turns)
                 if batch and tokens + self._ready[job][0].seq.length > self.max_batch_tokens:
-                    full.add(job)
-                    continue
+                    continue  # its next sequence does not fit: the job waits for the next batch
                 e = self._pop(job)
                 batch.append(e)
                 tokens += e.seq.length
+                if job in self._ready and self._ready[job][0].planned is None:
+                    heapq.heappush(turns, (self._turn(job), job))
             self._pump()  # the jobs that were too far ahead may be prepared again
             return batch
 
