@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import hmac
 import importlib.resources
 import json
@@ -456,9 +457,8 @@ class BodyLimitMiddleware:
         deadline = loop.time() + self.options.body_timeout
         chunks, total = [], 0
         while True:
-            try:
-                message = await asyncio.wait_for(receive(), max(deadline - loop.time(), 0))
-            except TimeoutError:
+            message = await _receive_by(receive, deadline)
+            if message is None:
                 return await _send_error(send, 408, f"the request body did not arrive in full within "
                                          f"{self.options.body_timeout:g}s (--body-timeout)", None, {"Connection": "close"})  # fmt: skip
             if message["type"] == "http.disconnect":
@@ -474,9 +474,9 @@ class BodyLimitMiddleware:
             if not message.get("more_body", False):
                 break
         body = b"".join(chunks)
+        scan = functools.partial(json_shape, body, self.options.max_json_values, self.options.max_json_depth)
         # counted off the event loop when large (the scan lets other requests run between its matches)
-        shape = json_shape(body, self.options.max_json_values, self.options.max_json_depth) if len(body) < 65536 else \
-            await loop.run_in_executor(None, json_shape, body, self.options.max_json_values, self.options.max_json_depth)  # fmt: skip
+        shape = scan() if len(body) < 65536 else await loop.run_in_executor(None, scan)
         if shape is not None:
             return await _send_error(send, 413, shape)
         replay = {"type": "http.request", "body": body, "more_body": False}
@@ -494,16 +494,20 @@ class BodyLimitMiddleware:
     async def _drain(self, receive, read: int = 0) -> None:
         """Read and drop the rest of a refused body (up to a bound, within --body-timeout), so that the client, still
         sending, gets the answer instead of a broken pipe; past either bound the connection is closed after it."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.options.body_timeout
+        deadline = asyncio.get_running_loop().time() + self.options.body_timeout
         while read <= DRAIN_LIMIT:
-            try:
-                message = await asyncio.wait_for(receive(), max(deadline - loop.time(), 0))
-            except TimeoutError:
-                return
-            if message["type"] != "http.request" or not message.get("more_body", False):
+            message = await _receive_by(receive, deadline)
+            if message is None or message["type"] != "http.request" or not message.get("more_body", False):
                 return
             read += len(message.get("body", b""))
+
+
+async def _receive_by(receive, deadline: float) -> dict | None:
+    """The next ASGI message, or None if it has not come by `deadline` (the event loop's clock)."""
+    try:
+        return await asyncio.wait_for(receive(), max(deadline - asyncio.get_running_loop().time(), 0))
+    except TimeoutError:
+        return None
 
 
 # a string, a bracket or a comma; the closing quote is optional, so that an unclosed string ends the scan in one

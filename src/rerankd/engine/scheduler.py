@@ -222,6 +222,11 @@ class Job:
     done: bool = False  # answered: scored, failed or cancelled
 
     @property
+    def preparable(self) -> bool:
+        """A streaming job with units not yet handed to the preparers, still wanted."""
+        return not self.done and self.next_unit < len(self.unit_slots)
+
+    @property
     def windows(self) -> int:
         units = len(self.unit_slots)
         return -(-units // self.window) if units else 0
@@ -402,11 +407,11 @@ class Scheduler:
     def _next_stream(self) -> Job | None:
         """Under the lock: the streaming job whose unit is prepared next: the oldest with units left that has fewer
         than PREPARE_AHEAD_BATCHES batches' tokens waiting for the model."""
-        while self._streams and (self._streams[0].done or self._streams[0].next_unit >= len(self._streams[0].unit_slots)):
+        while self._streams and not self._streams[0].preparable:
             self._streams.popleft()
         ahead = PREPARE_AHEAD_BATCHES * self.max_batch_tokens
         for job in self._streams:
-            if not job.done and job.next_unit < len(job.unit_slots) and job.waiting_tokens < ahead:
+            if job.preparable and job.waiting_tokens < ahead:
                 return job
         return None
 

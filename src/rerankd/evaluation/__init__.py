@@ -74,6 +74,7 @@ def split_targets(argv: list[str]) -> tuple[list[str], list[list[str]]]:
 
 
 def build_targets(groups: list[list[str]]) -> list:
+    from ..cli import _options
     from .targets import LocalTarget, ServerTarget
 
     parser = target_parser()
@@ -86,8 +87,8 @@ def build_targets(groups: list[list[str]]) -> list:
             targets.append(ServerTarget(args.name, args.base_url.rstrip("/"), args.api, args.served_model, args.api_key,
                                         args.timeout))  # fmt: skip
             continue
-        load = {f.name: getattr(args, f.name) for f in dataclasses.fields(LoadOptions)
-                if getattr(args, f.name) != f.default and f.name != "show_progress"}  # fmt: skip
+        load = {k: v for k, v in _options(args, LoadOptions).items()
+                if v != getattr(LoadOptions, k) and k != "show_progress"}  # fmt: skip
         score = {name: getattr(args, name) for name in TARGET_SCORE_OPTIONS
                  if getattr(args, name) != getattr(ScoreOptions(), name)}  # fmt: skip
         targets.append(LocalTarget(args.name, args.model, load, score, args.show_progress))

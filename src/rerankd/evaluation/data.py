@@ -148,15 +148,19 @@ def read_run(path: str | Path) -> Run:
     return run
 
 
+def ranked(docs: dict[str, float]) -> list[tuple[str, float]]:
+    """One query's (document id, score), best first, ties by id."""
+    return sorted(docs.items(), key=lambda kv: (-kv[1], kv[0]))
+
+
 def write_run(run: Run, path: str | Path, tag: str) -> None:
     """A TREC run file, each query's documents best first (ties by id)."""
     with Path(path).open("w", encoding="utf-8") as f:
         for qid, docs in run.items():
-            ranked = sorted(docs.items(), key=lambda kv: (-kv[1], kv[0]))
-            for rank, (docid, score) in enumerate(ranked, 1):
+            for rank, (docid, score) in enumerate(ranked(docs), 1):
                 f.write(f"{qid} Q0 {docid} {rank} {score:.8g} {tag}\n")
 
 
 def top_k(run: Run, k: int) -> dict[str, list[str]]:
     """Each query's k best documents of a run, best first (ties by id)."""
-    return {qid: [d for d, _ in sorted(docs.items(), key=lambda kv: (-kv[1], kv[0]))[:k]] for qid, docs in run.items()}
+    return {qid: [d for d, _ in ranked(docs)[:k]] for qid, docs in run.items()}

@@ -79,8 +79,10 @@ def score_target(target: Target, dataset: Dataset, candidates: dict[str, list[st
     bar = tqdm(candidates.items(), desc=f"scoring with {target.name}", unit="query", disable=not progress)
     for qid, docids in bar:
         query = dataset.queries[qid].item()
-        digests = {d: digest(query, dataset.corpus[d].item()) for d in docids}
-        have = cache.get(target.fingerprint, qid, digests) if cache is not None else {}
+        digests, have = {}, {}
+        if cache is not None:
+            digests = {d: digest(query, dataset.corpus[d].item()) for d in docids}
+            have = cache.get(target.fingerprint, qid, digests)
         todo = [d for d in docids if d not in have]
         if todo:
             start = time.perf_counter()
