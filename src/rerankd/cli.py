@@ -107,7 +107,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         import uvicorn
 
         from .api import create_app
-        from .api.connections import connection_cap, guarded_protocol, raise_open_files_limit
+        from .api.connections import connection_limits, guarded_protocol, raise_open_files_limit
 
         log.info("loading %s", args.model)
         start = time.monotonic()
@@ -119,7 +119,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             rr.compute_score([["warm-up query", "warm-up document"]])
             log.info("warm-up forward done in %.2fs", time.monotonic() - start)
         app = create_app(rr, serve, names, source=str(args.model))
-        cap = connection_cap(serve.max_connections, raise_open_files_limit())
+        cap, backlog = connection_limits(serve.max_connections, raise_open_files_limit())
     except (RerankdError, ValueError, OSError) as e:
         print(f"rerankd: error: {e}", file=sys.stderr)
         return 2
@@ -127,7 +127,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
              "on" if serve.api_key else "off")  # fmt: skip
     server = _graceful_server_class()(uvicorn.Config(
         app, host=serve.host, port=serve.port, log_level=serve.log_level,
-        http=guarded_protocol(cap, serve.header_timeout), timeout_keep_alive=serve.keep_alive_timeout,  # type: ignore[arg-type]
+        http=guarded_protocol(cap, serve.header_timeout), backlog=backlog,  # type: ignore[arg-type]
+        timeout_keep_alive=serve.keep_alive_timeout,
         # a backstop: slow clients are already bounded by the header, body and request timeouts
         timeout_graceful_shutdown=serve.header_timeout + serve.body_timeout + serve.request_timeout + 5,  # type: ignore[arg-type]
     ))  # fmt: skip
@@ -136,17 +137,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _graceful_server_class():
+    import asyncio
+
     import uvicorn
+
+    from .api.connections import quiet_accept_errors
 
     class GracefulServer(uvicorn.Server):
         """uvicorn's server, except that a SIGTERM after a graceful shutdown ends the process with 0 (uvicorn
-        re-raises the signal, which makes the exit status -15 and looks like a crash to supervisors)."""
+        re-raises the signal, which makes the exit status -15 and looks like a crash to supervisors), and that
+        running out of descriptors on accept is one warning a minute (`quiet_accept_errors`)."""
 
         @contextlib.contextmanager
         def capture_signals(self):
             with super().capture_signals():
                 yield
                 self._captured_signals.clear()  # handled: nothing to re-raise once uvicorn's handlers are restored
+
+        async def startup(self, sockets=None) -> None:
+            quiet_accept_errors(asyncio.get_running_loop())
+            await super().startup(sockets)
 
     return GracefulServer
 

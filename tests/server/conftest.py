@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -30,10 +32,15 @@ class Server:
                "--no-show-progress", "--log-level", "warning", *args]  # fmt: skip
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                      env={**os.environ, **(env or {})}, preexec_fn=preexec_fn)  # fmt: skip
+        # read the server's output as it comes: a full pipe would block the server's logging, and its event loop
+        self.lines: collections.deque[str] = collections.deque(maxlen=400)
+        self.reader = threading.Thread(target=lambda: self.lines.extend(self.proc.stdout), daemon=True)
+        self.reader.start()
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.proc.stdout.read()}")
+                self.reader.join(5)
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.output}")
             try:
                 with urllib.request.urlopen(self.url + "/health", timeout=1) as r:
                     if r.status == 200:
@@ -42,6 +49,11 @@ class Server:
                 time.sleep(0.2)
         self.stop()
         raise RuntimeError("server did not become healthy in 120 s")
+
+    @property
+    def output(self) -> str:
+        """The last 400 lines the server printed."""
+        return "".join(self.lines)
 
     def post(self, path: str, body, headers: dict | None = None, timeout: float = 60) -> tuple[int, dict, dict]:
         data = body if isinstance(body, bytes) else json.dumps(body).encode()

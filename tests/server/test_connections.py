@@ -4,13 +4,23 @@ client. A real server over loopback, with short timeouts; every wait is bounded.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import resource
 import signal
 import socket
 import time
 
 import pytest
+
+from rerankd.api.connections import (
+    ACCEPT_BURSTS,
+    MAX_BACKLOG,
+    RESERVED_FILES,
+    connection_limits,
+    quiet_accept_errors,
+)
 
 from .conftest import Server
 
@@ -96,12 +106,13 @@ def test_idle_sockets_cannot_lock_clients_out(strict_server):
 
 
 def test_the_cap_stays_below_the_open_files_limit(m0_dir):
-    """At a file limit of 256 (soft and hard), 300 idle sockets leave the server answering."""
+    """At a file limit of 256 (soft and hard), 300 sockets opened at once leave the server answering, and accepting
+    never runs out of descriptors (asyncio's accept bursts fit between the cap and the limit)."""
 
     def limit_files():
         resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
 
-    server = Server(m0_dir, "--header-timeout", "30", preexec_fn=limit_files)
+    server = Server(m0_dir, "--header-timeout", "30", "--log-level", "info", preexec_fn=limit_files)
     socks = []
     try:
         for _ in range(300):
@@ -117,6 +128,30 @@ def test_the_cap_stays_below_the_open_files_limit(m0_dir):
         for s in socks:
             s.close()
         assert server.stop() == 0
+    assert "lowered to" in server.output and "connection cap" in server.output, server.output[-2000:]
+    assert "Too many open files" not in server.output and "cannot accept" not in server.output, server.output[-2000:]
+
+
+def test_connection_limits_leave_room_for_accept_bursts():
+    assert connection_limits(1000, 1 << 20, in_use=10) == (1000, MAX_BACKLOG)
+    for open_files in (200, 256, 1024, 4096, 65536):
+        cap, backlog = connection_limits(1000, open_files, in_use=10)
+        assert cap + ACCEPT_BURSTS * backlog + RESERVED_FILES + 10 <= open_files and cap >= 1 and backlog >= 1
+    with pytest.raises(ValueError, match="ulimit -n"):
+        connection_limits(1000, 64, in_use=10)
+
+
+def test_running_out_of_descriptors_on_accept_is_one_warning_not_a_traceback_each(caplog):
+    loop = asyncio.new_event_loop()
+    try:
+        quiet_accept_errors(loop)
+        with caplog.at_level(logging.WARNING, logger="rerankd.server"):
+            for _ in range(2048):  # what Python 3.11's asyncio reports for one full listen queue
+                loop.call_exception_handler({"message": "socket.accept() out of system resource",
+                                             "exception": OSError(24, "Too many open files")})  # fmt: skip
+        assert [r.message.startswith("cannot accept connections") for r in caplog.records] == [True]
+    finally:
+        loop.close()
 
 
 def test_sigterm_does_not_wait_on_a_slow_client(m0_dir):

@@ -13,8 +13,11 @@ time, holds its socket (and a file descriptor) for ever, and enough of them make
   closed;
 * the body's own deadline (`--body-timeout`, 408) is kept by the app's BodyLimitMiddleware, which reads bodies.
 
-`raise_open_files_limit` lifts the process's soft file limit to its hard one, and `connection_cap` keeps the cap
-below it.
+`raise_open_files_limit` lifts the process's soft file limit to its hard one, and `connection_limits` keeps the cap
+below it with room for asyncio's accept bursts: each time the listening socket is ready, asyncio accepts up to
+`backlog` connections before any of them reaches the protocol, and the cap's evictions close descriptors a loop turn or
+two later. Without that room, accept fails with EMFILE, and Python 3.11's asyncio then logs one traceback per queued
+connection (thousands) in one loop turn; `quiet_accept_errors` makes that one warning a minute.
 """
 
 from __future__ import annotations
@@ -22,13 +25,17 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import resource
+import time
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 log = logging.getLogger("rerankd.server")
 
-RESERVED_FILES = 128  # descriptors kept for what is not a client connection (weights, threads, image fetches, logs)
+RESERVED_FILES = 64  # descriptors kept for what is not a client connection (image fetches, logs, lazily opened files)
+ACCEPT_BURSTS = 4  # accept bursts (of `backlog` each) the room above the cap holds before evictions close descriptors
+MAX_BACKLOG = 2048  # uvicorn's default listen backlog, where the file limit allows it
 
 
 def raise_open_files_limit() -> int:
@@ -44,18 +51,63 @@ def raise_open_files_limit() -> int:
     return soft
 
 
-def connection_cap(max_connections: int, open_files: int) -> int:
-    """The connections the server keeps open at most: `max_connections`, below the file limit by RESERVED_FILES."""
-    cap = min(max_connections, open_files - RESERVED_FILES)
+class Every:
+    """A log line at most once every `seconds`, with the count of those left out since: what a flood of clients
+    triggers per connection must not become a flood of log lines."""
+
+    def __init__(self, seconds: float = 60.0):
+        self.seconds, self.last, self.left_out = seconds, float("-inf"), 0
+
+    def log(self, level: int, message: str, *args) -> None:
+        now = time.monotonic()
+        if now - self.last < self.seconds:
+            self.left_out += 1
+            return
+        more = f" ({self.left_out} more like it in the last {now - self.last:.0f} s)" if self.left_out else ""
+        self.last, self.left_out = now, 0
+        log.log(level, message + more, *args)
+
+
+def open_descriptors() -> int:
+    """The file descriptors this process has open (0 where the platform does not say)."""
+    for folder in ("/proc/self/fd", "/dev/fd"):
+        try:
+            return len(os.listdir(folder))
+        except OSError:
+            continue
+    return 0
+
+
+def connection_limits(max_connections: int, open_files: int, in_use: int | None = None) -> tuple[int, int]:
+    """(cap on open connections, listen backlog) under a file limit of `open_files` with `in_use` descriptors
+    already open: RESERVED_FILES kept free, and ACCEPT_BURSTS x backlog between the cap and the limit."""
+    room = open_files - (open_descriptors() if in_use is None else in_use) - RESERVED_FILES
+    backlog = max(1, min(MAX_BACKLOG, room // (2 * ACCEPT_BURSTS)))
+    cap = min(max_connections, room - ACCEPT_BURSTS * backlog)
     if cap < 1:
         raise ValueError(f"the open files limit ({open_files}) leaves no room for connections: raise it (ulimit -n)")
     if cap < max_connections:
         log.warning("--max-connections %d lowered to %d by the open files limit (%d)", max_connections, cap, open_files)
-    return cap
+    return cap, backlog
+
+
+def quiet_accept_errors(loop: asyncio.AbstractEventLoop, every: float = 60.0) -> None:
+    """Report asyncio's 'out of system resource' on accept as one line every `every` seconds instead of a traceback
+    per queued connection; asyncio itself pauses accepting for a second each time. Other errors: the default."""
+    once = Every(every)
+
+    def handler(loop: asyncio.AbstractEventLoop, context: dict) -> None:
+        if context.get("message") != "socket.accept() out of system resource":
+            return loop.default_exception_handler(context)
+        once.log(logging.WARNING, "cannot accept connections: %s; retrying each second (lower --max-connections or "
+                 "raise the open files limit, ulimit -n)", context.get("exception"))  # fmt: skip
+
+    loop.set_exception_handler(handler)
 
 
 def guarded_protocol(max_connections: int, header_timeout: float) -> type[H11Protocol]:
     """uvicorn's h11 protocol with a deadline on request heads and a cap on open connections (module docstring)."""
+    evicted, refused, timed_out = Every(), Every(), Every()
 
     class GuardedH11Protocol(H11Protocol):
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -94,12 +146,14 @@ def guarded_protocol(max_connections: int, header_timeout: float) -> type[H11Pro
             if not idle:
                 return False
             oldest = min(idle, key=lambda c: c.waiting_since)
-            log.info("connection cap (%d) reached: closing the connection idle longest", max_connections)
+            evicted.log(logging.INFO, "connection cap (%d) reached: closing the connection idle longest",
+                        max_connections)
             oldest._close()
             return True
 
         def _refuse(self) -> None:
-            log.warning("connection cap (%d) reached and every connection is busy: refusing one", max_connections)
+            refused.log(logging.WARNING, "connection cap (%d) reached and every connection is busy: refusing one",
+                        max_connections)
             message = f"the server has {max_connections} connections open (--max-connections), all busy; retry later"
             body = json.dumps({"error": {"message": message, "type": "service_unavailable", "param": None},
                                "detail": message}).encode()  # fmt: skip
@@ -120,7 +174,8 @@ def guarded_protocol(max_connections: int, header_timeout: float) -> type[H11Pro
         def _head_timed_out(self) -> None:
             self.head_timer = None
             if self.idle and not self.transport.is_closing():
-                log.info("closing a connection whose request head did not arrive within %.0f s", header_timeout)
+                timed_out.log(logging.INFO, "closing a connection whose request head did not arrive within %.0f s",
+                              header_timeout)
                 self._close()
 
         def _close(self) -> None:
