@@ -14,7 +14,7 @@ echo "[setup] installing torch (${RERANKD_TORCH:-torch==2.13.0})"
 # shellcheck disable=SC2086
 .venv/bin/python -m pip install --progress-bar off ${RERANKD_TORCH:-torch==2.13.0}
 echo "[setup] installing rerankd and its test dependencies (llama-cpp-python compiles llama.cpp: ~6 min on 2 cores)"
-.venv/bin/python -m pip install --progress-bar off -e ".[dev,gguf,eval]"
+.venv/bin/python -m pip install --progress-bar off -e ".[dev,gguf,eval,ray]"
 if ! command -v chromedriver >/dev/null 2>&1; then
     # the playground's browser test (tests/server/test_playground.py) drives Debian's headless Chromium
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then

@@ -16,7 +16,7 @@ import time
 import typing
 from pathlib import Path
 
-from .config import DEFAULT_MODEL, LoadOptions, ScoreOptions, ServeOptions, field_docs
+from .config import DEFAULT_MODEL, LoadOptions, RayOptions, ScoreOptions, ServeOptions, field_docs
 
 
 def _add_options(p: argparse.ArgumentParser, cls: type, title: str, skip: tuple[str, ...] = ()) -> None:
@@ -103,6 +103,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if serve.api_key is None and os.environ.get("RERANKD_API_KEY"):
         serve = dataclasses.replace(serve, api_key=os.environ["RERANKD_API_KEY"])
     names = tuple(serve.served_model_name or (args.model,))
+    if args.ray:
+        return _serve_on_ray(args, serve, names)
     try:
         import uvicorn
 
@@ -134,6 +136,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
     ))  # fmt: skip
     server.run()  # SIGTERM / SIGINT: stop accepting, finish the requests in flight, then return
     return 0 if server.started else 1
+
+
+def _serve_on_ray(args: argparse.Namespace, serve: ServeOptions, names: tuple[str, ...]) -> int:
+    from . import RerankdError
+
+    try:
+        from .api import ray_serve
+    except ImportError as e:
+        print(f"rerankd: error: --ray needs Ray Serve ({e}): pip install 'rerankd[ray]'", file=sys.stderr)
+        return 2
+    try:
+        load, scale = LoadOptions(**_options(args, LoadOptions)), RayOptions(**_options(args, RayOptions))
+        return ray_serve.run(args.model, names, load, serve, scale)
+    except (RerankdError, ValueError) as e:
+        print(f"rerankd: error: {e}", file=sys.stderr)
+        return 2
 
 
 def _graceful_server_class():
@@ -226,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
     _add_options(p, ServeOptions, "server")
     _add_options(p, LoadOptions, "model loading")
+    _add_options(p, RayOptions, "scale-out on Ray Serve (rerankd[ray])")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("bench", help="load-test a rerank server (rerankd, Jina, Cohere, vLLM, TEI, SGLang, Infinity)")

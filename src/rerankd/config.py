@@ -142,6 +142,32 @@ class ServeOptions:
     """uvicorn's log level (critical, error, warning, info, debug)."""
 
 
+@dataclass(frozen=True)
+class RayOptions:
+    """`rerankd serve --ray`: the server's app on Ray Serve, each replica loading the model once and batching the
+    requests it gets; every ServeOptions field keeps its meaning."""
+
+    ray: bool = False
+    """Serve through Ray Serve (pip install 'rerankd[ray]'): replicas behind Ray's proxy, on this machine or a cluster."""
+    ray_address: str | None = None
+    """Ray cluster to join ('auto', 'ray://head:10001', ...); default: start a local Ray instance."""
+    num_replicas: int = 1
+    """Replicas, each with its own copy of the model (a fixed count; --min-replicas/--max-replicas autoscale)."""
+    min_replicas: int | None = None
+    """Autoscaling: replicas at least (with --max-replicas)."""
+    max_replicas: int | None = None
+    """Autoscaling: replicas at most (with --min-replicas)."""
+    target_ongoing_requests: float = 16.0
+    """Autoscaling: requests in progress per replica that Ray aims for."""
+    max_ongoing_requests: int = 256
+    """Requests one replica takes at once (its own scheduler batches them); Ray queues the rest, 4x this per
+    replica at most, then answers 503."""
+    replica_cpus: float | None = None
+    """CPUs Ray reserves for each replica, also its torch threads (default: --num-threads, else 1)."""
+    replica_gpus: float | None = None
+    """GPUs per replica (default: 1 when the cluster has GPUs and --device is not 'cpu', else 0)."""
+
+
 def field_docs(cls: type) -> dict[str, str]:
     """The docstring under each dataclass field, read from the source (one place for the help texts)."""
     tree = ast.parse(inspect.getsource(cls))

@@ -98,11 +98,12 @@ class ServerState:
 
 def create_app(
     reranker: Reranker, options: ServeOptions, model_name: str | Sequence[str], metrics: Metrics | None = None,
-    source: str | None = None,
+    source: str | None = None, replica: str | None = None,
 ) -> FastAPI:
     """The app serving `reranker` as `model_name` (or several names, each answered as the model; responses carry
     the first); `source` (the hub id or directory it came from) is shown in /v1/models, so that clients such as
-    `rerankd bench` can find its tokenizer."""
+    `rerankd bench` can find its tokenizer; `replica` (one of several serving the same model, on Ray Serve) is sent
+    as the `x-rerankd-replica` header of every answer."""
     names = (model_name,) if isinstance(model_name, str) else tuple(model_name)
     if not names:
         raise ValueError("create_app: give at least one model name")
@@ -216,7 +217,7 @@ def create_app(
     # the last added runs first: metrics see everything, auth comes before reading a body
     app.add_middleware(BodyLimitMiddleware, options=options)
     app.add_middleware(AuthMiddleware, api_key=options.api_key)
-    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    app.add_middleware(MetricsMiddleware, metrics=metrics, replica=replica)
     return app
 
 
@@ -537,11 +538,12 @@ def json_shape(body: bytes, max_values: int, max_depth: int) -> str | None:
 
 
 class MetricsMiddleware:
-    """Requests by route and status, and their time."""
+    """Requests by route and status, and their time; the replica that answered, as a header, when there is one."""
 
-    def __init__(self, app, metrics: Metrics):
+    def __init__(self, app, metrics: Metrics, replica: str | None = None):
         self.app = app
         self.metrics = metrics
+        self.replica = None if replica is None else (b"x-rerankd-replica", replica.encode())
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -553,6 +555,8 @@ class MetricsMiddleware:
         async def recording_send(message):
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
+                if self.replica:
+                    message = {**message, "headers": [*message.get("headers", []), self.replica]}
             await send(message)
 
         try:

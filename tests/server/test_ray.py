@@ -1,0 +1,298 @@
+"""`rerankd serve --ray` (issue 15): the same app behind Ray Serve's proxy, on a local Ray instance over loopback,
+two replicas of the tiny m0 checkpoint (one CPU each). Scores equal the single-process server's; requests spread
+over the replicas; a replica killed mid-load is replaced while the other answers, and every client gets a 200 or a
+JSON error; SIGTERM lets requests in flight finish. Every loop is bounded in count and time."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+pytest.importorskip("ray.serve")
+
+import yaml  # noqa: E402 (Ray's dependency)
+
+from rerankd import Reranker  # noqa: E402
+from rerankd.api import create_app  # noqa: E402
+from rerankd.api.ray_serve import JsonErrorsMiddleware, Rerankd, build, deployment_options  # noqa: E402
+from rerankd.config import LoadOptions, RayOptions, ServeOptions  # noqa: E402
+
+from .conftest import Server  # noqa: E402
+
+NAME = "jinaai/jina-reranker-m0"
+SEED_REQUEST = {  # the seed document's client request (shared/seeds/000), unchanged
+    "model": NAME,
+    "query": "What is the capital of France?",
+    "documents": ["Paris is the capital and most populous city of France.", "Berlin is the capital of Germany.",
+                  "London is the capital of the United Kingdom."],  # fmt: skip
+    "top_n": 5,
+    "return_documents": True,
+}
+REPO = Path(__file__).resolve().parents[2]
+
+
+def descendants(pid: int) -> list[int]:
+    """The processes below `pid` (Linux /proc)."""
+    found, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        for task in Path(f"/proc/{p}/task").glob("*"):
+            try:
+                children = [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                continue
+            found += children
+            todo += children
+    return found
+
+
+def running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def replica_pids(server: Server) -> list[int]:
+    pids = []
+    for pid in descendants(server.proc.pid):
+        try:
+            if b"ServeReplica:rerankd:Rerankd" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                pids.append(pid)
+        except OSError:
+            continue
+    return sorted(pids)
+
+
+def ray_server(m0_dir, *args: str) -> Server:
+    return Server(m0_dir, "--ray", "--num-replicas", "2", "--replica-cpus", "1", "--served-model-name", NAME,
+                  "--max-batch-wait-ms", "20", *args, env={"RAY_USAGE_STATS_ENABLED": "0"})  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def on_ray(m0_dir):
+    s = ray_server(m0_dir, "--max-queue-pairs", "64")
+    yield s
+    assert s.stop() == 0, s.output[-3000:]
+
+
+def test_the_seed_request_and_the_cohere_route_score_as_the_single_process_server(on_ray, server):
+    status, via_ray, headers = on_ray.post("/v1/rerank", SEED_REQUEST)
+    assert status == 200, via_ray
+    _, direct, _ = server.post("/v1/rerank", SEED_REQUEST)
+    assert [r["index"] for r in via_ray["results"]] == [r["index"] for r in direct["results"]]
+    assert [r["document"] for r in via_ray["results"]] == [r["document"] for r in direct["results"]]
+    for a, b in zip(via_ray["results"], direct["results"]):
+        assert a["relevance_score"] == pytest.approx(b["relevance_score"], abs=1e-5)
+    assert via_ray["model"] == NAME and headers.get("x-rerankd-replica")
+
+    cohere = {"model": NAME, "query": SEED_REQUEST["query"], "documents": SEED_REQUEST["documents"], "top_n": 2}
+    status, via_ray, _ = on_ray.post("/v2/rerank", cohere)
+    assert status == 200, via_ray
+    _, direct, _ = server.post("/v2/rerank", cohere)
+    assert [r["index"] for r in via_ray["results"]] == [r["index"] for r in direct["results"]]
+    for a, b in zip(via_ray["results"], direct["results"]):
+        assert a["relevance_score"] == pytest.approx(b["relevance_score"], abs=1e-5)
+
+
+def test_the_apps_own_answers_pass_through_the_proxy(on_ray):
+    status, body, headers = on_ray.post("/v1/rerank", {"query": "q", "documents": "not a list"})
+    assert status == 422 and body["error"]["param"], body
+    status, body, _ = on_ray.post("/v1/rerank", {"model": "other", "query": "q", "documents": ["a"]})
+    assert status == 404 and "not served here" in body["error"]["message"]
+    status, body, _ = on_ray.get("/health")
+    assert status == 200 and body["status"] == "ok"
+    status, text, headers = on_ray.get("/metrics")
+    assert status == 200 and "rerankd_requests_total" in text and headers.get("x-rerankd-replica")
+
+
+def test_requests_spread_over_both_replicas_and_backpressure_stays_visible(on_ray):
+    replicas: Counter = Counter()
+    refused = []
+
+    def send(docs: int) -> None:
+        status, body, headers = on_ray.post("/v1/rerank", {"query": "q", "documents": ["gold rush"] * docs})
+        if status == 200:
+            replicas[headers["x-rerankd-replica"]] += 1
+        else:
+            refused.append((status, body, headers))
+
+    deadline = time.monotonic() + 60  # the proxy learns of a replica a moment after it is up
+    while len(replicas) < 2 and time.monotonic() < deadline:
+        threads = [threading.Thread(target=send, args=(1,)) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    assert len(replicas) == 2 and not refused, (replicas, refused)
+
+    # a burst past the replicas' queues (--max-queue-pairs 64): the replica's own 429 reaches the client
+    threads = [threading.Thread(target=send, args=(48,)) for _ in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert refused and all(s == 429 and b["error"]["type"] and h.get("retry-after") for s, b, h in refused), refused
+
+
+def test_a_killed_replica_is_replaced_while_the_other_answers(on_ray):
+    before = replica_pids(on_ray)
+    assert len(before) == 2, before
+    outcomes: Counter = Counter()
+    bad: list = []
+    stop = time.monotonic() + 12
+
+    def client() -> None:
+        for _ in range(1000):
+            if time.monotonic() > stop:
+                return
+            try:
+                status, body, _ = on_ray.post("/v1/rerank", {"query": "q", "documents": ["gold rush " * 20] * 16},
+                                              timeout=30)  # fmt: skip
+            except Exception as e:  # noqa: BLE001 - a hang or a dropped connection is what this test looks for
+                bad.append(repr(e))
+                continue
+            outcomes[status] += 1
+            if status != 200 and not (status in (500, 503) and isinstance(body, dict) and body["error"]["message"]):
+                bad.append((status, body))
+
+    threads = [threading.Thread(target=client) for _ in range(4)]  # 64 pairs at most: within one replica's queue
+    for t in threads:
+        t.start()
+    time.sleep(3)
+    os.kill(before[0], signal.SIGKILL)
+    for t in threads:
+        t.join(60)
+    assert not bad and outcomes[200] > 20, (outcomes, bad[:5])
+    deadline, after = time.monotonic() + 60, []
+    while time.monotonic() < deadline:
+        after = replica_pids(on_ray)
+        if len(after) == 2 and before[0] not in after and on_ray.get("/health")[0] == 200:
+            break
+        time.sleep(0.5)
+    assert len(after) == 2 and before[0] not in after and before[1] in after, (before, after)
+    replicas = {on_ray.post("/v1/rerank", {"query": "q", "documents": ["a"]})[2]["x-rerankd-replica"]
+                for _ in range(40)}  # fmt: skip
+    assert len(replicas) == 2
+
+
+def test_sigterm_lets_the_requests_in_flight_finish(m0_dir):
+    server = ray_server(m0_dir)
+    results: list = []
+
+    def send() -> None:  # about a second of work each on a replica's one thread
+        try:
+            status = server.post("/v1/rerank", {"query": "q", "documents": ["gold rush " * 500] * 64}, timeout=60)[0]
+            results.append((status, time.monotonic()))
+        except Exception as e:  # noqa: BLE001
+            results.append((repr(e), time.monotonic()))
+
+    threads = [threading.Thread(target=send) for _ in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(1.0)
+    ray_processes = descendants(server.proc.pid)
+    assert len(replica_pids(server)) == 2
+    sent = time.monotonic()
+    code = server.stop(timeout=90)
+    for t in threads:
+        t.join(60)
+    assert code == 0 and [r for r, _ in results] == [200] * 4, (code, results, server.output[-3000:])
+    assert max(t for _, t in results) > sent, "no request was still in flight at SIGTERM: the test proves nothing"
+    assert time.monotonic() - sent < 60
+    assert not [pid for pid in ray_processes if running(pid)], "Ray's processes outlived rerankd serve --ray"
+
+
+# ------------------------------------------------------------------------------------------ without a cluster
+
+
+def test_deployment_options_fixed_autoscaled_and_refused():
+    load, options = LoadOptions(device="cpu", num_threads=2), ServeOptions()
+    fixed = deployment_options(load, options, RayOptions(num_replicas=3), cluster_gpus=8)
+    assert fixed["num_replicas"] == 3 and fixed["ray_actor_options"] == {"num_cpus": 2, "num_gpus": 0}
+    assert fixed["max_ongoing_requests"] == 256 and fixed["max_queued_requests"] == 4 * 256 * 3
+    assert fixed["graceful_shutdown_timeout_s"] >= options.request_timeout
+    gpu = deployment_options(LoadOptions(), options, RayOptions(min_replicas=1, max_replicas=4), cluster_gpus=8)
+    assert gpu["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 16.0}
+    assert gpu["ray_actor_options"]["num_gpus"] == 1 and "num_replicas" not in gpu
+    assert deployment_options(LoadOptions(), options, RayOptions(), cluster_gpus=0)["ray_actor_options"]["num_gpus"] == 0
+    for bad in (RayOptions(num_replicas=0), RayOptions(min_replicas=2), RayOptions(min_replicas=3, max_replicas=2),
+                RayOptions(max_ongoing_requests=0), RayOptions(replica_cpus=-1)):  # fmt: skip
+        with pytest.raises(ValueError):
+            deployment_options(load, options, bad, cluster_gpus=0)
+
+
+@pytest.mark.parametrize("path", ["deploy/ray/serve-config.yaml", "deploy/kuberay/rayservice-cpu.yaml",
+                                  "deploy/kuberay/rayservice-gpu.yaml"])  # fmt: skip
+def test_the_documented_configs_build(path, m0_dir):
+    config = yaml.safe_load((REPO / path).read_text())
+    if config.get("kind") == "RayService":
+        assert config["apiVersion"] == "ray.io/v1"
+        config = yaml.safe_load(config["spec"]["serveConfigV2"])
+    (app,) = config["applications"]
+    assert app["import_path"] == "rerankd.api.ray_serve:build" and app["route_prefix"] == "/"
+    built = build({**app["args"], "model": str(m0_dir)})
+    assert type(built).__name__ == "Application"
+
+
+def test_build_names_what_is_wrong(m0_dir):
+    with pytest.raises(ValueError, match="unknown args \\['num_replica'\\]"):
+        build({"model": str(m0_dir), "num_replica": 2})
+    with pytest.raises(ValueError, match="must name the model"):
+        build({"dtype": "float32"})
+    with pytest.raises(ValueError, match="min_replicas and max_replicas"):
+        build({"model": str(m0_dir), "max-replicas": 2})
+
+
+def test_health_check_fails_when_the_model_worker_is_gone(m0_dir):
+    app = create_app(Reranker.from_pretrained(m0_dir, show_progress=False), ServeOptions(), "m")
+    replica = SimpleNamespace(served=app, replica="r1")
+    Rerankd.check_health(replica)  # alive: passes
+    app.state.rerankd.scheduler.close(timeout=10)
+    with pytest.raises(RuntimeError, match="replica r1: the model worker is not running"):
+        Rerankd.check_health(replica)
+
+
+def test_the_proxys_own_answers_become_json_errors():
+    async def call(inner) -> list[dict]:
+        sent: list[dict] = []
+
+        async def send(message):
+            sent.append(message)
+
+        async def receive():
+            return {"type": "http.request", "body": b""}
+
+        await JsonErrorsMiddleware(inner)({"type": "http"}, receive, send)
+        return sent
+
+    async def plain_503(scope, receive, send):
+        await send({"type": "http.response.start", "status": 503,
+                    "headers": [(b"content-type", b"text/plain"), (b"retry-after", b"2")]})  # fmt: skip
+        await send({"type": "http.response.body", "body": b"Service unavailable", "more_body": True})
+        await send({"type": "http.response.body", "body": b": queue full"})
+
+    async def nothing(scope, receive, send):  # a replica lost mid-request: Ray's proxy sends nothing
+        return None
+
+    async def ok(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+        await send({"type": "http.response.body", "body": b"fine"})
+
+    sent = asyncio.run(call(plain_503))
+    headers = dict(sent[0]["headers"])
+    body = json.loads(sent[1]["body"])
+    assert sent[0]["status"] == 503 and headers[b"retry-after"] == b"2" and headers[b"content-type"] == b"application/json"
+    assert body["error"]["message"] == "Ray Serve: Service unavailable: queue full" and len(sent) == 2
+    sent = asyncio.run(call(nothing))
+    assert sent[0]["status"] == 500 and "replica serving this request was lost" in json.loads(sent[1]["body"])["detail"]
+    assert [m.get("body") for m in asyncio.run(call(ok))] == [None, b"fine"]
