@@ -211,7 +211,7 @@ def run(model: str, names: tuple[str, ...], load: LoadOptions, options: ServeOpt
                  " / ".join(map(repr, names)), options.host, options.port, "on" if options.api_key else "off",
                  time.monotonic() - start)  # fmt: skip
         last = "RUNNING"
-        while not stop.wait(1.0):  # Ray replaces failed replicas itself; say when the application's state changes
+        while not stop.wait(5.0):  # Ray replaces failed replicas itself; say when the application's state changes
             status = serve.status().applications.get(APP_NAME)
             if status is not None and status.status != last:
                 log.warning("the Ray Serve application is %s %s", status.status, status.message or "")
