@@ -3,7 +3,7 @@ Ray Serve (`rerankd serve --ray --num-replicas 1`) and against the same replica 
 same model, threads and requests, one server at a time, alternating (direct, ray, direct, ray, ...).
 
 The model is the mid-size random jina-reranker-m0 checkpoint of bench_m0_engine.py (hidden 512, 8 layers); the
-requests are `rerankd bench`'s random workload (--docs documents of --tokens tokens each, range ratio 0.25). On one
+requests are `rerankd bench`'s random workload (--docs documents of --tokens tokens each, --range-ratio 0.25). On one
 machine the proxy, Ray's controller and its raylet share the cores with the replica: that is counted, as it is in a
 real one-node deployment. Target: Ray keeps >= 90% of the direct pairs/s.
 
@@ -16,27 +16,19 @@ import argparse
 import datetime
 import json
 import os
-import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_m0_engine import CHECKPOINT, cpu_name, log  # noqa: E402
+from bench_peer import free_port, run_bench, stop, wait_healthy  # noqa: E402
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 SECTION = "## Ray Serve's proxy vs the same replica served directly (CPU)"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def serve(ckpt: Path, port: int, threads: int, ray: bool) -> subprocess.Popen:
@@ -45,34 +37,8 @@ def serve(ckpt: Path, port: int, threads: int, ray: bool) -> subprocess.Popen:
     if ray:
         cmd += ["--ray", "--num-replicas", "1", "--replica-cpus", str(threads)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 300
-    while True:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1):
-                return proc
-        except OSError:
-            if time.monotonic() > deadline or proc.poll() is not None:
-                proc.kill()
-                raise SystemExit(f"{' '.join(cmd)} did not start (exit {proc.poll()})") from None
-            time.sleep(0.5)
-
-
-def stop(proc: subprocess.Popen) -> None:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(120)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
-def bench(port: int, args: argparse.Namespace, out: Path) -> dict:
-    cmd = [sys.executable, "-m", "rerankd", "bench", "--base-url", f"http://127.0.0.1:{port}", "--num-prompts",
-           str(args.num_prompts), "--docs-per-request", str(args.docs), "--random-input", str(args.tokens),
-           "--random-range-ratio", "0.25", "--max-concurrency", str(args.concurrency), "--output-file", str(out),
-           "--no-progress"]  # fmt: skip
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-    return json.loads(out.read_text())
+    wait_healthy(f"http://127.0.0.1:{port}/health", proc, timeout=300)
+    return proc
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--num-prompts", type=int, default=96, help="requests a round (default 96)")
     ap.add_argument("--docs", type=int, default=8, help="documents per request (default 8)")
     ap.add_argument("--tokens", type=int, default=256, help="tokens per document (default 256)")
-    ap.add_argument("--concurrency", type=int, default=32, help="requests in flight (default 32)")
+    ap.add_argument("--concurrency", default="32", help="requests in flight (default 32)")
+    ap.add_argument("--range-ratio", type=float, default=0.25, help="document lengths' spread (default 0.25)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (default: all CPUs)")
     ap.add_argument("--json-out", type=Path, help="also write the results to this JSON file")
     ap.add_argument("--update-docs", action="store_true", help=f"add the table row to {DOCS.name}")
@@ -92,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
 
     runs: dict[str, list[dict]] = {"direct": [], "ray": []}
     with tempfile.TemporaryDirectory(prefix="rerankd-bench-ray-") as tmp:
-        ckpt = Path(tmp) / "m0"
+        ckpt = args.ckpt = Path(tmp) / "m0"
         log(f"writing the random checkpoint ({', '.join(f'{k}={v}' for k, v in CHECKPOINT.items())})")
         make_tiny_checkpoint("jina-reranker-m0", ckpt, seed=args.seed, **CHECKPOINT)
         for r in range(args.repeats):
@@ -103,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
                 proc = serve(ckpt, port, args.threads, system == "ray")
                 log(f"  healthy in {time.monotonic() - start:.1f}s; rerankd bench, {args.num_prompts} requests")
                 try:
-                    result = bench(port, args, Path(tmp) / f"{system}-{r}.json")
+                    result = run_bench(f"http://127.0.0.1:{port}", "rerankd", args, Path(tmp) / f"{system}-{r}.json")
                 finally:
                     stop(proc)
                 if result["failed"]:
@@ -119,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     share = med("ray", "pairs_per_s") / med("direct", "pairs_per_s")
     machine = f"{cpu_name()}, {os.cpu_count()} CPUs, {args.threads} torch threads"
     results = {"date": datetime.date.today().isoformat(), "machine": machine, "checkpoint": CHECKPOINT,
-               "settings": vars(args) | {"json_out": None}, "runs": runs, "ray_share_of_direct": share}  # fmt: skip
+               "settings": vars(args) | {"json_out": None, "ckpt": None}, "runs": runs, "ray_share_of_direct": share}  # fmt: skip
     cells = [", ".join(f"{r['pairs_per_s']:.1f}" for r in runs[s]) + f" (p99 {med(s, 'latency.p99'):.0f} ms)"
              for s in ("direct", "ray")]  # fmt: skip
     row = (f"| {results['date']} | {machine} | {args.num_prompts} x {args.docs} x {args.tokens} tok, "

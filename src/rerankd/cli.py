@@ -93,34 +93,22 @@ def cmd_rerank(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     import logging
-    import os
 
-    from . import Reranker, RerankdError
+    from . import RerankdError
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log = logging.getLogger("rerankd.serve")
-    serve = ServeOptions(**_options(args, ServeOptions))
-    if serve.api_key is None and os.environ.get("RERANKD_API_KEY"):
-        serve = dataclasses.replace(serve, api_key=os.environ["RERANKD_API_KEY"])
+    serve = ServeOptions(**_options(args, ServeOptions)).with_environment()
     names = tuple(serve.served_model_name or (args.model,))
     if args.ray:
         return _serve_on_ray(args, serve, names)
     try:
         import uvicorn
 
-        from .api import create_app
+        from .api import load_app
         from .api.connections import connection_limits, guarded_protocol, raise_open_files_limit
 
-        log.info("loading %s", args.model)
-        start = time.monotonic()
-        rr = Reranker.from_pretrained(args.model, **_options(args, LoadOptions))
-        log.info("loaded %s (%s) on %s, %s, fp32 CPU linear kernel %s, in %.1fs", args.model, rr.backend.architecture,
-                 rr.options.device, rr.options.dtype, rr.options.cpu_gemm, time.monotonic() - start)  # fmt: skip
-        if not serve.skip_warmup:
-            start = time.monotonic()
-            rr.compute_score([["warm-up query", "warm-up document"]])
-            log.info("warm-up forward done in %.2fs", time.monotonic() - start)
-        app = create_app(rr, serve, names, source=str(args.model))
+        app = load_app(args.model, names, LoadOptions(**_options(args, LoadOptions)), serve)
         cap, backlog = connection_limits(serve.max_connections, raise_open_files_limit())
     except (RerankdError, ValueError, OSError) as e:
         print(f"rerankd: error: {e}", file=sys.stderr)
@@ -132,7 +120,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         http=guarded_protocol(cap, serve.header_timeout), backlog=backlog,  # type: ignore[arg-type]
         timeout_keep_alive=serve.keep_alive_timeout,
         # a backstop: slow clients are already bounded by the header, body and request timeouts
-        timeout_graceful_shutdown=serve.header_timeout + serve.body_timeout + serve.request_timeout + 5,  # type: ignore[arg-type]
+        timeout_graceful_shutdown=serve.drain_seconds,  # type: ignore[arg-type]
     ))  # fmt: skip
     server.run()  # SIGTERM / SIGINT: stop accepting, finish the requests in flight, then return
     return 0 if server.started else 1
@@ -151,6 +139,10 @@ def _serve_on_ray(args: argparse.Namespace, serve: ServeOptions, names: tuple[st
         return ray_serve.run(args.model, names, load, serve, scale)
     except (RerankdError, ValueError) as e:
         print(f"rerankd: error: {e}", file=sys.stderr)
+        return 2
+    except (RuntimeError, ConnectionError) as e:  # Ray's: a deployment that failed, a cluster out of reach
+        print(f"rerankd: error: Ray Serve: {e}\n(check --model and the loading options, --ray-address, and the "
+              "cluster's free CPUs/GPUs against --replica-cpus/--replica-gpus x replicas)", file=sys.stderr)  # fmt: skip
         return 2
 
 

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import ast
 import inspect
-from dataclasses import dataclass, fields
+import os
+from dataclasses import dataclass, fields, replace
 from typing import Literal
 
 DEFAULT_MODEL = "jinaai/jina-reranker-m0"
@@ -141,6 +142,16 @@ class ServeOptions:
     log_level: str = "info"
     """uvicorn's log level (critical, error, warning, info, debug)."""
 
+    @property
+    def drain_seconds(self) -> float:
+        """How long a stopping server lets requests in flight finish: a slow client's head, body and request."""
+        return self.header_timeout + self.body_timeout + self.request_timeout + 5
+
+    def with_environment(self) -> ServeOptions:
+        """These options, the API key read from $RERANKD_API_KEY when none is given."""
+        key = os.environ.get("RERANKD_API_KEY")
+        return replace(self, api_key=key) if self.api_key is None and key else self
+
 
 @dataclass(frozen=True)
 class RayOptions:
@@ -160,10 +171,10 @@ class RayOptions:
     target_ongoing_requests: float = 16.0
     """Autoscaling: requests in progress per replica that Ray aims for."""
     max_ongoing_requests: int = 256
-    """Requests one replica takes at once (its own scheduler batches them); Ray queues the rest, 4x this per
-    replica at most, then answers 503."""
+    """Requests one replica takes at once (its own scheduler batches them); each Ray proxy queues the rest, up to 4x
+    this times the replicas (--num-replicas or --max-replicas), then answers 503."""
     replica_cpus: float | None = None
-    """CPUs Ray reserves for each replica, also its torch threads (default: --num-threads, else 1)."""
+    """CPUs Ray reserves for each replica, also a CPU replica's torch threads (default: --num-threads, else 1)."""
     replica_gpus: float | None = None
     """GPUs per replica (default: 1 when the cluster has GPUs and --device is not 'cpu', else 0)."""
 

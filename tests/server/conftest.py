@@ -72,6 +72,7 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        self.reader.join(10)  # everything the server printed is in `output`
         return self.proc.returncode
 
 

@@ -134,6 +134,9 @@ def test_the_cap_stays_below_the_open_files_limit(m0_dir):
 
 def test_connection_limits_leave_room_for_accept_bursts():
     assert connection_limits(1000, 1 << 20, in_use=10) == (1000, MAX_BACKLOG)
+    # 256 files, 10 open, 64 kept free: room 182, a backlog of 182 // 8 = 22, a cap of 182 - 4 x 22 = 94
+    assert connection_limits(1000, 256, in_use=10) == (94, 22)
+    assert connection_limits(100, 4096, in_use=10) == (100, 502)
     for open_files in (200, 256, 1024, 4096, 65536):
         cap, backlog = connection_limits(1000, open_files, in_use=10)
         assert cap + ACCEPT_BURSTS * backlog + RESERVED_FILES + 10 <= open_files and cap >= 1 and backlog >= 1

@@ -27,7 +27,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..config import RERANK_DEFAULTS, ServeOptions
+from ..config import RERANK_DEFAULTS, LoadOptions, ServeOptions
 from ..engine import Overloaded, Scheduler, TooLarge, WorkerError
 from ..errors import InputError
 from ..inputs import ImageItem, Item, TextItem, parse_item
@@ -194,8 +194,7 @@ def create_app(
         """200 when the model is loaded and its worker runs, 503 otherwise."""
         if scheduler.alive:
             return JSONResponse({"status": "ok", "model": state.model_name})
-        reason = f"the model worker is not running ({scheduler.error or 'stopping'})"
-        return JSONResponse(error_body(503, reason), status_code=503)
+        return JSONResponse(error_body(503, scheduler.down_reason), status_code=503)
 
     @app.get("/v1/models", response_model=ModelList)
     async def models() -> ModelList:
@@ -219,6 +218,23 @@ def create_app(
     app.add_middleware(AuthMiddleware, api_key=options.api_key)
     app.add_middleware(MetricsMiddleware, metrics=metrics, replica=replica)
     return app
+
+
+def load_app(model: str, names: Sequence[str], load: LoadOptions, options: ServeOptions,
+             replica: str | None = None) -> FastAPI:  # fmt: skip
+    """Load `model`, run one warm-up forward (unless options.skip_warmup) and build its app: what `rerankd serve`
+    serves, and each replica of `rerankd serve --ray`."""
+    log = logging.getLogger("rerankd.serve")
+    log.info("loading %s", model)
+    start = time.monotonic()
+    rr = Reranker.from_pretrained(model, **dataclasses.asdict(load))
+    log.info("loaded %s (%s) on %s, %s, fp32 CPU linear kernel %s, in %.1fs", model, rr.backend.architecture,
+             rr.options.device, rr.options.dtype, rr.options.cpu_gemm, time.monotonic() - start)  # fmt: skip
+    if not options.skip_warmup:
+        start = time.monotonic()
+        rr.compute_score([["warm-up query", "warm-up document"]])
+        log.info("warm-up forward done in %.2fs", time.monotonic() - start)
+    return create_app(rr, options, names, source=str(model), replica=replica)
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -280,7 +296,7 @@ async def _score(request: Request, state: ServerState, query: Item, docs: Sequen
     loop = asyncio.get_running_loop()
     scheduler = state.scheduler
     if not scheduler.alive:
-        raise ApiError(503, f"the model worker is not running ({scheduler.error or 'stopping'}); try later")
+        raise ApiError(503, f"{scheduler.down_reason}; try later")
 
     async def work():
         q = query

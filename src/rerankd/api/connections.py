@@ -87,7 +87,8 @@ def connection_limits(max_connections: int, open_files: int, in_use: int | None 
     if cap < 1:
         raise ValueError(f"the open files limit ({open_files}) leaves no room for connections: raise it (ulimit -n)")
     if cap < max_connections:
-        log.warning("--max-connections %d lowered to %d by the open files limit (%d)", max_connections, cap, open_files)
+        log.warning("--max-connections %d lowered to %d by the open files limit (%d); raise the limit (ulimit -n) to "
+                    "keep %d", max_connections, cap, open_files, max_connections)  # fmt: skip
     return cap, backlog
 
 

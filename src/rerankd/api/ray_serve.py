@@ -17,6 +17,7 @@ proxy runs when RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH names it (`run` sets i
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -30,8 +31,7 @@ from ray import serve
 from ray.serve import Application
 
 from ..config import LoadOptions, RayOptions, ServeOptions
-from ..reranker import Reranker
-from .app import create_app, error_body
+from .app import error_body, load_app
 
 log = logging.getLogger("rerankd.serve")
 
@@ -45,12 +45,9 @@ class Rerankd:
     """One replica: the model loaded once, its scheduler, and the server's app in front of them."""
 
     def __init__(self, model: str, names: list[str], load: dict[str, Any], options: dict[str, Any]):
-        serve_options = ServeOptions(**options)
         self.replica = serve.get_replica_context().replica_id.unique_id
-        reranker = Reranker.from_pretrained(model, **load)
-        if not serve_options.skip_warmup:
-            reranker.compute_score([["warm-up query", "warm-up document"]])
-        self.served = create_app(reranker, serve_options, names, source=model, replica=self.replica)
+        serve_options = ServeOptions(**options).with_environment()  # $RERANKD_API_KEY of the replica's node
+        self.served = load_app(model, names, LoadOptions(**load), serve_options, replica=self.replica)
 
     def __serve_build_asgi_app__(self):
         return self.served
@@ -59,15 +56,19 @@ class Rerankd:
         """Ray's health check: fails when the model worker is not running, and Ray replaces the replica."""
         scheduler = self.served.state.rerankd.scheduler
         if not scheduler.alive:
-            raise RuntimeError(f"replica {self.replica}: the model worker is not running "
-                               f"({scheduler.error or 'stopping'})")  # fmt: skip
+            raise RuntimeError(f"replica {self.replica}: {scheduler.down_reason}")
 
 
 def deployment_options(load: LoadOptions, options: ServeOptions, scale: RayOptions, cluster_gpus: float) -> dict:
-    """Ray's options of the deployment: replica count or autoscaling range, resources, queue and health settings."""
-    cpus = scale.replica_cpus or load.num_threads or 1
-    cuda = load.device is None or load.device.startswith("cuda")
-    gpus = scale.replica_gpus if scale.replica_gpus is not None else (1 if cuda and cluster_gpus > 0 else 0)
+    """Ray's options of the deployment: replica count or autoscaling range, resources, queue and health settings.
+    GPUs per replica: `replica_gpus`, else 1 when `device` is CUDA (or unset and the cluster has GPUs), else 0."""
+    cpus = scale.replica_cpus if scale.replica_cpus is not None else (load.num_threads or 1)
+    if scale.replica_gpus is not None:
+        gpus = scale.replica_gpus
+    elif load.device is not None:
+        gpus = 1 if load.device.startswith("cuda") else 0
+    else:
+        gpus = 1 if cluster_gpus > 0 else 0
     if cpus <= 0 or gpus < 0:
         raise ValueError(f"replica_cpus must be > 0 and replica_gpus >= 0, got {cpus} and {gpus}")
     if scale.max_ongoing_requests < 1:
@@ -79,7 +80,7 @@ def deployment_options(load: LoadOptions, options: ServeOptions, scale: RayOptio
         "health_check_timeout_s": 30,
         "graceful_shutdown_wait_loop_s": 1,
         # requests in flight at shutdown (SIGTERM, scale-down, rolling update) may finish
-        "graceful_shutdown_timeout_s": options.body_timeout + options.request_timeout + 5,
+        "graceful_shutdown_timeout_s": options.drain_seconds,
     }
     if scale.min_replicas is None and scale.max_replicas is None:
         if scale.num_replicas < 1:
@@ -106,6 +107,9 @@ def application(model: str, names: tuple[str, ...], load: LoadOptions, options: 
     import ray
 
     cluster_gpus = ray.cluster_resources().get("GPU", 0) if ray.is_initialized() else 0
+    if not ray.is_initialized() and scale.replica_gpus is None and load.device is None:
+        log.warning("no Ray cluster to ask for GPUs yet: CPU replicas (set replica_gpus: 1, or device: cuda, for GPU "
+                    "replicas)")  # fmt: skip
     settings = deployment_options(load, options, scale, cluster_gpus)
     load_args = dataclasses.asdict(load)
     if load.num_threads is None and settings["ray_actor_options"]["num_gpus"] == 0:
@@ -115,22 +119,49 @@ def application(model: str, names: tuple[str, ...], load: LoadOptions, options: 
     return deployment.bind(model, list(names), load_args, dataclasses.asdict(options))
 
 
+NOT_UNDER_RAY = {  # options of `rerankd serve` that Ray's proxy owns (a config file's http_options) or that pick Ray
+    "host": "http_options.host", "port": "http_options.port", "keep_alive_timeout": "http_options.keep_alive_timeout_s",
+    "max_connections": "Ray's proxy", "header_timeout": "Ray's proxy", "log_level": "Ray's logging_config",
+    "ray": "the config file itself", "ray_address": "serve deploy --address",
+}  # fmt: skip
+
+
 def build(args: dict[str, Any]) -> Application:
-    """The application from a `serve run` / `serve deploy` config's `args`: `model`, `served_model_name` (a name or
-    a list) and any option of `rerankd serve` (LoadOptions, ServeOptions, RayOptions fields; dashes or underscores)."""
-    args = {k.replace("-", "_"): v for k, v in (args or {}).items()}
-    model = args.pop("model", None)
-    if not model:
-        raise ValueError("rerankd.api.ray_serve:build: args must name the model (args: {model: <hub id or path>})")
-    names = args.pop("served_model_name", None) or model
-    names = (names,) if isinstance(names, str) else tuple(names)
-    known = {cls: {f.name for f in dataclasses.fields(cls)} for cls in (LoadOptions, ServeOptions, RayOptions)}
-    unknown = sorted(set(args) - set().union(*known.values()))
-    if unknown:
-        raise ValueError(f"rerankd.api.ray_serve:build: unknown args {unknown}; the options of `rerankd serve` are "
-                         "accepted (see `rerankd serve --help`, dashes as underscores)")  # fmt: skip
-    load, options, scale = (cls(**{k: v for k, v in args.items() if k in known[cls]}) for cls in known)
-    return application(model, names, load, options, scale)
+    """The application from a `serve run` / `serve deploy` config's `args` (or `serve run ... key=value`): the
+    options of `rerankd serve` (`model`, `served_model_name`, loading, server and scale-out options; dashes or
+    underscores), read by the command line's own parser, so that values, types and choices mean the same."""
+    import contextlib
+    import io
+    import typing
+
+    from ..cli import _options, build_parser
+
+    argv = ["serve"]
+    bools = {f.name for cls in (LoadOptions, ServeOptions, RayOptions) for f in dataclasses.fields(cls)
+             if typing.get_type_hints(cls)[f.name] is bool}  # fmt: skip
+    for key, value in (args or {}).items():
+        name = key.replace("-", "_")
+        if name in NOT_UNDER_RAY:
+            raise ValueError(f"rerankd.api.ray_serve:build: args.{key} does not apply on Ray Serve; set "
+                             f"{NOT_UNDER_RAY[name]} instead")  # fmt: skip
+        flag = "--" + name.replace("_", "-")
+        if name in bools:
+            on = value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes", "on")
+            argv.append(flag if on else "--no-" + flag[2:])
+        elif isinstance(value, (list, tuple)):
+            argv += [flag, *map(str, value)]
+        elif value is not None:
+            argv += [flag, str(value)]
+    said = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(said):
+            parsed = build_parser().parse_args(argv)
+    except SystemExit:
+        problem = said.getvalue().strip().splitlines()[-1:] or ["unreadable args"]
+        raise ValueError(f"rerankd.api.ray_serve:build: {problem[0].split(': error: ')[-1]} (the args are the "
+                         "options of `rerankd serve --help`, dashes as underscores)") from None  # fmt: skip
+    load, options, scale = (cls(**_options(parsed, cls)) for cls in (LoadOptions, ServeOptions, RayOptions))
+    return application(parsed.model, tuple(options.served_model_name or (parsed.model,)), load, options, scale)
 
 
 def proxy_middlewares() -> list:
@@ -153,18 +184,19 @@ class JsonErrorsMiddleware:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         held: dict[str, Any] = {}
-        started = [False]
+        state = {"started": False, "done": False}
 
         async def send_json(status: int, message: str, headers: list) -> None:
             body = json.dumps(error_body(status, message)).encode()
             keep = [(k, v) for k, v in headers if k.lower() not in (b"content-type", b"content-length")]
+            state["done"] = True
             await send({"type": "http.response.start", "status": status, "headers": [
                 *keep, (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
             await send({"type": "http.response.body", "body": body})
 
         async def json_send(message):
             if message["type"] == "http.response.start":
-                started[0] = True
+                state["started"] = True
                 headers = dict(message.get("headers") or [])
                 if message["status"] >= 400 and not headers.get(b"content-type", b"").startswith(b"application/json"):
                     held.update(start=message, body=b"")
@@ -181,46 +213,91 @@ class JsonErrorsMiddleware:
         try:
             await self.app(scope, receive, json_send)
         finally:
-            if not started[0]:
+            if held and not state["done"]:  # an error response cut short: its status, as JSON
+                await send_json(held["start"]["status"], "Ray Serve: the request failed in Ray's proxy",
+                                held["start"].get("headers") or [])  # fmt: skip
+            elif not state["started"]:
                 await send_json(500, "Ray Serve: the replica serving this request was lost before it answered; "
                                 "retry (Ray replaces failed replicas)", [])  # fmt: skip
 
 
 def run(model: str, names: tuple[str, ...], load: LoadOptions, options: ServeOptions, scale: RayOptions) -> int:
-    """`rerankd serve --ray`: deploy on Ray (local, or the cluster at --ray-address), serve until SIGTERM/SIGINT,
-    then delete the application (requests in flight finish) and stop the Ray this process started."""
+    """`rerankd serve --ray`: deploy on Ray (a new local instance, or the cluster at --ray-address / $RAY_ADDRESS),
+    serve until SIGTERM/SIGINT, then delete the application (requests in flight finish within
+    `options.drain_seconds`) and stop the Ray this process started. Ctrl-C also ends a deployment still waiting."""
     import ray
 
     os.environ.setdefault("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", PROXY_CALLBACK)  # for a Ray started here
-    joining = scale.ray_address or os.environ.get("RAY_ADDRESS")
-    log.info("%s Ray", f"joining the cluster at {joining}:" if joining else "starting a local")
-    ray.init(address=scale.ray_address, include_dashboard=False, logging_level=logging.WARNING,
+    address = scale.ray_address or os.environ.get("RAY_ADDRESS")
+    log.info("%s Ray", f"joining the cluster at {address}:" if address else "starting a local")
+    # "local": a new instance, never one that `ray start` left running on this machine
+    ray.init(address=address or "local", include_dashboard=False, logging_level=logging.WARNING,
              log_to_driver=options.log_level in ("info", "debug"))  # fmt: skip
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    deployed = False
     try:
+        if address and _has_application(APP_NAME):
+            raise ValueError(f"the cluster at {address} already runs an application named {APP_NAME!r}: delete "
+                             f"it first (serve.delete({APP_NAME!r}) or serve shutdown) or use another cluster")
         serve.start(http_options={"host": options.host, "port": options.port,
                                   "keep_alive_timeout_s": max(1, round(options.keep_alive_timeout))})  # fmt: skip
         app = application(model, names, load, options, scale)
         count = scale.num_replicas if scale.min_replicas is None else f"{scale.min_replicas}..{scale.max_replicas}"
         log.info("deploying %s replica(s) of %s (each loads the model; this takes as long as a start-up)", count, model)
-        start = time.monotonic()
-        serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
-        log.info("serving %s on http://%s:%d through Ray Serve (auth %s), deployed in %.1fs",
-                 " / ".join(map(repr, names)), options.host, options.port, "on" if options.api_key else "off",
-                 time.monotonic() - start)  # fmt: skip
+        start, failed = time.monotonic(), []
+        deployed = True
+        done = _in_thread(lambda: serve.run(app, name=APP_NAME, route_prefix="/", blocking=False), failed)
+        while not done.wait(1.0):
+            if stop.is_set():
+                log.warning("stopped before the replicas were up")
+                return 1
+            if round(time.monotonic() - start) % 60 == 0:
+                status = serve.status().applications.get(APP_NAME)
+                log.warning("still deploying after %.0fs: %s (replicas that cannot be placed wait for CPUs/GPUs: "
+                            "see `ray status`)", time.monotonic() - start, status and status.message)  # fmt: skip
+        if failed:
+            raise failed[0]
+        where = (f"http://{options.host}:{options.port}" if not address else
+                 "the cluster's Serve proxies (a Serve already running there keeps its own host and port)")  # fmt: skip
+        log.info("serving %s on %s through Ray Serve (auth %s), deployed in %.1fs", " / ".join(map(repr, names)),
+                 where, "on" if options.api_key else "off", time.monotonic() - start)  # fmt: skip
         last = "RUNNING"
         while not stop.wait(5.0):  # Ray replaces failed replicas itself; say when the application's state changes
             status = serve.status().applications.get(APP_NAME)
             if status is not None and status.status != last:
                 log.warning("the Ray Serve application is %s %s", status.status, status.message or "")
                 last = status.status
-        log.info("stopping: letting requests in flight finish (up to %.0fs)",
-                 options.body_timeout + options.request_timeout + 5)  # fmt: skip
-        serve.delete(APP_NAME)
         return 0
     finally:
-        if not joining:
+        if deployed:
+            log.info("stopping: letting requests in flight finish (up to %.0fs)", options.drain_seconds)
+            with contextlib.suppress(Exception):
+                serve.delete(APP_NAME)
+        if not address:
             serve.shutdown()
             ray.shutdown()
+
+
+def _has_application(name: str) -> bool:
+    try:
+        return name in serve.status().applications
+    except Exception:  # noqa: BLE001 - no Serve running on the cluster yet
+        return False
+
+
+def _in_thread(work, failed: list) -> threading.Event:
+    """Run `work` in a daemon thread; the event is set when it returns, its exception appended to `failed`."""
+    done = threading.Event()
+
+    def target() -> None:
+        try:
+            work()
+        except BaseException as e:  # noqa: BLE001 - handed to the caller
+            failed.append(e)
+        finally:
+            done.set()
+
+    threading.Thread(target=target, name="rerankd-ray-deploy", daemon=True).start()
+    return done

@@ -297,6 +297,11 @@ class Scheduler:
         return self._thread.is_alive() and self.error is None and not self._stopping
 
     @property
+    def down_reason(self) -> str:
+        """Why the worker is not running, for answers and health checks."""
+        return f"the model worker is not running ({self.error or 'stopped'})"
+
+    @property
     def queued_pairs(self) -> int:
         return self._admitted
 
@@ -324,7 +329,7 @@ class Scheduler:
         job.window = max(len(job.unit_slots), 1) if streaming else WINDOW_PAIRS
         with self._cond:
             if not self.alive:
-                raise WorkerError(f"the model worker is not running ({self.error or 'stopped'})")
+                raise WorkerError(self.down_reason)
             if self.max_queue_pairs is not None and self._admitted and self._admitted + n > self.max_queue_pairs:
                 raise Overloaded(
                     f"the server is busy: {self._admitted} pairs queued, this request adds {n}, the limit is "

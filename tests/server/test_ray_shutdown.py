@@ -1,0 +1,43 @@
+"""`rerankd serve --ray` stops cleanly (issue 15): SIGTERM lets the requests in flight finish, and no Ray process
+outlives it. Its own module, so that no other Ray instance shares the machine meanwhile."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+pytest.importorskip("ray.serve")
+
+from .test_ray import descendants, ray_server, replica_pids, running  # noqa: E402
+
+
+def test_sigterm_lets_the_requests_in_flight_finish(m0_dir):
+    server = ray_server(m0_dir)
+    results: list = []
+
+    def send() -> None:  # about a second of work each on a replica's one thread: 4 a replica
+        try:
+            status = server.post("/v1/rerank", {"query": "q", "documents": ["gold rush " * 500] * 64}, timeout=60)[0]
+            results.append((status, time.monotonic()))
+        except Exception as e:  # noqa: BLE001
+            results.append((repr(e), time.monotonic()))
+
+    threads = [threading.Thread(target=send) for _ in range(8)]
+    for t in threads:
+        t.start()
+    time.sleep(1.0)
+    ray_processes = descendants(server.proc.pid)
+    assert len(replica_pids(server)) == 2
+    sent = time.monotonic()
+    code = server.stop(timeout=90)
+    for t in threads:
+        t.join(60)
+    assert code == 0 and [r for r, _ in results] == [200] * 8, (code, results, server.output[-3000:])
+    assert max(t for _, t in results) > sent, "no request was still in flight at SIGTERM: the test proves nothing"
+    assert time.monotonic() - sent < 60
+    deadline = time.monotonic() + 30  # Ray's workers exit a moment after their raylet
+    while [pid for pid in ray_processes if running(pid)] and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not [pid for pid in ray_processes if running(pid)], "Ray's processes outlived rerankd serve --ray"
