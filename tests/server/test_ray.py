@@ -255,6 +255,48 @@ def test_health_check_fails_when_the_model_worker_is_gone(m0_dir):
         Rerankd.check_health(replica)
 
 
+def test_a_cancelled_request_drops_its_work(m0_dir):
+    """Ray Serve cancels a replica's request when its client goes away (it does not send http.disconnect): the
+    scoring it started is withdrawn from the scheduler, not left to run for no one."""
+    app = create_app(Reranker.from_pretrained(m0_dir, show_progress=False), ServeOptions(), "m")
+    scheduler = app.state.rerankd.scheduler
+    body = json.dumps({"query": "q", "documents": ["gold rush " * 1000] * 200}).encode()  # seconds of work
+
+    async def main() -> tuple[int, int]:
+        async def receive():
+            if body_sent.is_set():
+                await asyncio.Event().wait()  # the client says nothing more
+            body_sent.set()
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        async def send(message):
+            pass
+
+        body_sent = asyncio.Event()
+        scope = {"type": "http", "method": "POST", "path": "/v1/rerank", "headers": [
+            (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+            "query_string": b"", "http_version": "1.1", "scheme": "http", "server": ("t", 80), "client": ("c", 1),
+            "root_path": ""}  # fmt: skip
+        request = asyncio.ensure_future(app(scope, receive, send))
+        for _ in range(200):  # until the pairs are admitted (bounded: 10 s)
+            if scheduler.queued_pairs:
+                break
+            await asyncio.sleep(0.05)
+        admitted = scheduler.queued_pairs
+        request.cancel()
+        for _ in range(20):  # withdrawn within a second (the batch running finishes), long before the work would
+            if not scheduler.queued_pairs:
+                break
+            await asyncio.sleep(0.05)
+        return admitted, scheduler.queued_pairs
+
+    try:
+        admitted, left = asyncio.run(main())
+        assert admitted == 200 and left == 0, (admitted, left)
+    finally:
+        scheduler.close(timeout=10)
+
+
 def test_the_proxys_own_answers_become_json_errors():
     async def call(inner, sent: list | None = None) -> list[dict]:
         sent = [] if sent is None else sent

@@ -311,6 +311,9 @@ async def _score(request: Request, state: ServerState, query: Item, docs: Sequen
     try:
         done, _ = await asyncio.wait({task, gone}, timeout=state.options.request_timeout,
                                      return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
+    except asyncio.CancelledError:  # the request itself was cancelled (Ray Serve does so when its client goes away)
+        task.cancel()
+        raise
     finally:
         gone.cancel()
     if task not in done:
