@@ -236,7 +236,7 @@ def run(model: str, names: tuple[str, ...], load: LoadOptions, options: ServeOpt
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    deployed = False
+    deployed = up = False
     try:
         if address and _has_application(APP_NAME):
             raise ValueError(f"the cluster at {address} already runs an application named {APP_NAME!r}: delete "
@@ -259,6 +259,7 @@ def run(model: str, names: tuple[str, ...], load: LoadOptions, options: ServeOpt
                             "see `ray status`)", time.monotonic() - start, status and status.message)  # fmt: skip
         if failed:
             raise failed[0]
+        up = True
         where = (f"http://{options.host}:{options.port}" if not address else
                  "the cluster's Serve proxies (a Serve already running there keeps its own host and port)")  # fmt: skip
         log.info("serving %s on %s through Ray Serve (auth %s), deployed in %.1fs", " / ".join(map(repr, names)),
@@ -271,12 +272,14 @@ def run(model: str, names: tuple[str, ...], load: LoadOptions, options: ServeOpt
                 last = status.status
         return 0
     finally:
-        if deployed:
+        if up:
             log.info("stopping: letting requests in flight finish (up to %.0fs)", options.drain_seconds)
-            with contextlib.suppress(Exception):
-                serve.delete(APP_NAME)
+        with contextlib.suppress(Exception):
+            if deployed:  # nothing can be in flight before the replicas were up: no waiting then
+                serve.delete(APP_NAME, _blocking=up)
         if not address:
-            serve.shutdown()
+            if up:  # before that, Serve's own shutdown waits 30 s on replicas that cannot be placed: the Ray goes anyway
+                serve.shutdown()
             ray.shutdown()
 
 
