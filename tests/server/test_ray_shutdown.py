@@ -1,5 +1,6 @@
 """`rerankd serve --ray` stops cleanly (issue 15): SIGTERM lets the requests in flight finish, Ctrl-C ends a
-deployment that cannot start, and no Ray process outlives it. Its own module, so that no other Ray instance shares the machine meanwhile."""
+deployment that cannot start, and no Ray process outlives it. Its own module, so that no other Ray instance shares
+the machine meanwhile."""
 
 from __future__ import annotations
 

@@ -278,7 +278,7 @@ def run(model: str, names: tuple[str, ...], load: LoadOptions, options: ServeOpt
             if deployed:  # nothing can be in flight before the replicas were up: no waiting then
                 serve.delete(APP_NAME, _blocking=up)
         if not address:
-            if up:  # before that, Serve's own shutdown waits 30 s on replicas that cannot be placed: the Ray goes anyway
+            if up:  # before, Serve's own shutdown would wait 30 s on replicas that cannot be placed; Ray goes anyway
                 serve.shutdown()
             ray.shutdown()
 
