@@ -338,3 +338,4 @@ def test_the_proxys_own_answers_become_json_errors():
     with pytest.raises(RuntimeError, match="lost"):
         asyncio.run(call(cut_short, sent := []))
     assert sent[0]["status"] == 503 and json.loads(sent[1]["body"])["error"]["message"].startswith("Ray Serve:")
+    assert dict(sent[0]["headers"])[b"retry-after"] == b"1"  # Ray gave none: the server's own default

@@ -174,8 +174,9 @@ def proxy_middlewares() -> list:
 
 class JsonErrorsMiddleware:
     """Ray's proxy's own answers as JSON errors of the server's shape: a non-JSON error response (status >= 400) is
-    rewritten, status and headers kept; a request that ends with no response at all (its replica died mid-request:
-    Ray sends nothing, and uvicorn would answer a plain 'Internal Server Error') gets a JSON 500."""
+    rewritten, status and headers kept (a 429/503 without Retry-After gets `Retry-After: 1`, as the server's own
+    have); a request that ends with no response at all (its replica died mid-request: Ray sends nothing, and uvicorn
+    would answer a plain 'Internal Server Error') gets a JSON 500."""
 
     def __init__(self, app):
         self.app = app
@@ -189,6 +190,8 @@ class JsonErrorsMiddleware:
         async def send_json(status: int, message: str, headers: list) -> None:
             body = json.dumps(error_body(status, message)).encode()
             keep = [(k, v) for k, v in headers if k.lower() not in (b"content-type", b"content-length")]
+            if status in (429, 503) and not any(k.lower() == b"retry-after" for k, _ in keep):
+                keep.append((b"retry-after", b"1"))  # Ray's full queue says when to come back only if configured to
             state["done"] = True
             await send({"type": "http.response.start", "status": status, "headers": [
                 *keep, (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
