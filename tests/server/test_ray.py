@@ -23,7 +23,8 @@ import yaml  # noqa: E402 (Ray's dependency)
 
 from rerankd import Reranker  # noqa: E402
 from rerankd.api import create_app  # noqa: E402
-from rerankd.api.ray_serve import JsonErrorsMiddleware, Rerankd, build, deployment_options  # noqa: E402
+from rerankd.api.ray_proxy import JsonErrorsMiddleware  # noqa: E402
+from rerankd.api.ray_serve import Rerankd, build, deployment_options  # noqa: E402
 from rerankd.config import LoadOptions, RayOptions, ServeOptions  # noqa: E402
 
 from .conftest import Server  # noqa: E402

@@ -36,6 +36,7 @@ from ..inputs.images import ImagePolicy
 from ..models.base import LengthOptions, Where
 from ..reranker import Reranker
 from ..results import activate, cohere_response, describe_errors, jina_response, rerank_results
+from .errors import error_body
 from .metrics import Metrics
 from .schemas import (
     CohereRerankRequest,
@@ -52,9 +53,6 @@ from .schemas import (
 
 log = logging.getLogger("rerankd.server")
 
-ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-               405: "invalid_request_error", 408: "timeout_error", 413: "request_too_large", 422: "invalid_request_error",
-               429: "rate_limit_error", 500: "internal_error", 503: "service_unavailable", 504: "timeout_error"}  # fmt: skip
 ROUTES = ("/v1/rerank", "/rerank", "/v2/rerank", "/health", "/v1/models", "/metrics", "/docs", "/openapi.json", "/",
           "/playground")
 OPEN_ROUTES = ("/health", "/", "/playground")  # never need the API key (the playground page holds no data; it sends
@@ -67,13 +65,6 @@ class ApiError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.headers = status, message, param, headers
-
-
-def error_body(status: int, message: str, param: str | None = None) -> dict:
-    """Every error's body: OpenAI-style `error`, and the message again as `detail` (FastAPI's and Jina's shape,
-    which Jina clients read)."""
-    return {"error": {"message": message, "type": ERROR_TYPES.get(status, "error"), "param": param},
-            "detail": message}  # fmt: skip
 
 
 @dataclass

@@ -11,15 +11,15 @@ Three ways in:
 * `application(...)` from Python, for `serve.run`.
 
 Every answer carries `x-rerankd-replica`, the replica that served it. Ray's own answers (no replica reachable, its
-queue full, a replica dying mid-request) are made JSON errors of the server's shape by `proxy_middlewares`, which the
-proxy runs when RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH names it (`run` sets it for the Ray it starts).
+queue full, a replica dying mid-request) are made JSON errors of the server's shape by
+`rerankd.api.ray_proxy:proxy_middlewares`, which the proxy runs when RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH names
+it (`run` sets it for the Ray it starts).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import os
 import signal
@@ -31,12 +31,12 @@ from ray import serve
 from ray.serve import Application
 
 from ..config import LoadOptions, RayOptions, ServeOptions
-from .app import error_body, load_app
+from .app import load_app
 
 log = logging.getLogger("rerankd.serve")
 
 APP_NAME = "rerankd"
-PROXY_CALLBACK = "rerankd.api.ray_serve:proxy_middlewares"
+PROXY_CALLBACK = "rerankd.api.ray_proxy:proxy_middlewares"
 QUEUED_PER_ONGOING = 4  # requests Ray's router queues per request a replica may take, before it answers 503
 
 
@@ -164,66 +164,6 @@ def build(args: dict[str, Any]) -> Application:
     return application(parsed.model, tuple(options.served_model_name or (parsed.model,)), load, options, scale)
 
 
-def proxy_middlewares() -> list:
-    """Starlette middlewares for Ray's HTTP proxy: its own error answers (plain text: no replica, queue full, a
-    replica lost mid-request) become JSON errors of the server's shape, with the status kept."""
-    from starlette.middleware import Middleware
-
-    return [Middleware(JsonErrorsMiddleware)]
-
-
-class JsonErrorsMiddleware:
-    """Ray's proxy's own answers as JSON errors of the server's shape: a non-JSON error response (status >= 400) is
-    rewritten, status and headers kept (a 429/503 without Retry-After gets `Retry-After: 1`, as the server's own
-    have); a request that ends with no response at all (its replica died mid-request: Ray sends nothing, and uvicorn
-    would answer a plain 'Internal Server Error') gets a JSON 500."""
-
-    def __init__(self, app):
-        self.app = app
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        held: dict[str, Any] = {}
-        state = {"started": False, "done": False}
-
-        async def send_json(status: int, message: str, headers: list) -> None:
-            body = json.dumps(error_body(status, message)).encode()
-            keep = [(k, v) for k, v in headers if k.lower() not in (b"content-type", b"content-length")]
-            if status in (429, 503) and not any(k.lower() == b"retry-after" for k, _ in keep):
-                keep.append((b"retry-after", b"1"))  # Ray's full queue says when to come back only if configured to
-            state["done"] = True
-            await send({"type": "http.response.start", "status": status, "headers": [
-                *keep, (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-            await send({"type": "http.response.body", "body": body})
-
-        async def json_send(message):
-            if message["type"] == "http.response.start":
-                state["started"] = True
-                headers = dict(message.get("headers") or [])
-                if message["status"] >= 400 and not headers.get(b"content-type", b"").startswith(b"application/json"):
-                    held.update(start=message, body=b"")
-                    return None
-            elif message["type"] == "http.response.body" and held:
-                held["body"] += message.get("body", b"")
-                if message.get("more_body"):
-                    return None
-                text = held["body"].decode("utf-8", "replace").strip() or "the request failed in Ray's proxy"
-                start = held["start"]
-                return await send_json(start["status"], f"Ray Serve: {text}", start.get("headers") or [])
-            return await send(message)
-
-        try:
-            await self.app(scope, receive, json_send)
-        finally:
-            if held and not state["done"]:  # an error response cut short: its status, as JSON
-                await send_json(held["start"]["status"], "Ray Serve: the request failed in Ray's proxy",
-                                held["start"].get("headers") or [])  # fmt: skip
-            elif not state["started"]:
-                await send_json(500, "Ray Serve: the replica serving this request was lost before it answered; "
-                                "retry (Ray replaces failed replicas)", [])  # fmt: skip
-
-
 def run(model: str, names: tuple[str, ...], load: LoadOptions, options: ServeOptions, scale: RayOptions) -> int:
     """`rerankd serve --ray`: deploy on Ray (a new local instance, or the cluster at --ray-address / $RAY_ADDRESS),
     serve until SIGTERM/SIGINT, then delete the application (requests in flight finish within
@@ -231,6 +171,9 @@ def run(model: str, names: tuple[str, ...], load: LoadOptions, options: ServeOpt
     import ray
 
     os.environ.setdefault("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", PROXY_CALLBACK)  # for a Ray started here
+    # Ray starts its workers, the proxy and the replicas among them, at nice 15: beside any busy process at the
+    # default 0 they starve, and the proxy misses Ray's 5 s readiness check at start-up (seen with both cores busy)
+    os.environ.setdefault("RAY_worker_niceness", "0")
     address = scale.ray_address or os.environ.get("RAY_ADDRESS")
     log.info("%s Ray", f"joining the cluster at {address}:" if address else "starting a local")
     # "local": a new instance, never one that `ray start` left running on this machine
