@@ -12,7 +12,6 @@ import contextlib
 import dataclasses
 import json
 import sys
-import time
 import typing
 from pathlib import Path
 

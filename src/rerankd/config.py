@@ -176,7 +176,7 @@ class RayOptions:
     replica_cpus: float | None = None
     """CPUs Ray reserves for each replica, also a CPU replica's torch threads (default: --num-threads, else 1)."""
     replica_gpus: float | None = None
-    """GPUs per replica (default: 1 when the cluster has GPUs and --device is not 'cpu', else 0)."""
+    """GPUs per replica (default: 1 with --device cuda, or with no --device on a cluster that has GPUs; else 0)."""
 
 
 def field_docs(cls: type) -> dict[str, str]:

@@ -25,7 +25,8 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, model_dir: Path, *args: str, env: dict | None = None, preexec_fn=None):
+    def __init__(self, model_dir: Path, *args: str, env: dict | None = None, preexec_fn=None, healthy: bool = True):
+        """Start it; with `healthy` (the default), wait until /health answers 200 (120 s at most)."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "rerankd", "serve", "--model", str(model_dir), "--port", str(self.port),
@@ -36,6 +37,8 @@ class Server:
         self.lines: collections.deque[str] = collections.deque(maxlen=400)
         self.reader = threading.Thread(target=lambda: self.lines.extend(self.proc.stdout), daemon=True)
         self.reader.start()
+        if not healthy:
+            return
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

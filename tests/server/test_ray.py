@@ -74,9 +74,10 @@ def replica_pids(server: Server) -> list[int]:
     return sorted(pids)
 
 
-def ray_server(m0_dir, *args: str) -> Server:
+def ray_server(m0_dir, *args: str, healthy: bool = True) -> Server:
+    """`rerankd serve --ray` with 2 one-CPU replicas; later `args` override these."""
     return Server(m0_dir, "--ray", "--num-replicas", "2", "--replica-cpus", "1", "--served-model-name", NAME,
-                  "--max-batch-wait-ms", "20", *args, env={"RAY_USAGE_STATS_ENABLED": "0"})  # fmt: skip
+                  "--max-batch-wait-ms", "20", *args, env={"RAY_USAGE_STATS_ENABLED": "0"}, healthy=healthy)  # fmt: skip
 
 
 @pytest.fixture(scope="module")

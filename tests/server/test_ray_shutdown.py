@@ -4,10 +4,7 @@ the machine meanwhile."""
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 
@@ -15,7 +12,6 @@ import pytest
 
 pytest.importorskip("ray.serve")
 
-from .conftest import free_port  # noqa: E402
 from .test_ray import descendants, ray_server, replica_pids, running  # noqa: E402
 
 
@@ -43,39 +39,29 @@ def test_sigterm_lets_the_requests_in_flight_finish(m0_dir):
     assert code == 0 and [r for r, _ in results] == [200] * 8, (code, results, server.output[-3000:])
     assert max(t for _, t in results) > sent, "no request was still in flight at SIGTERM: the test proves nothing"
     assert time.monotonic() - sent < 60
-    deadline = time.monotonic() + 30  # Ray's workers exit a moment after their raylet
-    while [pid for pid in ray_processes if running(pid)] and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert not [pid for pid in ray_processes if running(pid)], "Ray's processes outlived rerankd serve --ray"
+    assert_gone(ray_processes)
 
 
 def test_ctrl_c_ends_a_deployment_whose_replicas_cannot_be_placed(m0_dir):
     """Replicas asking for more CPUs than the cluster has wait for ever in Ray: Ctrl-C still ends it, quickly, and
     takes the local Ray down with it."""
-    cmd = [sys.executable, "-m", "rerankd", "serve", "--ray", "--model", str(m0_dir), "--port", str(free_port()),
-           "--replica-cpus", "1000", "--log-level", "info", "--no-show-progress"]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})  # fmt: skip
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
-    reader.start()
-    try:
-        deadline = time.monotonic() + 120
-        while not any("deploying" in line for line in lines) and time.monotonic() < deadline:
-            assert proc.poll() is None, "".join(lines)[-3000:]
-            time.sleep(0.5)
-        time.sleep(3)  # the replica is pending now
-        ray_processes = descendants(proc.pid)
-        assert ray_processes
-        start = time.monotonic()
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(60) == 1 and time.monotonic() - start < 30, "".join(lines)[-3000:]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        reader.join(10)
-    assert any("stopped before the replicas were up" in line for line in lines)
-    deadline = time.monotonic() + 30
-    while [pid for pid in ray_processes if running(pid)] and time.monotonic() < deadline:
+    server = ray_server(m0_dir, "--replica-cpus", "1000", "--log-level", "info", healthy=False)
+    deadline = time.monotonic() + 120
+    while "deploying" not in server.output and time.monotonic() < deadline:
+        assert server.proc.poll() is None, server.output[-3000:]
         time.sleep(0.5)
-    assert not [pid for pid in ray_processes if running(pid)], "Ray's processes outlived rerankd serve --ray"
+    time.sleep(3)  # the replica is pending now
+    ray_processes = descendants(server.proc.pid)
+    assert ray_processes
+    start = time.monotonic()
+    assert server.stop(signal.SIGINT, timeout=60) == 1 and time.monotonic() - start < 30, server.output[-3000:]
+    assert "stopped before the replicas were up" in server.output
+    assert_gone(ray_processes)
+
+
+def assert_gone(pids: list[int]) -> None:
+    """Every one of `pids` exits within 30 s (Ray's workers exit a moment after their raylet)."""
+    deadline = time.monotonic() + 30
+    while [pid for pid in pids if running(pid)] and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not [pid for pid in pids if running(pid)], "Ray's processes outlived rerankd serve --ray"

@@ -13,7 +13,6 @@ import dataclasses
 import functools
 import hmac
 import importlib.resources
-import json
 import logging
 import re
 import time
@@ -36,7 +35,7 @@ from ..inputs.images import ImagePolicy
 from ..models.base import LengthOptions, Where
 from ..reranker import Reranker
 from ..results import activate, cohere_response, describe_errors, jina_response, rerank_results
-from .errors import error_body
+from .errors import error_body, send_error
 from .metrics import Metrics
 from .schemas import (
     CohereRerankRequest,
@@ -388,14 +387,6 @@ def _install_error_handlers(app: FastAPI) -> None:
 # ------------------------------------------------------------------------------------------------ middleware (ASGI)
 
 
-async def _send_error(send, status: int, message: str, param: str | None = None, headers: dict | None = None) -> None:
-    body = json.dumps(error_body(status, message, param)).encode()
-    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
-    await send({"type": "http.response.start", "status": status, "headers": raw})
-    await send({"type": "http.response.body", "body": body})
-
-
 class AuthMiddleware:
     """`Authorization: Bearer <key>` on every route but /health and the playground page, compared in constant
     time."""
@@ -410,7 +401,7 @@ class AuthMiddleware:
         given = dict(scope["headers"]).get(b"authorization", b"")
         if not hmac.compare_digest(given, self.expected):
             what = "a wrong API key" if given else "no Authorization header"
-            return await _send_error(send, 401, f"{what}: send 'Authorization: Bearer <key>'", "Authorization",
+            return await send_error(send, 401, f"{what}: send 'Authorization: Bearer <key>'", "Authorization",
                                      {"WWW-Authenticate": "Bearer"})  # fmt: skip
         return await self.app(scope, receive, send)
 
@@ -453,14 +444,14 @@ class BodyLimitMiddleware:
     async def _refuse(self, send, receive, read: int, refusal: tuple[int, str]) -> None:
         await self._drain(receive, read)
         status, message = refusal
-        await _send_error(send, status, message, None, {"Retry-After": "1"} if status == 429 else None)
+        await send_error(send, status, message, None, {"Retry-After": "1"} if status == 429 else None)
 
     async def _read_and_serve(self, scope, receive, send, held: list[int]):
         declared = dict(scope["headers"]).get(b"content-length")
         too_big = f"the request body is over the limit of {self.max_bytes} bytes (--max-request-bytes)"
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             await self._drain(receive)
-            return await _send_error(send, 413, too_big)
+            return await send_error(send, 413, too_big)
         counted = declared is not None and declared.isdigit()
         if counted and (refusal := self._hold(int(declared), held)):
             return await self._refuse(send, receive, 0, refusal)
@@ -470,7 +461,7 @@ class BodyLimitMiddleware:
         while True:
             message = await _receive_by(receive, deadline)
             if message is None:
-                return await _send_error(send, 408, f"the request body did not arrive in full within "
+                return await send_error(send, 408, f"the request body did not arrive in full within "
                                          f"{self.options.body_timeout:g}s (--body-timeout)", None, {"Connection": "close"})  # fmt: skip
             if message["type"] == "http.disconnect":
                 return
@@ -478,7 +469,7 @@ class BodyLimitMiddleware:
             total += len(chunk)
             if total > self.max_bytes:
                 await self._drain(receive, total)
-                return await _send_error(send, 413, too_big)
+                return await send_error(send, 413, too_big)
             if not counted and (refusal := self._hold(len(chunk), held)):
                 return await self._refuse(send, receive, total, refusal)
             chunks.append(chunk)
@@ -489,7 +480,7 @@ class BodyLimitMiddleware:
         # counted off the event loop when large (the scan lets other requests run between its matches)
         shape = scan() if len(body) < 65536 else await loop.run_in_executor(None, scan)
         if shape is not None:
-            return await _send_error(send, 413, shape)
+            return await send_error(send, 413, shape)
         replay = {"type": "http.request", "body": body, "more_body": False}
         sent = False
 

@@ -31,6 +31,8 @@ import time
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from .errors import error_body
+
 log = logging.getLogger("rerankd.server")
 
 RESERVED_FILES = 64  # descriptors kept for what is not a client connection (image fetches, logs, lazily opened files)
@@ -156,8 +158,7 @@ def guarded_protocol(max_connections: int, header_timeout: float) -> type[H11Pro
             refused.log(logging.WARNING, "connection cap (%d) reached and every connection is busy: refusing one",
                         max_connections)
             message = f"the server has {max_connections} connections open (--max-connections), all busy; retry later"
-            body = json.dumps({"error": {"message": message, "type": "service_unavailable", "param": None},
-                               "detail": message}).encode()  # fmt: skip
+            body = json.dumps(error_body(503, message)).encode()
             head = (f"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {len(body)}"
                     "\r\nretry-after: 1\r\nconnection: close\r\n\r\n").encode()  # fmt: skip
             self.transport.write(head + body)

@@ -4,10 +4,9 @@ purpose: the proxy imports it at start-up, within Ray's 5 s readiness check, so 
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
-from .errors import error_body
+from .errors import send_error
 
 
 def proxy_middlewares() -> list:
@@ -34,14 +33,12 @@ class JsonErrorsMiddleware:
         state = {"started": False, "done": False}
 
         async def send_json(status: int, message: str, headers: list) -> None:
-            body = json.dumps(error_body(status, message)).encode()
-            keep = [(k, v) for k, v in headers if k.lower() not in (b"content-type", b"content-length")]
-            if status in (429, 503) and not any(k.lower() == b"retry-after" for k, _ in keep):
-                keep.append((b"retry-after", b"1"))  # Ray's full queue says when to come back only if configured to
+            keep = {k.decode("latin-1"): v.decode("latin-1") for k, v in headers
+                    if k.lower() not in (b"content-type", b"content-length")}  # fmt: skip
+            if status in (429, 503) and not any(k.lower() == "retry-after" for k in keep):
+                keep["retry-after"] = "1"  # Ray's full queue says when to come back only if configured to
             state["done"] = True
-            await send({"type": "http.response.start", "status": status, "headers": [
-                *keep, (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-            await send({"type": "http.response.body", "body": body})
+            await send_error(send, status, message, headers=keep)
 
         async def json_send(message):
             if message["type"] == "http.response.start":

@@ -130,7 +130,6 @@ def build(args: dict[str, Any]) -> Application:
     """The application from a `serve run` / `serve deploy` config's `args` (or `serve run ... key=value`): the
     options of `rerankd serve` (`model`, `served_model_name`, loading, server and scale-out options; dashes or
     underscores), read by the command line's own parser, so that values, types and choices mean the same."""
-    import contextlib
     import io
     import typing
 
