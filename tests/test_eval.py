@@ -1,5 +1,6 @@
-"""`rerankd eval`: metrics (ranx) against hand computation, the BEIR / TREC readers and their errors, BM25 as the
-first stage, an end-to-end eval of a tiny checkpoint in fp32 and int8 and of a live server, and the resumable cache."""
+"""`rerankd eval`: metrics (ranx) against hand computation, the BEIR / TREC readers and their errors, the command
+line's target groups, BM25 as the first stage, an end-to-end eval of a tiny checkpoint in fp32 and int8 and of a live
+server, GGUF and truncation targets, and the resumable cache."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ import pytest
 import ranx  # the eval extra (scripts/setup.sh installs it)
 
 from rerankd.cli import main
-from rerankd.evaluation.data import EvalDataError, read_beir, read_qrels, read_run, write_run
+from rerankd.evaluation import split_targets
+from rerankd.evaluation.data import Dataset, Entry, EvalDataError, read_beir, read_qrels, read_run, top_k, write_run
+from rerankd.evaluation.run import evaluate
 from rerankd.tiny import make_tiny_checkpoint
 
 
@@ -52,18 +55,41 @@ def v2_dir(tmp_path_factory):
     return make_tiny_checkpoint("jina-reranker-v2", tmp_path_factory.mktemp("v2-eval"), seed=4)
 
 
-def test_ranx_metrics_equal_a_hand_computation():
-    """q1: relevant d1 (grade 2) at rank 2, d2 (grade 1) at rank 3; q2: relevant d9 at rank 1."""
-    qrels = ranx.Qrels({"q1": {"d1": 2, "d2": 1}, "q2": {"d9": 1}})
-    run = ranx.Run({"q1": {"d0": 0.9, "d1": 0.8, "d2": 0.7, "d3": 0.1}, "q2": {"d9": 0.5, "d8": 0.4}})
-    got = ranx.evaluate(qrels, run, ["ndcg@10", "mrr@10", "recall@2", "map@10"])
+class FixedTarget:
+    """A target whose scores are given: what rerankd's evaluation makes of a known ranking."""
+
+    def __init__(self, name: str, scores: dict[str, float]):
+        self.name, self.scores, self.fingerprint, self.description = name, scores, name, "fixed scores"
+
+    def open(self) -> None: ...
+
+    def close(self) -> None: ...
+
+    def score(self, query, docs):
+        return [self.scores[d] for d in docs]
+
+
+def test_metrics_equal_a_hand_computation():
+    """q1: relevant d1 (grade 2) at rank 2, d2 (grade 1) at rank 3; q2: relevant d9 at rank 1. rerankd's evaluate()
+    (first stage -> target -> ranx) gives the hand-computed values, and so does ranx called directly."""
+    qrels = {"q1": {"d1": 2, "d2": 1}, "q2": {"d9": 1}}
+    scores = {"d0": 0.9, "d1": 0.8, "d2": 0.7, "d3": 0.1, "d9": 0.5, "d8": 0.4}
+    corpus = {d: Entry(text=d) for d in scores}  # each document's text is its id: FixedTarget scores by it
+    data = Dataset(corpus, {"q1": Entry("one"), "q2": Entry("two")}, qrels, "hand")
+    first = {"q1": {"d3": 4.0, "d2": 3.0, "d1": 2.0, "d0": 1.0}, "q2": {"d8": 2.0, "d9": 1.0}}  # the reverse order
+    metrics = ["ndcg@10", "mrr@10", "recall@2", "map"]
+    report = evaluate(data, first, "given", [FixedTarget("fixed", scores)], 4, metrics, progress=False)
+    got = report["targets"][0]["metrics"]
     # nDCG with linear gains (ranx's): DCG = sum rel / log2(rank + 1)
     dcg1 = 2 / math.log2(3) + 1 / math.log2(4)
     idcg1 = 2 / math.log2(2) + 1 / math.log2(3)
-    assert got["ndcg@10"] == pytest.approx((dcg1 / idcg1 + 1.0) / 2, abs=1e-9)
-    assert got["mrr@10"] == pytest.approx((1 / 2 + 1) / 2, abs=1e-9)
-    assert got["recall@2"] == pytest.approx((1 / 2 + 1) / 2, abs=1e-9)
-    assert got["map@10"] == pytest.approx(((1 / 2 + 2 / 3) / 2 + 1) / 2, abs=1e-9)
+    hand = {"ndcg@10": (dcg1 / idcg1 + 1.0) / 2, "mrr@10": (1 / 2 + 1) / 2, "recall@2": (1 / 2 + 1) / 2,
+            "map": ((1 / 2 + 2 / 3) / 2 + 1) / 2}  # fmt: skip
+    assert got == pytest.approx(hand, abs=1e-9)
+    direct = ranx.evaluate(ranx.Qrels(qrels), ranx.Run({q: {d: scores[d] for d in first[q]} for q in first}), metrics)
+    assert direct == pytest.approx(hand, abs=1e-9)
+    assert report["first_stage"]["metrics"]["mrr@10"] == pytest.approx((1 / 2 + 1 / 2) / 2, abs=1e-9)  # d2, d9 2nd
+    assert report["split"] is None and report["queries"] == 2
 
 
 def test_beir_and_trec_readers(dataset, tmp_path):
@@ -77,7 +103,10 @@ def test_beir_and_trec_readers(dataset, tmp_path):
     write_run(run, tmp_path / "run.trec", "tag")
     lines = (tmp_path / "run.trec").read_text().splitlines()
     assert lines[0] == "gold Q0 gold-0 1 0.9 tag" and len(lines) == 3
-    assert read_run(tmp_path / "run.trec") == run
+    assert read_run(tmp_path / "run.trec", data) == run
+    # equal scores keep the run file's ranks, whatever the line order
+    (tmp_path / "ties.trec").write_text("gold Q0 filler-0 3 1.0 t\ngold Q0 gold-1 1 1.0 t\ngold Q0 gold-0 2 1.0 t\n")
+    assert top_k(read_run(tmp_path / "ties.trec"), 2) == {"gold": ["gold-1", "gold-0"]}
 
 
 @pytest.mark.parametrize("file,content,message", [
@@ -88,7 +117,11 @@ def test_beir_and_trec_readers(dataset, tmp_path):
     ("queries.jsonl", '{"_id": "q"}\n', "queries.jsonl:1: has neither text nor image"),
     ("qrels/test.tsv", "query-id\tcorpus-id\tscore\nq\ta\n", "test.tsv:2: expected"),
     ("qrels/test.tsv", "query-id\tcorpus-id\tscore\nq\ta\thigh\n", "test.tsv:2: score: 'high' is not an integer"),
-    ("qrels/test.tsv", "query-id\tcorpus-id\tscore\nq\tnope\t1\n", "corpus id 'nope'"),
+    ("qrels/test.tsv", "query-id\tcorpus-id\tscore\nq\tnope\t1\n", "test.tsv:2: corpus-id: 'nope' is not in .*corpus"),
+    ("qrels/test.tsv", "q\ta\t1\nghost\ta\t1\n", "test.tsv:2: query-id: 'ghost' is not in .*queries.jsonl"),
+    ("qrels/test.tsv", "q\ta\t1\nq\ta\t0\n", "test.tsv:2: corpus-id: 'a' is judged twice for query 'q'"),
+    ("qrels/test.tsv", "q 0 a 1\nq 0 a x\n", "test.tsv:2: score: 'x' is not an integer"),  # TREC qrels
+    ("qrels/test.tsv", "q 0 a 1 extra\n", "test.tsv:1: expected .* got 5 fields"),
 ])  # fmt: skip
 def test_malformed_files_name_file_line_and_field(tmp_path, file, content, message):
     folder = tmp_path / "d"
@@ -97,7 +130,7 @@ def test_malformed_files_name_file_line_and_field(tmp_path, file, content, messa
     (folder / "queries.jsonl").write_text('{"_id": "q", "text": "x"}\n')
     (folder / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq\ta\t1\n")
     (folder / file).write_text(content)
-    with pytest.raises(EvalDataError, match=message.replace("(", r"\(").replace("[", r"\[")):
+    with pytest.raises(EvalDataError, match=message.replace("(", r"\(").replace("[", r"\[").replace(".*", "(.*)")):
         read_beir(folder)
 
 
@@ -108,6 +141,35 @@ def test_malformed_run_file(tmp_path):
     (tmp_path / "r").write_text("q Q0 a 1 0.5\n")
     with pytest.raises(EvalDataError, match=r"r:1: expected 'qid Q0 docid rank score tag', got 5 fields"):
         read_run(tmp_path / "r")
+    (tmp_path / "r").write_text("q Q0 a 1 0.5 t\nq Q0 a 2 0.4 t\n")
+    with pytest.raises(EvalDataError, match=r"r:2: docid: 'a' appears twice for query 'q'"):
+        read_run(tmp_path / "r")
+
+
+def test_a_run_naming_documents_outside_the_corpus_names_the_line(dataset, tmp_path):
+    (tmp_path / "r").write_text("gold Q0 gold-0 1 0.5 t\ngold Q0 nosuchdoc 2 0.4 t\n")
+    with pytest.raises(EvalDataError, match=r"r:2: docid: 'nosuchdoc' is not in .*tiny/corpus.jsonl"):
+        read_run(tmp_path / "r", read_beir(dataset))
+
+
+def test_the_command_line_groups_options_by_target():
+    """A target starts at --model or --base-url; --name may follow its options; the evaluation's options may come
+    anywhere, --output-dir after the last target too; unnamed targets are named by model and options."""
+    from rerankd.evaluation import build_targets
+
+    own, parsed = split_targets(["data", "--bm25", "--top-k", "5", "--model", "a/v2", "--name", "fp32",
+                                 "--model", "a/v2/", "--quantize", "int8", "--max-length", "256",
+                                 "--model", "m0-q8_0.gguf", "--long-documents", "truncate",
+                                 "--base-url", "http://h:8000", "--api", "vllm", "--output-dir", "out"])  # fmt: skip
+    assert own == ["data", "--bm25", "--top-k", "5", "--output-dir", "out"]
+    names = [t.name for t in build_targets(parsed, progress=False)]
+    assert names == ["fp32", "v2-int8-max_length256", "m0-q8_0-truncate", "vllm@h:8000"]
+    with pytest.raises(SystemExit):
+        main(["eval", "data", "--name", "first", "--model", "m"])  # --name before its target
+    with pytest.raises(SystemExit):
+        main(["eval", "data", "--run", "r.trec", "--bm25", "--model", "m"])
+    with pytest.raises(SystemExit):
+        main(["eval", "data", "--top-k", "5"])  # no target
 
 
 def test_bm25_first_stage_finds_the_relevant_documents(dataset):
@@ -127,10 +189,10 @@ def test_end_to_end_local_fp32_int8_and_a_live_server(dataset, v2_dir, tmp_path,
     server = Server(v2_dir)
     try:
         out = tmp_path / "out"
-        argv = ["eval", "--data", str(dataset), "--top-k", "5", "--output-dir", str(out), "--no-progress",
-                "--name", "fp32", "--model", str(v2_dir), "--no-show-progress",
-                "--name", "int8", "--model", str(v2_dir), "--quantize", "int8", "--no-show-progress",
-                "--name", "server", "--base-url", server.url, "--api", "cohere"]  # fmt: skip
+        argv = ["eval", str(dataset), "--bm25", "--top-k", "5", "--no-progress",  # the issue's interface
+                "--model", str(v2_dir), "--name", "fp32",
+                "--model", str(v2_dir), "--quantize", "int8", "--name", "int8",
+                "--base-url", server.url, "--api", "cohere", "--name", "server", "--output-dir", str(out)]  # fmt: skip
         assert main(argv) == 0
     finally:
         assert server.stop() == 0
@@ -138,28 +200,68 @@ def test_end_to_end_local_fp32_int8_and_a_live_server(dataset, v2_dir, tmp_path,
     assert "bm25 (first stage)" in table and "int8" in table and "ndcg@10" in table
     report = json.loads((out / "report.json").read_text())
     assert [t["name"] for t in report["targets"]] == ["fp32", "int8", "server"]
-    assert report["queries"] == 4 and report["first_stage"]["name"] == "bm25"
+    assert report["queries"] == 4 and report["first_stage"]["name"] == "bm25" and report["split"] == "test"
     fp32, int8, srv = report["targets"]
-    assert set(fp32["metrics"]) == {"ndcg@10", "mrr@10", "recall@5", "map@5"} and fp32["delta"] == {}
-    candidates = len((out / "run.bm25.trec").read_text().splitlines())  # BM25 keeps documents sharing a term
+    assert set(fp32["metrics"]) == {"ndcg@10", "mrr@10", "recall@5", "map"} and fp32["vs_first_target"] == {}
+    assert set(report["first_stage"]["metrics"]) == set(fp32["metrics"])
+    candidates = len((out / "bm25.run").read_text().splitlines())  # BM25 keeps documents sharing a term
     assert 8 <= candidates <= 20 and fp32["pairs_scored"] == candidates and fp32["pairs_per_s"] > 0
-    assert set(int8["p_value"]) == set(int8["metrics"])
+    assert set(int8["vs_first_target"]) == set(int8["metrics"])
+    for m, versus in int8["vs_first_target"].items():
+        assert versus["delta"] == pytest.approx(int8["metrics"][m] - fp32["metrics"][m], abs=1e-12)
+        assert versus["p_value"] is None or 0 <= versus["p_value"] <= 1
+        assert versus["significant"] == (versus["p_value"] is not None and versus["p_value"] < 0.05)
     # the server target is the same model: its scores are the local fp32 target's (Cohere's route, sigmoid scores)
-    local = read_run(out / "run.fp32.trec")
-    served = read_run(out / "run.server.trec")
+    local = read_run(out / "fp32.run")
+    served = read_run(out / "server.run")
     assert local.keys() == served.keys()
     for qid in local:
         assert max(abs(local[qid][d] - served[qid][d]) for d in local[qid]) < 1e-5
     assert srv["metrics"] == pytest.approx(fp32["metrics"], abs=1e-9)
     # metrics recomputed from the written run files agree with the report
     qrels = ranx.Qrels(read_qrels(dataset / "qrels" / "test.tsv"))
-    again = ranx.evaluate(qrels, ranx.Run(read_run(out / "run.int8.trec")), "ndcg@10", make_comparable=True)
+    again = ranx.evaluate(qrels, ranx.Run(read_run(out / "int8.run")), "ndcg@10", make_comparable=True)
     assert again == pytest.approx(int8["metrics"]["ndcg@10"], abs=1e-4)
-    assert (out / "metrics.png").stat().st_size > 1000 and (out / "run.bm25.trec").is_file()
+    assert (out / "metrics.png").stat().st_size > 1000
 
 
-class Stopped(Exception):
-    """An eval interrupted (a kill, Ctrl-C, a crash) after some queries were scored."""
+def test_gguf_and_truncation_targets(m0_dir, tmp_path, capsys):
+    """A .gguf file and a folder:TAG are targets like any model, scoring as the torch engine does within f16's
+    bound (test_gguf.py); --long-documents truncate and --max-length reach the model (the run equals the library's scores)."""
+    pytest.importorskip("llama_cpp", reason="GGUF targets need llama-cpp-python: pip install 'rerankd[gguf]'")
+    from rerankd import Reranker
+    from rerankd.convert_gguf import convert_gguf
+
+    from .models.test_m0_parity import text_of
+
+    folder = write_dataset(tmp_path / "long")
+    with (folder / "corpus.jsonl").open("a") as f:
+        f.write(json.dumps({"_id": "long", "text": "gold " + text_of(300, 3)}) + "\n")
+    gguf = convert_gguf(m0_dir, tmp_path / "gguf", "f16", show_progress=False)
+    out = tmp_path / "out"
+    first = {q: {f"{q}-0": 3.0, f"{q}-1": 2.0, "long": 1.0, "filler-0": 0.5} for q in TOPICS}
+    write_run(first, tmp_path / "first.trec", "given")
+    assert main(["eval", str(folder), "--run", str(tmp_path / "first.trec"), "--top-k", "4", "--output-dir", str(out),
+                 "--model", str(m0_dir), "--name", "m0", "--model", str(gguf), "--model", f"{gguf.parent}:F16",
+                 "--model", str(m0_dir), "--long-documents", "truncate", "--max-length", "96"]) == 0  # fmt: skip
+    report = json.loads((out / "report.json").read_text())
+    names = [t["name"] for t in report["targets"]]
+    assert names[0] == "m0" and names[1] == gguf.stem and names[3].endswith("-max_length96-truncate"), names
+    runs = {n: read_run(out / f"{n.replace(':', '_')}.run") for n in names}
+    for gguf_name in names[1:3]:
+        assert max(abs(runs[gguf_name][q][d] - runs["m0"][q][d]) for q in first for d in first[q]) < 5e-3
+    m0 = Reranker.from_pretrained(m0_dir)
+    try:
+        corpus = read_beir(folder).corpus
+        for q, (query, _) in TOPICS.items():
+            docs = list(first[q])
+            expected = m0.compute_score([[query, corpus[d].text] for d in docs], long_documents="truncate",
+                                        max_length=96)  # fmt: skip
+            assert [runs[names[3]][q][d] for d in docs] == pytest.approx(expected, abs=1e-6)
+    finally:
+        m0.close()
+    assert runs[names[3]]["gold"]["long"] != pytest.approx(runs["m0"]["gold"]["long"], abs=1e-4)  # windows differ
+    assert "scoring with m0" in capsys.readouterr().err  # the progress bar over queries
 
 
 def test_the_cache_resumes_an_interrupted_eval(dataset, v2_dir, tmp_path, monkeypatch, capsys):
@@ -172,17 +274,16 @@ def test_the_cache_resumes_an_interrupted_eval(dataset, v2_dir, tmp_path, monkey
     def flaky(self, query, docs):
         calls.append(len(docs))
         if len(calls) == 3 and stop[0]:
-            raise Stopped("stopped after two queries")
+            raise KeyboardInterrupt  # Ctrl-C after two queries
         return real(self, query, docs)
 
     monkeypatch.setattr(targets.LocalTarget, "score", flaky)
     first_stage = {q: {f"{q}-1": 0.9, "filler-0": 0.8, f"{q}-0": 0.7, "filler-1": 0.6, "filler-2": 0.5} for q in TOPICS}
     write_run(first_stage, tmp_path / "first.trec", "given")  # a given first stage, 5 candidates of which 4 are kept
-    argv = ["eval", "--data", str(dataset), "--run", str(tmp_path / "first.trec"), "--top-k", "4",
-            "--output-dir", str(tmp_path / "out"), "--no-progress",
-            "--name", "fp32", "--model", str(v2_dir), "--no-show-progress"]  # fmt: skip
-    with pytest.raises(Stopped):
-        main(argv)
+    argv = ["eval", str(dataset), "--run", str(tmp_path / "first.trec"), "--top-k", "4",
+            "--output-dir", str(tmp_path / "out"), "--no-progress", "--model", str(v2_dir), "--name", "fp32"]  # fmt: skip
+    assert main(argv) == 130
+    assert "interrupted; the scores so far are kept in" in capsys.readouterr().err
     assert calls == [4, 4, 4]
     calls.clear()
     stop[0] = False
@@ -192,6 +293,10 @@ def test_the_cache_resumes_an_interrupted_eval(dataset, v2_dir, tmp_path, monkey
     assert report["first_stage"]["name"] == "first-stage" and report["top_k"] == 4
     assert report["targets"][0]["cached_pairs"] == 8 and report["targets"][0]["pairs_scored"] == 8
     calls.clear()
+    assert main(argv) == 0  # all from the cache: pairs/s is the cache's record of the time the scores took
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert calls == [] and report["targets"][0]["cached_pairs"] == 16 and report["targets"][0]["pairs_per_s"] > 0
+    calls.clear()
     assert main([*argv, "--max-length", "64"]) == 0  # other options, another fingerprint: nothing reused
     assert calls == [4, 4, 4, 4]
     edited = tmp_path / "edited"  # the same ids with one document's text changed: only its query is scored anew
@@ -199,7 +304,7 @@ def test_the_cache_resumes_an_interrupted_eval(dataset, v2_dir, tmp_path, monkey
     corpus = (edited / "corpus.jsonl").read_text().replace("the price of coffee went up", "coffee is expensive")
     (edited / "corpus.jsonl").write_text(corpus)
     calls.clear()
-    assert main([*argv[:2], str(edited), *argv[3:]]) == 0
+    assert main([argv[0], str(edited), *argv[2:]]) == 0
     assert calls == [1]
 
 
@@ -227,13 +332,13 @@ def test_an_image_corpus_with_a_given_run(m0_dir, tmp_path):
     out = tmp_path / "out"
     server = Server(m0_dir)  # no --allowed-local-media-path: the pages go to it as data: URIs
     try:
-        assert main(["eval", "--data", str(folder), "--run", str(tmp_path / "all.trec"), "--top-k", "4",
-                     "--output-dir", str(out), "--no-progress", "--name", "m0", "--model", str(m0_dir),
-                     "--no-show-progress", "--name", "served", "--base-url", server.url]) == 0  # fmt: skip
+        assert main(["eval", str(folder), "--run", str(tmp_path / "all.trec"), "--top-k", "4", "--output-dir",
+                     str(out), "--no-progress", "--model", str(m0_dir), "--name", "m0", "--base-url", server.url,
+                     "--name", "served"]) == 0  # fmt: skip
     finally:
         assert server.stop() == 0
     report = json.loads((out / "report.json").read_text())
     assert report["targets"][0]["pairs_scored"] == 8
-    scores, served = read_run(out / "run.m0.trec"), read_run(out / "run.served.trec")
+    scores, served = read_run(out / "m0.run"), read_run(out / "served.run")
     assert len({round(s, 6) for s in scores["q1"].values()}) == 4  # four different images, four different scores
     assert max(abs(scores[q][d] - served[q][d]) for q in scores for d in scores[q]) < 1e-5

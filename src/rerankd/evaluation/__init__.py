@@ -1,14 +1,15 @@
 """`rerankd eval`: ranking quality on your own data, for every model and setting.
 
-    rerankd eval --data DATASET [--split test] [--run FIRST_STAGE.trec | BM25] [--top-k 100] [--output-dir OUT]
-        --name fp32 --model PATH
-        --name int8 --model PATH --quantize int8
-        --name other --base-url http://host:8000 --api vllm [--served-model NAME]
+    rerankd eval DATASET [--split test] [--run FIRST_STAGE.trec | --bm25] [--top-k 100] [--output-dir OUT]
+        --model PATH [--name fp32]
+        --model PATH --quantize int8 [--name int8]
+        --base-url http://host:8000 --api vllm [--served-model NAME] [--name other]
 
-Options before the first --name are the evaluation's; each --name starts a target and the options after it (up to
-the next --name) are that target's: a local model with any model-loading and scoring option of `rerankd rerank`, or
-a server (--base-url, --api, --api-key, --served-model). The first target is the baseline of the deltas and the
-significance tests.
+Each --model or --base-url starts a target, and the options after it (up to the next --model or --base-url) are
+that target's: a local model with any model-loading and scoring option of `rerankd rerank`, or a server (--api,
+--api-key, --served-model, --timeout); --name names it in the report (default: the model's folder or file name and
+the options given, or API@host). The evaluation's own options may come anywhere. The first target is the baseline of
+the deltas and the significance tests. `rerankd eval --model x --help` lists a target's options.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import argparse
 import dataclasses
 import logging
 import sys
+from pathlib import PurePath
+from urllib.parse import urlsplit
 
 from ..config import LoadOptions, ScoreOptions
 
@@ -28,21 +31,25 @@ TARGET_SCORE_OPTIONS = ("max_length", "max_query_length", "max_doc_length", "lon
 def eval_parser() -> argparse.ArgumentParser:
     from .run import DEFAULT_METRICS
 
-    p = argparse.ArgumentParser(prog="rerankd eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", required=True, help="dataset folder in the BEIR layout (corpus.jsonl, queries.jsonl, qrels/)")
+    p = argparse.ArgumentParser(prog="rerankd eval", description=__doc__, allow_abbrev=False,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("data", metavar="DATASET", help="dataset folder in the BEIR layout (corpus.jsonl, queries.jsonl, "
+                   "qrels/<split>.tsv)")  # fmt: skip
     p.add_argument("--split", default="test", help="qrels/<split>.tsv to judge with (default: test)")
     p.add_argument("--qrels", default=None, help="a qrels file instead (BEIR tsv or TREC 'qid 0 docid rel')")
-    p.add_argument("--run", default=None, help="first-stage candidates: a TREC run file 'qid Q0 docid rank score tag' "
-                   "(default: BM25 over the corpus, bm25s)")  # fmt: skip
+    first = p.add_mutually_exclusive_group()
+    first.add_argument("--run", default=None, help="first-stage candidates: a TREC run file 'qid Q0 docid rank score "
+                       "tag' (best score first, ties by rank)")  # fmt: skip
+    first.add_argument("--bm25", action="store_true", help="first-stage candidates: BM25 over the corpus's text "
+                       "(bm25s; the default without --run)")  # fmt: skip
     p.add_argument("--top-k", type=int, default=100, help="candidates a query, from the first stage (default: 100)")
     p.add_argument("--metrics", nargs="+", default=list(DEFAULT_METRICS),
                    help="ranx metric names; {k} is --top-k (default: %(default)s)")  # fmt: skip
-    p.add_argument("--output-dir", default=None, help="write report.json, a TREC run file a target, metrics.png, and "
-                   "the score cache (scores.sqlite) there")  # fmt: skip
+    p.add_argument("--output-dir", default=None, help="write report.json, a TREC run file NAME.run a target, "
+                   "metrics.png, and the score cache (scores.sqlite) there")  # fmt: skip
     p.add_argument("--cache", default=None, help="score cache file (default: OUTPUT_DIR/scores.sqlite; none without "
                    "--output-dir); an interrupted eval rerun with the same cache continues where it stopped")  # fmt: skip
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("targets", nargs="*", help="--name NAME [target options] ..., see above and `--name x --help`")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (scoring, loading weights)")
     return p
 
 
@@ -50,49 +57,64 @@ def target_parser() -> argparse.ArgumentParser:
     from ..bench.apis import APIS
     from ..cli import MODEL_HELP, _add_options
 
-    p = argparse.ArgumentParser(prog="rerankd eval ...", description="one target's options")
-    p.add_argument("--name", required=True, help="the target's name in the report")
+    p = argparse.ArgumentParser(prog="rerankd eval DATASET ...", description="one target's options: --model PATH "
+                                "[options] or --base-url URL [options]", allow_abbrev=False)  # fmt: skip
     p.add_argument("--model", default=None, help=f"a local model: {MODEL_HELP}")
     p.add_argument("--base-url", default=None, help="a running server instead of a local model")
+    p.add_argument("--name", default=None, help="the target's name in the report and its run file's (default: the "
+                   "model's folder or file name and the options given, or API@host)")  # fmt: skip
     p.add_argument("--api", choices=sorted(APIS), default="rerankd", help="the server's API (default: rerankd)")
     p.add_argument("--api-key", default=None, help="the server's API key (sent as a Bearer token)")
     p.add_argument("--served-model", default=None, help="the model name to send to the server")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per server request (default: 300)")
     _add_options(p, ScoreOptions, "scoring (local models)", skip=tuple(f.name for f in dataclasses.fields(ScoreOptions)
                                                                     if f.name not in TARGET_SCORE_OPTIONS))  # fmt: skip
-    _add_options(p, LoadOptions, "model loading (local models)")
+    _add_options(p, LoadOptions, "model loading (local models)", skip=("show_progress",))
     return p
 
 
-def split_targets(argv: list[str]) -> tuple[list[str], list[list[str]]]:
-    """The evaluation's own arguments, and each target's (each starts at a --name)."""
-    starts = [i for i, a in enumerate(argv) if a == "--name" or a.startswith("--name=")]
+TARGET_STARTS = ("--model", "--base-url")
+
+
+def split_targets(argv: list[str]) -> tuple[list[str], list[argparse.Namespace]]:
+    """The evaluation's own arguments, and each target's parsed options: a target starts at --model or --base-url;
+    what its parser does not know (--output-dir after the last target, say) belongs to the evaluation."""
+    starts = [i for i, a in enumerate(argv) if a.split("=", 1)[0] in TARGET_STARTS]
     if not starts:
         return argv, []
-    groups = [argv[s:e] for s, e in zip(starts, starts[1:] + [len(argv)])]
-    return argv[: starts[0]], groups
+    parser = target_parser()
+    own, targets = argv[: starts[0]], []
+    for s, e in zip(starts, starts[1:] + [len(argv)]):
+        args, rest = parser.parse_known_args(argv[s:e])
+        targets.append(args)
+        own += rest
+    return own, targets
 
 
-def build_targets(groups: list[list[str]]) -> list:
+def build_targets(parsed: list[argparse.Namespace], progress: bool) -> list:
     from ..cli import _options
     from .targets import LocalTarget, ServerTarget
 
-    parser = target_parser()
     targets = []
-    for group in groups:
-        args = parser.parse_args(group)
-        if (args.model is None) == (args.base_url is None):
-            parser.error(f"target {args.name!r}: give --model (a local model) or --base-url (a server), one of them")
+    for args in parsed:
         if args.base_url is not None:
-            targets.append(ServerTarget(args.name, args.base_url.rstrip("/"), args.api, args.served_model, args.api_key,
+            name = args.name or f"{args.api}@{urlsplit(args.base_url).netloc}"
+            targets.append(ServerTarget(name, args.base_url.rstrip("/"), args.api, args.served_model, args.api_key,
                                         args.timeout))  # fmt: skip
             continue
-        load = {k: v for k, v in _options(args, LoadOptions).items()
-                if v != getattr(LoadOptions, k) and k != "show_progress"}  # fmt: skip
+        load = {k: v for k, v in _options(args, LoadOptions).items() if v != getattr(LoadOptions, k)}
         score = {name: getattr(args, name) for name in TARGET_SCORE_OPTIONS
                  if getattr(args, name) != getattr(ScoreOptions(), name)}  # fmt: skip
-        targets.append(LocalTarget(args.name, args.model, load, score, args.show_progress))
+        targets.append(LocalTarget(args.name or default_name(args.model, {**load, **score}), args.model, load, score,
+                                   progress))  # fmt: skip
     return targets
+
+
+def default_name(model: str, options: dict) -> str:
+    """A local target's name when --name is not given: its folder or file name, then the options that differ from
+    the defaults ("m0-bfloat16-truncate", "v2-int8-max_length256")."""
+    base = PurePath(model.rstrip("/")).name.removesuffix(".gguf") or model
+    return "-".join([base, *(v if isinstance(v, str) else f"{k}{v}" for k, v in options.items())])
 
 
 def main(argv: list[str]) -> int:
@@ -101,25 +123,23 @@ def main(argv: list[str]) -> int:
     from .data import EvalDataError, read_beir, read_run
     from .run import bm25_run, evaluate, format_table, write_outputs
 
-    own, groups = split_targets(argv)
-    if groups and any(a in ("-h", "--help") for a in groups[0]):
-        target_parser().print_help()
-        return 0
-    args = eval_parser().parse_args(own)
-    if args.targets:
-        eval_parser().error(f"unexpected arguments before the first --name: {args.targets}")
-    if not groups:
-        eval_parser().error("give at least one target: --name NAME --model PATH (or --base-url URL)")
+    own, parsed = split_targets(argv)
+    parser = eval_parser()
+    if any(a.split("=", 1)[0] == "--name" for a in own):
+        parser.error("--name names the target before it: put it after that target's --model or --base-url")
+    args = parser.parse_args(own)
+    if not parsed:
+        parser.error("give at least one target: --model PATH [options] (or --base-url URL --api API)")
     if args.top_k < 1:
-        eval_parser().error("--top-k must be >= 1")
+        parser.error("--top-k must be >= 1")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    targets = build_targets(groups)
+    targets = build_targets(parsed, not args.no_progress)
     cache_path = args.cache or (f"{args.output_dir}/scores.sqlite" if args.output_dir else None)
     cache = ScoreCache(cache_path) if cache_path else None
     try:
         dataset = read_beir(args.data, args.split, args.qrels)
         if args.run:
-            first, first_name = read_run(args.run), "first-stage"
+            first, first_name = read_run(args.run, dataset), "first-stage"
         else:
             log.info("BM25 top %d over %d documents (bm25s)", args.top_k, len(dataset.corpus))
             first, first_name = bm25_run(dataset, args.top_k), "bm25"
@@ -127,6 +147,11 @@ def main(argv: list[str]) -> int:
     except (EvalDataError, RerankdError, ValueError) as e:
         print(f"rerankd eval: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        kept = f"the scores so far are kept in {cache.path}: run the same command again to continue" if cache else \
+            "no scores kept (give --output-dir or --cache to keep them)"
+        print(f"rerankd eval: interrupted; {kept}", file=sys.stderr)
+        return 130
     finally:
         if cache is not None:
             cache.close()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Collection
 
 from ..errors import RerankdError
 
@@ -37,6 +38,9 @@ class Dataset:
     queries: dict[str, Entry]
     qrels: Qrels
     name: str
+    folder: Path = Path(".")
+    split: str | None = None  # qrels/<split>.tsv, or None when a qrels file was given
+    qrels_file: str = ""
 
     def judged_queries(self) -> list[str]:
         """The queries with at least one relevance judgement, in the order of queries.jsonl."""
@@ -52,14 +56,9 @@ def read_beir(folder: str | Path, split: str = "test", qrels_file: str | Path | 
     corpus = _read_entries(folder / "corpus.jsonl", folder, title=True)
     queries = _read_entries(folder / "queries.jsonl", folder, title=False)
     path = Path(qrels_file) if qrels_file is not None else folder / "qrels" / f"{split}.tsv"
-    qrels = read_qrels(path)
-    for qid, docs in qrels.items():
-        if qid not in queries:
-            raise EvalDataError(f"{path}: query id {qid!r} is not in {folder / 'queries.jsonl'}")
-        missing = [d for d in docs if d not in corpus]
-        if missing:
-            raise EvalDataError(f"{path}: corpus id {missing[0]!r} (query {qid!r}) is not in {folder / 'corpus.jsonl'}")
-    return Dataset(corpus, queries, qrels, folder.name)
+    known = {"query-id": (queries, folder / "queries.jsonl"), "corpus-id": (corpus, folder / "corpus.jsonl")}
+    qrels = read_qrels(path, known)
+    return Dataset(corpus, queries, qrels, folder.name, folder, split if qrels_file is None else None, str(path))
 
 
 def _read_entries(path: Path, folder: Path, title: bool) -> dict[str, Entry]:
@@ -118,8 +117,17 @@ def _number(value: str, kind: type, where: str, field: str, what: str):
         raise EvalDataError(f"{where}: {field}: {value!r} is not {what}") from None
 
 
-def read_qrels(path: str | Path) -> Qrels:
-    """BEIR's tsv (`query-id<TAB>corpus-id<TAB>score`, with that header) or TREC qrels (`qid 0 docid rel`)."""
+Known = dict[str, tuple[Collection[str], Path]]  # a field -> the ids it may hold, and the file that holds them
+
+
+def _check_known(known: Known | None, where: str, field: str, value: str) -> None:
+    if known is not None and field in known and value not in known[field][0]:
+        raise EvalDataError(f"{where}: {field}: {value!r} is not in {known[field][1]}")
+
+
+def read_qrels(path: str | Path, known: Known | None = None) -> Qrels:
+    """BEIR's tsv (`query-id<TAB>corpus-id<TAB>score`, with that header) or TREC qrels (`qid 0 docid rel`);
+    `known` checks the query and corpus ids ("query-id", "corpus-id") against the dataset's, line by line."""
     qrels: Qrels = {}
     for where, parts in _fields(path, "qrels"):
         if parts[:2] == ["query-id", "corpus-id"] and where.endswith(":1"):
@@ -128,33 +136,49 @@ def read_qrels(path: str | Path) -> Qrels:
             raise EvalDataError(f"{where}: expected 'query-id corpus-id score' (BEIR) or 'qid 0 docid rel' (TREC), "
                                 f"got {len(parts)} fields")  # fmt: skip
         qid, docid, rel = parts if len(parts) == 3 else (parts[0], parts[2], parts[3])
-        qrels.setdefault(qid, {})[docid] = _number(rel, int, where, "score", "an integer relevance")
+        _check_known(known, where, "query-id", qid)
+        _check_known(known, where, "corpus-id", docid)
+        relevance = _number(rel, int, where, "score", "an integer relevance")
+        docs = qrels.setdefault(qid, {})
+        if docid in docs:
+            raise EvalDataError(f"{where}: corpus-id: {docid!r} is judged twice for query {qid!r}")
+        docs[docid] = relevance
     if not qrels:
         raise EvalDataError(f"{path}: no judgements")
     return qrels
 
 
-def read_run(path: str | Path) -> Run:
-    """A TREC run file: `qid Q0 docid rank score tag` a line."""
+def read_run(path: str | Path, dataset: Dataset | None = None) -> Run:
+    """A TREC run file (`qid Q0 docid rank score tag` a line), each query's documents in rank order (the order that
+    breaks ties of score); with `dataset`, every docid must be in its corpus."""
+    known: Known | None = None
+    if dataset is not None:
+        known = {"docid": (dataset.corpus, dataset.folder / "corpus.jsonl")}
+    ranks: dict[str, dict[str, int]] = {}
     run: Run = {}
     for where, parts in _fields(path, "run"):
         if len(parts) != 6:
             raise EvalDataError(f"{where}: expected 'qid Q0 docid rank score tag', got {len(parts)} fields")
         qid, _, docid, rank, score, _ = parts
-        _number(rank, int, where, "rank", "an integer")
-        run.setdefault(qid, {})[docid] = _number(score, float, where, "score", "a number")
+        _check_known(known, where, "docid", docid)
+        docs = run.setdefault(qid, {})
+        if docid in docs:
+            raise EvalDataError(f"{where}: docid: {docid!r} appears twice for query {qid!r}")
+        ranks.setdefault(qid, {})[docid] = _number(rank, int, where, "rank", "an integer")
+        docs[docid] = _number(score, float, where, "score", "a number")
     if not run:
         raise EvalDataError(f"{path}: empty run")
-    return run
+    return {q: {d: docs[d] for d in sorted(docs, key=ranks[q].__getitem__)} for q, docs in run.items()}
 
 
 def ranked(docs: dict[str, float]) -> list[tuple[str, float]]:
-    """One query's (document id, score), best first, ties by id."""
-    return sorted(docs.items(), key=lambda kv: (-kv[1], kv[0]))
+    """One query's (document id, score), best first; ties keep the order given (a run file's ranks, a target's
+    candidates in first-stage order)."""
+    return sorted(docs.items(), key=lambda kv: -kv[1])
 
 
 def write_run(run: Run, path: str | Path, tag: str) -> None:
-    """A TREC run file, each query's documents best first (ties by id)."""
+    """A TREC run file, each query's documents best first (ties as `ranked` orders them)."""
     with Path(path).open("w", encoding="utf-8") as f:
         for qid, docs in run.items():
             for rank, (docid, score) in enumerate(ranked(docs), 1):
@@ -162,5 +186,5 @@ def write_run(run: Run, path: str | Path, tag: str) -> None:
 
 
 def top_k(run: Run, k: int) -> dict[str, list[str]]:
-    """Each query's k best documents of a run, best first (ties by id)."""
+    """Each query's k best documents of a run, best first (ties as `ranked` orders them)."""
     return {qid: [d for d, _ in ranked(docs)[:k]] for qid, docs in run.items()}

@@ -24,7 +24,7 @@ from .targets import Target
 
 log = logging.getLogger("rerankd.eval")
 
-DEFAULT_METRICS = ("ndcg@10", "mrr@10", "recall@{k}", "map@{k}")
+DEFAULT_METRICS = ("ndcg@10", "mrr@10", "recall@{k}", "map")  # map: over the reranked top k
 SIGNIFICANCE = 0.05
 
 
@@ -36,11 +36,13 @@ class TargetResult:
     pairs_scored: int  # pairs scored in this run (the cached ones not counted)
     seconds: float
     cached_pairs: int
-    p_values: dict[str, float] = field(default_factory=dict)  # metric -> paired test against the first target
+    timed: tuple[int, float]  # pairs and seconds behind pairs/s: this run's, or all runs' into the cache
+    p_values: dict[str, float | None] = field(default_factory=dict)  # metric -> paired test against the first target
 
     @property
     def pairs_per_s(self) -> float | None:
-        return self.pairs_scored / self.seconds if self.pairs_scored and self.seconds > 0 else None
+        pairs, seconds = self.timed
+        return pairs / seconds if pairs and seconds > 0 else None
 
 
 def metric_names(metrics: list[str] | tuple[str, ...], k: int) -> list[str]:
@@ -87,11 +89,12 @@ def score_target(target: Target, dataset: Dataset, candidates: dict[str, list[st
         if todo:
             start = time.perf_counter()
             scores = target.score(query, [dataset.corpus[d].item() for d in todo])
-            seconds += time.perf_counter() - start
+            took = time.perf_counter() - start
+            seconds += took
             scored += len(todo)
             new = dict(zip(todo, (float(s) for s in scores)))
             if cache is not None:
-                cache.put(target.fingerprint, qid, new, digests)
+                cache.put(target.fingerprint, qid, new, digests, took)
             have = {**have, **new}
         cached += len(docids) - len(todo)
         run[qid] = {d: have[d] for d in docids}
@@ -107,9 +110,6 @@ def evaluate(dataset: Dataset, first_stage: Run, first_stage_name: str, targets:
     names = metric_names(metrics, k)
     judged = dataset.judged_queries()
     candidates = {q: docs for q, docs in top_k(first_stage, k).items() if q in dataset.qrels}
-    unknown = {d for docs in candidates.values() for d in docs if d not in dataset.corpus}
-    if unknown:
-        raise EvalDataError(f"the first stage names documents not in the corpus, e.g. {sorted(unknown)[:3]}")
     if not any(candidates.values()):
         raise EvalDataError("the first stage has no candidates for any judged query (do its query ids match the "
                             "dataset's? BM25 finds none when no document shares a term with a query)")  # fmt: skip
@@ -125,7 +125,8 @@ def evaluate(dataset: Dataset, first_stage: Run, first_stage_name: str, targets:
         finally:
             target.close()
         runs[target.name] = run
-        results.append(TargetResult(target.name, target.description, {}, scored, seconds, cached))
+        timed = cache.timing(target.fingerprint) if cache is not None else (scored, seconds)
+        results.append(TargetResult(target.name, target.description, {}, scored, seconds, cached, timed))
 
     qrels = Qrels({q: dataset.qrels[q] for q in judged})
     ranx_runs = [RanxRun(_complete(run, judged), name=name) for name, run in runs.items()]
@@ -140,6 +141,8 @@ def evaluate(dataset: Dataset, first_stage: Run, first_stage_name: str, targets:
             r.p_values = {m: _finite(table[r.name]["comparisons"][first][m]) for m in names}
     return {
         "dataset": dataset.name,
+        "split": dataset.split,
+        "qrels": dataset.qrels_file,
         "queries": len(judged),
         "queries_with_candidates": len(candidates),
         "top_k": k,
@@ -149,13 +152,18 @@ def evaluate(dataset: Dataset, first_stage: Run, first_stage_name: str, targets:
                         "metrics": {m: float(table[first_stage_name]["scores"][m]) for m in names}},  # fmt: skip
         "targets": [
             {"name": r.name, "description": r.description, "metrics": r.metrics,
-             "delta": {m: r.metrics[m] - results[0].metrics[m] for m in names} if r is not results[0] else {},
-             "p_value": r.p_values, "pairs_scored": r.pairs_scored, "cached_pairs": r.cached_pairs,
-             "seconds": r.seconds, "pairs_per_s": r.pairs_per_s}
+             "vs_first_target": {m: _versus(r.metrics[m] - results[0].metrics[m], r.p_values[m]) for m in names}
+             if r is not results[0] else {},
+             "pairs_scored": r.pairs_scored, "cached_pairs": r.cached_pairs, "seconds": r.seconds,
+             "pairs_per_s": r.pairs_per_s}
             for r in results
         ],  # fmt: skip
         "runs": runs,
     }
+
+
+def _versus(delta: float, p_value: float | None) -> dict[str, Any]:
+    return {"delta": delta, "p_value": p_value, "significant": p_value is not None and p_value < SIGNIFICANCE}
 
 
 def _finite(value) -> float | None:
@@ -177,12 +185,10 @@ def format_table(report: dict[str, Any]) -> str:
         cells = []
         for m in names:
             cell = f"{t['metrics'][m]:.4f}"
-            if t["delta"]:
-                p = t["p_value"].get(m)
-                mark = "*" if p is not None and p < report["significance"]["alpha"] else ""
-                cell += f" ({t['delta'][m]:+.4f}{mark})"
+            if versus := t["vs_first_target"].get(m):
+                cell += f" ({versus['delta']:+.4f}{'*' if versus['significant'] else ''})"
             cells.append(cell)
-        rate = f"{t['pairs_per_s']:.1f}" if t["pairs_per_s"] else ("cached" if t["cached_pairs"] else "")
+        rate = f"{t['pairs_per_s']:.1f}" if t["pairs_per_s"] else ""
         rows.append([t["name"], *cells, rate])
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
@@ -194,12 +200,12 @@ def format_table(report: dict[str, Any]) -> str:
 
 
 def write_outputs(report: dict[str, Any], folder: str | Path) -> list[Path]:
-    """report.json, a TREC run file per target (and the first stage's candidates), metrics.png."""
+    """report.json, a TREC run file <name>.run per target (and the first stage's candidates), metrics.png."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     written = []
     for name, run in report["runs"].items():
-        path = folder / f"run.{_safe(name)}.trec"
+        path = folder / f"{_safe(name)}.run"
         write_run(run, path, _safe(name))
         written.append(path)
     body = {k: v for k, v in report.items() if k != "runs"}
