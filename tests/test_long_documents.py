@@ -196,3 +196,87 @@ def test_the_window_bound_counts_exactly_the_windows_it_would_build():
             with pytest.raises(InputError, match=f"would make {count} windows"):
                 document_spans(n, room, LengthOptions(10_000, None, None, "chunk", overlap, max_windows=count - 1),
                                lambda: at, "d", "", "")  # fmt: skip
+
+
+KINDS = ["jina-reranker-m0", "jina-reranker-v2", "bert-cross-encoder", "qwen3-reranker", "jina-reranker-v3"]
+PIECES = ["gold", "rush", "Paris,", "capital.", "l'été", "don't", "3.14", "2026", "数据提取", "绿茶", "🙂", "(a)",
+          "--", "café", "naïve", "x\ny", "tab\there", "end.\n\n", "  ", "\u00a0", "ÅNGSTRÖM", "e\u0301"]  # fmt: skip
+
+
+def mixed_text(n: int, seed: int) -> str:
+    """Words, punctuation, digits, CJK, emoji, runs of spaces, newlines and tabs: what a tokenizer splits oddly."""
+    rng = np.random.default_rng(seed)
+    return " ".join(rng.choice(PIECES + WORDS[:200], n))
+
+
+@pytest.fixture(scope="module")
+def tiny_dirs(tmp_path_factory):
+    return {kind: make_tiny_checkpoint(kind, tmp_path_factory.mktemp(kind), seed=5) for kind in KINDS}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_prefix_tokenizes_as_the_whole_text_does(kind, tiny_dirs):
+    """text_prefix (issue 18): every token of the prefix is the whole text's token at that place, there are at
+    least the tokens asked for, and a long text is cut well short of its end."""
+    from rerankd.models.base import load_tokenizer, text_prefix
+
+    tok = load_tokenizer(tiny_dirs[kind])
+    for seed in range(12):
+        text = mixed_text(4000, seed)
+        full = tok.encode(text, add_special_tokens=False).ids
+        for n in (1, 9, 200, 1000):
+            cut = text_prefix(tok, text, n)
+            ids = tok.encode(cut, add_special_tokens=False).ids
+            assert text.startswith(cut) and len(ids) >= n
+            assert ids == full[: len(ids)], (kind, seed, n)
+            assert len(cut) < len(text) // 2 or n == 1000, (kind, n, len(cut), len(text))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_long_documents_score_as_if_tokenized_whole(kind, tiny_dirs, monkeypatch):
+    """Truncated and windowed long documents get bit-identical scores whether only a prefix is tokenized or the
+    whole text (PREFIX_CHARS_PER_TOKEN raised until text_prefix never cuts)."""
+    from rerankd.models import base
+
+    model = Reranker.from_pretrained(tiny_dirs[kind], show_progress=False)
+    try:
+        docs = [mixed_text(n, 40 + n) for n in (3000, 6000)] + ["short document"]
+        pairs = [["gold rush merchants", d] for d in docs]
+        options = [dict(long_documents="truncate", max_length=160), dict(long_documents="truncate", max_length=192,
+                   max_query_length=8, max_doc_length=40), dict(long_documents="chunk", max_length=160, overlap=8)]  # fmt: skip
+        got = [model.compute_score(pairs, **o) for o in options]
+        monkeypatch.setattr(base, "PREFIX_CHARS_PER_TOKEN", 10**9)
+        assert [model.compute_score(pairs, **o) for o in options] == got
+    finally:
+        model.close()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_document_over_the_window_limit_is_refused_from_its_prefix(kind, tiny_dirs):
+    """'chunk' with a window limit: a document with more tokens than max_windows x room is refused, having
+    tokenized only a prefix of it (the tokenizer is asked for kilobytes of a 20 MB text)."""
+    from rerankd.errors import InputError
+
+    model = Reranker.from_pretrained(tiny_dirs[kind], show_progress=False)
+    backend = model.backend
+    seen: list[int] = []
+    real = backend.tokenizer.encode
+
+    def counting(text, *args, **kwargs):
+        seen.append(len(text))
+        return real(text, *args, **kwargs)
+
+    try:
+        backend.tokenizer.encode = counting
+        huge = mixed_text(2_000_000, 1)  # about 20 MB
+        lengths = LengthOptions(160, None, None, "chunk", 8, max_windows=4)
+        where = Where("query", "documents[0]", "documents[0]")
+        with pytest.raises(InputError, match="more than the limit of 4 windows a document"):
+            if kind == "jina-reranker-v3":
+                _, errors = backend.prepare_list(TextItem("gold"), [TextItem(huge)], lengths, [where], None)
+                raise errors[0]
+            backend.prepare(TextItem("gold"), TextItem(huge), lengths, where)
+        assert max(seen) < 200_000, seen  # v3 windows by 2048 tokens: its prefix is the longest, 66 KB
+    finally:
+        backend.tokenizer.encode = real
+        model.close()

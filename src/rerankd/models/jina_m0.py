@@ -51,7 +51,7 @@ from .base import (
 from .layers import attention_backend, use_cpu_gemm
 from .decoder import TextConfig, TextModel
 from .qwen2_vl import VisionConfig, VisionTransformer
-from .windows import document_spans
+from .windows import check_document_size, document_spans
 
 SCORE_TOKEN_ID = 100  # appended after every prompt; the head reads its hidden state
 LOGIT_BIAS = 2.65  # relevance = sigmoid(logit - LOGIT_BIAS)
@@ -173,6 +173,7 @@ class M0Prompts(Pointwise):
         # chunk: windows of what fits beside the query and template (2 tokens spare for merges at the seams)
         overhead = len(self._encode(DOC_PREFIX + QUERY_PREFIX + query_text)) - len(prepared) + image_tokens + 1
         room = min(max_doc, lengths.max_length - overhead - 2)
+        check_document_size(self.tokenizer, doc.text, room, lengths, param)
         enc = self.tokenizer.encode(doc.text, add_special_tokens=True)
         ids = enc.ids  # read once: a tokenizers Encoding builds a new list on every read
         spans = document_spans(

@@ -38,11 +38,12 @@ from .base import (
     cut_text,
     load_tokenizer,
     packed,
+    text_prefix,
     token_id,
 )
 from .decoder import TextConfig, TextModel
 from .layers import use_cpu_gemm
-from .windows import document_spans
+from .windows import check_document_size, document_spans
 
 PREFIX = (
     "<|im_start|>system\nJudge whether the Document meets the requirements based on the Query and the Instruct "
@@ -159,6 +160,10 @@ class Qwen3RerankerBackend(Qwen3Backend):
         if room < 1:
             raise InputError(f"max_length={lengths.max_length} leaves no room beside the prompt's "
                              f"{len(self.prefix) + len(self.suffix)} template tokens; raise it", where.pair)  # fmt: skip
+        if lengths.long_documents == "truncate":  # at most `room` tokens of the document are kept (+1 for the seam)
+            d_text = text_prefix(self.tokenizer, d_text, room + 2)
+        else:
+            check_document_size(self.tokenizer, d_text, room, lengths, where.pair)
         if lengths.long_documents == "truncate" and lengths.max_query_length is None and lengths.max_doc_length is None:
             # the reference: the body tokenized whole and cut from its end
             return [self._sequence(self.encode(body(instruction, q_text, d_text))[:room])]

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from ..errors import InputError
-from .base import LengthOptions, Window
+from .base import LengthOptions, Window, text_prefix
 
 
 @dataclass(frozen=True)
@@ -80,3 +80,19 @@ def document_spans(
         e = min(s + room, n_tokens)
         spans.append(Span(s, e, Window(i, len(starts), at[s][0], at[e - 1][1])))
     return spans
+
+
+def check_document_size(tokenizer, text: str, room: int, lengths: LengthOptions, param: str) -> None:
+    """In 'chunk' mode, refuse before tokenizing all of it a document that must make more than max_windows windows
+    of at most `room` tokens: one with more than max_windows x room tokens, found on a prefix (text_prefix) rather
+    than on the whole text (a 5 MB document was tokenized whole, 4.8 s and 900 MB, only to be refused)."""
+    if lengths.long_documents != "chunk" or lengths.max_windows is None:
+        return
+    limit = lengths.max_windows * max(room, 1)
+    if text_prefix(tokenizer, text, limit + 1) is not text:
+        raise InputError(
+            f"the document has more than {limit} tokens: more than the limit of {lengths.max_windows} windows a "
+            f"document, of at most {room} tokens each; raise max_length (or max_doc_length where it sets the window), "
+            "or send a shorter document",
+            param,
+        )

@@ -30,9 +30,10 @@ from ..errors import InputError, ModelLoadError
 from ..inputs import Item
 from ..inputs.images import ImagePolicy
 from ..weights import Part, Renames, tensor_names
-from .base import LengthOptions, PreparedSequence, TorchTextBackend, Where, build_module, load_tokenizer, packed
+from .base import (PREFIX_CHARS_PER_TOKEN, LengthOptions, PreparedSequence, ReleasingTokenizer, TorchTextBackend, Where,
+                   build_module, load_tokenizer, packed, text_prefix)
 from .layers import linear, row_attention, rowwise, use_cpu_gemm, varlen_attention
-from .windows import document_spans
+from .windows import check_document_size, document_spans
 
 DEFAULT_MAX_LENGTH = 1024
 TRUNCATING_TOKENIZERS = 4  # tokenizer copies kept, one per recent max_length of compute_score calls
@@ -277,7 +278,7 @@ class CrossEncoderBackend(TorchTextBackend):
 
     # ------------------------------------------------------------------ preparation (thread-safe, no model compute)
 
-    def _truncating_tokenizer(self, max_length: int) -> Tokenizer:
+    def _truncating_tokenizer(self, max_length: int) -> ReleasingTokenizer:
         """A copy of the tokenizer that truncates pairs longest-first to max_length, as transformers does.
 
         The tokenizers library's own truncation (its algorithm has changed between versions, so it is used rather
@@ -287,7 +288,7 @@ class CrossEncoderBackend(TorchTextBackend):
         with self._lock:
             tok = self._truncating.pop(max_length, None)
             if tok is None:
-                tok = Tokenizer.from_str(self.tokenizer.to_str())
+                tok = ReleasingTokenizer(Tokenizer.from_str(self.tokenizer.to_str()))
                 tok.no_padding()
                 tok.enable_truncation(max_length, strategy="longest_first")
             self._truncating[max_length] = tok  # most recent last
@@ -308,17 +309,25 @@ class CrossEncoderBackend(TorchTextBackend):
         if max_length < self.pair_specials + 2:
             raise InputError(f"max_length={max_length} leaves no room for text; raise it", where.pair)
         if lengths.long_documents == "truncate" and lengths.max_query_length is None and lengths.max_doc_length is None:
+            # longest-first keeps at most max_length document tokens, and which text is cut first depends only on
+            # which is longer: a prefix of max_length + 1 tokens changes neither while the query is shorter
+            if len(d_text) > (max_length + 1) * PREFIX_CHARS_PER_TOKEN and len(
+                    self.tokenizer.encode(q_text, add_special_tokens=False).ids) < max_length:  # fmt: skip
+                d_text = text_prefix(self.tokenizer, d_text, max_length + 1)
             enc = self._truncating_tokenizer(max_length).encode(q_text, d_text)
             return [self._sequence(enc.ids, enc.type_ids)]
 
         q = self.tokenizer.encode(q_text, add_special_tokens=False)
         if lengths.max_query_length is not None and len(q.ids) > lengths.max_query_length:
             q.truncate(lengths.max_query_length)
-        d = self.tokenizer.encode(d_text, add_special_tokens=False)
-        d_ids = d.ids
         room = max_length - len(q.ids) - self.pair_specials  # document tokens per window
         if lengths.max_doc_length is not None:
             room = min(room, lengths.max_doc_length)
+        if lengths.long_documents == "truncate":  # only the first `room` tokens are kept
+            d_text = text_prefix(self.tokenizer, d_text, max(room, 0) + 1)
+        check_document_size(self.tokenizer, d_text, room, lengths, where.pair)
+        d = self.tokenizer.encode(d_text, add_special_tokens=False)
+        d_ids = d.ids
         spans = document_spans(
             len(d_ids), room, lengths, lambda: d.offsets, where.pair, taken=f"the query takes {len(q.ids)} tokens",
             room_is=f"max_length - query tokens - {self.pair_specials} special tokens",
