@@ -4,12 +4,15 @@ throughout, and bounded memory (soak). Every loop is bounded in count and time."
 
 from __future__ import annotations
 
+import base64
+import io
 import random
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from PIL import Image
 
 from ..conftest import data_uri, make_image
 from .conftest import Server
@@ -173,5 +176,40 @@ def test_huge_text_documents_neither_stall_nor_swell_the_server(m0_dir):
         # millions of token ids turned into Python lists under the lock; 3 s leaves room for a loaded CI machine
         assert max(t for _, _, t in small) < 3, small
         assert peak - base < 1500, (base, peak)  # measured +710 MB, most of it the CJK text's whole encoding
+    finally:
+        assert server.stop() == 0
+
+
+def test_a_request_of_decompression_bombs_leaves_a_preparer_to_the_others(m0_dir):
+    """Issue 18: a 10 KB PNG can declare 36 M pixels (0.4 s and +140 MB to decode); a request of 16 of them used to
+    hold every preparer in turn, and a small request sent meanwhile waited for all of them (14.7 s for 30 bombs of
+    81 M pixels). Now a job holds at most all but one preparer while another waits: the small one waits for one
+    decode at most. Decoded bytes stay within --max-decoded-bytes."""
+    buf = io.BytesIO()
+    Image.new("1", (6000, 6000)).save(buf, "PNG", optimize=True)
+    bomb = {"image": "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()}
+    server = Server(m0_dir, "--max-decoded-bytes", str(400 << 20))
+    try:
+        base = rss_mb(server.proc.pid)
+        out: dict = {}
+
+        def send() -> None:
+            start = time.monotonic()
+            status, _, _ = server.post("/v1/rerank", {"query": "q", "documents": [bomb] * 16}, timeout=120)
+            out["bombs"] = (status, time.monotonic() - start)
+
+        thread = threading.Thread(target=send)
+        thread.start()
+        time.sleep(0.5)
+        small, peak = [], base
+        while thread.is_alive() and len(small) < 100:
+            start = time.monotonic()
+            status, _, _ = server.post("/v1/rerank", SMALL, timeout=60)
+            small.append((status, time.monotonic() - start))
+            peak = max(peak, rss_mb(server.proc.pid))
+        thread.join(120)
+        assert out["bombs"][0] == 200 and len(small) >= 2, (out, small)
+        assert all(s == 200 for s, _ in small) and max(t for _, t in small) < 2.5, small  # measured 0.12-0.72 s
+        assert peak - base < 1200, (base, peak)
     finally:
         assert server.stop() == 0

@@ -216,6 +216,7 @@ class Job:
     staged: dict[int, list[tuple[int, PreparedSequence]]] = field(default_factory=dict)  # window -> (unit, seq)
     next_window: int = 0  # a windowed job's next window to join the queue (they join in order)
     next_unit: int = 0  # a streaming job's next unit to hand to the preparers
+    preparing: int = 0  # a streaming job's units in the preparers' hands now
     waiting_tokens: int = 0  # tokens of its sequences on the ready queue
     vtime: int = 0  # fair queuing: its virtual time (tokens through the model, from when it started waiting)
     arrival: int = 0  # fair queuing: its place in arrival order, among equals in virtual time
@@ -411,14 +412,20 @@ class Scheduler:
 
     def _next_stream(self) -> Job | None:
         """Under the lock: the streaming job whose unit is prepared next: the oldest with units left that has fewer
-        than PREPARE_AHEAD_BATCHES batches' tokens waiting for the model."""
+        than PREPARE_AHEAD_BATCHES batches' tokens waiting for the model, and that does not hold all but one of the
+        preparers while a younger one waits (one slow to prepare, a page of decompression bombs say, then leaves a
+        preparer to the others); the oldest even so when no other job waits."""
         while self._streams and not self._streams[0].preparable:
             self._streams.popleft()
         ahead = PREPARE_AHEAD_BATCHES * self.max_batch_tokens
+        share = max(1, self._workers - 1)
+        first = None
         for job in self._streams:
             if job.preparable and job.waiting_tokens < ahead:
-                return job
-        return None
+                if job.preparing < share:
+                    return job
+                first = first or job
+        return first
 
     def _pull(self) -> None:
         """A preparer's turn for the server's jobs: the next unit of the job _next_stream names, if any."""
@@ -429,10 +436,12 @@ class Scheduler:
                 return
             u = job.next_unit
             job.next_unit += 1
+            job.preparing += 1
         try:
             self._prepare(job, 0, u)
         finally:
             with self._cond:
+                job.preparing -= 1
                 self._pump()
 
     def _prepare(self, job: Job, w: int, u: int) -> None:
