@@ -202,3 +202,52 @@ def test_m0_windows_a_long_document_in_linear_time(m0):
     prepare(2_000)  # warm up
     short, long = min(prepare(5_000) for _ in range(3)), min(prepare(20_000) for _ in range(3))
     assert long < 8 * short and long < 5.0, (short, long)
+
+
+def test_a_forward_nobody_waits_for_stops_between_layers(m0, tmp_path):
+    """Issue 18, item 2: a forward whose every request is gone (deadline, cancel) stops within one layer, and the
+    worker takes the next batch: the models' layer loops (decoder, vision tower, cross-encoder) check between
+    layers, and the scheduler stops a batch whose jobs are all done."""
+    import time
+
+    from rerankd.engine import Scheduler
+    from rerankd.inputs import ImageItem
+    from rerankd.models.base import Interrupted, between_layers, interruptible
+    from rerankd.tiny import make_tiny_checkpoint
+
+    from ..conftest import make_image
+
+    v2 = Reranker.from_pretrained(make_tiny_checkpoint("jina-reranker-v2", tmp_path, seed=1), show_progress=False)
+    try:
+        lengths = LengthOptions(256, 64)
+        for backend, doc in [(m0.backend, TextItem("gold")), (m0.backend, ImageItem(make_image(56, 56))),
+                             (v2.backend, TextItem("gold"))]:  # fmt: skip
+            batch = backend.prepare(TextItem("q"), doc, lengths, Where.for_document(0))
+            with pytest.raises(Interrupted), interruptible(lambda: True):
+                backend.forward(batch)
+            assert len(backend.forward(batch)) == 1  # outside, the same batch runs to the end
+    finally:
+        v2.close()
+
+    class Slow(Recording):
+        layers = 0
+
+        def forward(self, batch):  # 40 layers of 50 ms before the real forward
+            for _ in range(40):
+                between_layers()
+                time.sleep(0.05)
+                Slow.layers += 1
+            return self.inner.forward(batch)
+
+    scheduler = Scheduler(Slow(m0.backend), 4096, 0.0, None, prepare_workers=2)
+    try:
+        job = scheduler.submit([(TextItem("q"), TextItem("slow"))], LengthOptions(256, 64), [Where.for_document(0)])
+        time.sleep(0.3)
+        scheduler.cancel(job)
+        start = time.monotonic()
+        outcome = scheduler.score_sync([(TextItem("q"), TextItem("next"))], LengthOptions(256, 64),
+                                       [Where.for_document(0)])  # fmt: skip
+        assert len(outcome.results) == 1 and time.monotonic() - start < 2.5
+        assert Slow.layers < 60, Slow.layers  # the cancelled one stopped after about 6 of its 40 layers
+    finally:
+        scheduler.close()

@@ -62,7 +62,7 @@ import torch
 from ..errors import InputError, RerankdError
 from ..inputs import Item, TextItem
 from ..inputs.images import ImagePolicy
-from ..models.base import Backend, LengthOptions, PreparedSequence, Where, Window
+from ..models.base import Backend, Interrupted, LengthOptions, PreparedSequence, Where, Window, interruptible
 
 log = logging.getLogger("rerankd.scheduler")
 
@@ -591,12 +591,18 @@ class Scheduler:
         start = time.monotonic()
         for e in batch:
             self.observer.queue_wait(start - e.enqueued)
+        jobs = list({id(e.job): e.job for e in batch}.values())
         try:
-            out = self.backend.forward([e.seq for e in batch])
+            with interruptible(lambda: all(job.done for job in jobs)):
+                out = self.backend.forward([e.seq for e in batch])
             expected = len(batch) if self.listwise else sum(len(e.seq.slots) for e in batch)
             if len(out) != expected:
                 raise RuntimeError(f"the backend returned {len(out)} outputs for {expected} {'sequences' if self.listwise else 'slots'}")
             logits = out if self.listwise else out.tolist()
+        except Interrupted:  # every job of the batch was answered (deadline, cancel) while it ran: it stopped early
+            log.info("a forward of %d sequences stopped after %.2f s: its requests are gone", len(batch),
+                     time.monotonic() - start)  # fmt: skip
+            return
         except Exception as e:
             log.exception("forward of a batch of %d sequences failed", len(batch))
             for job in {id(x.job): x.job for x in batch}.values():

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .base import between_layers
 from .layers import RMSNorm, apply_rotary, row_attention, rowwise, varlen_attention
 
 
@@ -201,6 +202,7 @@ class TextModel(nn.Module):
         last = [end - 1 for end in cu[1:]]
         at = torch.tensor(last if rows is None else rows, device=x.device)
         for layer in self.layers[:-1]:
+            between_layers()
             x = layer(x, cos, sin, cu, backend)
         x = self.layers[-1](x, cos, sin, cu, backend, rows, at)  # [rows, hidden]
         return self.norm(x)

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .base import between_layers
 from .layers import apply_rotary, onednn_linear, varlen_attention
 
 
@@ -162,5 +163,6 @@ class VisionTransformer(nn.Module):
             for _ in range(t):
                 cu.append(cu[-1] + h * w)
         for blk in self.blocks:
+            between_layers()
             x = blk(x, cos, sin, cu, backend)
         return self.merger(x)

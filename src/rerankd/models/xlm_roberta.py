@@ -31,7 +31,7 @@ from ..inputs import Item
 from ..inputs.images import ImagePolicy
 from ..weights import Part, Renames, tensor_names
 from .base import (PREFIX_CHARS_PER_TOKEN, LengthOptions, PreparedSequence, ReleasingTokenizer, TorchTextBackend, Where,
-                   build_module, load_tokenizer, packed, text_prefix)
+                   between_layers, build_module, load_tokenizer, packed, text_prefix)
 from .layers import linear, row_attention, rowwise, use_cpu_gemm, varlen_attention
 from .windows import check_document_size, document_spans
 
@@ -228,6 +228,7 @@ class CrossEncoder(nn.Module):
         first = torch.tensor(cu[:-1], device=x.device)
         layers = self.encoder.layers
         for layer in layers[:-1]:
+            between_layers()
             x = layer(x, cu, backend)
         x = layers[-1](x, cu, backend, first=first)  # [sequences, hidden]
         return self.classifier(x).squeeze(-1)
