@@ -271,7 +271,7 @@ def test_a_document_over_the_window_limit_is_refused_from_its_prefix(kind, tiny_
         huge = mixed_text(2_000_000, 1)  # about 20 MB
         lengths = LengthOptions(160, None, None, "chunk", 8, max_windows=4)
         where = Where("query", "documents[0]", "documents[0]")
-        with pytest.raises(InputError, match="more than the limit of 4 windows a document"):
+        with pytest.raises(InputError, match="over the limit of 4 windows a document"):
             if kind == "jina-reranker-v3":
                 _, errors = backend.prepare_list(TextItem("gold"), [TextItem(huge)], lengths, [where], None)
                 raise errors[0]

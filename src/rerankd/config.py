@@ -102,6 +102,10 @@ class ServeOptions:
     """How long a batch waits for company from other requests before it runs, in milliseconds."""
     max_queue_pairs: int = 20000
     """Pairs (query, document) waiting or running at most; past it requests get 429 with Retry-After."""
+    max_queue_tokens: int = 8 * 1024 * 1024
+    """Tokens of work admitted and not yet answered, across all requests, windows and image tokens included: a
+    request counts what it may need at most, known before it is prepared, then its real tokens as they are
+    prepared; past it requests get 429 with Retry-After (a request is always admitted on an idle server)."""
     request_timeout: float = 60.0
     """Seconds a request may take from arrival to scores; then 504."""
     max_documents: int = 1000

@@ -1,6 +1,8 @@
 """Issue 18's probe, case by case, as regression tests: each hostile input gets a prompt, clear 4xx that names its
-field, with no exception text; never a 500. (The cost-model admission, preemption, bounded parsing, connection
-hygiene and the soak / stall tests of that issue are not here yet.)"""
+field, with no exception text; never a 500. The rest of that issue's tests: the stall, soak, huge-document and
+decompression-bomb tests in test_load.py, connection hygiene in test_connections.py, schema fuzzing in
+test_schema_fuzz.py, and the scheduler's side (a failed request's pairs, preemptible forwards, the queue's token
+budget, linear windowing) in tests/unit/test_pipeline.py."""
 
 from __future__ import annotations
 

@@ -168,7 +168,7 @@ def test_huge_text_documents_neither_stall_nor_swell_the_server(m0_dir):
             t.join(120)
         assert out["trunc0"][0] == out["trunc1"][0] == 200 and max(out["trunc0"][1], out["trunc1"][1]) < 20, out
         assert out["windows"][0] == 400 and out["windows"][1] < 20, out["windows"]
-        assert "more than the limit of 256 windows" in out["windows"][2]["detail"]
+        assert "over the limit of 256 windows a document" in out["windows"][2]["detail"]
         assert out["windows"][2]["error"]["param"] == "documents[1]"
         assert out["cjk"][0] == 400 and "windows" in out["cjk"][2]["detail"], out["cjk"]
         assert small and all(s == 200 and h == 200 for s, h, _ in small), small

@@ -251,3 +251,49 @@ def test_a_forward_nobody_waits_for_stops_between_layers(m0, tmp_path):
         assert Slow.layers < 60, Slow.layers  # the cancelled one stopped after about 6 of its 40 layers
     finally:
         scheduler.close()
+
+
+def test_the_queue_is_bounded_in_tokens_of_work(m0):
+    """Issue 18's cost model: a request is admitted with what it may need at most (tokens_bound: bytes, max_length,
+    windows), known before preparation; that gives way to its real tokens as it is prepared; a request that would
+    pass --max-queue-tokens while others are queued is a 429 (Overloaded) naming the budget and the amounts; an idle
+    server admits any request."""
+    import time
+
+    from rerankd.engine import Overloaded, Scheduler
+    from rerankd.models.base import between_layers
+    from rerankd.models.windows import tokens_bound
+
+    lengths = LengthOptions(256, 64, long_documents="chunk", max_windows=8)
+    long_doc = TextItem("gold rush merchants " * 200)  # 4,000 bytes: 8 windows of 256 at most
+    assert tokens_bound(TextItem("q"), TextItem("gold"), lengths) == 1 + 4 + 128
+    assert tokens_bound(TextItem("q"), long_doc, lengths) == 8 * 256
+    assert tokens_bound(TextItem("q"), long_doc, replace(lengths, long_documents="truncate")) == 256
+
+    class Slow(Recording):
+        def forward(self, batch):
+            for _ in range(20):
+                between_layers()
+                time.sleep(0.02)
+            return self.inner.forward(batch)
+
+    scheduler = Scheduler(Slow(m0.backend), 4096, 0.0, None, prepare_workers=2, max_queue_tokens=3000)
+    where = [Where.for_document(0)]
+    try:
+        big = scheduler.submit([(TextItem("q"), long_doc)], lengths, where)  # admitted by its bound: 2,048
+        with pytest.raises(Overloaded, match=r"2048 tokens of work queued, this request adds up to 2048, the limit "
+                                             r"is 3000 \(--max-queue-tokens\)"):  # fmt: skip
+            scheduler.submit([(TextItem("q"), long_doc)], lengths, where)
+        deadline = time.monotonic() + 10
+        while scheduler._admitted_tokens == 2048 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        real = scheduler._admitted_tokens  # prepared: its windows' real tokens, fewer than the bound
+        assert 0 < real < 2048 and real == big.tokens, (real, big.tokens)
+        small = scheduler.submit([(TextItem("q"), TextItem("gold"))], lengths, where)  # fits beside it now
+        big.future.result(30), small.future.result(30)
+        assert scheduler._admitted_tokens == 0
+        huge = [(TextItem("q"), long_doc)] * 3  # 6,144 at most, over the whole budget: admitted when idle
+        assert len(scheduler.score_sync(huge, lengths, where * 3).results) == 3
+        assert scheduler._admitted_tokens == 0
+    finally:
+        scheduler.close()

@@ -106,6 +106,7 @@ def create_app(
         prepare_workers=reranker.options.preprocess_workers,
         observer=metrics,
         max_request_tokens=options.max_request_tokens,
+        max_queue_tokens=options.max_queue_tokens,
     )
     images = ImagePolicy(options.allow_private_urls, options.allowed_local_media_path)
     activation = reranker.backend.score_activation  # what makes an output a relevance_score (v3: none)

@@ -63,6 +63,7 @@ from ..errors import InputError, RerankdError
 from ..inputs import Item, TextItem
 from ..inputs.images import ImagePolicy
 from ..models.base import Backend, Interrupted, LengthOptions, PreparedSequence, Where, Window, interruptible
+from ..models.windows import tokens_bound
 
 log = logging.getLogger("rerankd.scheduler")
 
@@ -216,6 +217,8 @@ class Job:
     staged: dict[int, list[tuple[int, PreparedSequence]]] = field(default_factory=dict)  # window -> (unit, seq)
     next_window: int = 0  # a windowed job's next window to join the queue (they join in order)
     next_unit: int = 0  # a streaming job's next unit to hand to the preparers
+    unit_bounds: list[int] = field(default_factory=list)  # per unit not yet prepared: its tokens_bound (queue tokens)
+    charged: int = 0  # tokens it holds of the scheduler's max_queue_tokens: bounds, then each unit's real tokens
     preparing: int = 0  # a streaming job's units in the preparers' hands now
     waiting_tokens: int = 0  # tokens of its sequences on the ready queue
     vtime: int = 0  # fair queuing: its virtual time (tokens through the model, from when it started waiting)
@@ -266,6 +269,7 @@ class Scheduler:
         prepare_workers: int | None = None,
         observer: Observer | None = None,
         max_request_tokens: int | None = None,
+        max_queue_tokens: int | None = None,
     ):
         if max_batch_tokens < 1 or (max_queue_pairs is not None and max_queue_pairs < 1) or max_batch_wait < 0:
             raise ValueError("need max_batch_tokens >= 1, max_queue_pairs >= 1 and max_batch_wait >= 0")
@@ -275,6 +279,7 @@ class Scheduler:
         self.max_batch_wait = max_batch_wait
         self.max_queue_pairs = max_queue_pairs
         self.max_request_tokens = max_request_tokens  # per job (None: no bound); passing it fails the job (TooLarge)
+        self.max_queue_tokens = max_queue_tokens  # over all jobs admitted and not answered (None: no bound): 429
         self.observer: Observer = observer or _NoObserver()
         self._workers = prepare_workers or default_prepare_workers()
         self.pool = ThreadPoolExecutor(self._workers, thread_name_prefix="rerankd-prepare")
@@ -286,6 +291,7 @@ class Scheduler:
         self._streams: deque[Job] = deque()  # streaming jobs, in arrival order, while they have units to prepare
         self._pulls = 0  # preparer turns (_pull) queued
         self._admitted = 0  # pairs admitted and not finished
+        self._admitted_tokens = 0  # tokens of the jobs admitted and not answered: bounds until prepared, then real
         self._jobs: set[Job] = set()
         self._stopping = False
         self.error: BaseException | None = None
@@ -328,6 +334,8 @@ class Scheduler:
         job.results = [None] * n
         job.open = n
         job.window = max(len(job.unit_slots), 1) if streaming else WINDOW_PAIRS
+        if self.max_queue_tokens is not None:
+            job.unit_bounds = [sum(tokens_bound(*pairs[i], lengths) for i in slots) for slots in job.unit_slots]
         with self._cond:
             if not self.alive:
                 raise WorkerError(self.down_reason)
@@ -337,7 +345,17 @@ class Scheduler:
                     f"{self.max_queue_pairs}; retry later",
                     retry_after=1.0,
                 )
+            bound = sum(job.unit_bounds)
+            if self.max_queue_tokens is not None and self._admitted_tokens and \
+                    self._admitted_tokens + bound > self.max_queue_tokens:  # fmt: skip
+                raise Overloaded(
+                    f"the server is busy: {self._admitted_tokens} tokens of work queued, this request adds up to "
+                    f"{bound}, the limit is {self.max_queue_tokens} (--max-queue-tokens); retry later",
+                    retry_after=1.0,
+                )
             self._admitted += n
+            self._admitted_tokens += bound
+            job.charged = bound
             self._arrivals += 1
             job.arrival = self._arrivals
             self._jobs.add(job)
@@ -477,6 +495,10 @@ class Scheduler:
                     job.results[i] = e
                 job.unit_left[u] += len(seqs)
                 job.tokens += sum(s.length for s in seqs)
+                if job.unit_bounds:  # the unit's bound gives way to its real tokens
+                    real = sum(s.length for s in seqs) - job.unit_bounds[u]
+                    job.charged += real
+                    self._admitted_tokens += real
                 if self.max_request_tokens is not None and job.tokens > self.max_request_tokens:
                     self._resolve(job, error=TooLarge(
                         f"the request needs more than the server's limit of {self.max_request_tokens} tokens through "
@@ -672,6 +694,8 @@ class Scheduler:
         job.done = True
         self._admitted -= job.open
         job.open = 0
+        self._admitted_tokens -= job.charged
+        job.charged = 0
         self._jobs.discard(job)
         job.staged.clear()
         self.observer.queue_depth(self._admitted)

@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from ..errors import InputError
+from ..inputs import Item, TextItem
 from .base import LengthOptions, Window, text_prefix
 
 
@@ -82,6 +83,31 @@ def document_spans(
     return spans
 
 
+TEMPLATE_TOKENS = 128  # room for any model's prompt template and special tokens around a pair
+
+
+def tokens_bound(query: Item, doc: Item, lengths: LengthOptions) -> int:
+    """At most the tokens a pair puts through the model, known before it is prepared (the server's admission, issue
+    18): a text has at most a token a UTF-8 byte (byte-level BPE; the other tokenizers have fewer), a sequence at
+    most max_length tokens (an image included: one that does not fit is refused), and a text document windowed in
+    'chunk' mode at most max_windows windows (without that bound, a window a byte) of max_length tokens."""
+
+    def size(item: Item | str | None) -> int:
+        if item is None:
+            return 0
+        if isinstance(item, (str, TextItem)):
+            return len((item if isinstance(item, str) else item.text).encode("utf-8", "surrogatepass"))
+        return lengths.max_length
+
+    total = size(query) + size(doc) + size(lengths.instruction) + TEMPLATE_TOKENS
+    if total <= lengths.max_length:
+        return total
+    if not isinstance(doc, TextItem) or lengths.long_documents == "truncate":
+        return lengths.max_length
+    windows = size(doc) if lengths.max_windows is None else min(lengths.max_windows, size(doc))
+    return windows * lengths.max_length
+
+
 def check_document_size(tokenizer, text: str, room: int, lengths: LengthOptions, param: str) -> None:
     """In 'chunk' mode, refuse before tokenizing all of it a document that must make more than max_windows windows
     of at most `room` tokens: one with more than max_windows x room tokens, found on a prefix (text_prefix) rather
@@ -91,8 +117,8 @@ def check_document_size(tokenizer, text: str, room: int, lengths: LengthOptions,
     limit = lengths.max_windows * max(room, 1)
     if text_prefix(tokenizer, text, limit + 1) is not text:
         raise InputError(
-            f"the document has more than {limit} tokens: more than the limit of {lengths.max_windows} windows a "
-            f"document, of at most {room} tokens each; raise max_length (or max_doc_length where it sets the window), "
-            "or send a shorter document",
+            f"the document has more than {limit} tokens: more than {lengths.max_windows} windows of {room} tokens, "
+            f"over the limit of {lengths.max_windows} windows a document; raise max_length (or max_doc_length where "
+            "it sets the window), or send a shorter document",
             param,
         )
