@@ -92,6 +92,26 @@ def test_metrics_equal_a_hand_computation():
     assert report["split"] is None and report["queries"] == 2
 
 
+def test_equal_scores_are_measured_in_the_order_the_run_files_keep():
+    """Equal scores keep the first stage's order (its ranks) in the run files, and the metrics follow that order
+    (ranx alone sorts ties its own way)."""
+    docs = [f"d{i}" for i in range(500)]
+    data = Dataset({d: Entry(text=d) for d in docs}, {"q": Entry("q")}, {"q": {"d0": 1}}, "ties")
+    first = {"q": {d: 1.0 for d in docs}}  # all tied, d0 first in the run's order
+    report = evaluate(data, first, "given", [FixedTarget("flat", {d: 0.0 for d in docs})], 500,
+                      ["mrr@10", "ndcg@10"], progress=False)  # fmt: skip
+    assert report["first_stage"]["metrics"] == {"mrr@10": 1.0, "ndcg@10": 1.0}
+    assert report["targets"][0]["metrics"] == {"mrr@10": 1.0, "ndcg@10": 1.0}
+    assert next(iter(report["runs"]["flat"]["q"])) == "d0"
+
+
+def test_targets_that_would_share_a_run_file_are_named():
+    data = Dataset({"d": Entry(text="d")}, {"q": Entry("q")}, {"q": {"d": 1}}, "clash")
+    with pytest.raises(ValueError, match="targets named 'a b', 'a_b' would write the same run file"):
+        evaluate(data, {"q": {"d": 1.0}}, "given", [FixedTarget("a b", {"d": 1.0}), FixedTarget("a_b", {"d": 1.0})],
+                 1, ["mrr@10"], progress=False)  # fmt: skip
+
+
 def test_beir_and_trec_readers(dataset, tmp_path):
     data = read_beir(dataset)
     assert len(data.queries) == 4 and len(data.corpus) == 14 and data.qrels["gold"] == {"gold-0": 2, "gold-1": 1}
@@ -152,7 +172,7 @@ def test_a_run_naming_documents_outside_the_corpus_names_the_line(dataset, tmp_p
         read_run(tmp_path / "r", read_beir(dataset))
 
 
-def test_the_command_line_groups_options_by_target():
+def test_the_command_line_groups_options_by_target(capsys):
     """A target starts at --model or --base-url; --name may follow its options; the evaluation's options may come
     anywhere, --output-dir after the last target too; unnamed targets are named by model and options."""
     from rerankd.evaluation import build_targets
@@ -164,12 +184,18 @@ def test_the_command_line_groups_options_by_target():
     assert own == ["data", "--bm25", "--top-k", "5", "--output-dir", "out"]
     names = [t.name for t in build_targets(parsed, progress=False)]
     assert names == ["fp32", "v2-int8-max_length256", "m0-q8_0-truncate", "vllm@h:8000"]
-    with pytest.raises(SystemExit):
-        main(["eval", "data", "--name", "first", "--model", "m"])  # --name before its target
-    with pytest.raises(SystemExit):
-        main(["eval", "data", "--run", "r.trec", "--bm25", "--model", "m"])
-    with pytest.raises(SystemExit):
-        main(["eval", "data", "--top-k", "5"])  # no target
+    _, parsed = split_targets(["data", "--model", "q3", "--instruction", "Rank / by  anything " * 30])
+    assert build_targets(parsed, progress=False)[0].name.startswith("q3-instruction-")  # a digest, not the text
+    for argv, message in [
+        (["data", "--name", "first", "--model", "m"], "--name names the target before it"),
+        (["data", "--run", "r.trec", "--bm25", "--model", "m"], "not allowed with argument"),
+        (["data", "--top-k", "5"], "give at least one target"),
+        (["data", "--model", "m", "--name", "a", "--name", "b"], "--name given 2 times"),
+        (["--model", "m"], "the following arguments are required: DATASET"),
+    ]:  # fmt: skip
+        with pytest.raises(SystemExit) as stop:
+            main(["eval", *argv])
+        assert stop.value.code == 2 and message in capsys.readouterr().err, (argv, message)
 
 
 def test_bm25_first_stage_finds_the_relevant_documents(dataset):

@@ -13,7 +13,7 @@ from rerankd.api.schemas import CohereRerankRequest, RerankRequest
 from rerankd.cli import build_parser
 from rerankd.config import COHERE_MAX_TOKENS_PER_DOC, RERANK_DEFAULTS, ScoreOptions
 from rerankd.engine import WINDOW_PAIRS, plan_batches
-from rerankd.errors import ModelLoadError
+from rerankd.errors import InputError, ModelLoadError
 from rerankd.inputs import TextItem
 from rerankd.models.base import LengthOptions, Where
 from rerankd.models.registry import backend_for
@@ -262,15 +262,37 @@ def test_the_queue_is_bounded_in_tokens_of_work(m0):
 
     from rerankd.engine import Overloaded, Scheduler
     from rerankd.models.base import between_layers
-    from rerankd.models.windows import tokens_bound
+    from rerankd.inputs import ImageItem
+    from rerankd.models.windows import item_tokens, tokens_bound
+
+    from ..conftest import make_image
 
     lengths = LengthOptions(256, 64, long_documents="chunk", max_windows=8)
-    long_doc = TextItem("gold rush merchants " * 200)  # 4,000 bytes: 8 windows of 256 at most
-    assert tokens_bound(TextItem("q"), TextItem("gold"), lengths) == 1 + 4 + 128
-    assert tokens_bound(TextItem("q"), long_doc, lengths) == 8 * 256
-    assert tokens_bound(TextItem("q"), long_doc, replace(lengths, long_documents="truncate")) == 256
+    long_doc = TextItem("gold rush merchants " * 200)  # 4,000 bytes: 84 windows of 127 at most, 8 allowed
+    assert tokens_bound(1, TextItem("gold"), lengths, 768) == 1 + 4 + 128
+    assert tokens_bound(1, long_doc, lengths, 768) == 8 * 256
+    assert tokens_bound(1, long_doc, replace(lengths, long_documents="truncate"), 768) == 256
+    # an upper bound of what preparation makes, for text and image pairs, windows or not
+    image = ImageItem(make_image(60, 40))
+    for q, d in [("q", "gold"), ("gold rush", long_doc.text), ("a longer query " * 8, long_doc.text[:900]),
+                 ("q", image), (image, "gold rush merchants")]:  # fmt: skip
+        q, d = (TextItem(x) if isinstance(x, str) else x for x in (q, d))
+        for opts in (lengths, replace(lengths, max_windows=None), replace(lengths, max_doc_length=16, overlap=4),
+                     replace(lengths, long_documents="truncate")):  # fmt: skip
+            try:
+                real = sum(s.length for s in m0.backend.prepare(q, d, opts, Where.for_document(0)))
+            except InputError:  # refused (over the window limit): nothing goes through the model
+                continue
+            bound = tokens_bound(item_tokens(q, m0.backend.max_image_tokens), d, opts, m0.backend.max_image_tokens)
+            assert real <= bound, (q, d, opts, real, bound)
+
+    gate = threading.Event()  # preparation waits for it: the bound is what is charged until then
 
     class Slow(Recording):
+        def prepare(self, *args):
+            gate.wait(10)
+            return self.inner.prepare(*args)
+
         def forward(self, batch):
             for _ in range(20):
                 between_layers()
@@ -284,6 +306,7 @@ def test_the_queue_is_bounded_in_tokens_of_work(m0):
         with pytest.raises(Overloaded, match=r"2048 tokens of work queued, this request adds up to 2048, the limit "
                                              r"is 3000 \(--max-queue-tokens\)"):  # fmt: skip
             scheduler.submit([(TextItem("q"), long_doc)], lengths, where)
+        gate.set()
         deadline = time.monotonic() + 10
         while scheduler._admitted_tokens == 2048 and time.monotonic() < deadline:
             time.sleep(0.01)

@@ -63,7 +63,7 @@ from ..errors import InputError, RerankdError
 from ..inputs import Item, TextItem
 from ..inputs.images import ImagePolicy
 from ..models.base import Backend, Interrupted, LengthOptions, PreparedSequence, Where, Window, interruptible
-from ..models.windows import tokens_bound
+from ..models.windows import item_tokens, tokens_bound
 
 log = logging.getLogger("rerankd.scheduler")
 
@@ -271,8 +271,10 @@ class Scheduler:
         max_request_tokens: int | None = None,
         max_queue_tokens: int | None = None,
     ):
-        if max_batch_tokens < 1 or (max_queue_pairs is not None and max_queue_pairs < 1) or max_batch_wait < 0:
-            raise ValueError("need max_batch_tokens >= 1, max_queue_pairs >= 1 and max_batch_wait >= 0")
+        if max_batch_tokens < 1 or (max_queue_pairs is not None and max_queue_pairs < 1) or max_batch_wait < 0 or \
+                (max_queue_tokens is not None and max_queue_tokens < 1):  # fmt: skip
+            raise ValueError("need max_batch_tokens >= 1, max_queue_pairs >= 1, max_queue_tokens >= 1 and "
+                             "max_batch_wait >= 0")  # fmt: skip
         self.backend = backend
         self.listwise = getattr(backend, "listwise", False)  # Backend.listwise: one sequence scores a list
         self.max_batch_tokens = max_batch_tokens
@@ -280,6 +282,7 @@ class Scheduler:
         self.max_queue_pairs = max_queue_pairs
         self.max_request_tokens = max_request_tokens  # per job (None: no bound); passing it fails the job (TooLarge)
         self.max_queue_tokens = max_queue_tokens  # over all jobs admitted and not answered (None: no bound): 429
+        self.image_tokens: int | None = getattr(backend, "max_image_tokens", None)  # an image's tokens at most
         self.observer: Observer = observer or _NoObserver()
         self._workers = prepare_workers or default_prepare_workers()
         self.pool = ThreadPoolExecutor(self._workers, thread_name_prefix="rerankd-prepare")
@@ -335,7 +338,7 @@ class Scheduler:
         job.open = n
         job.window = max(len(job.unit_slots), 1) if streaming else WINDOW_PAIRS
         if self.max_queue_tokens is not None:
-            job.unit_bounds = [sum(tokens_bound(*pairs[i], lengths) for i in slots) for slots in job.unit_slots]
+            job.unit_bounds = self._bounds(job)
         with self._cond:
             if not self.alive:
                 raise WorkerError(self.down_reason)
@@ -365,6 +368,21 @@ class Scheduler:
             for w in range(min(2, job.windows)):
                 self._submit_window(job, w)
         return job
+
+    def _bounds(self, job: Job) -> list[int]:
+        """Each unit's windows.tokens_bound: the most tokens it may put through the model (a query measured once)."""
+        image = self.image_tokens or job.lengths.max_length
+        queries: dict[int, int] = {}
+        bounds = []
+        for slots in job.unit_slots:
+            bound = 0
+            for i in slots:
+                query, doc = job.pairs[i]
+                if id(query) not in queries:
+                    queries[id(query)] = item_tokens(query, image)
+                bound += tokens_bound(queries[id(query)], doc, job.lengths, image)
+            bounds.append(bound)
+        return bounds
 
     def score_sync(
         self,
@@ -627,7 +645,7 @@ class Scheduler:
             return
         except Exception as e:
             log.exception("forward of a batch of %d sequences failed", len(batch))
-            for job in {id(x.job): x.job for x in batch}.values():
+            for job in jobs:
                 self._fail(job, "the model failed on a batch", e)
             return
         self.observer.batch(len(batch), sum(e.seq.length for e in batch), time.monotonic() - start)

@@ -15,6 +15,7 @@ the deltas and the significance tests. `rerankd eval --model x --help` lists a t
 from __future__ import annotations
 
 import argparse
+import hashlib
 import dataclasses
 import logging
 import sys
@@ -85,6 +86,10 @@ def split_targets(argv: list[str]) -> tuple[list[str], list[argparse.Namespace]]
     parser = target_parser()
     own, targets = argv[: starts[0]], []
     for s, e in zip(starts, starts[1:] + [len(argv)]):
+        names = [a for a in argv[s:e] if a.split("=", 1)[0] == "--name"]
+        if len(names) > 1:
+            parser.error(f"{argv[s]} {argv[s + 1] if s + 1 < e else ''}: --name given {len(names)} times; give each "
+                         "target one name")  # fmt: skip
         args, rest = parser.parse_known_args(argv[s:e])
         targets.append(args)
         own += rest
@@ -110,11 +115,20 @@ def build_targets(parsed: list[argparse.Namespace], progress: bool) -> list:
     return targets
 
 
+FREE_TEXT_OPTIONS = ("instruction", "revision")  # named by a digest: any text can be given, a file name cannot hold it
+
+
 def default_name(model: str, options: dict) -> str:
     """A local target's name when --name is not given: its folder or file name, then the options that differ from
-    the defaults ("m0-bfloat16-truncate", "v2-int8-max_length256")."""
+    the defaults ("m0-bfloat16-truncate", "v2-int8-max_length256", "qwen3-instruction-1a2b3c4d")."""
     base = PurePath(model.rstrip("/")).name.removesuffix(".gguf") or model
-    return "-".join([base, *(v if isinstance(v, str) else f"{k}{v}" for k, v in options.items())])
+    parts = []
+    for k, v in options.items():
+        if k in FREE_TEXT_OPTIONS:
+            parts.append(f"{k}-{hashlib.sha1(str(v).encode()).hexdigest()[:8]}")
+        else:
+            parts.append(v if isinstance(v, str) else f"{k}{v}")
+    return "-".join([base, *parts])
 
 
 def main(argv: list[str]) -> int:
@@ -157,6 +171,12 @@ def main(argv: list[str]) -> int:
             cache.close()
     print(format_table(report))
     if args.output_dir:
-        for path in write_outputs(report, args.output_dir):
+        try:
+            written = write_outputs(report, args.output_dir)
+        except OSError as e:
+            print(f"rerankd eval: error: writing the report to {args.output_dir}: {e}; the scores are kept in the "
+                  "cache: fix the folder and run the same command again", file=sys.stderr)  # fmt: skip
+            return 2
+        for path in written:
             print(f"wrote {path}")
     return 0

@@ -19,7 +19,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from .cache import ScoreCache, digest
-from .data import Dataset, EvalDataError, Run, top_k, write_run
+from .data import Dataset, EvalDataError, Run, ranked, top_k, write_run
 from .targets import Target
 
 log = logging.getLogger("rerankd.eval")
@@ -113,10 +113,12 @@ def evaluate(dataset: Dataset, first_stage: Run, first_stage_name: str, targets:
     if not any(candidates.values()):
         raise EvalDataError("the first stage has no candidates for any judged query (do its query ids match the "
                             "dataset's? BM25 finds none when no document shares a term with a query)")  # fmt: skip
-    files = [_safe(n) for n in (first_stage_name, *(t.name for t in targets))]
-    if len(set(files)) != len(files):
-        raise ValueError("give each target its own --name (none named like the first stage, and names that differ "
-                         "in more than punctuation: each names a run file)")  # fmt: skip
+    run_names = [first_stage_name, *(t.name for t in targets)]
+    clashes = sorted({n for n in run_names if sum(_safe(m) == _safe(n) for m in run_names) > 1})
+    if clashes:
+        raise ValueError(f"targets named {', '.join(map(repr, clashes))} would write the same run file: give each "
+                         "target its own --name (none named like the first stage, and names that differ in more than "
+                         "punctuation)")  # fmt: skip
     runs: dict[str, Run] = {first_stage_name: {q: {d: first_stage[q][d] for d in docs} for q, docs in candidates.items()}}
     results: list[TargetResult] = []
     for target in targets:
@@ -129,7 +131,7 @@ def evaluate(dataset: Dataset, first_stage: Run, first_stage_name: str, targets:
         results.append(TargetResult(target.name, target.description, {}, scored, seconds, cached, timed))
 
     qrels = Qrels({q: dataset.qrels[q] for q in judged})
-    ranx_runs = [RanxRun(_complete(run, judged), name=name) for name, run in runs.items()]
+    ranx_runs = [RanxRun(_as_ranked(run, judged), name=name) for name, run in runs.items()]
     report = compare(qrels=qrels, runs=ranx_runs, metrics=names, max_p=SIGNIFICANCE, stat_test="student",
                      make_comparable=True)  # fmt: skip
     table = report.to_dict()
@@ -171,9 +173,16 @@ def _finite(value) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def _complete(run: Run, judged: list[str]) -> Run:
-    """Every judged query present (an empty ranking for one without candidates counts as zero, not as absent)."""
-    return {q: run.get(q) or {} for q in judged}
+def _as_ranked(run: Run, judged: list[str]) -> Run:
+    """What ranx is given: every judged query present (an empty ranking for one without candidates counts as zero,
+    not as absent), each document scored by its place in `ranked` order, which the run files keep. ranx orders equal
+    scores its own way, so equal scores (a given run's, or a quantized target's) would otherwise be measured in
+    another order than the files hold: 500 equal scores with the relevant document ranked first measured MRR 0.003."""
+    out: Run = {}
+    for q in judged:
+        docs = ranked(run.get(q) or {})
+        out[q] = {d: float(len(docs) - i) for i, (d, _) in enumerate(docs)}
+    return out
 
 
 def format_table(report: dict[str, Any]) -> str:

@@ -241,6 +241,8 @@ class ReleasingTokenizer:
         return self.inner.encode_batch([item], add_special_tokens=add_special_tokens)[0]
 
     def __getattr__(self, name: str) -> Any:
+        if name == "inner" or name.startswith("__"):  # not set yet (copy, pickle): no recursion through inner
+            raise AttributeError(name)
         return getattr(self.inner, name)
 
 
@@ -332,16 +334,19 @@ def text_prefix(tokenizer, text: str, tokens: int) -> str:
     The prefix ends before a space that follows a non-space. Every tokenizer rerankd loads splits words there before
     its model sees them (Qwen2's byte-level BPE regex, XLM-R's Metaspace, BERT's whitespace split, llama.cpp's
     Qwen2 rules), and no split of the text before that point looks past it, so the tokens before it are those of the
-    whole text. Tried at about PREFIX_CHARS_PER_TOKEN characters a token needed, doubled while too few: a 30 MB
-    document cut to 512 tokens costs a few kilobytes of tokenizing, not 40 s and 8 GB (issue 18). A text without
-    such a space (a long run of CJK characters, say) is tokenized whole, as before."""
+    whole text, but for the last one: sentencepiece's nmt_nfkc normalizer (XLM-R's) turns a few characters Python
+    does not call a space (U+200B, U+FEFF, U+FFFD, ...) into one, and a cut just after such a character changes the
+    token before it, so the prefix holds one token more than asked. Tried at about PREFIX_CHARS_PER_TOKEN characters
+    a token needed, doubled while too few: a 30 MB document cut to 512 tokens costs a few kilobytes of tokenizing,
+    not 40 s and 8 GB (issue 18). A text without such a space (a long run of CJK characters, say) is tokenized whole,
+    as before."""
     size = tokens * PREFIX_CHARS_PER_TOKEN
     while size < len(text):
         found = _WORD_END.search(text, size)
         if found is None:
             return text
         cut = found.start()
-        if len(tokenizer.encode(text[:cut], add_special_tokens=False).ids) >= tokens:
+        if len(tokenizer.encode(text[:cut], add_special_tokens=False).ids) > tokens:
             return text[:cut]
         size = 2 * cut
     return text

@@ -163,7 +163,7 @@ class Qwen3RerankerBackend(Qwen3Backend):
         if lengths.long_documents == "truncate":  # at most `room` tokens of the document are kept (+1 for the seam)
             d_text = text_prefix(self.tokenizer, d_text, room + 2)
         else:
-            check_document_size(self.tokenizer, d_text, room, lengths, where.pair)
+            check_document_size(self.tokenizer, d_text, min(room, lengths.max_doc_length or room), lengths, where.pair)
         if lengths.long_documents == "truncate" and lengths.max_query_length is None and lengths.max_doc_length is None:
             # the reference: the body tokenized whole and cut from its end
             return [self._sequence(self.encode(body(instruction, q_text, d_text))[:room])]

@@ -86,39 +86,48 @@ def document_spans(
 TEMPLATE_TOKENS = 128  # room for any model's prompt template and special tokens around a pair
 
 
-def tokens_bound(query: Item, doc: Item, lengths: LengthOptions) -> int:
+def item_tokens(item: Item | str | None, image_tokens: int) -> int:
+    """At most the tokens an item puts through the model: a text a token a UTF-8 byte (byte-level BPE; the other
+    tokenizers make fewer), an image `image_tokens` (what its model's max_pixels allows)."""
+    if item is None:
+        return 0
+    if isinstance(item, (str, TextItem)):
+        return len((item if isinstance(item, str) else item.text).encode("utf-8", "surrogatepass"))
+    return image_tokens
+
+
+def tokens_bound(query_tokens: int, doc: Item, lengths: LengthOptions, image_tokens: int) -> int:
     """At most the tokens a pair puts through the model, known before it is prepared (the server's admission, issue
-    18): a text has at most a token a UTF-8 byte (byte-level BPE; the other tokenizers have fewer), a sequence at
-    most max_length tokens (an image included: one that does not fit is refused), and a text document windowed in
-    'chunk' mode at most max_windows windows (without that bound, a window a byte) of max_length tokens."""
-
-    def size(item: Item | str | None) -> int:
-        if item is None:
-            return 0
-        if isinstance(item, (str, TextItem)):
-            return len((item if isinstance(item, str) else item.text).encode("utf-8", "surrogatepass"))
-        return lengths.max_length
-
-    total = size(query) + size(doc) + size(lengths.instruction) + TEMPLATE_TOKENS
-    if total <= lengths.max_length:
-        return total
+    18), for a query of at most `query_tokens` (item_tokens): a sequence holds at most max_length tokens; a text
+    document windowed in 'chunk' mode makes at most the windows that a room of max_length less the query, the
+    instruction and the template (or max_doc_length, if smaller) gives, and at most max_windows of them."""
+    if lengths.max_query_length is not None:
+        query_tokens = min(query_tokens, lengths.max_query_length)
+    fixed = query_tokens + item_tokens(lengths.instruction, image_tokens) + TEMPLATE_TOKENS
+    size = item_tokens(doc, image_tokens)
+    if fixed + size <= lengths.max_length:
+        return fixed + size
     if not isinstance(doc, TextItem) or lengths.long_documents == "truncate":
         return lengths.max_length
-    windows = size(doc) if lengths.max_windows is None else min(lengths.max_windows, size(doc))
+    room = max(min(lengths.max_length - fixed, lengths.max_doc_length or lengths.max_length), lengths.overlap + 1)
+    windows = 1 + -(-max(size - room, 0) // (room - lengths.overlap))  # document_spans' count
+    if lengths.max_windows is not None:
+        windows = min(windows, lengths.max_windows)
     return windows * lengths.max_length
 
 
 def check_document_size(tokenizer, text: str, room: int, lengths: LengthOptions, param: str) -> None:
     """In 'chunk' mode, refuse before tokenizing all of it a document that must make more than max_windows windows
-    of at most `room` tokens: one with more than max_windows x room tokens, found on a prefix (text_prefix) rather
-    than on the whole text (a 5 MB document was tokenized whole, 4.8 s and 900 MB, only to be refused)."""
-    if lengths.long_documents != "chunk" or lengths.max_windows is None:
+    of at most `room` tokens (document_spans' count: more than room + (max_windows - 1) x (room - overlap) tokens),
+    found on a prefix (text_prefix) rather than on the whole text (a 5 MB document was tokenized whole, 4.8 s and
+    900 MB, only to be refused). A room too small for any window is left to document_spans, which says why."""
+    if lengths.long_documents != "chunk" or lengths.max_windows is None or room <= lengths.overlap:
         return
-    limit = lengths.max_windows * max(room, 1)
+    limit = room + (lengths.max_windows - 1) * (room - lengths.overlap)
     if text_prefix(tokenizer, text, limit + 1) is not text:
         raise InputError(
-            f"the document has more than {limit} tokens: more than {lengths.max_windows} windows of {room} tokens, "
-            f"over the limit of {lengths.max_windows} windows a document; raise max_length (or max_doc_length where "
-            "it sets the window), or send a shorter document",
+            f"the document has more than {limit} tokens, which makes more than {lengths.max_windows} windows of "
+            f"{room} tokens (overlap {lengths.overlap}), over the limit of {lengths.max_windows} windows a document; "
+            "raise max_length (or max_doc_length where it sets the window), lower overlap, or send a shorter document",
             param,
         )
