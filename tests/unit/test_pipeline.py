@@ -187,7 +187,7 @@ def test_a_failed_request_leaves_nothing_in_the_preparation_queue(m0):
 def test_m0_windows_a_long_document_in_linear_time(m0):
     """Issue 18, item 2: m0's windows read the token lists on every window (each read rebuilds the list), so a
     20,000-character document in windows of 2 tokens took 96.5 s to prepare. Its ids and offsets are read once now:
-    four times the document takes four times as long, not sixteen (measured 4.1x: 0.045 s and 0.19 s, Zen 5)."""
+    four times the document takes four times as long, not sixteen (measured 4.1x: 0.045 s and 0.19 s, Intel Xeon)."""
     import time
 
     from rerankd.models.base import LengthOptions as L

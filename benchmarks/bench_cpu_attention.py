@@ -1,0 +1,99 @@
+"""Benchmark: packed attention on the CPU, rerankd's per-sequence loop against the alternatives (issue 19).
+
+rerankd runs attention over a packed batch as one torch SDPA call a sequence (`rerankd.models.layers.
+varlen_attention`; torch's flash CPU kernel). This times it against one call over the whole batch with
+FlexAttention and a document mask (compiled by inductor, as vLLM-style "one kernel over all packed sequences"
+would be), and, for bf16, against the same loop run in fp32 (q/k/v upcast, the output cast back). Batches of the
+jina-reranker-v2 workload's lengths (query and document: 35..270 tokens) and of fixed lengths; 12 heads of 64
+(XLM-RoBERTa base) or 16 of 128 with 8 key/value heads, causal (Qwen3-0.6B). Reports ms, GFLOP/s of the useful work
+(4 x len^2 x head_dim a head, half that causal) and each kernel's largest difference from the loop in fp32.
+
+    .venv/bin/python benchmarks/bench_cpu_attention.py [--repeats 10] [--json-out results.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_m0_engine import best_time, cpu_name, log  # noqa: E402
+
+SHAPES = {"v2 (12 x 64)": (12, 12, 64, False), "qwen3 causal (16/8 x 128)": (16, 8, 128, True)}
+
+
+def batches() -> dict[str, list[int]]:
+    g = torch.Generator().manual_seed(0)
+    return {
+        "16 pairs of 35..270": [int(x) for x in torch.randint(35, 270, (16,), generator=g)],
+        "16 x 128": [128] * 16,
+        "4 x 512": [512] * 4,
+        "1 x 2048": [2048],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--repeats", type=int, default=10, help="timed runs of each; the best is kept (default 10)")
+    ap.add_argument("--json-out", type=Path, help="also write the results to this JSON file")
+    args = ap.parse_args(argv)
+    if args.repeats < 1:
+        ap.error("need --repeats >= 1")
+
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    from rerankd.models.layers import varlen_attention
+
+    flex = torch.compile(flex_attention, dynamic=True)
+    rows = []
+    log(f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    for shape, (heads, kv_heads, dim, causal) in SHAPES.items():
+        for batch, lens in batches().items():
+            cu = [0]
+            for n in lens:
+                cu.append(cu[-1] + n)
+            tokens = cu[-1]
+            flops = sum(4 * n * n * dim * heads for n in lens) / (2 if causal else 1)
+            doc = torch.cat([torch.full((n,), i) for i, n in enumerate(lens)])
+
+            def mask(b, h, qi, ki):
+                same = doc[qi] == doc[ki]
+                return same & (ki <= qi) if causal else same
+
+            block_mask = create_block_mask(mask, None, None, tokens, tokens, device="cpu")
+            g = torch.Generator().manual_seed(1)
+            q32 = torch.randn(tokens, heads, dim, generator=g)
+            k32, v32 = (torch.randn(tokens, kv_heads, dim, generator=g) for _ in range(2))
+            ref = varlen_attention(q32, k32, v32, cu, causal, "sdpa")
+            for dtype in (torch.float32, torch.bfloat16):
+                q, k, v = (t.to(dtype) for t in (q32, k32, v32))
+                kinds = {
+                    "loop": lambda: varlen_attention(q, k, v, cu, causal, "sdpa"),
+                    "flex": lambda: flex(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                                         block_mask=block_mask, enable_gqa=kv_heads != heads)[0].transpose(0, 1),
+                }  # fmt: skip
+                if dtype != torch.float32:
+                    kinds["loop in fp32"] = lambda: varlen_attention(q.float(), k.float(), v.float(), cu, causal,
+                                                                     "sdpa").to(dtype)  # fmt: skip
+                for kind, fn in kinds.items():
+                    seconds = best_time(fn, args.repeats)
+                    diff = (fn().float() - ref).abs().max().item()
+                    rows.append({"shape": shape, "batch": batch, "dtype": str(dtype).removeprefix("torch."),
+                                 "kernel": kind, "ms": seconds * 1e3, "gflops": flops / seconds / 1e9,
+                                 "max_diff": diff})  # fmt: skip
+                    log(f"{shape:26s} {batch:20s} {rows[-1]['dtype']:8s} {kind:12s} {seconds * 1e3:8.2f} ms "
+                        f"{rows[-1]['gflops']:6.0f} GFLOP/s  diff {diff:.1e}")  # fmt: skip
+    if args.json_out:
+        args.json_out.write_text(json.dumps({"date": datetime.date.today().isoformat(), "cpu": cpu_name(),
+                                             "threads": torch.get_num_threads(), "torch": torch.__version__,
+                                             "rows": rows}, indent=2) + "\n")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
