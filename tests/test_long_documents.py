@@ -232,6 +232,26 @@ def test_a_prefix_tokenizes_as_the_whole_text_does(kind, tiny_dirs):
             assert len(cut) < len(text) // 2 or n == 1000, (kind, n, len(cut), len(text))
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_unspaced_text_is_cut_before_punctuation_where_the_tokenizer_splits_there(kind, tiny_dirs):
+    """Chinese text has no spaces but punctuation: Qwen2's and BERT's pre-tokenizers split before it, so a prefix
+    ends there and tokenizes as the whole text does; XLM-R's Metaspace splits on spaces only: no cut, the whole."""
+    from rerankd.models.base import load_tokenizer, text_prefix
+
+    tok = load_tokenizer(tiny_dirs[kind])
+    rng = np.random.default_rng(7)
+    pieces = ["数据提取", "绿茶富含儿茶素", "为什么不用正则", "Paris", "l'été", "2026", "🙂", "café", "e\u0301"]
+    for seed in range(6):
+        rng = np.random.default_rng(seed)
+        text = "".join(str(rng.choice(pieces)) + str(rng.choice(["，", "。", "、", ",", ".", "!", "", "", ""]))
+                       for _ in range(6000))  # fmt: skip
+        full = tok.encode(text, add_special_tokens=False).ids
+        cut = text_prefix(tok, text, 300)
+        ids = tok.encode(cut, add_special_tokens=False).ids
+        assert text.startswith(cut) and len(ids) > 300 and ids[:-1] == full[: len(ids) - 1], (kind, seed)
+        assert (len(cut) < len(text) // 4) == (kind != "jina-reranker-v2"), (kind, len(cut), len(text))
+
+
 def test_the_tokenizer_wrapper_copies_and_pickles(tiny_dirs):
     import copy
     import pickle
@@ -251,7 +271,8 @@ def test_long_documents_score_as_if_tokenized_whole(kind, tiny_dirs, monkeypatch
 
     model = Reranker.from_pretrained(tiny_dirs[kind], show_progress=False)
     try:
-        docs = [mixed_text(n, 40 + n) for n in (3000, 6000)] + ["short document"]
+        unspaced = "".join(["数据提取，", "绿茶富含儿茶素。", "Paris,", "为什么不用正则"][i % 4] for i in range(3000))
+        docs = [mixed_text(n, 40 + n) for n in (3000, 6000)] + ["short document", unspaced]
         pairs = [["gold rush merchants", d] for d in docs]
         options = [dict(long_documents="truncate", max_length=160), dict(long_documents="truncate", max_length=192,
                    max_query_length=8, max_doc_length=40), dict(long_documents="chunk", max_length=160, overlap=8)]  # fmt: skip

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from .models.base import QWEN2_SPLIT
 from .models.xlm_roberta import WEIGHT_RENAMES
 from .weights import rename_back
 
@@ -25,10 +26,6 @@ MODEL_KINDS = ("jina-reranker-m0", "jina-reranker-v2", "bert-cross-encoder", "qw
                "jina-reranker-v3")  # fmt: skip
 QWEN3_KINDS = ("qwen3-reranker", "qwen3-reranker-seq-cls", "jina-reranker-v3")
 
-# Qwen2's pre-tokenizer split pattern (tokenizer.json of Qwen2 / Qwen2-VL)
-QWEN2_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
 # Qwen2's special tokens, in their real order (ids 151643.. in the real vocabulary; right after the BPE vocab here)
 QWEN2_SPECIALS = (
     "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>",

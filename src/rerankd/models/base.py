@@ -7,6 +7,7 @@ on one worker thread. See docs/architecture.md.
 
 from __future__ import annotations
 
+import json
 import re
 import threading
 from contextlib import contextmanager
@@ -227,14 +228,22 @@ def load_tokenizer(directory: Path, hint: str = ""):
     return ReleasingTokenizer(tokenizer)
 
 
+# Qwen2's pre-tokenizer split pattern (tokenizer.json of Qwen2 / Qwen2-VL / Qwen3)
+QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+
 class ReleasingTokenizer:
     """A tokenizers.Tokenizer whose `encode` lets other threads run meanwhile: it goes through `encode_batch`,
     which releases Python's lock (GIL), where `encode` holds it for the whole call (a 3 MB text: 8 s in which no
     other thread of the server, its event loop included, ran; measured 0.4 s at most through encode_batch). The
-    encodings are the same; every other attribute is the wrapped tokenizer's."""
+    encodings are the same; every other attribute is the wrapped tokenizer's. `cut_pattern`: where text_prefix may
+    cut its texts."""
 
     def __init__(self, tokenizer: Any):
         self.inner = tokenizer
+        self.cut_pattern = cut_pattern(tokenizer)
 
     def encode(self, sequence: str, pair: str | None = None, add_special_tokens: bool = True) -> Any:
         item = sequence if pair is None else (sequence, pair)
@@ -325,24 +334,48 @@ def between_layers() -> None:
 
 PREFIX_CHARS_PER_TOKEN = 8  # text_prefix's first try: this many characters for each token needed, doubled after
 _WORD_END = re.compile(r"(?<=\S) ")  # a space after a non-space: where a text can be cut without changing the tokens
+# and before punctuation that follows a letter, for tokenizers whose pre-tokenizer splits them there (Qwen2's regex,
+# BERT's) under a normalizer that cannot join them (NFC, BERT's): unspaced CJK text has such places
+_WORD_OR_PUNCTUATION_END = re.compile(r"(?<=\S) |(?<=[^\W\d_])(?=[，。、；：？！,.;:?!])")
+
+
+def cut_pattern(tokenizer: Any) -> re.Pattern:
+    """Where text_prefix may cut a text for this tokenizers.Tokenizer: before a space after a non-space, and for
+    Qwen2's and BERT's pre-tokenizers also before punctuation after a letter."""
+
+    def state(part: Any) -> dict:
+        return json.loads(part.__getstate__()) if part is not None else {}
+
+    try:
+        pre, norm = state(tokenizer.pre_tokenizer), state(tokenizer.normalizer)
+    except (AttributeError, TypeError, ValueError):
+        return _WORD_END
+    parts = pre.get("pretokenizers", [pre])
+    qwen2 = any(p.get("type") == "Split" and p.get("pattern", {}).get("Regex") == QWEN2_SPLIT for p in parts)
+    bert = pre.get("type") == "BertPreTokenizer"
+    if (qwen2 and norm.get("type") in (None, "NFC")) or (bert and norm.get("type") == "BertNormalizer"):
+        return _WORD_OR_PUNCTUATION_END
+    return _WORD_END
 
 
 def text_prefix(tokenizer, text: str, tokens: int) -> str:
     """A prefix of `text` that tokenizes to the same first `tokens` tokens as the whole text (special tokens aside),
     or `text` itself when it has fewer or no such prefix is found; only the prefix is tokenized.
 
-    The prefix ends before a space that follows a non-space. Every tokenizer rerankd loads splits words there before
-    its model sees them (Qwen2's byte-level BPE regex, XLM-R's Metaspace, BERT's whitespace split, llama.cpp's
-    Qwen2 rules), and no split of the text before that point looks past it, so the tokens before it are those of the
-    whole text, but for the last one: sentencepiece's nmt_nfkc normalizer (XLM-R's) turns a few characters Python
+    The prefix ends before a space that follows a non-space (or where the tokenizer's `cut_pattern` says: before
+    punctuation after a letter, for Qwen2's and BERT's pre-tokenizers). Every tokenizer rerankd loads splits words
+    there before its model sees them (Qwen2's byte-level BPE regex, XLM-R's Metaspace, BERT's whitespace split,
+    llama.cpp's Qwen2 rules), and no split of the text before that point looks past it, so the tokens before it are
+    those of the whole text, but for the last one: sentencepiece's nmt_nfkc normalizer (XLM-R's) turns a few characters Python
     does not call a space (U+200B, U+FEFF, U+FFFD, ...) into one, and a cut just after such a character changes the
     token before it, so the prefix holds one token more than asked. Tried at about PREFIX_CHARS_PER_TOKEN characters
     a token needed, doubled while too few: a 30 MB document cut to 512 tokens costs a few kilobytes of tokenizing,
     not 40 s and 8 GB (issue 18). A text without such a space (a long run of CJK characters, say) is tokenized whole,
     as before."""
     size = tokens * PREFIX_CHARS_PER_TOKEN
+    pattern = getattr(tokenizer, "cut_pattern", _WORD_END)
     while size < len(text):
-        found = _WORD_END.search(text, size)
+        found = pattern.search(text, size)
         if found is None:
             return text
         cut = found.start()
