@@ -514,9 +514,9 @@ class Scheduler:
                 job.unit_left[u] += len(seqs)
                 job.tokens += sum(s.length for s in seqs)
                 if job.unit_bounds:  # the unit's bound gives way to its real tokens
-                    real = sum(s.length for s in seqs) - job.unit_bounds[u]
-                    job.charged += real
-                    self._admitted_tokens += real
+                    change = sum(s.length for s in seqs) - job.unit_bounds[u]
+                    job.charged += change
+                    self._admitted_tokens += change
                 if self.max_request_tokens is not None and job.tokens > self.max_request_tokens:
                     self._resolve(job, error=TooLarge(
                         f"the request needs more than the server's limit of {self.max_request_tokens} tokens through "
