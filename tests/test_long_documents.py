@@ -276,9 +276,11 @@ def test_long_documents_score_as_if_tokenized_whole(kind, tiny_dirs, monkeypatch
         pairs = [["gold rush merchants", d] for d in docs]
         options = [dict(long_documents="truncate", max_length=160), dict(long_documents="truncate", max_length=192,
                    max_query_length=8, max_doc_length=40), dict(long_documents="chunk", max_length=160, overlap=8)]  # fmt: skip
-        got = [model.compute_score(pairs, **o) for o in options]
+        long_query = [[mixed_text(3000, 9), "short document"]]  # cut by max_query_length, from a prefix
+        got = [model.compute_score(pairs, **o) for o in options] + [model.compute_score(long_query, **options[1])]
         monkeypatch.setattr(base, "PREFIX_CHARS_PER_TOKEN", 10**9)
-        assert [model.compute_score(pairs, **o) for o in options] == got
+        assert [model.compute_score(pairs, **o) for o in options] + [model.compute_score(long_query, **options[1])] \
+            == got  # fmt: skip
     finally:
         model.close()
 

@@ -154,10 +154,10 @@ class JinaV3Backend(Qwen3Backend):
     ) -> tuple[list[PreparedSequence], dict[int, InputError]]:
         where = wheres[0]
         q_text = self.text(query, where.query)
-        q_ids = self.encode(q_text)
-        q_tokens = len(q_ids)
-        if lengths.max_query_length is not None:
-            q_text, q_tokens = cut_text(self.tokenizer, q_text, lengths.max_query_length, q_ids)
+        if lengths.max_query_length is not None:  # (cut_text tokenizes only a prefix of a long query)
+            q_text, q_tokens = cut_text(self.tokenizer, q_text, lengths.max_query_length)
+        else:
+            q_tokens = len(self.encode(q_text))
         q_text = sanitize(q_text, where.query, "the query")
         max_doc = lengths.max_doc_length or MAX_DOC_LENGTH
         errors: dict[int, InputError] = {}

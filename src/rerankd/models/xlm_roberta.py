@@ -318,6 +318,8 @@ class CrossEncoderBackend(TorchTextBackend):
             enc = self._truncating_tokenizer(max_length).encode(q_text, d_text)
             return [self._sequence(enc.ids, enc.type_ids)]
 
+        if lengths.max_query_length is not None:  # only its first max_query_length tokens are kept
+            q_text = text_prefix(self.tokenizer, q_text, lengths.max_query_length + 1)
         q = self.tokenizer.encode(q_text, add_special_tokens=False)
         if lengths.max_query_length is not None and len(q.ids) > lengths.max_query_length:
             q.truncate(lengths.max_query_length)
