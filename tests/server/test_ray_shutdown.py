@@ -42,6 +42,15 @@ def test_sigterm_lets_the_requests_in_flight_finish(m0_dir):
     assert_gone(ray_processes)
 
 
+def test_sigterm_as_soon_as_the_proxy_answers_is_a_graceful_stop(m0_dir):
+    """/health answers through the proxy before serve.run is back in the driver: a SIGTERM then is a stop of a
+    running application (drain, exit 0), not one before the replicas were up (exit 1); that was 2 of 2 before."""
+    server = ray_server(m0_dir, "--log-level", "info")
+    assert server.stop(timeout=90) == 0, server.output[-3000:]
+    assert "letting requests in flight finish" in server.output
+    assert "stopped before the replicas were up" not in server.output
+
+
 def test_ctrl_c_ends_a_deployment_whose_replicas_cannot_be_placed(m0_dir):
     """Replicas asking for more CPUs than the cluster has wait for ever in Ray: Ctrl-C still ends it, quickly, and
     takes the local Ray down with it."""

@@ -196,6 +196,8 @@ def run(model: str, names: tuple[str, ...], load: LoadOptions, options: ServeOpt
         done = _in_thread(lambda: serve.run(app, name=APP_NAME, route_prefix="/", blocking=False), failed)
         while not done.wait(1.0):
             if stop.is_set():
+                if _running(APP_NAME):  # up, and maybe answering, before serve.run came back: stop as when up
+                    break
                 log.warning("stopped before the replicas were up")
                 return 1
             if round(time.monotonic() - start) % 60 == 0:
@@ -226,6 +228,15 @@ def run(model: str, names: tuple[str, ...], load: LoadOptions, options: ServeOpt
             if up:  # before, Serve's own shutdown would wait 30 s on replicas that cannot be placed; Ray goes anyway
                 serve.shutdown()
             ray.shutdown()
+
+
+def _running(name: str) -> bool:
+    """Whether the application is up (RUNNING); its proxy answers then, whether or not serve.run has returned."""
+    try:
+        status = serve.status().applications.get(name)
+    except Exception:  # noqa: BLE001 - Serve not reachable: not up
+        return False
+    return status is not None and status.status == "RUNNING"
 
 
 def _has_application(name: str) -> bool:
