@@ -366,12 +366,12 @@ def text_prefix(tokenizer, text: str, tokens: int) -> str:
     punctuation after a letter, for Qwen2's and BERT's pre-tokenizers). Every tokenizer rerankd loads splits words
     there before its model sees them (Qwen2's byte-level BPE regex, XLM-R's Metaspace, BERT's whitespace split,
     llama.cpp's Qwen2 rules), and no split of the text before that point looks past it, so the tokens before it are
-    those of the whole text, but for the last one: sentencepiece's nmt_nfkc normalizer (XLM-R's) turns a few characters Python
-    does not call a space (U+200B, U+FEFF, U+FFFD, ...) into one, and a cut just after such a character changes the
-    token before it, so the prefix holds one token more than asked. Tried at about PREFIX_CHARS_PER_TOKEN characters
-    a token needed, doubled while too few: a 30 MB document cut to 512 tokens costs a few kilobytes of tokenizing,
-    not 40 s and 8 GB (issue 18). A text without such a space (a long run of CJK characters, say) is tokenized whole,
-    as before."""
+    those of the whole text, but for the last one: sentencepiece's nmt_nfkc normalizer (XLM-R's) turns a few
+    characters Python does not call a space (U+200B, U+FEFF, U+FFFD, ...) into one, and a cut just after such a
+    character changes the token before it, so the prefix holds one token more than asked. Tried at about
+    PREFIX_CHARS_PER_TOKEN characters a token needed, doubled while too few: a 30 MB document cut to 512 tokens costs
+    a few kilobytes of tokenizing, not 40 s and 8 GB (issue 18). A text with no place to cut (a run of CJK characters
+    without punctuation, say) is tokenized whole, as before."""
     size = tokens * PREFIX_CHARS_PER_TOKEN
     pattern = getattr(tokenizer, "cut_pattern", _WORD_END)
     while size < len(text):

@@ -32,11 +32,11 @@ from ..errors import InputError
 from ..inputs import Item
 from ..inputs.images import ImagePolicy
 from ..weights import Renames
-from .base import LengthOptions, PreparedSequence, Where, Window, cut_text, text_prefix, token_id
+from .base import LengthOptions, PreparedSequence, Where, Window, cut_text, token_id
 from .decoder import TextConfig, TextModel
 from .layers import use_cpu_gemm
 from .qwen3_reranker import Qwen3Backend
-from .windows import check_document_size, document_spans
+from .windows import document_spans, document_to_tokenize
 
 SYSTEM = (
     "<|im_start|>system\nYou are a search relevance expert who can determine a ranking of the passages based on how "
@@ -179,9 +179,7 @@ class JinaV3Backend(Qwen3Backend):
         return [self._block(q_text, b, lengths.instruction, k) for k, b in enumerate(blocks) if b], errors
 
     def _passages(self, slot: int, text: str, max_doc: int, lengths: LengthOptions, where: Where) -> list[Passage]:
-        if lengths.long_documents == "truncate":  # the reference's cut keeps max_doc tokens
-            text = text_prefix(self.tokenizer, text, max_doc + 1)
-        check_document_size(self.tokenizer, text, max_doc, lengths, where.document)
+        text = document_to_tokenize(self.tokenizer, text, max_doc, lengths, where.document)
         enc = self.tokenizer.encode(text, add_special_tokens=True)
         ids = enc.ids
         spans = document_spans(len(ids), max_doc, lengths, lambda: enc.offsets, where.document,

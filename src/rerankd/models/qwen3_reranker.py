@@ -38,12 +38,11 @@ from .base import (
     cut_text,
     load_tokenizer,
     packed,
-    text_prefix,
     token_id,
 )
 from .decoder import TextConfig, TextModel
 from .layers import use_cpu_gemm
-from .windows import check_document_size, document_spans
+from .windows import document_spans, document_to_tokenize
 
 PREFIX = (
     "<|im_start|>system\nJudge whether the Document meets the requirements based on the Query and the Instruct "
@@ -160,10 +159,9 @@ class Qwen3RerankerBackend(Qwen3Backend):
         if room < 1:
             raise InputError(f"max_length={lengths.max_length} leaves no room beside the prompt's "
                              f"{len(self.prefix) + len(self.suffix)} template tokens; raise it", where.pair)  # fmt: skip
-        if lengths.long_documents == "truncate":  # at most `room` tokens of the document are kept (+1 for the seam)
-            d_text = text_prefix(self.tokenizer, d_text, room + 2)
-        else:
-            check_document_size(self.tokenizer, d_text, min(room, lengths.max_doc_length or room), lengths, where.pair)
+        # the body's room bounds the document's tokens (+1: the seam with "<Document>: " may merge one)
+        d_text = document_to_tokenize(self.tokenizer, d_text, min(room, lengths.max_doc_length or room), lengths,
+                                      where.pair, seam=1)  # fmt: skip
         if lengths.long_documents == "truncate" and lengths.max_query_length is None and lengths.max_doc_length is None:
             # the reference: the body tokenized whole and cut from its end
             return [self._sequence(self.encode(body(instruction, q_text, d_text))[:room])]

@@ -116,6 +116,16 @@ def tokens_bound(query_tokens: int, doc: Item, lengths: LengthOptions, image_tok
     return windows * lengths.max_length
 
 
+def document_to_tokenize(tokenizer, text: str, room: int, lengths: LengthOptions, param: str, seam: int = 0) -> str:
+    """What of a text document to tokenize, whose windows hold at most `room` tokens: in 'truncate' mode a prefix
+    with its first room + `seam` tokens (text_prefix; `seam`: tokens a backend's template may merge with its start),
+    in 'chunk' mode the whole text, once check_document_size has found it within the window limit."""
+    if lengths.long_documents == "truncate":
+        return text_prefix(tokenizer, text, max(room, 0) + 1 + seam)
+    check_document_size(tokenizer, text, room, lengths, param)
+    return text
+
+
 def check_document_size(tokenizer, text: str, room: int, lengths: LengthOptions, param: str) -> None:
     """In 'chunk' mode, refuse before tokenizing all of it a document that must make more than max_windows windows
     of at most `room` tokens (document_spans' count: more than room + (max_windows - 1) x (room - overlap) tokens),

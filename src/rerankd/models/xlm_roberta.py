@@ -33,7 +33,7 @@ from ..weights import Part, Renames, tensor_names
 from .base import (PREFIX_CHARS_PER_TOKEN, LengthOptions, PreparedSequence, ReleasingTokenizer, TorchTextBackend, Where,
                    between_layers, build_module, load_tokenizer, packed, text_prefix)
 from .layers import linear, row_attention, rowwise, use_cpu_gemm, varlen_attention
-from .windows import check_document_size, document_spans
+from .windows import document_spans, document_to_tokenize
 
 DEFAULT_MAX_LENGTH = 1024
 TRUNCATING_TOKENIZERS = 4  # tokenizer copies kept, one per recent max_length of compute_score calls
@@ -326,9 +326,7 @@ class CrossEncoderBackend(TorchTextBackend):
         room = max_length - len(q.ids) - self.pair_specials  # document tokens per window
         if lengths.max_doc_length is not None:
             room = min(room, lengths.max_doc_length)
-        if lengths.long_documents == "truncate":  # only the first `room` tokens are kept
-            d_text = text_prefix(self.tokenizer, d_text, max(room, 0) + 1)
-        check_document_size(self.tokenizer, d_text, room, lengths, where.pair)
+        d_text = document_to_tokenize(self.tokenizer, d_text, room, lengths, where.pair)
         d = self.tokenizer.encode(d_text, add_special_tokens=False)
         d_ids = d.ids
         spans = document_spans(
