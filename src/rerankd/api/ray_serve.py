@@ -183,7 +183,7 @@ def run(model: str, names: tuple[str, ...], load: LoadOptions, options: ServeOpt
         signal.signal(sig, lambda *_: stop.set())
     deployed = up = False
     try:
-        if address and _has_application(APP_NAME):
+        if address and _application(APP_NAME) is not None:
             raise ValueError(f"the cluster at {address} already runs an application named {APP_NAME!r}: delete "
                              f"it first (serve.delete({APP_NAME!r}) or serve shutdown) or use another cluster")
         serve.start(http_options={"host": options.host, "port": options.port,
@@ -196,8 +196,9 @@ def run(model: str, names: tuple[str, ...], load: LoadOptions, options: ServeOpt
         done = _in_thread(lambda: serve.run(app, name=APP_NAME, route_prefix="/", blocking=False), failed)
         while not done.wait(1.0):
             if stop.is_set():
-                if _running(APP_NAME):  # up, and maybe answering, before serve.run came back: stop as when up
-                    break
+                status = _application(APP_NAME)
+                if status is not None and status.status == "RUNNING":  # up (its proxy answers) before serve.run
+                    break  # came back: stop as when up
                 log.warning("stopped before the replicas were up")
                 return 1
             if round(time.monotonic() - start) % 60 == 0:
@@ -230,20 +231,13 @@ def run(model: str, names: tuple[str, ...], load: LoadOptions, options: ServeOpt
             ray.shutdown()
 
 
-def _running(name: str) -> bool:
-    """Whether the application is up (RUNNING); its proxy answers then, whether or not serve.run has returned."""
+def _application(name: str):
+    """The application's status on the cluster (its `.status`: DEPLOYING, RUNNING, ...), or None when it has none or
+    no Serve is reachable there yet."""
     try:
-        status = serve.status().applications.get(name)
-    except Exception:  # noqa: BLE001 - Serve not reachable: not up
-        return False
-    return status is not None and status.status == "RUNNING"
-
-
-def _has_application(name: str) -> bool:
-    try:
-        return name in serve.status().applications
+        return serve.status().applications.get(name)
     except Exception:  # noqa: BLE001 - no Serve running on the cluster yet
-        return False
+        return None
 
 
 def _in_thread(work, failed: list) -> threading.Event:
