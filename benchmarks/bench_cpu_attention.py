@@ -2,8 +2,8 @@
 
 rerankd runs attention over a packed batch as one torch SDPA call a sequence (`rerankd.models.layers.
 varlen_attention`; torch's flash CPU kernel). This times it against one call over the whole batch with
-FlexAttention and a document mask (compiled by inductor, as vLLM-style "one kernel over all packed sequences"
-would be), and, for bf16, against the same loop run in fp32 (q/k/v upcast, the output cast back). Batches of the
+FlexAttention and a document mask (rerankd's `attention="flex"` kernel, compiled by inductor, as vLLM-style "one
+kernel over all packed sequences" would be), and, for bf16, against the same loop run in fp32 (q/k/v upcast, the output cast back). Batches of the
 jina-reranker-v2 workload's lengths (query and document: 35..270 tokens) and of fixed lengths; 12 heads of 64
 (XLM-RoBERTa base) or 16 of 128 with 8 key/value heads, causal (Qwen3-0.6B). Reports ms, GFLOP/s of the useful work
 (4 x len^2 x head_dim a head, half that causal) and each kernel's largest difference from the loop in fp32.
@@ -45,11 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.repeats < 1:
         ap.error("need --repeats >= 1")
 
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    from rerankd.models.layers import packing, varlen_attention
 
-    from rerankd.models.layers import varlen_attention
-
-    flex = torch.compile(flex_attention, dynamic=True)
+    cpu = torch.device("cpu")
     rows = []
     log(f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     for shape, (heads, kv_heads, dim, causal) in SHAPES.items():
@@ -59,27 +57,20 @@ def main(argv: list[str] | None = None) -> int:
                 cu.append(cu[-1] + n)
             tokens = cu[-1]
             flops = sum(4 * n * n * dim * heads for n in lens) / (2 if causal else 1)
-            doc = torch.cat([torch.full((n,), i) for i, n in enumerate(lens)])
-
-            def mask(b, h, qi, ki):
-                same = doc[qi] == doc[ki]
-                return same & (ki <= qi) if causal else same
-
-            block_mask = create_block_mask(mask, None, None, tokens, tokens, device="cpu")
+            loop, flex = packing(cu, cpu, "sdpa"), packing(cu, cpu, "flex")
             g = torch.Generator().manual_seed(1)
             q32 = torch.randn(tokens, heads, dim, generator=g)
             k32, v32 = (torch.randn(tokens, kv_heads, dim, generator=g) for _ in range(2))
-            ref = varlen_attention(q32, k32, v32, cu, causal, "sdpa")
+            ref = varlen_attention(q32, k32, v32, loop, causal)
             for dtype in (torch.float32, torch.bfloat16):
                 q, k, v = (t.to(dtype) for t in (q32, k32, v32))
                 kinds = {
-                    "loop": lambda: varlen_attention(q, k, v, cu, causal, "sdpa"),
-                    "flex": lambda: flex(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
-                                         block_mask=block_mask, enable_gqa=kv_heads != heads)[0].transpose(0, 1),
-                }  # fmt: skip
+                    "loop": lambda: varlen_attention(q, k, v, loop, causal),
+                    "flex": lambda: varlen_attention(q, k, v, flex, causal),
+                }
                 if dtype != torch.float32:
-                    kinds["loop in fp32"] = lambda: varlen_attention(q.float(), k.float(), v.float(), cu, causal,
-                                                                     "sdpa").to(dtype)  # fmt: skip
+                    kinds["loop in fp32"] = lambda: varlen_attention(q.float(), k.float(), v.float(), loop,
+                                                                     causal).to(dtype)  # fmt: skip
                 for kind, fn in kinds.items():
                     seconds = best_time(fn, args.repeats)
                     diff = (fn().float() - ref).abs().max().item()

@@ -85,6 +85,11 @@ class LoadOptions:
     """Kernel of fp32 linear layers on the CPU: 'auto' (time both at load, take oneDNN when >= 1.1x faster),
     'onednn', or 'torch' (torch's default BLAS, MKL on x86, which skips AVX-512 on AMD CPUs). A loaded Reranker's
     options say which one runs ('none' for a GGUF)."""
+    attention: str = "auto"
+    """Attention kernel: 'auto' (on CUDA in fp16/bf16: flash-attn's varlen kernel when installed, else torch's own
+    varlen flash attention, else FlexAttention; elsewhere one SDPA call per sequence, the fastest measured on the
+    CPU), or one of 'flash-attn', 'varlen', 'flex' (these three on CUDA), 'sdpa' (an error where it cannot run).
+    A loaded Reranker's options say which one runs ('none' for a GGUF)."""
     show_progress: bool = True
     """Show progress bars while loading weights."""
 

@@ -20,7 +20,7 @@ from .inputs import ImageItem, Item, TextItem, parse_item
 from .inputs.items import valid_text
 from .inputs.items import ItemType
 from .models.base import Backend, LengthOptions, Where, Window
-from .models.layers import check_cpu_gemm
+from .models.layers import attention_backend, check_cpu_gemm
 from .models.registry import backend_for
 from .results import activate, check_activation, check_top_n, rerank_results
 
@@ -82,6 +82,7 @@ class Reranker:
                 raise ValueError(f"dtype {name!r} is not supported; use one of {sorted(set(_DTYPES))}")
             dt = _DTYPES[name]
         check_cpu_gemm(opts.cpu_gemm)  # before minutes of loading
+        attention_backend(dev, dt, opts.attention)
         if opts.num_threads:
             torch.set_num_threads(opts.num_threads)
         path = resolve_model(name_or_path, opts.revision)
@@ -89,7 +90,8 @@ class Reranker:
         backend: Backend = backend_cls.load(path, config, dev, dt, opts)
         budget = batch_tokens(opts.max_batch_tokens, dev.type)
         resolved = replace(opts, device=str(backend.device), dtype=str(backend.dtype).removeprefix("torch."),
-                           cpu_gemm=backend.cpu_gemm, max_batch_tokens=budget)  # fmt: skip
+                           cpu_gemm=backend.cpu_gemm, attention=backend.attn_backend,
+                           max_batch_tokens=budget)  # fmt: skip
         return cls(backend, path, resolved)
 
     @property

@@ -24,6 +24,7 @@ from ..errors import InputError, ModelLoadError
 from ..inputs import ImageItem, Item
 from ..inputs.images import ImagePolicy, PreparedImage
 from ..weights import Renames, load_weights
+from .layers import Packing, attention_backend, packing, to_device
 
 
 @dataclass(frozen=True)
@@ -137,6 +138,8 @@ class Backend(Protocol):
     dtype: torch.dtype
     cpu_gemm: str
     """The kernel of the fp32 CPU linear layers that runs: 'onednn', 'torch', or 'none' (not torch's layers)."""
+    attn_backend: str
+    """The attention kernel that runs (layers.attention_backend), or 'none' (not torch's layers)."""
 
     @classmethod
     def load(cls, path: Path, config: dict | None, device: torch.device, dtype: torch.dtype, opts: LoadOptions) -> Any:
@@ -261,9 +264,7 @@ class TorchTextBackend(TextOnly):
     backend, chosen once."""
 
     def __init__(self, model: nn.Module, cfg: Any, tokenizer: Any, device: torch.device, dtype: torch.dtype,
-                 arch: str, cpu_gemm: str):  # fmt: skip
-        from .layers import attention_backend
-
+                 arch: str, cpu_gemm: str, attention: str = "auto"):  # fmt: skip
         self.model = model
         self.cfg = cfg
         self.tokenizer = tokenizer
@@ -271,7 +272,7 @@ class TorchTextBackend(TextOnly):
         self.dtype = dtype
         self.architecture = arch
         self.cpu_gemm = cpu_gemm
-        self.attn_backend = attention_backend(device, dtype)
+        self.attn_backend = attention_backend(device, dtype, attention)
 
     def close(self) -> None:
         pass
@@ -395,6 +396,6 @@ def build_module(make: Callable[[], nn.Module], directory: Path, renames: Rename
     return model.eval().requires_grad_(False)
 
 
-def packed(batch: list[PreparedSequence], device: torch.device) -> tuple[torch.Tensor, list[int]]:
-    """The token ids of a batch, concatenated on `device`, and its cu_seqlens."""
-    return torch.cat([s.input_ids for s in batch]).to(device), cu_seqlens(batch)
+def packed(batch: list[PreparedSequence], device: torch.device, kernel: str) -> tuple[torch.Tensor, Packing]:
+    """The token ids of a batch, concatenated on `device`, and its Packing for the attention `kernel`."""
+    return to_device(torch.cat([s.input_ids for s in batch]), device), packing(cu_seqlens(batch), device, kernel)

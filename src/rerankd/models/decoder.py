@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import between_layers
-from .layers import RMSNorm, apply_rotary, row_attention, rowwise, varlen_attention
+from .layers import Packing, RMSNorm, apply_rotary, row_attention, rowwise, to_device, varlen_attention
 
 
 @dataclass(frozen=True)
@@ -117,7 +117,7 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
         self.qk_norm = cfg.qk_norm
 
-    def forward(self, x, cos, sin, cu: list[int], backend: str, rows: list[int] | None, at: torch.Tensor | None):
+    def forward(self, x, cos, sin, pack: Packing, rows: list[int] | None, at: torch.Tensor | None):
         """x [tokens, hidden] -> [tokens, hidden], or [len(at), hidden] for the query rows `at` only (the final
         layer; `rows`: the same indices as a list, None when they are each sequence's last token)."""
         n = x.shape[0]
@@ -128,10 +128,10 @@ class Attention(nn.Module):
         k = apply_rotary(k, cos, sin)
         if at is None:
             q = self._rotated_query(x, cos, sin)  # [tokens, heads, hd]
-            o = varlen_attention(q, k, v, cu, causal=True, backend=backend)
+            o = varlen_attention(q, k, v, pack, causal=True)
         else:
             q = self._rotated_query(x[at], cos[at], sin[at])  # [rows, heads, hd]
-            o = row_attention(q, k, v, cu, rows)  # a last token sees every key: no mask needed then
+            o = row_attention(q, k, v, pack, rows)  # a last token sees every key: no mask needed then
         return self.o_proj(o.reshape(o.shape[0], -1))
 
     def _rotated_query(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -164,8 +164,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, cu, backend, rows: list[int] | None = None, at: torch.Tensor | None = None):
-        h = self.self_attn(self.input_layernorm(x), cos, sin, cu, backend, rows, at)
+    def forward(self, x, cos, sin, pack: Packing, rows: list[int] | None = None, at: torch.Tensor | None = None):
+        h = self.self_attn(self.input_layernorm(x), cos, sin, pack, rows, at)
         x = (x if at is None else x[at]) + h
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -187,7 +187,7 @@ class TextModel(nn.Module):
         return 1.0 / (self.cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float, device="cpu") / hd))
 
     def hidden_at(
-        self, x: torch.Tensor, positions: torch.Tensor, cu: list[int], backend: str, rows: list[int] | None = None
+        self, x: torch.Tensor, positions: torch.Tensor, pack: Packing, rows: list[int] | None = None
     ) -> torch.Tensor:
         """x: [tokens, hidden] input embeddings of packed sequences; positions [3, tokens] (M-RoPE) or [tokens].
 
@@ -199,10 +199,10 @@ class TextModel(nn.Module):
         else:
             cos, sin = rope_cos_sin(positions, self.inv_freq)
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-        last = [end - 1 for end in cu[1:]]
-        at = torch.tensor(last if rows is None else rows, device=x.device)
+        last = [end - 1 for end in pack.offsets[1:]]
+        at = to_device(torch.tensor(last if rows is None else rows), x.device)
         for layer in self.layers[:-1]:
             between_layers()
-            x = layer(x, cos, sin, cu, backend)
-        x = self.layers[-1](x, cos, sin, cu, backend, rows, at)  # [rows, hidden]
+            x = layer(x, cos, sin, pack)
+        x = self.layers[-1](x, cos, sin, pack, rows, at)  # [rows, hidden]
         return self.norm(x)

@@ -174,6 +174,7 @@ class GGUFBackend(TextOnly, M0Prompts):
     default_max_length: ClassVar[int] = DEFAULT_MAX_LENGTH
     compute_score_max_query_length: ClassVar[int | None] = REFERENCE_MAX_QUERY_LENGTH
     cpu_gemm: ClassVar[str] = "none"  # llama.cpp runs the model, not torch's layers
+    attn_backend: ClassVar[str] = "none"
 
     def __init__(self, llm: object, head: dict[str, np.ndarray], path: Path, n_ctx: int, box_end_row: int | None):
         import llama_cpp

@@ -48,7 +48,7 @@ from .base import (
     packed,
     token_id,
 )
-from .layers import attention_backend, use_cpu_gemm
+from .layers import Packing, attention_backend, to_device, use_cpu_gemm
 from .decoder import TextConfig, TextModel
 from .qwen2_vl import VisionConfig, VisionTransformer
 from .windows import check_document_size, document_spans
@@ -85,22 +85,16 @@ class JinaM0(nn.Module):
         self,
         input_ids: torch.Tensor,  # [tokens] packed
         positions: torch.Tensor,  # [3, tokens]
-        cu_seqlens: list[int],
+        pack: Packing,
         patches: torch.Tensor | None,  # [patches of all images, 1176]
         grids: list[tuple[int, int, int]],
         image_token_id: int,
-        backend: str,
     ) -> torch.Tensor:
         x = self.model.embed_tokens(input_ids)  # [tokens, hidden]
         if grids:
-            image_embeds = self.visual(patches, grids, backend)  # [image tokens, hidden]
-            mask = input_ids == image_token_id
-            if int(mask.sum()) != image_embeds.shape[0]:
-                raise RuntimeError(
-                    f"internal: {int(mask.sum())} image tokens in the batch but {image_embeds.shape[0]} image embeddings"
-                )
-            x = x.masked_scatter(mask[:, None], image_embeds.to(x.dtype))
-        h = self.model.hidden_at(x, positions, cu_seqlens, backend)  # [sequences, hidden]
+            image_embeds = self.visual(patches, grids, pack.kernel)  # [image tokens, hidden]
+            x = x.masked_scatter((input_ids == image_token_id)[:, None], image_embeds.to(x.dtype))
+        h = self.model.hidden_at(x, positions, pack)  # [sequences, hidden]
         return self.score(h).squeeze(-1)  # [sequences]
 
 
@@ -284,6 +278,7 @@ class JinaM0Backend(M0Prompts):
         min_pixels: int,
         max_pixels: int,
         cpu_gemm: str,
+        attention: str = "auto",
     ):
         super().__init__(tokenizer, SCORE_TOKEN_ID, special.image_pad, vision.spatial_merge_size)
         self.special = special
@@ -297,7 +292,7 @@ class JinaM0Backend(M0Prompts):
         # what one image may put through the model at most (the scheduler's admission bound): merged patches
         self.max_image_tokens = max_pixels // (vision.patch_size * vision.spatial_merge_size) ** 2 + 2
         self.cpu_gemm = cpu_gemm
-        self.attn_backend = attention_backend(device, dtype)
+        self.attn_backend = attention_backend(device, dtype, attention)
 
     def check(self, lengths: LengthOptions) -> None:
         check_positions(lengths, self.model.model.cfg.max_position_embeddings)
@@ -340,7 +335,7 @@ class JinaM0Backend(M0Prompts):
         model.visual.inv_freq = model.visual.rope_inv_freq().to(device)
         gemm = use_cpu_gemm(model, opts.cpu_gemm, device, dtype)
         return cls(model, tokenizer, special, vision, device, dtype, ImageLimits.from_options(opts),
-                   opts.min_pixels or DEFAULT_MIN_PIXELS, opts.max_pixels or DEFAULT_MAX_PIXELS, gemm)  # fmt: skip
+                   opts.min_pixels or DEFAULT_MIN_PIXELS, opts.max_pixels or DEFAULT_MAX_PIXELS, gemm, opts.attention)  # fmt: skip
 
     def close(self) -> None:
         pass
@@ -349,10 +344,13 @@ class JinaM0Backend(M0Prompts):
 
     @torch.inference_mode()
     def forward(self, batch: list[PreparedSequence]) -> torch.Tensor:
-        input_ids, cu = packed(batch, self.device)
-        positions = torch.cat([s.positions for s in batch], dim=1).to(self.device)
         images = [im for s in batch for im in s.images]
-        patches = torch.cat([im.patches for im in images]).to(self.device, self.dtype) if images else None
-        logits = self.model(input_ids, positions, cu, patches, [im.grid for im in images], self.image_pad,
-                            self.attn_backend)  # fmt: skip
+        image_tokens = sum(int((s.input_ids == self.image_pad).sum()) for s in batch)  # on the host: no GPU sync
+        merged = sum(im.grid[0] * im.grid[1] * im.grid[2] for im in images) // self.vision.spatial_merge_size**2
+        if image_tokens != merged:
+            raise RuntimeError(f"internal: {image_tokens} image tokens in the batch but {merged} image embeddings")
+        input_ids, pack = packed(batch, self.device, self.attn_backend)
+        positions = to_device(torch.cat([s.positions for s in batch], dim=1), self.device)
+        patches = to_device(torch.cat([im.patches for im in images]), self.device, self.dtype) if images else None
+        logits = self.model(input_ids, positions, pack, patches, [im.grid for im in images], self.image_pad)
         return logits.float().cpu() - LOGIT_BIAS  # relevance = sigmoid(head logit - LOGIT_BIAS)

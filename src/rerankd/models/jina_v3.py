@@ -34,7 +34,7 @@ from ..inputs.images import ImagePolicy
 from ..weights import Renames
 from .base import LengthOptions, PreparedSequence, Where, Window, cut_text, token_id
 from .decoder import TextConfig, TextModel
-from .layers import use_cpu_gemm
+from .layers import Packing, use_cpu_gemm
 from .qwen3_reranker import Qwen3Backend
 from .windows import document_spans, document_to_tokenize
 
@@ -95,8 +95,8 @@ class JinaV3(nn.Module):
         h = cfg.hidden_size
         self.projector = nn.Sequential(nn.Linear(h, h // 2, bias=False), nn.ReLU(), nn.Linear(h // 2, projector_dim, bias=False))
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cu: list[int], rows: list[int], backend: str):
-        h = self.model.hidden_at(self.model.embed_tokens(input_ids), positions, cu, backend, rows)  # [rows, hidden]
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, pack: Packing, rows: list[int]):
+        h = self.model.hidden_at(self.model.embed_tokens(input_ids), positions, pack, rows)  # [rows, hidden]
         return self.projector(h).float()  # [rows, projector_dim]
 
 
@@ -135,7 +135,8 @@ class JinaV3Backend(Qwen3Backend):
         model, cfg, tokenizer = cls.load_decoder(directory, config, JinaV3, WEIGHT_RENAMES, device, dtype, opts)
         gemm = use_cpu_gemm(model, opts.cpu_gemm, device, dtype)
         max_length = min(_model_max_length(directory) or DEFAULT_MAX_LENGTH, cfg.max_position_embeddings)
-        return cls(model, cfg, tokenizer, device, dtype, cls.architecture, gemm, default_max_length=max_length,
+        return cls(model, cfg, tokenizer, device, dtype, cls.architecture, gemm, opts.attention,
+                   default_max_length=max_length,
                    doc_token=token_id(tokenizer, directory, DOC_TOKEN),
                    query_token=token_id(tokenizer, directory, QUERY_TOKEN))  # fmt: skip
 
@@ -208,9 +209,9 @@ class JinaV3Backend(Qwen3Backend):
     @torch.inference_mode()
     def forward(self, batch: list[PreparedSequence]) -> list[torch.Tensor]:
         """Per block: its passages' projected vectors, then its query's: [passages + 1, projector_dim], fp32 CPU."""
-        ids, positions, cu = self.packed_inputs(batch)
-        rows = [start + r for start, b in zip(cu, batch) for r in b.rows]  # type: ignore[attr-defined]
-        vectors = self.model(ids, positions, cu, rows, self.attn_backend).cpu()
+        ids, positions, pack = self.packed_inputs(batch)
+        rows = [start + r for start, b in zip(pack.offsets, batch) for r in b.rows]  # type: ignore[attr-defined]
+        vectors = self.model(ids, positions, pack, rows).cpu()
         return list(vectors.split([len(b.rows) for b in batch]))  # type: ignore[attr-defined]
 
     def combine(self, outputs: list[tuple[PreparedSequence, torch.Tensor]]) -> list[tuple[int, float, Window | None]]:

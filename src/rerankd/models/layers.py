@@ -3,18 +3,22 @@ kernel of the linear layers.
 
 Attention is always variable-length over packed sequences: tokens of all sequences of a batch lie in one
 [tokens, heads, head_dim] tensor and `cu_seqlens` ([n + 1], int32) marks where each starts. No padding token
-ever reaches a matmul. The backend is chosen once per (device, dtype): flash-attn's varlen kernel on CUDA in
-fp16/bf16 when the package is installed, otherwise PyTorch SDPA called once per sequence.
+ever reaches a matmul. The kernel is chosen once per (device, dtype) (attention_backend): on CUDA in fp16/bf16
+flash-attn's varlen kernel when the package is installed, else torch's own varlen flash attention, else
+FlexAttention with a document mask; otherwise PyTorch SDPA called once per sequence. A forward's `Packing` holds
+the offsets and what the kernel needs on the device, made once before the layers.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib.util
+import inspect
 import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -68,6 +72,10 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos[:, None, :] + rotate_half(x) * sin[:, None, :]
 
 
+ATTENTION_KERNELS = ("auto", "flash-attn", "varlen", "flex", "sdpa")
+HALF = (torch.float16, torch.bfloat16)
+
+
 @functools.cache
 def _flash_attn_varlen():
     if importlib.util.find_spec("flash_attn") is None:
@@ -77,33 +85,164 @@ def _flash_attn_varlen():
     return flash_attn_varlen_func
 
 
-def attention_backend(device: torch.device, dtype: torch.dtype) -> str:
-    """'flash-varlen' or 'sdpa', decided once per device and dtype."""
-    if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and _flash_attn_varlen() is not None:
-        return "flash-varlen"
+@functools.cache
+def _torch_varlen():
+    """torch's own variable-length flash attention (torch >= 2.10; CUDA kernels only) and its keyword names."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
+
+
+@functools.cache
+def _flex():
+    """FlexAttention, compiled once for dynamic shapes, and its block-mask builder."""
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    except ImportError:
+        return None
+    return torch.compile(flex_attention), create_block_mask
+
+
+def _unavailable(kernel: str, device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why `kernel` cannot run attention on (device, dtype) here, or None when it can."""
+    if kernel in ("flash-attn", "varlen"):
+        if device.type != "cuda" or dtype not in HALF:
+            return f"it runs on CUDA in float16/bfloat16 only, and this model runs {str(dtype).removeprefix('torch.')} on {device.type}"
+        if kernel == "flash-attn" and _flash_attn_varlen() is None:
+            return "the flash-attn package is not installed (pip install flash-attn)"
+        if kernel == "varlen" and _torch_varlen() is None:
+            return f"torch {torch.__version__} has no torch.nn.attention.varlen (torch >= 2.10 has)"
+    if kernel == "flex":
+        if device.type != "cuda":
+            return ("it is offered on CUDA only: on the CPU it was 1.2-4x slower than the SDPA loop "
+                    "(benchmarks/bench_cpu_attention.py) and inductor failed to compile some head sizes (torch 2.13)")
+        if _flex() is None:
+            return f"torch {torch.__version__} has no FlexAttention"
+    return None
+
+
+def attention_backend(device: torch.device, dtype: torch.dtype, requested: str = "auto") -> str:
+    """The attention kernel of a model on (device, dtype), chosen once at load: the one `requested`, or for 'auto':
+    on CUDA in fp16/bf16 flash-attn's varlen kernel when the package is installed, else torch's own varlen flash
+    attention, else FlexAttention with a document mask; everywhere else (the CPU, fp32 on CUDA) PyTorch SDPA
+    called once per sequence. On the CPU that loop is the fastest measured (FlexAttention over the packed batch
+    was 1.2-4x slower, benchmarks/bench_cpu_attention.py); fp32 on CUDA is the parity mode, which the flash kernels
+    do not run."""
+    if requested not in ATTENTION_KERNELS:
+        raise ValueError(f"attention must be one of {', '.join(ATTENTION_KERNELS)}; got {requested!r}")
+    if requested != "auto":
+        why = _unavailable(requested, device, dtype)
+        if why is not None:
+            raise ValueError(f"attention={requested!r} cannot run here: {why}; use 'auto' or 'sdpa'")
+        return requested
+    if device.type == "cuda" and dtype in HALF:
+        for kernel in ("flash-attn", "varlen", "flex"):
+            if _unavailable(kernel, device, dtype) is None:
+                return kernel
     return "sdpa"
 
 
-def varlen_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    cu_seqlens: list[int],
-    causal: bool,
-    backend: str,
-) -> torch.Tensor:
-    """Attention within each packed sequence.
+def to_device(t: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A host tensor on `device` (in `dtype`): to CUDA from pinned memory with a non-blocking copy, so that the host
+    goes on queueing work while it travels instead of waiting for the GPU to drain."""
+    if device.type != "cuda":
+        return t.to(device, dtype) if dtype is not None else t.to(device)
+    return t.pin_memory().to(device, dtype=dtype, non_blocking=True)
 
-    q: [tokens, heads, head_dim]; k, v: [tokens, kv_heads, head_dim] (kv_heads divides heads);
-    cu_seqlens: python list of n + 1 offsets. Returns [tokens, heads, head_dim].
+
+@dataclass
+class Packing:
+    """The packed sequences of one forward and the attention kernel that runs them: `offsets` (cu_seqlens, n + 1,
+    a Python list) for the loops, and what the kernel needs on the device (int32 cu_seqlens; FlexAttention's
+    document ids and block masks), made once per forward by `packing`: a tensor made inside a layer would stall
+    the host until the GPU caught up, once per layer."""
+
+    offsets: list[int]
+    kernel: str
+    max_len: int
+    cu: torch.Tensor | None = None  # int32 [n + 1] on the device (varlen kernels)
+    one_each: torch.Tensor | None = None  # int32 0..n on the device: one query row per sequence (row_attention)
+    doc: torch.Tensor | None = None  # [tokens] sequence index of each token (FlexAttention)
+    masks: dict = field(default_factory=dict)  # FlexAttention block masks by kind, built at first use
+
+    @property
+    def n(self) -> int:
+        return len(self.offsets) - 1
+
+    def spans(self):
+        return zip(self.offsets[:-1], self.offsets[1:])
+
+
+def packing(offsets: list[int], device: torch.device, kernel: str) -> Packing:
+    """The Packing of sequences starting at `offsets` (cu_seqlens) for `kernel` (attention_backend's choice)."""
+    lengths = [b - a for a, b in zip(offsets[:-1], offsets[1:])]
+    pack = Packing(list(offsets), kernel, max(lengths, default=0))
+    if kernel in ("flash-attn", "varlen"):
+        pack.cu = to_device(torch.tensor(offsets, dtype=torch.int32), device)
+        pack.one_each = to_device(torch.arange(pack.n + 1, dtype=torch.int32), device)
+    elif kernel == "flex":
+        pack.doc = to_device(torch.repeat_interleave(torch.arange(pack.n), torch.tensor(lengths)), device)
+    return pack
+
+
+def _flex_mask(pack: Packing, kind: str, q_len: int, device: torch.device):
+    """FlexAttention's block mask of `kind`: 'full' (within each sequence) or 'causal' (and not ahead)."""
+    if kind not in pack.masks:
+        doc = pack.doc
+        if kind == "full":
+            def mask(b, h, qi, ki):
+                return doc[qi] == doc[ki]
+        else:
+            def mask(b, h, qi, ki):
+                return (doc[qi] == doc[ki]) & (ki <= qi)
+        tokens = pack.offsets[-1]
+        pack.masks[kind] = _flex()[1](mask, None, None, q_len, tokens, device=device)
+    return pack.masks[kind]
+
+
+def _flex_attention(q, k, v, pack: Packing, kind: str) -> torch.Tensor:
+    flex = _flex()[0]
+    block_mask = _flex_mask(pack, kind, q.shape[0], q.device)
+    q, k, v = (t.transpose(0, 1).contiguous()[None] for t in (q, k, v))  # [1, heads, tokens, head_dim]
+    for t in (q, k, v):
+        torch._dynamo.maybe_mark_dynamic(t, 2)  # the token count changes every batch; heads and head_dim never
+    o = flex(q, k, v, block_mask=block_mask, enable_gqa=k.shape[1] != q.shape[1])
+    return o[0].transpose(0, 1)
+
+
+def _torch_varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k, causal: bool) -> torch.Tensor:
+    """torch's varlen_attn, whatever its keywords in this torch: causal as window_size (-1, 0) (2.11+) or is_causal
+    (2.10); grouped-query heads through enable_gqa, or repeated where it is missing."""
+    fn, params = _torch_varlen()
+    kw: dict = {}
+    if causal:
+        kw.update(window_size=(-1, 0)) if "window_size" in params else kw.update(is_causal=True)
+    if k.shape[1] != q.shape[1]:
+        if "enable_gqa" in params:
+            kw["enable_gqa"] = True
+        else:
+            group = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    return fn(q, k, v, cu_q, cu_k, max_q, max_k, **kw)
+
+
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pack: Packing, causal: bool) -> torch.Tensor:
+    """Attention within each packed sequence, by the Packing's kernel.
+
+    q: [tokens, heads, head_dim]; k, v: [tokens, kv_heads, head_dim] (kv_heads divides heads).
+    Returns [tokens, heads, head_dim].
     """
-    if backend == "flash-varlen":
-        cu = torch.tensor(cu_seqlens, dtype=torch.int32, device=q.device)
-        max_len = max(b - a for a, b in zip(cu_seqlens[:-1], cu_seqlens[1:]))
-        return _flash_attn_varlen()(q, k, v, cu, cu, max_len, max_len, causal=causal)
+    if pack.kernel == "flash-attn":
+        return _flash_attn_varlen()(q, k, v, pack.cu, pack.cu, pack.max_len, pack.max_len, causal=causal)
+    if pack.kernel == "varlen":
+        return _torch_varlen_attention(q, k, v, pack.cu, pack.cu, pack.max_len, pack.max_len, causal)
+    if pack.kernel == "flex":
+        return _flex_attention(q, k, v, pack, "causal" if causal else "full")
     gqa = k.shape[1] != q.shape[1]
     out = torch.empty_like(q)
-    for start, end in zip(cu_seqlens[:-1], cu_seqlens[1:]):
+    for start, end in pack.spans():
         qs = q[start:end].transpose(0, 1).unsqueeze(0)  # [1, heads, len, head_dim]
         ks = k[start:end].transpose(0, 1).unsqueeze(0)  # [1, kv_heads, len, head_dim]
         vs = v[start:end].transpose(0, 1).unsqueeze(0)
@@ -113,21 +252,27 @@ def varlen_attention(
 
 
 def row_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: list[int], rows: list[int] | None = None
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pack: Packing, rows: list[int] | None = None
 ) -> torch.Tensor:
     """Attention of a few query rows per packed sequence over that sequence's keys: the final layer's, where only
     some tokens feed a head.
 
     k, v: [tokens, kv_heads, head_dim]. rows None: q is [n, heads, head_dim], ONE query per sequence that sees
-    every key of its sequence, with no mask (a causal decoder's last token, a bidirectional encoder's [CLS]).
-    rows: the token indices (into the packed tokens, ascending) whose queries q holds, [len(rows), heads,
-    head_dim]; causal: each sees the keys of its own sequence up to itself (jina-reranker-v3's special tokens).
-    Returns q's shape.
+    every key of its sequence, with no mask (a causal decoder's last token, a bidirectional encoder's [CLS]): one
+    kernel call on the varlen kernels, one SDPA call per sequence on the others (inductor's CPU template for
+    FlexAttention failed to compile a mask of one query row per sequence, torch 2.13). rows: the token indices (into the packed tokens, ascending) whose
+    queries q holds, [len(rows), heads, head_dim]; causal: each sees the keys of its own sequence up to itself
+    (jina-reranker-v3's special tokens), one SDPA call per sequence on every kernel (flash kernels align a causal
+    mask to the sequence's end, not to arbitrary rows). Returns q's shape.
     """
+    if rows is None and pack.kernel == "flash-attn":
+        return _flash_attn_varlen()(q, k, v, pack.one_each, pack.cu, 1, pack.max_len, causal=False)
+    if rows is None and pack.kernel == "varlen":
+        return _torch_varlen_attention(q, k, v, pack.one_each, pack.cu, 1, pack.max_len, causal=False)
     gqa = k.shape[1] != q.shape[1]
     outs = []
     r = 0
-    for i, (start, end) in enumerate(zip(cu_seqlens[:-1], cu_seqlens[1:])):
+    for i, (start, end) in enumerate(pack.spans()):
         if rows is None:
             lo, hi, mask = i, i + 1, None
         else:
@@ -137,8 +282,8 @@ def row_attention(
             r = hi
             if lo == hi:
                 continue
-            at = torch.tensor(rows[lo:hi], device=q.device) - start
-            mask = torch.arange(end - start, device=q.device)[None, :] <= at[:, None]  # [rows, len]
+            at = torch.tensor(rows[lo:hi]) - start
+            mask = to_device(torch.arange(end - start)[None, :] <= at[:, None], q.device)  # [rows, len]
         qs = q[lo:hi].transpose(0, 1).unsqueeze(0)  # [1, heads, rows, head_dim]
         ks = k[start:end].transpose(0, 1).unsqueeze(0)  # [1, kv_heads, len, head_dim]
         vs = v[start:end].transpose(0, 1).unsqueeze(0)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import between_layers
-from .layers import apply_rotary, onednn_linear, varlen_attention
+from .layers import Packing, apply_rotary, onednn_linear, packing, to_device, varlen_attention
 
 
 @dataclass(frozen=True)
@@ -81,12 +81,12 @@ class VisionAttention(nn.Module):
         self.qkv = nn.Linear(cfg.embed_dim, 3 * cfg.embed_dim)
         self.proj = nn.Linear(cfg.embed_dim, cfg.embed_dim)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu: list[int], backend: str):
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pack: Packing):
         n = x.shape[0]
         q, k, v = self.qkv(x).view(n, 3, self.num_heads, self.head_dim).unbind(1)  # each [patches, heads, head_dim]
         q = apply_rotary(q.float(), cos, sin).to(x.dtype)
         k = apply_rotary(k.float(), cos, sin).to(x.dtype)
-        o = varlen_attention(q, k, v, cu, causal=False, backend=backend)  # [patches, heads, head_dim]
+        o = varlen_attention(q, k, v, pack, causal=False)  # [patches, heads, head_dim]
         return self.proj(o.reshape(n, -1))
 
 
@@ -101,8 +101,8 @@ class VisionBlock(nn.Module):
         self.mlp.fc1 = nn.Linear(cfg.embed_dim, hidden)
         self.mlp.fc2 = nn.Linear(hidden, cfg.embed_dim)
 
-    def forward(self, x, cos, sin, cu, backend):
-        x = x + self.attn(self.norm1(x), cos, sin, cu, backend)
+    def forward(self, x, cos, sin, pack: Packing):
+        x = x + self.attn(self.norm1(x), cos, sin, pack)
         h = self.mlp.fc1(self.norm2(x))
         h = h * torch.sigmoid(1.702 * h)  # quick_gelu
         return x + self.mlp.fc2(h)
@@ -148,21 +148,23 @@ class VisionTransformer(nn.Module):
             rows = torch.arange(h).view(h // m, m, 1, 1).expand(h // m, m, w // m, m).permute(0, 2, 1, 3).flatten()
             cols = torch.arange(w).view(1, 1, w // m, m).expand(h // m, m, w // m, m).permute(0, 2, 1, 3).flatten()
             pos.append(torch.stack([rows, cols], dim=-1).repeat(t, 1))
-        pos = torch.cat(pos).to(self.inv_freq.device)  # [patches, 2]
+        pos = to_device(torch.cat(pos), self.inv_freq.device)  # [patches, 2]
         freqs = pos.float()[..., None] * self.inv_freq  # [patches, 2, rot_dim / 2]
         freqs = freqs.flatten(1)
         emb = torch.cat([freqs, freqs], dim=-1)  # [patches, head_dim]
         return emb.cos(), emb.sin()
 
-    def forward(self, patches: torch.Tensor, grids: list[tuple[int, int, int]], backend: str) -> torch.Tensor:
-        """patches: [all patches of all images, 1176]; returns [merged tokens of all images, out_dim]."""
+    def forward(self, patches: torch.Tensor, grids: list[tuple[int, int, int]], kernel: str) -> torch.Tensor:
+        """patches: [all patches of all images, 1176]; kernel: the attention kernel (layers.attention_backend).
+        Returns [merged tokens of all images, out_dim]."""
         x = self.patch_embed(patches)
         cos, sin = self.rotary(grids)
         cu = [0]
         for t, h, w in grids:
             for _ in range(t):
                 cu.append(cu[-1] + h * w)
+        pack = packing(cu, x.device, kernel)
         for blk in self.blocks:
             between_layers()
-            x = blk(x, cos, sin, cu, backend)
+            x = blk(x, cos, sin, pack)
         return self.merger(x)

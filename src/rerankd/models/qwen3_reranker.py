@@ -41,7 +41,7 @@ from .base import (
     token_id,
 )
 from .decoder import TextConfig, TextModel
-from .layers import use_cpu_gemm
+from .layers import Packing, to_device, use_cpu_gemm
 from .windows import document_spans, document_to_tokenize
 
 PREFIX = (
@@ -73,8 +73,8 @@ class Qwen3Ranker(nn.Module):
         # [rows, hidden]: not a state_dict entry; filled after loading from the checkpoint's rows (read_rows)
         self.register_buffer("head", torch.empty(rows, cfg.hidden_size), persistent=False)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cu: list[int], backend: str) -> torch.Tensor:
-        h = self.model.hidden_at(self.model.embed_tokens(input_ids), positions, cu, backend)  # [sequences, hidden]
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, pack: Packing) -> torch.Tensor:
+        h = self.model.hidden_at(self.model.embed_tokens(input_ids), positions, pack)  # [sequences, hidden]
         return F.linear(h, self.head).float()  # [sequences, rows]
 
 
@@ -107,11 +107,11 @@ class Qwen3Backend(TorchTextBackend):
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
 
-    def packed_inputs(self, batch: list[PreparedSequence]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-        """Token ids [tokens], RoPE positions [tokens] (0, 1, ... in each sequence), cu_seqlens."""
-        ids, cu = packed(batch, self.device)
-        positions = torch.cat([torch.arange(s.length) for s in batch]).to(self.device)
-        return ids, positions, cu
+    def packed_inputs(self, batch: list[PreparedSequence]) -> tuple[torch.Tensor, torch.Tensor, Packing]:
+        """Token ids [tokens], RoPE positions [tokens] (0, 1, ... in each sequence), the Packing."""
+        ids, pack = packed(batch, self.device, self.attn_backend)
+        positions = to_device(torch.cat([torch.arange(s.length) for s in batch]), self.device)
+        return ids, positions, pack
 
 
 class Qwen3RerankerBackend(Qwen3Backend):
@@ -146,7 +146,7 @@ class Qwen3RerankerBackend(Qwen3Backend):
             raise ModelLoadError(f"{directory}: the head has width {head.shape[1]}, the decoder {cfg.hidden_size}")
         model.head = head.to(device, dtype)
         gemm = use_cpu_gemm(model, opts.cpu_gemm, device, dtype)
-        return cls(model, cfg, tokenizer, device, dtype, arch, gemm)
+        return cls(model, cfg, tokenizer, device, dtype, arch, gemm, opts.attention)
 
     # ------------------------------------------------------------------ preparation (thread-safe, no model compute)
 
@@ -199,6 +199,6 @@ class Qwen3RerankerBackend(Qwen3Backend):
     @torch.inference_mode()
     def forward(self, batch: list[PreparedSequence]) -> torch.Tensor:
         """Relevance logits [len(batch)]: logit(yes) - logit(no), or the seq-cls head's logit; fp32 on the CPU."""
-        ids, positions, cu = self.packed_inputs(batch)
-        out = self.model(ids, positions, cu, self.attn_backend).cpu()  # [sequences, 1 or 2]
+        ids, positions, pack = self.packed_inputs(batch)
+        out = self.model(ids, positions, pack).cpu()  # [sequences, 1 or 2]
         return out[:, 0] - out[:, 1] if out.shape[1] == 2 else out[:, 0]

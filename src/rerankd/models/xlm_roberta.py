@@ -32,7 +32,7 @@ from ..inputs.images import ImagePolicy
 from ..weights import Part, Renames, tensor_names
 from .base import (PREFIX_CHARS_PER_TOKEN, LengthOptions, PreparedSequence, ReleasingTokenizer, TorchTextBackend, Where,
                    between_layers, build_module, load_tokenizer, packed, text_prefix)
-from .layers import linear, row_attention, rowwise, use_cpu_gemm, varlen_attention
+from .layers import Packing, linear, row_attention, rowwise, to_device, use_cpu_gemm, varlen_attention
 from .windows import document_spans, document_to_tokenize
 
 DEFAULT_MAX_LENGTH = 1024
@@ -144,20 +144,20 @@ class SelfAttention(nn.Module):
         self.Wqkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)
         self.out_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
 
-    def forward(self, x: torch.Tensor, cu: list[int], backend: str, first: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, pack: Packing, first: torch.Tensor | None) -> torch.Tensor:
         """The attention mix [tokens or sequences, hidden], before out_proj (applied with the row-wise rest)."""
         n, h = x.shape
         if first is None or not isinstance(self.Wqkv, nn.Linear):  # (an int8 Wqkv is not split)
             qkv = self.Wqkv(x).view(n, 3, self.heads, self.head_dim)  # [tokens, 3, heads, head_dim]
             q, k, v = qkv.unbind(1)  # each [tokens, heads, head_dim]
             if first is None:
-                o = varlen_attention(q, k, v, cu, causal=False, backend=backend)  # [tokens, heads, head_dim]
+                o = varlen_attention(q, k, v, pack, causal=False)  # [tokens, heads, head_dim]
             else:
-                o = row_attention(q[first], k, v, cu)  # [sequences, heads, head_dim]
+                o = row_attention(q[first], k, v, pack)  # [sequences, heads, head_dim]
         else:  # only the first token of each sequence is needed: its query, every token's key and value
             q = linear(x[first], self.Wqkv, slice(None, h)).view(-1, self.heads, self.head_dim)  # [sequences, ...]
             kv = linear(x, self.Wqkv, slice(h, None)).view(n, 2, self.heads, self.head_dim)  # [tokens, 2, heads, head_dim]
-            o = row_attention(q, kv[:, 0], kv[:, 1], cu)  # [sequences, heads, head_dim]
+            o = row_attention(q, kv[:, 0], kv[:, 1], pack)  # [sequences, heads, head_dim]
         return o.reshape(o.shape[0], -1)
 
 
@@ -182,8 +182,8 @@ class Layer(nn.Module):
         self.mlp = MLP(cfg)
         self.norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
-    def forward(self, x, cu: list[int], backend: str, first: torch.Tensor | None = None) -> torch.Tensor:
-        o = self.mixer(x, cu, backend, first)
+    def forward(self, x, pack: Packing, first: torch.Tensor | None = None) -> torch.Tensor:
+        o = self.mixer(x, pack, first)
         return rowwise(self._rowwise, x if first is None else x[first], o)
 
     def _rowwise(self, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
@@ -221,16 +221,16 @@ class CrossEncoder(nn.Module):
         self.classifier = ClassificationHead(cfg)
 
     def forward(
-        self, ids: torch.Tensor, positions: torch.Tensor, types: torch.Tensor, cu: list[int], backend: str
+        self, ids: torch.Tensor, positions: torch.Tensor, types: torch.Tensor, pack: Packing
     ) -> torch.Tensor:
         """Packed sequences ([tokens] each) -> one logit per sequence [sequences]."""
         x = self.emb_ln(self.embeddings(ids, positions, types))  # [tokens, hidden]
-        first = torch.tensor(cu[:-1], device=x.device)
+        first = to_device(torch.tensor(pack.offsets[:-1]), x.device)
         layers = self.encoder.layers
         for layer in layers[:-1]:
             between_layers()
-            x = layer(x, cu, backend)
-        x = layers[-1](x, cu, backend, first=first)  # [sequences, hidden]
+            x = layer(x, pack)
+        x = layers[-1](x, pack, first=first)  # [sequences, hidden]
         return self.classifier(x).squeeze(-1)
 
 
@@ -251,8 +251,8 @@ class CrossEncoderBackend(TorchTextBackend):
     compute_score_max_query_length: ClassVar[int | None] = None  # the reference truncates the pair longest-first
 
     def __init__(self, model: nn.Module, cfg: EncoderConfig, tokenizer: Tokenizer, device, dtype, arch: str,
-                 cpu_gemm: str):  # fmt: skip
-        super().__init__(model, cfg, tokenizer, device, dtype, arch, cpu_gemm)
+                 cpu_gemm: str, attention: str = "auto"):  # fmt: skip
+        super().__init__(model, cfg, tokenizer, device, dtype, arch, cpu_gemm, attention)
         self.default_max_length = min(DEFAULT_MAX_LENGTH, cfg.max_tokens)  # 1024, or 512 for BERT-size tables
         self.pair_specials = tokenizer.post_processor.num_special_tokens_to_add(True) if tokenizer.post_processor else 0
         self._truncating: dict[int, Tokenizer] = {}
@@ -275,7 +275,7 @@ class CrossEncoderBackend(TorchTextBackend):
         if opts.quantize is not None:
             model = quantize_model(model, opts.quantize, device)
         gemm = use_cpu_gemm(model, opts.cpu_gemm, device, dtype)
-        return cls(model, cfg, tokenizer, device, dtype, arch, gemm)
+        return cls(model, cfg, tokenizer, device, dtype, arch, gemm, opts.attention)
 
     # ------------------------------------------------------------------ preparation (thread-safe, no model compute)
 
@@ -361,13 +361,13 @@ class CrossEncoderBackend(TorchTextBackend):
     @torch.inference_mode()
     def forward(self, batch: list[PreparedSequence]) -> torch.Tensor:
         """Relevance logits [len(batch)] in fp32 on the CPU."""
-        ids, cu = packed(batch, self.device)
-        positions = torch.cat([s.positions for s in batch]).to(self.device)
+        ids, pack = packed(batch, self.device, self.attn_backend)
+        positions = to_device(torch.cat([s.positions for s in batch]), self.device)
         if self.cfg.type_vocab_size > 1:
-            types = torch.cat([s.token_types for s in batch]).to(self.device)
+            types = to_device(torch.cat([s.token_types for s in batch]), self.device)
         else:
             types = torch.zeros_like(ids)
-        return self.model(ids, positions, types, cu, self.attn_backend).float().cpu()
+        return self.model(ids, positions, types, pack).float().cpu()
 
 
 def _jina_names(directory: Path) -> bool:
