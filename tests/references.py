@@ -7,6 +7,7 @@ is transformers' XLMRobertaForSequenceClassification / BertForSequenceClassifica
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ class ReferenceM0:
     LOGIT_BIAS = 2.65
 
     def __init__(self, model_dir: str | Path, min_pixels: int = 3136, max_pixels: int = 602112,
-                 attn_implementation: str = "eager"):  # fmt: skip
+                 attn_implementation: str = "eager", device: str = "cpu", dtype: torch.dtype = torch.float32):  # fmt: skip
         import transformers
         from safetensors.torch import load_file
         from transformers import AutoTokenizer, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor
@@ -33,7 +34,9 @@ class ReferenceM0:
         model_dir = Path(model_dir)
         self.model = Qwen2VLForConditionalGeneration.from_pretrained(
             model_dir, torch_dtype=torch.float32, attn_implementation=attn_implementation
-        ).eval()
+        ).eval().to(device, dtype)
+        self.device, self.dtype = device, dtype
+        self.wants_mm_token_types = "mm_token_type_ids" in inspect.signature(self.model.model.forward).parameters
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.tokenizer.padding_side = "left"
         self.image_processor = Qwen2VLImageProcessor(min_pixels=min_pixels, max_pixels=max_pixels)
@@ -45,6 +48,7 @@ class ReferenceM0:
             self.model.config.hidden_size  # fmt: skip
         self.score = torch.nn.Sequential(torch.nn.Linear(h, h), torch.nn.ReLU(), torch.nn.Linear(h, 1))
         self.score.load_state_dict({k.removeprefix("score."): v.float() for k, v in state.items()})
+        self.score.to(device, dtype)
 
     @staticmethod
     def prompt(query: str, doc: str, query_type: str, doc_type: str) -> str:
@@ -98,8 +102,13 @@ class ReferenceM0:
             n = batch["input_ids"].shape[0]
             batch["input_ids"] = torch.cat([batch["input_ids"], torch.full((n, 1), self.SCORE_TOKEN_ID)], dim=1)
             batch["attention_mask"] = torch.cat([batch["attention_mask"], torch.ones((n, 1), dtype=torch.long)], 1)
+            if "image_grid_thw" in batch and self.wants_mm_token_types:  # transformers >= 5.x: image tokens marked 1
+                pad = self.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+                batch["mm_token_type_ids"] = (batch["input_ids"] == pad).long()
+            batch = {k: v.to(self.device, self.dtype) if v.is_floating_point() else v.to(self.device)
+                     for k, v in batch.items()}  # fmt: skip
             out = self.model.model(**batch, use_cache=False)
-            logits = self.score(out.last_hidden_state[:, -1]).view(-1)
+            logits = self.score(out.last_hidden_state[:, -1]).view(-1).float()
             scores += torch.sigmoid(logits - self.LOGIT_BIAS).tolist()
         return scores
 

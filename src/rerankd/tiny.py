@@ -298,8 +298,8 @@ def build_xlmr_tokenizer(vocab_size: int = 600):
     tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
     tok.add_special_tokens([AddedToken(t, special=True) for t in XLMR_SPECIALS])
     tok.add_special_tokens([AddedToken("<mask>", special=True, lstrip=True, normalized=False)])
-    tok.post_processor = processors.RobertaProcessing(sep=("</s>", 2), cls=("<s>", 0), trim_offsets=True,
-                                                      add_prefix_space=True)  # fmt: skip
+    # sep and cls positionally: tokenizers 0.23 no longer takes them by keyword
+    tok.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0), trim_offsets=True, add_prefix_space=True)
     return tok
 
 
