@@ -32,6 +32,7 @@ import json
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -139,6 +140,12 @@ def bench_m0(args, device: torch.device, ckpt_root: Path, rate: float) -> dict:
                         flop_share=flops / t_ours / rate),
                     row("m0 text reference sdpa bf16", len(pairs), sum(lengths), t_ref)]  # fmt: skip
     out["text_speedup"] = t_ref / t_ours
+    out["budgets"] = {}
+    for budget in args.budgets:  # the token budget of a batch: what fills the device (config.CUDA_MAX_BATCH_TOKENS)
+        swept = Reranker(ours.backend, ours.model_dir, replace(ours.options, max_batch_tokens=budget))
+        t, _ = best_of(lambda: swept.compute_score(pairs, max_length=MAX_LENGTH), 1, device)
+        out["budgets"][budget] = {"pairs_per_s": len(pairs) / t, "tokens_per_s": sum(lengths) / t}
+        log(f"token budget {budget}: {len(pairs) / t:.1f} pairs/s")
     out["text_flop_share"] = flops / t_ours / rate
     out["text_bf16_vs_reference_bf16"] = max(abs(a - b) for a, b in zip(s_ours, s_ref))
     if images:
@@ -192,10 +199,10 @@ def bench_v2(args, device: torch.device, ckpt_root: Path) -> dict:
 
 def table(result: dict) -> str:
     lines = [f"GPU check, {result['date']}: {result['device_name']}, torch {result['torch']}, bf16 matmul "
-             f"{result['bf16_matmul_tflops']:.0f} TFLOP/s", "",
+             f"{result['bf16_matmul_tflops']:.3g} TFLOP/s", "",
              "| engine | pairs/s | tokens/s | TFLOP/s |", "|---|---|---|---|"]  # fmt: skip
     for r in result["m0"]["rows"] + result["v2"]["rows"]:
-        tf = f"{r['tflops']:.0f}" if "tflops" in r else ""
+        tf = f"{r['tflops']:.3g}" if "tflops" in r else ""
         lines.append(f"| {r['engine']} | {r['pairs_per_s']:.1f} | {r['tokens_per_s']:.0f} | {tf} |")
     m0, v2 = result["m0"], result["v2"]
     checks = [("m0 text vs reference", m0["text_speedup"]), ("v2 vs CrossEncoder", v2["speedup"]),
@@ -208,6 +215,9 @@ def table(result: dict) -> str:
     lines.append(f"max |bf16 - fp32| (m0 text): {m0['text_bf16_vs_fp32']:.2e}; rerankd vs reference, both bf16: "
                  f"text {m0['text_bf16_vs_reference_bf16']:.2e}, v2 {v2['bf16_vs_crossencoder_bf16']:.2e}")
     lines.append(f"attention kernel: m0 {m0['attention']}, v2 {v2['attention']}; m0 token budget {m0['max_batch_tokens']}")
+    if m0["budgets"]:
+        lines.append("m0 text pairs/s by token budget: " + ", ".join(f"{b}: {r['pairs_per_s']:.1f}"
+                                                                   for b, r in m0["budgets"].items()))  # fmt: skip
     return "\n".join(lines)
 
 
@@ -219,12 +229,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-text-tokens", type=int, help="longest m0 document in tokens (default 2048; 256 with --smoke)")
     ap.add_argument("--image-pairs", type=int, help="m0 image pairs (default 32; 2 with --smoke)")
     ap.add_argument("--v2-pairs", type=int, help="v2 pairs (default 512; 8 with --smoke)")
+    ap.add_argument("--budgets", type=int, nargs="*", help="m0 token budgets to sweep (default 16384 32768 65536 "
+                    "131072; 512 1024 4096 with --smoke)")
     ap.add_argument("--repeats", type=int, default=2, help="timed rounds of each engine; the best counts (default 2)")
     ap.add_argument("--ckpt-dir", type=Path, help="where to write the random checkpoints (default: a temp dir)")
     ap.add_argument("--json-out", type=Path, help="also write the results to this JSON file")
     args = ap.parse_args(argv)
     for name, full, smoke in (("text_pairs", 128, 8), ("max_text_tokens", 2048, 256), ("image_pairs", 32, 2),
-                              ("v2_pairs", 512, 8)):  # fmt: skip
+                              ("v2_pairs", 512, 8), ("budgets", [16384, 32768, 65536, 131072], [512, 1024, 4096])):  # fmt: skip
         if getattr(args, name) is None:
             setattr(args, name, smoke if args.smoke else full)
     if args.repeats < 1 or args.text_pairs < 1 or args.v2_pairs < 1 or args.image_pairs < 0:

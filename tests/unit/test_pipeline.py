@@ -322,3 +322,83 @@ def test_the_queue_is_bounded_in_tokens_of_work(m0):
         assert scheduler._admitted_tokens == 0
     finally:
         scheduler.close()
+
+
+class Deferred:
+    """A forward's output as CUDA gives it: queued, read back later (tolist: the host sync), where an error of the
+    kernels shows."""
+
+    def __init__(self, out, events: list, n: int, fail: bool):
+        self.out, self.events, self.n, self.fail = out, events, n, fail
+
+    def __len__(self) -> int:
+        return len(self.out)
+
+    def tolist(self) -> list[float]:
+        self.events.append(("read", self.n))
+        if self.fail:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return self.out.tolist()
+
+
+def logit_alone(m0, query: str, doc: str, lengths: LengthOptions) -> float:
+    """A pair's logit from a forward of its sequence alone."""
+    seq = m0.backend.prepare(TextItem(query), TextItem(doc), lengths, Where.for_pair(0))[0]
+    return m0.backend.forward([seq]).tolist()[0]
+
+
+class Queued(Recording):
+    """Each forward's output Deferred; `events` records the launches and read-backs; `fail_batches` fail at the read."""
+
+    def __init__(self, inner, fail_batches: tuple[int, ...] = ()):
+        super().__init__(inner)
+        self.events: list[tuple[str, int]] = []
+        self.fail_batches = fail_batches
+
+    def forward(self, batch):
+        n = sum(1 for kind, _ in self.events if kind == "launch")
+        self.events.append(("launch", n))
+        return Deferred(self.inner.forward(batch), self.events, n, fail=n in self.fail_batches)
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_a_batch_in_flight_overlaps_the_next_and_each_pair_keeps_its_score(m0, overlap):
+    """Issue 14: on CUDA batch k+1 is launched before batch k is read back. Forced on the CPU here: the launches
+    and read-backs interleave (launch 1 before read 0), and every pair gets its own score."""
+    from rerankd.engine import Scheduler
+
+    backend = Queued(m0.backend)
+    scheduler = Scheduler(backend, 300, 0.0, None, prepare_workers=2, overlap=overlap)
+    lengths = LengthOptions(1024, 512)
+    pairs = [("slm markdown", d) for d in docs(24)]
+    try:
+        got = scheduler.score_sync([(TextItem(q), TextItem(d)) for q, d in pairs], lengths,
+                                   [Where.for_pair(i) for i in range(len(pairs))])  # fmt: skip
+    finally:
+        scheduler.close()
+    assert_close([s.logit for s in got.results], [logit_alone(m0, q, d, lengths) for q, d in pairs], 1e-5)
+    events = backend.events
+    launches = [n for kind, n in events if kind == "launch"]
+    assert len(launches) >= 3, events  # several batches
+    if overlap:
+        assert events.index(("launch", 1)) < events.index(("read", 0)), events
+    else:
+        assert events[:4] == [("launch", 0), ("read", 0), ("launch", 1), ("read", 1)], events
+    assert sorted(n for kind, n in events if kind == "read") == launches  # every launched batch is read once
+
+
+def test_an_error_shown_at_the_read_back_fails_that_batch_alone(m0):
+    """A CUDA kernel's error shows at the read-back, after the next batch may have been launched: the job of the
+    failed batch gets a WorkerError, the next one its score, and the worker lives on."""
+    from rerankd.engine import Scheduler, WorkerError
+
+    scheduler = Scheduler(Queued(m0.backend, fail_batches=(0,)), 4096, 0.0, None, prepare_workers=2, overlap=True)
+    lengths = LengthOptions(1024, 512)
+    try:
+        with pytest.raises(WorkerError, match="the model failed on a batch: RuntimeError: CUDA error"):
+            scheduler.score_sync([(TextItem("q"), TextItem("first"))], lengths, [Where.for_pair(0)])
+        ok = scheduler.score_sync([(TextItem("q"), TextItem("second"))], lengths, [Where.for_pair(0)])
+        assert scheduler.alive
+    finally:
+        scheduler.close()
+    assert_close([ok.results[0].logit], [logit_alone(m0, "q", "second", lengths)], 1e-5)

@@ -247,6 +247,19 @@ def group_units(pairs: Sequence[tuple[Item, Item]], listwise: bool) -> list[list
     return list(units.values())
 
 
+_NOT_YET = object()  # _next_batch without waiting: no batch to launch now
+
+
+@dataclass(eq=False)
+class _Flight:
+    """A batch whose forward was launched (Scheduler._launch) and whose outputs are not read back yet."""
+
+    batch: list[_Entry]
+    jobs: list[Job]
+    out: object  # the backend's outputs: a tensor on its device, or a listwise backend's list of tensors
+    start: float
+
+
 @dataclass(eq=False)
 class _Entry:
     """One sequence on the ready queue; `planned` when it belongs to a batch cut by plan_batches (the entries of one
@@ -270,6 +283,7 @@ class Scheduler:
         observer: Observer | None = None,
         max_request_tokens: int | None = None,
         max_queue_tokens: int | None = None,
+        overlap: bool | None = None,
     ):
         if max_batch_tokens < 1 or (max_queue_pairs is not None and max_queue_pairs < 1) or max_batch_wait < 0 or \
                 (max_queue_tokens is not None and max_queue_tokens < 1):  # fmt: skip
@@ -277,6 +291,12 @@ class Scheduler:
                              "max_batch_wait >= 0")  # fmt: skip
         self.backend = backend
         self.listwise = getattr(backend, "listwise", False)  # Backend.listwise: one sequence scores a list
+        # one batch in flight: batch k+1 is packed and queued on the GPU before batch k's scores are read back
+        # (a host sync), so the GPU does not idle between batches; None: on CUDA for pointwise models (a listwise
+        # forward reads its outputs back itself). On the CPU a forward computes as it is called: nothing to gain.
+        device = getattr(backend, "device", None)
+        self.overlap = overlap if overlap is not None else \
+            (device is not None and device.type == "cuda" and not self.listwise)  # fmt: skip
         self.max_batch_tokens = max_batch_tokens
         self.max_batch_wait = max_batch_wait
         self.max_queue_pairs = max_queue_pairs
@@ -561,8 +581,26 @@ class Scheduler:
 
     def _run(self) -> None:
         try:
-            while (batch := self._next_batch()) is not None:
-                self._forward(batch)
+            flight: _Flight | None = None  # launched on the device, its outputs not read back yet (overlap)
+            while True:
+                batch = self._next_batch(wait=flight is None)
+                if batch is _NOT_YET:  # nothing else to launch now: read the batch in flight back, then wait
+                    self._finish(flight)
+                    flight = None
+                    continue
+                if batch is None:  # stopping, nothing left
+                    break
+                launched = self._launch(batch)
+                if flight is not None:
+                    self._finish(flight)
+                flight = None
+                if launched is not None:
+                    if self.overlap:
+                        flight = launched
+                    else:
+                        self._finish(launched)
+            if flight is not None:
+                self._finish(flight)
         except BaseException as e:  # the loop itself broke: nobody may be left waiting
             log.exception("the model worker died")
             self.error = e
@@ -571,7 +609,9 @@ class Scheduler:
             for job in pending:
                 self._fail(job, "the model worker died", e)
 
-    def _next_batch(self) -> list[_Entry] | None:
+    def _next_batch(self, wait: bool = True) -> list[_Entry] | None | object:
+        """The next batch to run; None when stopping with nothing left; _NOT_YET, without `wait`, where it would
+        wait (nothing ready, or streaming sequences waiting for company)."""
         with self._cond:
             while True:
                 for job in [j for j in self._ready if j.done]:
@@ -579,6 +619,8 @@ class Scheduler:
                 if not self._ready:
                     if self._stopping:
                         return None
+                    if not wait:
+                        return _NOT_YET
                     self._cond.wait()
                     continue
                 job = min(self._ready, key=self._turn)
@@ -586,10 +628,12 @@ class Scheduler:
                 if head.planned is not None:  # a planned batch runs as it was cut
                     return [self._pop(job) for _ in range(head.planned)]
                 oldest = min(q[0].enqueued for q in self._ready.values() if q[0].planned is None)
-                wait = oldest + self.max_batch_wait - time.monotonic()
-                if self._ready_tokens >= self.max_batch_tokens or wait <= 0 or self._stopping:
+                left = oldest + self.max_batch_wait - time.monotonic()
+                if self._ready_tokens >= self.max_batch_tokens or left <= 0 or self._stopping:
                     break
-                self._cond.wait(wait)
+                if not wait:
+                    return _NOT_YET
+                self._cond.wait(left)
             batch: list[_Entry] = []
             tokens = 0
             # streaming sequences, fairest job first, each job's in arrival order; a heap of the jobs keeps a batch's
@@ -624,10 +668,12 @@ class Scheduler:
         job.vtime += e.seq.length
         return e
 
-    def _forward(self, batch: list[_Entry]) -> None:
+    def _launch(self, batch: list[_Entry]) -> _Flight | None:
+        """Run the backend's forward on the batch's live sequences (on CUDA: queue it on the GPU); None when none
+        is left, when it stopped early or when it failed (its jobs are then failed)."""
         batch = [e for e in batch if not e.job.done]
         if not batch:
-            return
+            return None
         start = time.monotonic()
         for e in batch:
             self.observer.queue_wait(start - e.enqueued)
@@ -635,20 +681,33 @@ class Scheduler:
         try:
             with interruptible(lambda: all(job.done for job in jobs)):
                 out = self.backend.forward([e.seq for e in batch])
+        except Interrupted:  # every job of the batch was answered (deadline, cancel) while it ran: it stopped early
+            log.info("a forward of %d sequences stopped after %.2f s: its requests are gone", len(batch),
+                     time.monotonic() - start)  # fmt: skip
+            return None
+        except Exception as e:
+            self._batch_failed(batch, jobs, e)
+            return None
+        return _Flight(batch, jobs, out, start)
+
+    def _batch_failed(self, batch: list[_Entry], jobs: list[Job], e: Exception) -> None:
+        log.exception("forward of a batch of %d sequences failed", len(batch), exc_info=e)
+        for job in jobs:
+            self._fail(job, "the model failed on a batch", e)
+
+    def _finish(self, flight: _Flight) -> None:
+        """Read a launched batch's outputs back (the one host sync a batch has on CUDA, where a kernel's error
+        shows too) and hand each slot its logit."""
+        batch, jobs, out = flight.batch, flight.jobs, flight.out
+        try:
             expected = len(batch) if self.listwise else sum(len(e.seq.slots) for e in batch)
             if len(out) != expected:
                 raise RuntimeError(f"the backend returned {len(out)} outputs for {expected} {'sequences' if self.listwise else 'slots'}")
             logits = out if self.listwise else out.tolist()
-        except Interrupted:  # every job of the batch was answered (deadline, cancel) while it ran: it stopped early
-            log.info("a forward of %d sequences stopped after %.2f s: its requests are gone", len(batch),
-                     time.monotonic() - start)  # fmt: skip
-            return
         except Exception as e:
-            log.exception("forward of a batch of %d sequences failed", len(batch))
-            for job in jobs:
-                self._fail(job, "the model failed on a batch", e)
+            self._batch_failed(batch, jobs, e)
             return
-        self.observer.batch(len(batch), sum(e.seq.length for e in batch), time.monotonic() - start)
+        self.observer.batch(len(batch), sum(e.seq.length for e in batch), time.monotonic() - flight.start)
         with self._cond:
             at = 0
             for k, e in enumerate(batch):

@@ -163,8 +163,9 @@ class Backend(Protocol):
         ...
 
     def forward(self, batch: list[PreparedSequence]) -> torch.Tensor | list[torch.Tensor]:
-        """Pointwise: relevance logits, one per slot of each sequence in order, fp32 on the CPU (the score is
-        sigmoid(logit)). Listwise: one tensor per sequence, what `combine` reads."""
+        """Pointwise: relevance logits, one per slot of each sequence in order, fp32 on the backend's device (the
+        score is sigmoid(logit)); on CUDA the forward is only queued on return, and the scheduler reads the logits
+        back (the batch's one host sync). Listwise: one tensor per sequence, what `combine` reads."""
         ...
 
     def prepare_list(

@@ -353,4 +353,4 @@ class JinaM0Backend(M0Prompts):
         positions = to_device(torch.cat([s.positions for s in batch], dim=1), self.device)
         patches = to_device(torch.cat([im.patches for im in images]), self.device, self.dtype) if images else None
         logits = self.model(input_ids, positions, pack, patches, [im.grid for im in images], self.image_pad)
-        return logits.float().cpu() - LOGIT_BIAS  # relevance = sigmoid(head logit - LOGIT_BIAS)
+        return logits.float() - LOGIT_BIAS  # relevance = sigmoid(head logit - LOGIT_BIAS); on the device

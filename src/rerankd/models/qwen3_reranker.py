@@ -198,7 +198,7 @@ class Qwen3RerankerBackend(Qwen3Backend):
 
     @torch.inference_mode()
     def forward(self, batch: list[PreparedSequence]) -> torch.Tensor:
-        """Relevance logits [len(batch)]: logit(yes) - logit(no), or the seq-cls head's logit; fp32 on the CPU."""
+        """Relevance logits [len(batch)]: logit(yes) - logit(no), or the seq-cls head's logit; fp32 on the device."""
         ids, positions, pack = self.packed_inputs(batch)
-        out = self.model(ids, positions, pack).cpu()  # [sequences, 1 or 2]
+        out = self.model(ids, positions, pack)  # [sequences, 1 or 2]
         return out[:, 0] - out[:, 1] if out.shape[1] == 2 else out[:, 0]

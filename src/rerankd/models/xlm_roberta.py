@@ -360,14 +360,14 @@ class CrossEncoderBackend(TorchTextBackend):
 
     @torch.inference_mode()
     def forward(self, batch: list[PreparedSequence]) -> torch.Tensor:
-        """Relevance logits [len(batch)] in fp32 on the CPU."""
+        """Relevance logits [len(batch)] in fp32, on the device (the scheduler reads them back)."""
         ids, pack = packed(batch, self.device, self.attn_backend)
         positions = to_device(torch.cat([s.positions for s in batch]), self.device)
         if self.cfg.type_vocab_size > 1:
             types = to_device(torch.cat([s.token_types for s in batch]), self.device)
         else:
             types = torch.zeros_like(ids)
-        return self.model(ids, positions, types, pack).float().cpu()
+        return self.model(ids, positions, types, pack).float()
 
 
 def _jina_names(directory: Path) -> bool:
