@@ -120,3 +120,43 @@ def test_the_choice_is_made_once_and_explained():
         attention_backend(CPU, torch.float32, "fa3")
 
 
+
+
+@pytest.fixture
+def as_if_on_cuda(monkeypatch):
+    """'auto' tries torch's varlen kernel on this CPU (every kernel available, the probe's results not cached)."""
+    monkeypatch.setattr(layers, "_candidates", lambda device, dtype: ("varlen",))
+    monkeypatch.setattr(layers, "_unavailable", lambda kernel, device, dtype: None)
+    layers._disagrees.cache_clear()
+    yield
+    layers._disagrees.cache_clear()
+
+
+def broken_varlen(wrong: str):
+    fn, _ = fake_varlen("2.11")
+    if wrong == "raises":
+        def bad(*args, **kwargs):
+            raise RuntimeError("FlashAttention only supports Ampere GPUs or newer")
+    else:  # ignores the causal mask: the kind of misuse of a kernel's keywords the probe is there to catch
+        def bad(*args, window_size=(-1, -1), **kwargs):
+            return fn(*args, **kwargs)
+    return bad
+
+
+def test_a_kernel_that_agrees_with_the_loop_is_taken(monkeypatch, as_if_on_cuda):
+    fn, _ = fake_varlen("2.11")
+    monkeypatch.setattr(layers, "_torch_varlen", lambda: (fn, frozenset({"window_size", "enable_gqa"})))
+    assert attention_backend(CPU, torch.float32) == "varlen"
+    assert attention_backend(CPU, torch.bfloat16, "varlen") == "varlen"
+
+
+@pytest.mark.parametrize("wrong", ["raises", "no causal mask"])
+def test_a_kernel_that_fails_or_disagrees_is_passed_over_or_refused(monkeypatch, caplog, as_if_on_cuda, wrong):
+    monkeypatch.setattr(layers, "_torch_varlen", lambda: (broken_varlen(wrong), frozenset({"window_size"})))
+    why = "failed on a test batch \\(RuntimeError: FlashAttention" if wrong == "raises" else \
+        "differs from the SDPA loop by"  # fmt: skip
+    with caplog.at_level("WARNING", logger="rerankd"):
+        assert attention_backend(CPU, torch.float32) == "sdpa"
+    assert "passing over 'varlen'" in caplog.text
+    with pytest.raises(ValueError, match=f"attention='varlen' cannot run here: .*{why}"):
+        attention_backend(CPU, torch.float32, "varlen")

@@ -129,19 +129,69 @@ def attention_backend(device: torch.device, dtype: torch.dtype, requested: str =
     attention, else FlexAttention with a document mask; everywhere else (the CPU, fp32 on CUDA) PyTorch SDPA
     called once per sequence. On the CPU that loop is the fastest measured (FlexAttention over the packed batch
     was 1.2-4x slower, benchmarks/bench_cpu_attention.py); fp32 on CUDA is the parity mode, which the flash kernels
-    do not run."""
+    do not run.
+
+    Every kernel but the loop is first run on a test batch and compared with the loop (`_disagrees`): one that
+    fails or differs beyond the dtype's rounding is passed over with a warning ('auto') or refused (requested)."""
     if requested not in ATTENTION_KERNELS:
         raise ValueError(f"attention must be one of {', '.join(ATTENTION_KERNELS)}; got {requested!r}")
     if requested != "auto":
-        why = _unavailable(requested, device, dtype)
+        why = _unavailable(requested, device, dtype) or _disagrees(requested, device, dtype)
         if why is not None:
             raise ValueError(f"attention={requested!r} cannot run here: {why}; use 'auto' or 'sdpa'")
         return requested
-    if device.type == "cuda" and dtype in HALF:
-        for kernel in ("flash-attn", "varlen", "flex"):
-            if _unavailable(kernel, device, dtype) is None:
-                return kernel
+    for kernel in _candidates(device, dtype):
+        if _unavailable(kernel, device, dtype) is not None:
+            continue
+        why = _disagrees(kernel, device, dtype)
+        if why is None:
+            return kernel
+        log.warning("attention: passing over %r on %s in %s: %s", kernel, device, dtype, why)
     return "sdpa"
+
+
+def _candidates(device: torch.device, dtype: torch.dtype) -> tuple[str, ...]:
+    """The kernels 'auto' tries before the SDPA loop, best first."""
+    return ("flash-attn", "varlen", "flex") if device.type == "cuda" and dtype in HALF else ()
+
+
+KERNEL_PROBE_LENGTHS = (5, 130, 33, 1)  # short, one past a 128-token block, a one-token sequence
+# |kernel - SDPA loop in fp32| allowed on the probe's inputs (rounded to the dtype first): the kernel's own rounding
+KERNEL_PROBE_TOLERANCE = {torch.float16: 5e-3, torch.bfloat16: 3e-2, torch.float32: 1e-4}
+
+
+@functools.cache
+def _disagrees(kernel: str, device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why `kernel` is not to be trusted on (device, dtype), or None: run once, at load, on a small packed batch with
+    grouped-query heads (full and causal attention, one query row per sequence), against the SDPA loop in fp32 on
+    the same (rounded) inputs; it must not raise nor differ by more than KERNEL_PROBE_TOLERANCE[dtype]."""
+    if kernel == "sdpa":
+        return None
+    g = torch.Generator().manual_seed(0)
+    cu = [0]
+    for n in KERNEL_PROBE_LENGTHS:
+        cu.append(cu[-1] + n)
+    q = torch.randn(cu[-1], 4, 64, generator=g).to(dtype)
+    k, v = (torch.randn(cu[-1], 2, 64, generator=g).to(dtype) for _ in range(2))
+    last = [end - 1 for end in cu[1:]]
+    want_pack, pack = packing(cu, torch.device("cpu"), "sdpa"), packing(cu, device, kernel)
+    qd, kd, vd = (to_device(t, device) for t in (q, k, v))
+    diff = 0.0
+    try:
+        with torch.inference_mode():
+            for causal in (False, True):
+                want = varlen_attention(q.float(), k.float(), v.float(), want_pack, causal)
+                got = varlen_attention(qd, kd, vd, pack, causal).float().cpu()
+                diff = max(diff, (got - want).abs().max().item())
+            want = row_attention(q[last].float(), k.float(), v.float(), want_pack)
+            got = row_attention(qd[to_device(torch.tensor(last), device)], kd, vd, pack).float().cpu()
+            diff = max(diff, (got - want).abs().max().item())
+    except Exception as e:  # a kernel that does not run here is passed over, whatever broke
+        return f"it failed on a test batch ({type(e).__name__}: {str(e)[:300]})"
+    tolerance = KERNEL_PROBE_TOLERANCE.get(dtype, 1e-4)
+    if not diff <= tolerance:
+        return f"on a test batch it differs from the SDPA loop by {diff:.2e}, more than {dtype} rounding ({tolerance})"
+    return None
 
 
 def to_device(t: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
