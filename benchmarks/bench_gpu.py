@@ -252,6 +252,8 @@ def main(argv: list[str] | None = None) -> int:
               "smoke": args.smoke, "bf16_matmul_tflops": rate / 1e12}  # fmt: skip
     with tempfile.TemporaryDirectory(dir=args.ckpt_dir) as tmp:
         result["m0"] = bench_m0(args, device, Path(tmp), rate)
+        if args.json_out:  # what is measured so far survives a time limit
+            args.json_out.write_text(json.dumps(result, indent=2) + "\n")
         result["v2"] = bench_v2(args, device, Path(tmp))
     result["table"] = table(result)
     if args.json_out:

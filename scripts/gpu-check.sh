@@ -71,14 +71,17 @@ except ImportError as e:
 from rerankd.models.layers import attention_backend
 dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 print("attention auto:", {str(d).removeprefix("torch."): attention_backend(dev, d) for d in (torch.bfloat16, torch.float32)})
+import shutil, subprocess
+cc = shutil.which("cc") or shutil.which("gcc")
+print("C compiler (Triton, FlexAttention):", subprocess.run([cc, "--version"], capture_output=True, text=True).stdout.splitlines()[0] if cc else "MISSING")
 EOF
 
 echo "[gpu-check] CUDA tests (pytest -m cuda tests/gpu)"
-timeout 240 $PY -m pytest -m cuda tests/gpu -q -rs -p no:cacheprovider 2>&1 | tee "$OUT/pytest.log" | tail -25
+timeout 200 $PY -m pytest -m cuda tests/gpu -q -rs -p no:cacheprovider 2>&1 | tee "$OUT/pytest.log" | tail -25
 tests_rc=${PIPESTATUS[0]}
 
 echo "[gpu-check] benchmarks (benchmarks/bench_gpu.py ${bench_args[*]})"
-timeout 330 $PY benchmarks/bench_gpu.py "${bench_args[@]}" --json-out "$OUT/gpu.json" 2>&1 | tee "$OUT/bench.log" \
+timeout 300 $PY benchmarks/bench_gpu.py "${bench_args[@]}" --json-out "$OUT/gpu.json" 2>&1 | tee "$OUT/bench.log" \
     | grep -v "Loading weights" | tail -40
 bench_rc=${PIPESTATUS[0]}
 

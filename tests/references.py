@@ -33,8 +33,8 @@ class ReferenceM0:
         transformers.logging.set_verbosity_error()
         model_dir = Path(model_dir)
         self.model = Qwen2VLForConditionalGeneration.from_pretrained(
-            model_dir, torch_dtype=torch.float32, attn_implementation=attn_implementation
-        ).eval().to(device, dtype)
+            model_dir, torch_dtype=dtype, attn_implementation=attn_implementation
+        ).eval().to(device)
         self.device, self.dtype = device, dtype
         self.wants_mm_token_types = "mm_token_type_ids" in inspect.signature(self.model.model.forward).parameters
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)

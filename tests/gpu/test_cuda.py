@@ -10,6 +10,7 @@ test of the tests themselves (the assertions stay the same).
 from __future__ import annotations
 
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -120,7 +121,15 @@ def test_the_attention_kernels_agree(device, m0_dir):
     auto = load(m0_dir, device, "bfloat16")
     if torch.device(device).type == "cuda":
         assert auto.options.attention in ("flash-attn", "varlen", "flex")
-    kernels = ["sdpa"] + (["flex"] if torch.device(device).type == "cuda" else [])
+    kernels = ["sdpa"]
+    if torch.device(device).type == "cuda":
+        from rerankd.models.layers import _disagrees
+
+        why = _disagrees("flex", torch.device(device), torch.bfloat16)  # Triton needs a C compiler at run time
+        if why is not None and why.startswith("it failed"):
+            warnings.warn(f"FlexAttention not compared: {why}")
+        else:
+            kernels.append("flex")
     want = auto.compute_score(pairs[:-1]) + auto.compute_score(pairs[-1:], doc_type="image")
     for kernel in kernels:
         rr = load(m0_dir, device, "bfloat16", attention=kernel)

@@ -43,7 +43,8 @@ def loop_reference(q, k, v, cu, causal):
 
 def fake_varlen(keywords: str):
     """torch's varlen_attn as its documentation defines it, on the CPU (the real one runs on CUDA only), in the
-    keywords of torch 2.11+ ('window_size', 'enable_gqa') or of 2.10 ('is_causal', no grouped-query heads)."""
+    keywords of torch 2.12+ ('window_size', 'enable_gqa'; 2.11 has window_size without enable_gqa) or of 2.10
+    ('is_causal', no grouped-query heads)."""
     calls = []
 
     def call(q, k, v, cu_q, cu_k, max_q, max_k, *, window_size=(-1, -1), is_causal=False, enable_gqa=False):

@@ -7,6 +7,7 @@ import threading
 from dataclasses import replace
 
 import pytest
+import torch
 
 from rerankd import Reranker
 from rerankd.api.schemas import CohereRerankRequest, RerankRequest
@@ -328,7 +329,7 @@ class Deferred:
     """A forward's output as CUDA gives it: queued, read back later (tolist: the host sync), where an error of the
     kernels shows."""
 
-    def __init__(self, out, events: list, n: int, fail: bool):
+    def __init__(self, out, events: list, n: int, fail: BaseException | None):
         self.out, self.events, self.n, self.fail = out, events, n, fail
 
     def __len__(self) -> int:
@@ -336,8 +337,8 @@ class Deferred:
 
     def tolist(self) -> list[float]:
         self.events.append(("read", self.n))
-        if self.fail:
-            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        if self.fail is not None:
+            raise self.fail
         return self.out.tolist()
 
 
@@ -348,17 +349,18 @@ def logit_alone(m0, query: str, doc: str, lengths: LengthOptions) -> float:
 
 
 class Queued(Recording):
-    """Each forward's output Deferred; `events` records the launches and read-backs; `fail_batches` fail at the read."""
+    """Each forward's output Deferred; `events` records the launches and read-backs; batch n's read-back raises
+    `fail[n]`."""
 
-    def __init__(self, inner, fail_batches: tuple[int, ...] = ()):
+    def __init__(self, inner, fail: dict[int, BaseException] | None = None):
         super().__init__(inner)
         self.events: list[tuple[str, int]] = []
-        self.fail_batches = fail_batches
+        self.failures = fail or {}
 
     def forward(self, batch):
         n = sum(1 for kind, _ in self.events if kind == "launch")
         self.events.append(("launch", n))
-        return Deferred(self.inner.forward(batch), self.events, n, fail=n in self.fail_batches)
+        return Deferred(self.inner.forward(batch), self.events, n, fail=self.failures.get(n))
 
 
 @pytest.mark.parametrize("overlap", [False, True])
@@ -388,17 +390,38 @@ def test_a_batch_in_flight_overlaps_the_next_and_each_pair_keeps_its_score(m0, o
 
 
 def test_an_error_shown_at_the_read_back_fails_that_batch_alone(m0):
-    """A CUDA kernel's error shows at the read-back, after the next batch may have been launched: the job of the
-    failed batch gets a WorkerError, the next one its score, and the worker lives on."""
+    """An error of a batch shows at its read-back, after the next batch may have been launched: running out of
+    memory fails the job of that batch alone, the next one gets its score, and the worker lives on."""
     from rerankd.engine import Scheduler, WorkerError
 
-    scheduler = Scheduler(Queued(m0.backend, fail_batches=(0,)), 4096, 0.0, None, prepare_workers=2, overlap=True)
+    oom = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+    scheduler = Scheduler(Queued(m0.backend, fail={0: oom}), 4096, 0.0, None, prepare_workers=2, overlap=True)
     lengths = LengthOptions(1024, 512)
     try:
-        with pytest.raises(WorkerError, match="the model failed on a batch: RuntimeError: CUDA error"):
+        with pytest.raises(WorkerError, match="the model failed on a batch: OutOfMemoryError: CUDA out of memory"):
             scheduler.score_sync([(TextItem("q"), TextItem("first"))], lengths, [Where.for_pair(0)])
         ok = scheduler.score_sync([(TextItem("q"), TextItem("second"))], lengths, [Where.for_pair(0)])
         assert scheduler.alive
     finally:
         scheduler.close()
     assert_close([ok.results[0].logit], [logit_alone(m0, "q", "second", lengths)], 1e-5)
+
+
+def test_a_device_fault_stops_the_worker(m0):
+    """A CUDA fault (an illegal memory access, a device-side assert) is sticky: every later call on the device would
+    fail. The worker stops (`alive` false: /health answers 503, Ray replaces the replica) and later calls fail at
+    once instead of each failing on the broken device."""
+    from rerankd.engine import Scheduler, WorkerError
+
+    fault = RuntimeError("CUDA error: an illegal memory access was encountered")
+    scheduler = Scheduler(Queued(m0.backend, fail={0: fault}), 4096, 0.0, None, prepare_workers=2, overlap=True)
+    lengths = LengthOptions(1024, 512)
+    try:
+        with pytest.raises(WorkerError, match="CUDA error: an illegal memory access"):
+            scheduler.score_sync([(TextItem("q"), TextItem("first"))], lengths, [Where.for_pair(0)])
+        scheduler._thread.join(10)
+        assert not scheduler.alive and "the device failed" in str(scheduler.error)
+        with pytest.raises(WorkerError):
+            scheduler.score_sync([(TextItem("q"), TextItem("second"))], lengths, [Where.for_pair(0)])
+    finally:
+        scheduler.close()

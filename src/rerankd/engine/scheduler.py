@@ -250,14 +250,23 @@ def group_units(pairs: Sequence[tuple[Item, Item]], listwise: bool) -> list[list
 _NOT_YET = object()  # _next_batch without waiting: no batch to launch now
 
 
+def device_fault(e: BaseException) -> bool:
+    """Whether a forward's error leaves the device unusable: a CUDA fault (an illegal memory access, a device-side
+    assert) is sticky, every later call fails too. Running out of memory is not."""
+    if isinstance(e, torch.OutOfMemoryError):
+        return False
+    return isinstance(e, getattr(torch, "AcceleratorError", ())) or "CUDA error" in str(e)
+
+
 @dataclass(eq=False)
 class _Flight:
     """A batch whose forward was launched (Scheduler._launch) and whose outputs are not read back yet."""
 
     batch: list[_Entry]
     jobs: list[Job]
-    out: object  # the backend's outputs: a tensor on its device, or a listwise backend's list of tensors
+    out: object  # the backend's outputs: a tensor (on the host, or on its way there), or a listwise list
     start: float
+    copied: torch.cuda.Event | None = None  # recorded after the read-back copy from CUDA was queued
 
 
 @dataclass(eq=False)
@@ -627,6 +636,8 @@ class Scheduler:
                 head = self._ready[job][0]
                 if head.planned is not None:  # a planned batch runs as it was cut
                     return [self._pop(job) for _ in range(head.planned)]
+                if not wait and self._ready_tokens < self.max_batch_tokens // 2:
+                    return _NOT_YET  # a batch is in flight: read it back first rather than launch a small one
                 oldest = min(q[0].enqueued for q in self._ready.values() if q[0].planned is None)
                 left = oldest + self.max_batch_wait - time.monotonic()
                 if self._ready_tokens >= self.max_batch_tokens or left <= 0 or self._stopping:
@@ -688,18 +699,29 @@ class Scheduler:
         except Exception as e:
             self._batch_failed(batch, jobs, e)
             return None
-        return _Flight(batch, jobs, out, start)
+        copied = None
+        if isinstance(out, torch.Tensor) and out.device.type == "cuda":
+            # the read-back queued now, behind this batch's kernels and ahead of the next batch's: _finish waits for
+            # this batch alone
+            out = out.to("cpu", non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record()
+        return _Flight(batch, jobs, out, start, copied)
 
     def _batch_failed(self, batch: list[_Entry], jobs: list[Job], e: Exception) -> None:
         log.exception("forward of a batch of %d sequences failed", len(batch), exc_info=e)
         for job in jobs:
             self._fail(job, "the model failed on a batch", e)
+        if device_fault(e):  # the device is unusable from now on: the worker dies, /health turns 503
+            raise WorkerError(f"the device failed: {type(e).__name__}: {e}") from e
 
     def _finish(self, flight: _Flight) -> None:
         """Read a launched batch's outputs back (the one host sync a batch has on CUDA, where a kernel's error
         shows too) and hand each slot its logit."""
         batch, jobs, out = flight.batch, flight.jobs, flight.out
         try:
+            if flight.copied is not None:
+                flight.copied.synchronize()
             expected = len(batch) if self.listwise else sum(len(e.seq.slots) for e in batch)
             if len(out) != expected:
                 raise RuntimeError(f"the backend returned {len(out)} outputs for {expected} {'sequences' if self.listwise else 'slots'}")

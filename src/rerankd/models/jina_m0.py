@@ -88,12 +88,12 @@ class JinaM0(nn.Module):
         pack: Packing,
         patches: torch.Tensor | None,  # [patches of all images, 1176]
         grids: list[tuple[int, int, int]],
-        image_token_id: int,
+        image_rows: torch.Tensor | None,  # [image tokens]: where in the packed tokens the image embeddings go
     ) -> torch.Tensor:
         x = self.model.embed_tokens(input_ids)  # [tokens, hidden]
         if grids:
             image_embeds = self.visual(patches, grids, pack.kernel)  # [image tokens, hidden]
-            x = x.masked_scatter((input_ids == image_token_id)[:, None], image_embeds.to(x.dtype))
+            x = x.index_copy(0, image_rows, image_embeds.to(x.dtype))
         h = self.model.hidden_at(x, positions, pack)  # [sequences, hidden]
         return self.score(h).squeeze(-1)  # [sequences]
 
@@ -345,12 +345,15 @@ class JinaM0Backend(M0Prompts):
     @torch.inference_mode()
     def forward(self, batch: list[PreparedSequence]) -> torch.Tensor:
         images = [im for s in batch for im in s.images]
-        image_tokens = sum(int((s.input_ids == self.image_pad).sum()) for s in batch)  # on the host: no GPU sync
-        merged = sum(im.grid[0] * im.grid[1] * im.grid[2] for im in images) // self.vision.spatial_merge_size**2
-        if image_tokens != merged:
-            raise RuntimeError(f"internal: {image_tokens} image tokens in the batch but {merged} image embeddings")
+        image_rows = None
+        if images:  # found on the host: no GPU sync, no [tokens, hidden] mask
+            rows = (torch.cat([s.input_ids for s in batch]) == self.image_pad).nonzero().view(-1)
+            merged = sum(im.grid[0] * im.grid[1] * im.grid[2] for im in images) // self.vision.spatial_merge_size**2
+            if len(rows) != merged:
+                raise RuntimeError(f"internal: {len(rows)} image tokens in the batch but {merged} image embeddings")
+            image_rows = to_device(rows, self.device)
         input_ids, pack = packed(batch, self.device, self.attn_backend)
         positions = to_device(torch.cat([s.positions for s in batch], dim=1), self.device)
         patches = to_device(torch.cat([im.patches for im in images]), self.device, self.dtype) if images else None
-        logits = self.model(input_ids, positions, pack, patches, [im.grid for im in images], self.image_pad)
+        logits = self.model(input_ids, positions, pack, patches, [im.grid for im in images], image_rows)
         return logits.float() - LOGIT_BIAS  # relevance = sigmoid(head logit - LOGIT_BIAS); on the device

@@ -248,7 +248,8 @@ def _flex_mask(pack: Packing, kind: str, q_len: int, device: torch.device):
             def mask(b, h, qi, ki):
                 return (doc[qi] == doc[ki]) & (ki <= qi)
         tokens = pack.offsets[-1]
-        pack.masks[kind] = _flex()[1](mask, None, None, q_len, tokens, device=device)
+        # compiled: the eager builder materializes a [tokens, tokens] mask (4G elements at 65k tokens)
+        pack.masks[kind] = _flex()[1](mask, None, None, q_len, tokens, device=device, _compile=True)
     return pack.masks[kind]
 
 
