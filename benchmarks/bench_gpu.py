@@ -209,12 +209,14 @@ def table(result: dict) -> str:
               ("flop share", m0["text_flop_share"])]  # fmt: skip
     lines.append("")
     for name, value in checks:
-        lines.append(f"{name}: {value:.2f} (target >= {TARGETS[name]:.2f}) {'ok' if value >= TARGETS[name] else 'MISSED'}")
+        verdict = "ok" if value >= TARGETS[name] else "MISSED"
+        lines.append(f"{name}: {value:.2f} (target >= {TARGETS[name]:.2f}) {verdict}")
     if "image_speedup" in m0:
         lines.append(f"m0 image vs reference: {m0['image_speedup']:.2f}x")
     lines.append(f"max |bf16 - fp32| (m0 text): {m0['text_bf16_vs_fp32']:.2e}; rerankd vs reference, both bf16: "
                  f"text {m0['text_bf16_vs_reference_bf16']:.2e}, v2 {v2['bf16_vs_crossencoder_bf16']:.2e}")
-    lines.append(f"attention kernel: m0 {m0['attention']}, v2 {v2['attention']}; m0 token budget {m0['max_batch_tokens']}")
+    lines.append(f"attention kernel: m0 {m0['attention']}, v2 {v2['attention']}; "
+                 f"m0 token budget {m0['max_batch_tokens']}")
     if m0["budgets"]:
         lines.append("m0 text pairs/s by token budget: " + ", ".join(f"{b}: {r['pairs_per_s']:.1f}"
                                                                    for b, r in m0["budgets"].items()))  # fmt: skip
@@ -226,7 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cuda", help="device to run on (default cuda)")
     ap.add_argument("--smoke", action="store_true", help="toy sizes and few pairs: check the script on any device")
     ap.add_argument("--text-pairs", type=int, help="m0 text pairs (default 128; 8 with --smoke)")
-    ap.add_argument("--max-text-tokens", type=int, help="longest m0 document in tokens (default 2048; 256 with --smoke)")
+    ap.add_argument("--max-text-tokens", type=int,
+                    help="longest m0 document in tokens (default 2048; 256 with --smoke)")
     ap.add_argument("--image-pairs", type=int, help="m0 image pairs (default 32; 2 with --smoke)")
     ap.add_argument("--v2-pairs", type=int, help="v2 pairs (default 512; 8 with --smoke)")
     ap.add_argument("--budgets", type=int, nargs="*", help="m0 token budgets to sweep (default 16384 32768 65536 "
@@ -235,8 +238,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ckpt-dir", type=Path, help="where to write the random checkpoints (default: a temp dir)")
     ap.add_argument("--json-out", type=Path, help="also write the results to this JSON file")
     args = ap.parse_args(argv)
-    for name, full, smoke in (("text_pairs", 128, 8), ("max_text_tokens", 2048, 256), ("image_pairs", 32, 2),
-                              ("v2_pairs", 512, 8), ("budgets", [16384, 32768, 65536, 131072], [512, 1024, 4096])):  # fmt: skip
+    defaults = (("text_pairs", 128, 8), ("max_text_tokens", 2048, 256), ("image_pairs", 32, 2), ("v2_pairs", 512, 8),
+                ("budgets", [16384, 32768, 65536, 131072], [512, 1024, 4096]))
+    for name, full, smoke in defaults:
         if getattr(args, name) is None:
             setattr(args, name, smoke if args.smoke else full)
     if args.repeats < 1 or args.text_pairs < 1 or args.v2_pairs < 1 or args.image_pairs < 0:

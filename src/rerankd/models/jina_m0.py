@@ -335,7 +335,8 @@ class JinaM0Backend(M0Prompts):
         model.visual.inv_freq = model.visual.rope_inv_freq().to(device)
         gemm = use_cpu_gemm(model, opts.cpu_gemm, device, dtype)
         return cls(model, tokenizer, special, vision, device, dtype, ImageLimits.from_options(opts),
-                   opts.min_pixels or DEFAULT_MIN_PIXELS, opts.max_pixels or DEFAULT_MAX_PIXELS, gemm, opts.attention)  # fmt: skip
+                   opts.min_pixels or DEFAULT_MIN_PIXELS, opts.max_pixels or DEFAULT_MAX_PIXELS, gemm,
+                   opts.attention)  # fmt: skip
 
     def close(self) -> None:
         pass

@@ -97,7 +97,8 @@ def _torch_varlen():
 
 @functools.cache
 def _flex():
-    """FlexAttention, compiled once for dynamic shapes, and its block-mask builder."""
+    """FlexAttention, compiled (each call marks its token count dynamic, so batches of new sizes reuse the
+    kernel), and its block-mask builder."""
     try:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     except ImportError:
@@ -109,7 +110,8 @@ def _unavailable(kernel: str, device: torch.device, dtype: torch.dtype) -> str |
     """Why `kernel` cannot run attention on (device, dtype) here, or None when it can."""
     if kernel in ("flash-attn", "varlen"):
         if device.type != "cuda" or dtype not in HALF:
-            return f"it runs on CUDA in float16/bfloat16 only, and this model runs {str(dtype).removeprefix('torch.')} on {device.type}"
+            runs = f"{str(dtype).removeprefix('torch.')} on {device.type}"
+            return f"it runs on CUDA in float16/bfloat16 only, and this model runs {runs}"
         if kernel == "flash-attn" and _flash_attn_varlen() is None:
             return "the flash-attn package is not installed (pip install flash-attn)"
         if kernel == "varlen" and _torch_varlen() is None:
@@ -311,10 +313,11 @@ def row_attention(
     k, v: [tokens, kv_heads, head_dim]. rows None: q is [n, heads, head_dim], ONE query per sequence that sees
     every key of its sequence, with no mask (a causal decoder's last token, a bidirectional encoder's [CLS]): one
     kernel call on the varlen kernels, one SDPA call per sequence on the others (inductor's CPU template for
-    FlexAttention failed to compile a mask of one query row per sequence, torch 2.13). rows: the token indices (into the packed tokens, ascending) whose
-    queries q holds, [len(rows), heads, head_dim]; causal: each sees the keys of its own sequence up to itself
-    (jina-reranker-v3's special tokens), one SDPA call per sequence on every kernel (flash kernels align a causal
-    mask to the sequence's end, not to arbitrary rows). Returns q's shape.
+    FlexAttention failed to compile a mask of one query row per sequence, torch 2.13).
+    rows: the token indices (into the packed tokens, ascending) whose queries q holds, [len(rows), heads,
+    head_dim]; causal: each sees the keys of its own sequence up to itself (jina-reranker-v3's special tokens), one
+    SDPA call per sequence on every kernel (flash kernels align a causal mask to the sequence's end, not to
+    arbitrary rows). Returns q's shape.
     """
     if rows is None and pack.kernel == "flash-attn":
         return _flash_attn_varlen()(q, k, v, pack.one_each, pack.cu, 1, pack.max_len, causal=False)
