@@ -250,12 +250,15 @@ def group_units(pairs: Sequence[tuple[Item, Item]], listwise: bool) -> list[list
 _NOT_YET = object()  # _next_batch without waiting: no batch to launch now
 
 
+# CUDA errors that are sticky: the context is unusable afterwards and every later call fails too (CUDA's
+# documentation of cudaErrorIllegalAddress, cudaErrorAssert, cudaErrorLaunchFailure, ...); running out of memory is not
+STICKY_DEVICE_ERRORS = ("illegal memory access", "device-side assert", "unspecified launch failure",
+                        "misaligned address", "illegal instruction", "uncorrectable ECC error")  # fmt: skip
+
+
 def device_fault(e: BaseException) -> bool:
-    """Whether a forward's error leaves the device unusable: a CUDA fault (an illegal memory access, a device-side
-    assert) is sticky, every later call fails too. Running out of memory is not."""
-    if isinstance(e, torch.OutOfMemoryError):
-        return False
-    return isinstance(e, getattr(torch, "AcceleratorError", ())) or "CUDA error" in str(e)
+    """Whether a forward's error leaves the device unusable (STICKY_DEVICE_ERRORS)."""
+    return any(marker in str(e) for marker in STICKY_DEVICE_ERRORS)
 
 
 @dataclass(eq=False)
