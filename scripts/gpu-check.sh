@@ -77,7 +77,7 @@ print("C compiler (Triton, FlexAttention):", subprocess.run([cc, "--version"], c
 EOF
 
 echo "[gpu-check] CUDA tests (pytest -m cuda tests/gpu)"
-timeout 200 $PY -m pytest -m cuda tests/gpu -q -rs -p no:cacheprovider 2>&1 | tee "$OUT/pytest.log" | tail -25
+timeout 230 $PY -m pytest -m cuda tests/gpu -q -rs -p no:cacheprovider 2>&1 | tee "$OUT/pytest.log" | tail -25
 tests_rc=${PIPESTATUS[0]}
 
 echo "[gpu-check] benchmarks (benchmarks/bench_gpu.py ${bench_args[*]})"
