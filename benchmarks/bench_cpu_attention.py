@@ -52,12 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     log(f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     for shape, (heads, kv_heads, dim, causal) in SHAPES.items():
         for batch, lens in batches().items():
-            cu = [0]
-            for n in lens:
-                cu.append(cu[-1] + n)
-            tokens = cu[-1]
+            loop, flex = packing(lens, cpu, "sdpa"), packing(lens, cpu, "flex")
+            tokens = loop.offsets[-1]
             flops = sum(4 * n * n * dim * heads for n in lens) / (2 if causal else 1)
-            loop, flex = packing(cu, cpu, "sdpa"), packing(cu, cpu, "flex")
             g = torch.Generator().manual_seed(1)
             q32 = torch.randn(tokens, heads, dim, generator=g)
             k32, v32 = (torch.randn(tokens, kv_heads, dim, generator=g) for _ in range(2))

@@ -81,7 +81,8 @@ def test_the_sdpa_and_flex_kernels_equal_the_loop(kernel, shape):
     """FlexAttention runs models on CUDA only (tests/gpu); its masks and head grouping are checked here, on the CPU."""
     q, k, v = qkv(*SHAPES[shape])
     cu = offsets(LENGTHS)
-    pack = packing(cu, CPU, kernel)
+    pack = packing(LENGTHS, CPU, kernel)
+    assert pack.offsets == cu
     for causal in (False, True):
         assert_close(varlen_attention(q, k, v, pack, causal), loop_reference(q, k, v, cu, causal), 1e-5)
     last = torch.tensor(cu[1:]) - 1  # one query a sequence, seeing all of its keys
@@ -99,7 +100,7 @@ def test_the_torch_varlen_call_for_each_torch_version(monkeypatch, keywords, sha
     monkeypatch.setattr(layers, "_torch_varlen", lambda: (fn, frozenset(params)))
     q, k, v = qkv(*SHAPES[shape])
     cu = offsets(LENGTHS)
-    pack = packing(cu, CPU, "varlen")
+    pack = packing(LENGTHS, CPU, "varlen")
     assert pack.cu.tolist() == cu and pack.max_len == max(LENGTHS)
     for causal in (False, True):
         assert_close(varlen_attention(q, k, v, pack, causal), loop_reference(q, k, v, cu, causal), 1e-5)

@@ -101,14 +101,6 @@ class PreparedSequence:
         return int(self.input_ids.shape[0])
 
 
-def cu_seqlens(batch: list[PreparedSequence]) -> list[int]:
-    """Where each sequence of a packed batch starts, and the total: [0, len0, len0 + len1, ...]."""
-    cu = [0]
-    for s in batch:
-        cu.append(cu[-1] + s.length)
-    return cu
-
-
 class Backend(Protocol):
     """A loaded model: turns pairs into sequences (thread-safe, no model compute) and sequences into logits.
 
@@ -399,4 +391,5 @@ def build_module(make: Callable[[], nn.Module], directory: Path, renames: Rename
 
 def packed(batch: list[PreparedSequence], device: torch.device, kernel: str) -> tuple[torch.Tensor, Packing]:
     """The token ids of a batch, concatenated on `device`, and its Packing for the attention `kernel`."""
-    return to_device(torch.cat([s.input_ids for s in batch]), device), packing(cu_seqlens(batch), device, kernel)
+    ids = to_device(torch.cat([s.input_ids for s in batch]), device)
+    return ids, packing((s.length for s in batch), device, kernel)

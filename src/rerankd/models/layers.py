@@ -14,10 +14,11 @@ from __future__ import annotations
 import functools
 import importlib.util
 import inspect
+import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -170,13 +171,12 @@ def _disagrees(kernel: str, device: torch.device, dtype: torch.dtype) -> str | N
     if kernel == "sdpa":
         return None
     g = torch.Generator().manual_seed(0)
-    cu = [0]
-    for n in KERNEL_PROBE_LENGTHS:
-        cu.append(cu[-1] + n)
-    q = torch.randn(cu[-1], 4, 64, generator=g).to(dtype)
-    k, v = (torch.randn(cu[-1], 2, 64, generator=g).to(dtype) for _ in range(2))
-    last = [end - 1 for end in cu[1:]]
-    want_pack, pack = packing(cu, torch.device("cpu"), "sdpa"), packing(cu, device, kernel)
+    want_pack = packing(KERNEL_PROBE_LENGTHS, torch.device("cpu"), "sdpa")
+    pack = packing(KERNEL_PROBE_LENGTHS, device, kernel)
+    tokens = pack.offsets[-1]
+    q = torch.randn(tokens, 4, 64, generator=g).to(dtype)
+    k, v = (torch.randn(tokens, 2, 64, generator=g).to(dtype) for _ in range(2))
+    last = [end - 1 for end in pack.offsets[1:]]
     qd, kd, vd = (to_device(t, device) for t in (q, k, v))
     diff = 0.0
     try:
@@ -227,12 +227,12 @@ class Packing:
         return zip(self.offsets[:-1], self.offsets[1:])
 
 
-def packing(offsets: list[int], device: torch.device, kernel: str) -> Packing:
-    """The Packing of sequences starting at `offsets` (cu_seqlens) for `kernel` (attention_backend's choice)."""
-    lengths = [b - a for a, b in zip(offsets[:-1], offsets[1:])]
-    pack = Packing(list(offsets), kernel, max(lengths, default=0))
+def packing(lengths: Iterable[int], device: torch.device, kernel: str) -> Packing:
+    """The Packing of sequences of these token counts, in order, for `kernel` (attention_backend's choice)."""
+    lengths = list(lengths)
+    pack = Packing(list(itertools.accumulate(lengths, initial=0)), kernel, max(lengths, default=0))
     if kernel in ("flash-attn", "varlen"):
-        pack.cu = to_device(torch.tensor(offsets, dtype=torch.int32), device)
+        pack.cu = to_device(torch.tensor(pack.offsets, dtype=torch.int32), device)
         pack.one_each = to_device(torch.arange(pack.n + 1, dtype=torch.int32), device)
     elif kernel == "flex":
         pack.doc = to_device(torch.repeat_interleave(torch.arange(pack.n), torch.tensor(lengths)), device)
@@ -270,8 +270,10 @@ def _torch_varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k, causal: bool) -> 
     (2.10); grouped-query heads through enable_gqa, or repeated where it is missing."""
     fn, params = _torch_varlen()
     kw: dict = {}
-    if causal:
-        kw.update(window_size=(-1, 0)) if "window_size" in params else kw.update(is_causal=True)
+    if causal and "window_size" in params:
+        kw["window_size"] = (-1, 0)
+    elif causal:
+        kw["is_causal"] = True
     if k.shape[1] != q.shape[1]:
         if "enable_gqa" in params:
             kw["enable_gqa"] = True

@@ -159,11 +159,7 @@ class VisionTransformer(nn.Module):
         Returns [merged tokens of all images, out_dim]."""
         x = self.patch_embed(patches)
         cos, sin = self.rotary(grids)
-        cu = [0]
-        for t, h, w in grids:
-            for _ in range(t):
-                cu.append(cu[-1] + h * w)
-        pack = packing(cu, x.device, kernel)
+        pack = packing((h * w for t, h, w in grids for _ in range(t)), x.device, kernel)  # attention per frame
         for blk in self.blocks:
             between_layers()
             x = blk(x, cos, sin, pack)
