@@ -98,13 +98,13 @@ def _torch_varlen():
 
 @functools.cache
 def _flex():
-    """FlexAttention, compiled (each call marks its token count dynamic, so batches of new sizes reuse the
-    kernel), and its block-mask builder."""
+    """FlexAttention, compiled once for dynamic shapes (batches of new token counts reuse the kernel), and its
+    block-mask builder."""
     try:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     except ImportError:
         return None
-    return torch.compile(flex_attention), create_block_mask
+    return torch.compile(flex_attention, dynamic=True), create_block_mask
 
 
 def _unavailable(kernel: str, device: torch.device, dtype: torch.dtype) -> str | None:
@@ -259,8 +259,6 @@ def _flex_attention(q, k, v, pack: Packing, kind: str) -> torch.Tensor:
     flex = _flex()[0]
     block_mask = _flex_mask(pack, kind, q.shape[0], q.device)
     q, k, v = (t.transpose(0, 1).contiguous()[None] for t in (q, k, v))  # [1, heads, tokens, head_dim]
-    for t in (q, k, v):
-        torch._dynamo.maybe_mark_dynamic(t, 2)  # the token count changes every batch; heads and head_dim never
     o = flex(q, k, v, block_mask=block_mask, enable_gqa=k.shape[1] != q.shape[1])
     return o[0].transpose(0, 1)
 
