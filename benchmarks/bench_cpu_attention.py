@@ -1,11 +1,12 @@
-"""Benchmark: packed attention on the CPU, rerankd's per-sequence loop against the alternatives (issue 19).
+"""Benchmark: packed attention on the CPU, the kernels of `rerankd.models.layers.varlen_attention` (issue 19).
 
-rerankd runs attention over a packed batch as one torch SDPA call a sequence (`rerankd.models.layers.
-varlen_attention`; torch's flash CPU kernel). This times it against one call over the whole batch with
-FlexAttention and a document mask (rerankd's `attention="flex"` kernel, compiled by inductor, as vLLM-style "one
-kernel over all packed sequences" would be), and, for bf16, against the same loop run in fp32 (q/k/v upcast, the output cast back). Batches of the
+The loop: one torch SDPA call a sequence (torch's flash CPU kernel). Against it: rerankd's own packed kernel
+(`attention="avx512"`, models/cpu_attention.cpp; fp32, where it builds), one call over the whole batch with
+FlexAttention and a document mask (`attention="flex"`, compiled by inductor), and, for bf16, the same loop run in
+fp32 (q/k/v upcast, the output cast back). Batches of the
 jina-reranker-v2 workload's lengths (query and document: 35..270 tokens) and of fixed lengths; 12 heads of 64
-(XLM-RoBERTa base) or 16 of 128 with 8 key/value heads, causal (Qwen3-0.6B). Reports ms, GFLOP/s of the useful work
+(XLM-RoBERTa base), 8 of 64 with 2 key/value heads, causal (the mid-size m0 of bench_m0_engine.py), or 16 of 128
+with 8 key/value heads, causal (Qwen3-0.6B). Reports ms, GFLOP/s of the useful work
 (4 x len^2 x head_dim a head, half that causal) and each kernel's largest difference from the loop in fp32.
 
     .venv/bin/python benchmarks/bench_cpu_attention.py [--repeats 10] [--json-out results.json]
@@ -24,7 +25,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_m0_engine import best_time, cpu_name, log  # noqa: E402
 
-SHAPES = {"v2 (12 x 64)": (12, 12, 64, False), "qwen3 causal (16/8 x 128)": (16, 8, 128, True)}
+SHAPES = {"v2 (12 x 64)": (12, 12, 64, False), "m0 mid causal (8/2 x 64)": (8, 2, 64, True),
+          "qwen3 causal (16/8 x 128)": (16, 8, 128, True)}
 
 
 def batches() -> dict[str, list[int]]:
@@ -45,7 +47,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.repeats < 1:
         ap.error("need --repeats >= 1")
 
+    from rerankd.models import cpu_attention
     from rerankd.models.layers import packing, varlen_attention
+
+    own = cpu_attention.unavailable()
+    if own is not None:
+        log(f"rerankd's avx512 kernel is left out: {own}")
 
     cpu = torch.device("cpu")
     rows = []
@@ -65,6 +72,9 @@ def main(argv: list[str] | None = None) -> int:
                     "loop": lambda: varlen_attention(q, k, v, loop, causal),
                     "flex": lambda: varlen_attention(q, k, v, flex, causal),
                 }
+                if dtype == torch.float32 and own is None:
+                    packed = packing(lens, cpu, "avx512")
+                    kinds["avx512"] = lambda: varlen_attention(q, k, v, packed, causal)
                 if dtype != torch.float32:
                     kinds["loop in fp32"] = lambda: varlen_attention(q.float(), k.float(), v.float(), loop,
                                                                      causal).to(dtype)  # fmt: skip

@@ -234,6 +234,11 @@ def main(argv: list[str] | None = None) -> int:
             ours_torch = Reranker.from_pretrained(ckpt, show_progress=False, cpu_gemm="torch",
                                                   max_batch_tokens=args.max_batch_tokens)  # fmt: skip
             engines["rerankd torch-gemm"] = lambda p: ours_torch.compute_score(p, max_length=MAX_LENGTH)
+        if ours.options.attention != "sdpa":
+            log(f"rerankd's attention runs on {ours.options.attention!r}; loading it with the SDPA loop as well")
+            ours_loop = Reranker.from_pretrained(ckpt, show_progress=False, attention="sdpa",
+                                                 max_batch_tokens=args.max_batch_tokens)  # fmt: skip
+            engines["rerankd sdpa-loop"] = lambda p: ours_loop.compute_score(p, max_length=MAX_LENGTH)
         for impl in ("eager", "sdpa"):
             log(f"loading the reference ({impl})")
             ref = ReferenceCrossEncoder(ckpt, attn_implementation=impl)
@@ -280,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     held = {name: d for name, d in diffs.items() if name not in ("rerankd int8", "rerankd bf16")}
     pps = {name: len(pairs) / t for name, t in best.items()}
-    ours_variants = ("rerankd", "rerankd int8", "rerankd bf16", "rerankd torch-gemm")
+    ours_variants = ("rerankd", "rerankd int8", "rerankd bf16", "rerankd torch-gemm", "rerankd sdpa-loop")
     speedup = {name: pps["rerankd"] / v for name, v in pps.items() if name not in ours_variants}
     int8_speedup = pps["rerankd int8"] / pps["rerankd"]
     max_diff = max(held.values())
@@ -312,6 +317,8 @@ def main(argv: list[str] | None = None) -> int:
         "max_batch_tokens": budget,
         "cpu_gemm": ours.options.cpu_gemm,
         "torch_gemm_pairs_per_second": pps.get("rerankd torch-gemm"),
+        "attention": ours.options.attention,
+        "sdpa_loop_pairs_per_second": pps.get("rerankd sdpa-loop"),
         "repeats": args.repeats,
         "best_seconds": best,
         "pairs_per_second": pps,
@@ -344,8 +351,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     for name in best:
         if name == "rerankd":
-            extra = f" (linear layers: {ours.options.cpu_gemm})"
-        elif name == "rerankd torch-gemm":
+            extra = f" (linear layers: {ours.options.cpu_gemm}, attention: {ours.options.attention})"
+        elif name in ("rerankd torch-gemm", "rerankd sdpa-loop"):
             extra = f", rerankd is {pps['rerankd'] / pps[name]:.2f}x this, max |diff| {diffs[name]:.2e}"
         elif name in ("rerankd int8", "rerankd bf16"):
             extra = (f", {pps[name] / pps['rerankd']:.2f}x fp32 rerankd, max |diff| vs fp32 {diffs[name]:.2e} "

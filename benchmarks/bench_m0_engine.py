@@ -9,7 +9,9 @@ and times, in one process on the same weights and pairs:
 * the reference: transformers' Qwen2VLForConditionalGeneration with left-padded batches of 8, attention "eager"
   (what the model card runs on CPU) and, unless --no-sdpa, "sdpa";
 * rerankd torch-gemm: when rerankd picked oneDNN for its fp32 linear layers (`cpu_gemm="auto"`), the same engine
-  with `cpu_gemm="torch"` (torch's default kernel, which the reference uses), to show what the kernel is worth.
+  with `cpu_gemm="torch"` (torch's default kernel, which the reference uses), to show what the kernel is worth;
+* rerankd sdpa-loop: when rerankd's attention is its own CPU kernel (`attention="auto"` took "avx512"), the same
+  engine with `attention="sdpa"` (one torch SDPA call per sequence), likewise.
 
 Each engine is warmed up on a few pairs, then the engines are timed in turn over the same pairs, --repeats rounds,
 and the best time of each is kept. Scores must agree within --tolerance (default 1e-4), else the exit code is 1.
@@ -198,6 +200,11 @@ def main(argv: list[str] | None = None) -> int:
             ours_torch = Reranker.from_pretrained(ckpt, show_progress=False, max_batch_tokens=args.max_batch_tokens,
                                                   cpu_gemm="torch")  # fmt: skip
             engines["rerankd torch-gemm"] = lambda p: ours_torch.compute_score(p, max_length=MAX_LENGTH)
+        log(f"rerankd's attention runs on {ours.options.attention!r} (attention='auto')")
+        if ours.options.attention != "sdpa":
+            ours_loop = Reranker.from_pretrained(ckpt, show_progress=False, max_batch_tokens=args.max_batch_tokens,
+                                                 attention="sdpa")  # fmt: skip
+            engines["rerankd sdpa-loop"] = lambda p: ours_loop.compute_score(p, max_length=MAX_LENGTH)
         impls = ["eager"] + ([] if args.no_sdpa else ["sdpa"])
         for impl in impls:
             log(f"loading the reference ({impl})")
@@ -251,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
         "pairs_per_second": pps,
         "speedup": ref_speedup,
         "speedup_vs_torch_gemm": speedup.get("rerankd torch-gemm"),
+        "attention": ours.options.attention,
+        "speedup_vs_sdpa_loop": speedup.get("rerankd sdpa-loop"),
         "max_abs_score_diff": diffs,
         "tolerance": args.tolerance,
         "scores_match": ok,
@@ -258,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print()
     for name in best:
-        extra = (f" (linear layers: {ours.options.cpu_gemm})" if name == "rerankd"
+        extra = (f" (linear layers: {ours.options.cpu_gemm}, attention: {ours.options.attention})" if name == "rerankd"
                  else f", rerankd is {speedup[name]:.2f}x faster, max |diff| {diffs[name]:.2e}")  # fmt: skip
         print(f"{name:>18}: {pps[name]:7.1f} pairs/s (best {best[name]:.3f}s of {args.repeats}){extra}")
     print()

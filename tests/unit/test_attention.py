@@ -1,5 +1,6 @@
 """The attention kernels (rerankd.models.layers): each one equals the per-sequence SDPA loop, the choice is made once
-and named, and torch's varlen call is built right for every version of its keywords."""
+and named, torch's varlen call is built right for every version of its keywords, and rerankd's own CPU kernel
+(models/cpu_attention.cpp) is built, loaded, exact and batch-invariant."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rerankd.models import layers
+from rerankd.models import cpu_attention, layers
 from rerankd.models.layers import attention_backend, packing, row_attention, varlen_attention
 
 from ..conftest import assert_close
@@ -111,17 +112,89 @@ def test_the_torch_varlen_call_for_each_torch_version(monkeypatch, keywords, sha
 
 
 def test_the_choice_is_made_once_and_explained():
-    assert attention_backend(CPU, torch.float32) == "sdpa"  # the fastest measured on CPUs
+    # float32 on the CPU: rerankd's own kernel where it runs (x86-64 with AVX-512 and a C++ compiler), else the loop
+    assert attention_backend(CPU, torch.float32) == ("sdpa" if cpu_attention.unavailable() else "avx512")
     assert attention_backend(CPU, torch.bfloat16) == "sdpa"
     with pytest.raises(ValueError, match="attention='flex' cannot run here: it is offered on CUDA only"):
         attention_backend(CPU, torch.float32, "flex")
     with pytest.raises(ValueError, match=r"attention='varlen' cannot run here: it runs on CUDA in float16/bfloat16 "
                                          r"only, and this model runs float32 on cpu; use 'auto' or 'sdpa'"):
         attention_backend(CPU, torch.float32, "varlen")
-    with pytest.raises(ValueError, match="attention must be one of auto, flash-attn, varlen, flex, sdpa; got 'fa3'"):
+    with pytest.raises(ValueError, match=r"attention='avx512' cannot run here: it runs float32 on the CPU only, and "
+                                         r"this model runs bfloat16 on cpu"):
+        attention_backend(CPU, torch.bfloat16, "avx512")
+    with pytest.raises(ValueError, match="attention must be one of auto, flash-attn, varlen, flex, avx512, sdpa; got "
+                                         "'fa3'"):
         attention_backend(CPU, torch.float32, "fa3")
 
 
+def test_without_the_cpu_kernel_auto_takes_the_loop_and_a_forced_one_says_why(monkeypatch):
+    monkeypatch.setattr(cpu_attention, "_library", lambda: "no C++ compiler was found to build it (set $CXX, ...)")
+    assert attention_backend(CPU, torch.float32) == "sdpa"
+    with pytest.raises(ValueError, match=r"attention='avx512' cannot run here: no C\+\+ compiler was found"):
+        attention_backend(CPU, torch.float32, "avx512")
+
+
+needs_avx512 = pytest.mark.skipif(cpu_attention.unavailable() is not None,
+                                  reason=f"rerankd's CPU kernel cannot run here: {cpu_attention.unavailable()}")
+CPU_LENGTHS = [7, 1, 33, 130, 16, 300, 64, 65]  # one token; one past a 64-row block; more than a 256-row unit
+CPU_SHAPES = {"v2": (12, 12, 64), "m0 text": (12, 2, 128), "m0 vision": (16, 16, 80), "gqa 16": (4, 2, 16),
+              "qwen3 tiny": (4, 2, 24), "one head": (1, 1, 8)}  # fmt: skip
+
+
+@needs_avx512
+@pytest.mark.parametrize("shape", CPU_SHAPES, ids=str)
+def test_the_avx512_kernel_equals_the_loop(shape):
+    heads, kv_heads, dim = CPU_SHAPES[shape]
+    g = torch.Generator().manual_seed(1)
+    tokens = sum(CPU_LENGTHS)
+    q = torch.randn(tokens, heads, dim, generator=g)
+    kv = torch.randn(tokens, 2, kv_heads, dim, generator=g)  # k, v as views of one tensor, as a fused projection
+    k, v = kv[:, 0], kv[:, 1]
+    cu = offsets(CPU_LENGTHS)
+    pack = packing(CPU_LENGTHS, CPU, "avx512")
+    for causal in (False, True):
+        assert_close(varlen_attention(q, k, v, pack, causal), loop_reference(q, k, v, cu, causal), 1e-5)
+    last = torch.tensor(cu[1:]) - 1
+    assert_close(row_attention(q[last], k, v, pack), loop_reference(q, k, v, cu, True)[last], 1e-5)
+
+
+@needs_avx512
+def test_the_avx512_kernel_leaves_long_sequences_to_torch(monkeypatch):
+    """Sequences longer than MAX_LEN go through torch's flash kernel in the same call, into the same output."""
+    monkeypatch.setattr(cpu_attention, "MAX_LEN", 32)
+    q, k, v = qkv(*SHAPES["gqa"])
+    cu = offsets(LENGTHS)
+    pack = packing(LENGTHS, CPU, "avx512")
+    assert pack.long == [(8, 41), (41, 171)] and pack.cpu_full.shape == (5, 3)
+    for causal in (False, True):
+        assert_close(varlen_attention(q, k, v, pack, causal), loop_reference(q, k, v, cu, causal), 1e-5)
+
+
+@needs_avx512
+def test_the_avx512_kernel_does_not_depend_on_the_batch():
+    """A sequence's attention is the same, bit for bit, alone or packed with others, at any place in the batch."""
+    q, k, v = qkv(*CPU_SHAPES["m0 text"][:2], 128)
+    cu = offsets(LENGTHS)
+    together = varlen_attention(q, k, v, packing(LENGTHS, CPU, "avx512"), causal=True)
+    for i, (a, b) in enumerate(zip(cu[:-1], cu[1:])):
+        alone = varlen_attention(q[a:b], k[a:b], v[a:b], packing([b - a], CPU, "avx512"), causal=True)
+        assert torch.equal(alone, together[a:b]), f"sequence {i} changed with its batch"
+
+
+def test_the_avx512_kernel_is_built_into_the_user_cache(monkeypatch, tmp_path):
+    if cpu_attention.unavailable() is not None and "compiler" not in cpu_attention.unavailable():
+        pytest.skip(f"rerankd's CPU kernel cannot run here: {cpu_attention.unavailable()}")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    cpu_attention._library.cache_clear()
+    try:
+        assert cpu_attention.unavailable() is None
+        assert [p.name.startswith("cpu_attention-") for p in (tmp_path / "rerankd" / "kernels").iterdir()] == [True]
+        monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+        cpu_attention._library.cache_clear()
+        assert "does not run" in cpu_attention.unavailable()
+    finally:
+        cpu_attention._library.cache_clear()
 
 
 @pytest.fixture

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import between_layers
-from .layers import Packing, RMSNorm, apply_rotary, row_attention, rowwise, to_device, varlen_attention
+from .layers import (Packing, RMSNorm, apply_rotary, rotary_cos_sin, row_attention, rowwise, to_device,
+                     varlen_attention)
 
 
 @dataclass(frozen=True)
@@ -84,9 +85,7 @@ class TextConfig:
 
 def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain RoPE: positions [tokens] -> cos, sin [tokens, head_dim] (fp32)."""
-    freqs = positions.float()[:, None] * inv_freq  # [tokens, head_dim / 2]
-    emb = torch.cat([freqs, freqs], dim=-1)  # [tokens, head_dim]
-    return emb.cos(), emb.sin()
+    return rotary_cos_sin(positions.float()[:, None] * inv_freq)  # angles [tokens, head_dim / 2]
 
 
 def mrope_cos_sin(
@@ -94,14 +93,12 @@ def mrope_cos_sin(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """M-RoPE: positions [3, tokens] (t, h, w) -> cos, sin [tokens, head_dim].
 
-    Frequency band i of the head takes its angle from axis i % 3, with bands of sizes `section` (twice over,
-    since the two halves of the head share frequencies).
+    Frequency band i of the head takes its angle from axis i % 3, with bands of sizes `section` (the two halves of
+    the head share frequencies).
     """
     freqs = positions.float()[..., None] * inv_freq  # [3, tokens, head_dim / 2]
-    emb = torch.cat([freqs, freqs], dim=-1)  # [3, tokens, head_dim]
-    chunks = emb.split(list(section) * 2, dim=-1)
-    emb = torch.cat([c[i % 3] for i, c in enumerate(chunks)], dim=-1)  # [tokens, head_dim]
-    return emb.cos(), emb.sin()
+    chunks = freqs.split(list(section), dim=-1)
+    return rotary_cos_sin(torch.cat([c[i % 3] for i, c in enumerate(chunks)], dim=-1))  # [tokens, head_dim / 2]
 
 
 class Attention(nn.Module):

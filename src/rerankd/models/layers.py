@@ -5,7 +5,8 @@ Attention is always variable-length over packed sequences: tokens of all sequenc
 [tokens, heads, head_dim] tensor and `cu_seqlens` ([n + 1], int32) marks where each starts. No padding token
 ever reaches a matmul. The kernel is chosen once per (device, dtype) (attention_backend): on CUDA in fp16/bf16
 flash-attn's varlen kernel when the package is installed, else torch's own varlen flash attention, else
-FlexAttention with a document mask; otherwise PyTorch SDPA called once per sequence. A forward's `Packing` holds
+FlexAttention with a document mask; on the CPU in fp32 rerankd's own packed kernel (cpu_attention, AVX-512);
+otherwise PyTorch SDPA called once per sequence. A forward's `Packing` holds
 the offsets and what the kernel needs on the device, made once before the layers.
 """
 
@@ -21,9 +22,12 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from . import cpu_attention
 
 log = logging.getLogger("rerankd")
 
@@ -68,12 +72,27 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+def rotary_cos_sin(freqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [..., 2 x n] (fp32) of the rotary angles `freqs` [..., n] (fp32, each frequency once; the two halves
+    of a head share them), computed in float64 and rounded: on the CPU by numpy, single-threaded. torch's fp32 cos
+    on the CPU was seen to return errors of 1.5e-4 for one OpenMP thread's share of a call (torch 2.13, the first
+    forward in a new worker thread, now and then), which moved a tiny jina-reranker-v3's scores by 4e-5 between two
+    runs of the same request. Rounded float64 values are the fp32 cos/sin of the same fp32 angles that the
+    references compute, to the last bit or one ulp off their own fp32 results."""
+    if freqs.device.type == "cpu":
+        angles = freqs.double().numpy()
+        cos, sin = torch.from_numpy(np.cos(angles)).float(), torch.from_numpy(np.sin(angles)).float()
+    else:
+        cos, sin = freqs.double().cos().float(), freqs.double().sin().float()
+    return torch.cat([cos, cos], dim=-1), torch.cat([sin, sin], dim=-1)
+
+
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x: [tokens, heads, head_dim]; cos, sin: [tokens, head_dim] (broadcast over heads)."""
     return x * cos[:, None, :] + rotate_half(x) * sin[:, None, :]
 
 
-ATTENTION_KERNELS = ("auto", "flash-attn", "varlen", "flex", "sdpa")
+ATTENTION_KERNELS = ("auto", "flash-attn", "varlen", "flex", "avx512", "sdpa")
 HALF = (torch.float16, torch.bfloat16)
 
 
@@ -117,6 +136,10 @@ def _unavailable(kernel: str, device: torch.device, dtype: torch.dtype) -> str |
             return "the flash-attn package is not installed (pip install flash-attn)"
         if kernel == "varlen" and _torch_varlen() is None:
             return f"torch {torch.__version__} has no torch.nn.attention.varlen (torch >= 2.10 has)"
+    if kernel == "avx512":
+        if device.type != "cpu" or dtype != torch.float32:
+            return f"it runs float32 on the CPU only, and this model runs {str(dtype).removeprefix('torch.')} on {device.type}"
+        return cpu_attention.unavailable()
     if kernel == "flex":
         if device.type != "cuda":
             return ("it is offered on CUDA only: on the CPU it was 1.2-4x slower than the SDPA loop "
@@ -129,10 +152,11 @@ def _unavailable(kernel: str, device: torch.device, dtype: torch.dtype) -> str |
 def attention_backend(device: torch.device, dtype: torch.dtype, requested: str = "auto") -> str:
     """The attention kernel of a model on (device, dtype), chosen once at load: the one `requested`, or for 'auto':
     on CUDA in fp16/bf16 flash-attn's varlen kernel when the package is installed, else torch's own varlen flash
-    attention, else FlexAttention with a document mask; everywhere else (the CPU, fp32 on CUDA) PyTorch SDPA
-    called once per sequence. On the CPU that loop is the fastest measured (FlexAttention over the packed batch
-    was 1.2-4x slower, benchmarks/bench_cpu_attention.py); fp32 on CUDA is the parity mode, which the flash kernels
-    do not run.
+    attention, else FlexAttention with a document mask; on the CPU in fp32 rerankd's own packed kernel ('avx512',
+    where it builds); everywhere else (bf16 on the CPU, fp32 on CUDA) PyTorch SDPA called once per sequence.
+    FlexAttention over the packed batch was 1.2-4x slower than that loop on the CPU, rerankd's kernel 1.5-3x faster
+    on short sequences (benchmarks/bench_cpu_attention.py); fp32 on CUDA is the parity mode, which the flash
+    kernels do not run.
 
     Every kernel but the loop is first run on a test batch and compared with the loop (`_disagrees`): one that
     fails or differs beyond the dtype's rounding is passed over with a warning ('auto') or refused (requested)."""
@@ -155,6 +179,8 @@ def attention_backend(device: torch.device, dtype: torch.dtype, requested: str =
 
 def _candidates(device: torch.device, dtype: torch.dtype) -> tuple[str, ...]:
     """The kernels 'auto' tries before the SDPA loop, best first."""
+    if device.type == "cpu" and dtype == torch.float32:
+        return ("avx512",)
     return ("flash-attn", "varlen", "flex") if device.type == "cuda" and dtype in HALF else ()
 
 
@@ -218,6 +244,9 @@ class Packing:
     one_each: torch.Tensor | None = None  # int32 0..n on the device: one query row per sequence (row_attention)
     doc: torch.Tensor | None = None  # [tokens] sequence index of each token (FlexAttention)
     masks: dict = field(default_factory=dict)  # FlexAttention block masks by kind, built at first use
+    cpu_full: torch.Tensor | None = None  # the avx512 kernel's spans: sequences up to its MAX_LEN, whole
+    cpu_rows: torch.Tensor | None = None  # ... and one query row per sequence (row_attention)
+    long: list = field(default_factory=list)  # (start, end) of the sequences the avx512 kernel leaves to SDPA
 
     @property
     def n(self) -> int:
@@ -236,6 +265,13 @@ def packing(lengths: Iterable[int], device: torch.device, kernel: str) -> Packin
         pack.one_each = to_device(torch.arange(pack.n + 1, dtype=torch.int32), device)
     elif kernel == "flex":
         pack.doc = to_device(torch.repeat_interleave(torch.arange(pack.n), torch.tensor(lengths)), device)
+    elif kernel == "avx512":
+        short = [(start, end - start) for start, end in pack.spans() if end - start <= cpu_attention.MAX_LEN]
+        starts, counts = [start for start, _ in short], [count for _, count in short]
+        pack.cpu_full = cpu_attention.spans_tensor(starts, counts, starts, counts, [0] * len(short))
+        pack.cpu_rows = cpu_attention.spans_tensor(pack.offsets[:-1], lengths, range(pack.n), [1] * pack.n,
+                                                   [0] * pack.n)  # fmt: skip
+        pack.long = [(start, end) for start, end in pack.spans() if end - start > cpu_attention.MAX_LEN]
     return pack
 
 
@@ -293,9 +329,16 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pack: Pa
         return _torch_varlen_attention(q, k, v, pack.cu, pack.cu, pack.max_len, pack.max_len, causal)
     if pack.kernel == "flex":
         return _flex_attention(q, k, v, pack, "causal" if causal else "full")
+    if pack.kernel == "avx512":
+        out = cpu_attention.attention(q, k, v, pack.cpu_full, causal)
+        return _sdpa_loop(q, k, v, pack.long, causal, out)
+    return _sdpa_loop(q, k, v, pack.spans(), causal, torch.empty_like(q))
+
+
+def _sdpa_loop(q, k, v, spans, causal: bool, out: torch.Tensor) -> torch.Tensor:
+    """PyTorch SDPA called once per sequence (start, end) of `spans`, into those rows of `out`."""
     gqa = k.shape[1] != q.shape[1]
-    out = torch.empty_like(q)
-    for start, end in pack.spans():
+    for start, end in spans:
         qs = q[start:end].transpose(0, 1).unsqueeze(0)  # [1, heads, len, head_dim]
         ks = k[start:end].transpose(0, 1).unsqueeze(0)  # [1, kv_heads, len, head_dim]
         vs = v[start:end].transpose(0, 1).unsqueeze(0)
@@ -323,6 +366,8 @@ def row_attention(
         return _flash_attn_varlen()(q, k, v, pack.one_each, pack.cu, 1, pack.max_len, causal=False)
     if rows is None and pack.kernel == "varlen":
         return _torch_varlen_attention(q, k, v, pack.one_each, pack.cu, 1, pack.max_len, causal=False)
+    if rows is None and pack.kernel == "avx512":
+        return cpu_attention.attention(q, k, v, pack.cpu_rows, causal=False)
     gqa = k.shape[1] != q.shape[1]
     outs = []
     r = 0

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import between_layers
-from .layers import Packing, apply_rotary, onednn_linear, packing, to_device, varlen_attention
+from .layers import Packing, apply_rotary, onednn_linear, packing, rotary_cos_sin, to_device, varlen_attention
 
 
 @dataclass(frozen=True)
@@ -150,9 +150,7 @@ class VisionTransformer(nn.Module):
             pos.append(torch.stack([rows, cols], dim=-1).repeat(t, 1))
         pos = to_device(torch.cat(pos), self.inv_freq.device)  # [patches, 2]
         freqs = pos.float()[..., None] * self.inv_freq  # [patches, 2, rot_dim / 2]
-        freqs = freqs.flatten(1)
-        emb = torch.cat([freqs, freqs], dim=-1)  # [patches, head_dim]
-        return emb.cos(), emb.sin()
+        return rotary_cos_sin(freqs.flatten(1))  # angles [patches, head_dim / 2]
 
     def forward(self, patches: torch.Tensor, grids: list[tuple[int, int, int]], kernel: str) -> torch.Tensor:
         """patches: [all patches of all images, 1176]; kernel: the attention kernel (layers.attention_backend).

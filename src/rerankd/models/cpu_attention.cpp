@@ -1,0 +1,315 @@
+// rerankd's packed attention for x86 CPUs with AVX-512, fp32: softmax(q k^T * scale) v within each packed sequence,
+// for all sequences and heads of a batch in one call (built and loaded by cpu_attention.py).
+//
+// Why: torch's CPU flash kernel, called once per sequence, runs short sequences (tens to hundreds of tokens, what
+// rerankers see) at a third to a half of the matmul rate, on tiny per-block products. Here one OpenMP region walks
+// work units of (sequence, key/value head, up to UNIT_ROWS query rows), longest first, each taken by the next free
+// thread. A unit copies its keys (transposed, [head_dim, keys]) and values ([keys, head_dim]) into thread-local
+// buffers that stay in cache, then, for every query head of the group and block of QB query rows: the scores
+// [rows, keys] with register-blocked FMAs, an exact softmax (max, exp, sum; 1/sum applied to the output), and the
+// weighted sum of the values. Nothing depends on the other sequences of the batch: a sequence's result is the same
+// bit for bit whatever it is batched with.
+//
+// Layouts (fp32, row-major): q [q_rows, Hq, D] with row stride q_stride; k, v [tokens, Hk, D] with row strides
+// k_stride, v_stride; out [q_rows, Hq, D] contiguous. Sequence s: keys k[key_start[s] .. + key_len[s]), query rows
+// q[q_start[s] .. + q_len[s]) at positions q_pos[s] .. of the sequence (causal: row at position p sees keys 0..p).
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <algorithm>
+#include <vector>
+
+namespace {
+
+constexpr int QB = 64;               // query rows per block (the scores of a block stay in L2)
+constexpr int64_t UNIT_ROWS = 256;   // query rows per work unit (one copy of its keys and values)
+constexpr int SMR = 6;               // query rows per register block of the scores: 6 x 32 keys = 12 accumulators
+
+struct Args {
+  const float *q, *k, *v;
+  float* out;
+  int64_t q_stride, k_stride, v_stride, Hq, Hk, D;
+  float scale;
+  int causal;
+};
+
+inline __mmask16 first_n(int64_t n) { return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n > 0 ? n : 0)) - 1); }
+
+// exp(x) for x <= 0 (scores minus their row's max): Cephes' expf polynomial after range reduction (about 1 ulp)
+inline __m512 exp512(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-88.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+// r[i] = row i of a 16 x 16 tile, turned into r[i] = column i (t: scratch)
+inline void transpose16(__m512* r, __m512* t) {
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    r[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0x88);
+    t[i + 4] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0xdd);
+    t[i + 8] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0x88);
+    t[i + 12] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0xdd);
+  }
+  for (int i = 0; i < 8; ++i) {
+    r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xdd);
+  }
+}
+
+// keys [0, nk) of one sequence and kv head into kt ([D, ldk], transposed) and vt ([nk, D])
+void pack_kv(const Args& a, int64_t key_start, int64_t nk, int64_t hk, float* kt, int64_t ldk, float* vt) {
+  const int64_t D = a.D;
+  for (int64_t t0 = 0; t0 < nk; t0 += 16) {
+    const int64_t tn = std::min<int64_t>(16, nk - t0);
+    for (int64_t t = 0; t < tn; ++t)
+      memcpy(vt + (t0 + t) * D, a.v + (key_start + t0 + t) * a.v_stride + hk * D, sizeof(float) * D);
+    const __mmask16 keys = first_n(tn);
+    for (int64_t d0 = 0; d0 < D; d0 += 16) {
+      const __mmask16 dims = first_n(D - d0);
+      __m512 r[16], t[16];
+      for (int i = 0; i < 16; ++i)
+        r[i] = i < tn ? _mm512_maskz_loadu_ps(dims, a.k + (key_start + t0 + i) * a.k_stride + hk * D + d0)
+                      : _mm512_setzero_ps();
+      transpose16(r, t);
+      for (int64_t d = 0; d < std::min<int64_t>(16, D - d0); ++d)
+        _mm512_mask_storeu_ps(kt + (d0 + d) * ldk + t0, keys, r[d]);
+    }
+  }
+}
+
+// S[MR rows][keys j .. j + 16 NK) = scale * q . k, the accumulators in registers
+template <int MR, int NK>
+inline void score_block(const float* qrow, int64_t qs, int64_t D, const float* kt, int64_t ldk, int64_t j,
+                        __mmask16 last, float* srow, int64_t ld, __m512 scale) {
+  __m512 acc[MR][NK];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 2
+    for (int c = 0; c < NK; ++c) acc[r][c] = _mm512_setzero_ps();
+  for (int64_t d = 0; d < D; ++d) {
+    __m512 kv[NK];
+#pragma GCC unroll 2
+    for (int c = 0; c < NK; ++c)
+      kv[c] = _mm512_maskz_loadu_ps(c == NK - 1 ? last : (__mmask16)0xFFFF, kt + d * ldk + j + 16 * c);
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      const __m512 qv = _mm512_set1_ps(qrow[r * qs + d]);
+#pragma GCC unroll 2
+      for (int c = 0; c < NK; ++c) acc[r][c] = _mm512_fmadd_ps(qv, kv[c], acc[r][c]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 2
+    for (int c = 0; c < NK; ++c) _mm512_storeu_ps(srow + r * ld + j + 16 * c, _mm512_mul_ps(acc[r][c], scale));
+}
+
+template <int NK>
+inline void score_rows(int mr, const float* qrow, int64_t qs, int64_t D, const float* kt, int64_t ldk, int64_t j,
+                       __mmask16 last, float* srow, int64_t ld, __m512 scale) {
+  switch (mr) {
+    case 6: score_block<6, NK>(qrow, qs, D, kt, ldk, j, last, srow, ld, scale); break;
+    case 5: score_block<5, NK>(qrow, qs, D, kt, ldk, j, last, srow, ld, scale); break;
+    case 4: score_block<4, NK>(qrow, qs, D, kt, ldk, j, last, srow, ld, scale); break;
+    case 3: score_block<3, NK>(qrow, qs, D, kt, ldk, j, last, srow, ld, scale); break;
+    case 2: score_block<2, NK>(qrow, qs, D, kt, ldk, j, last, srow, ld, scale); break;
+    default: score_block<1, NK>(qrow, qs, D, kt, ldk, j, last, srow, ld, scale); break;
+  }
+}
+
+// scores of query rows [r0, r1) (positions pos0 + r) against keys [0, nk)
+void scores(const Args& a, const float* q, int64_t h, const float* kt, int64_t ldk, int64_t r0, int64_t r1,
+            int64_t pos0, int64_t nk, float* S, int64_t ld) {
+  const int64_t qs = a.q_stride;
+  const __m512 scale = _mm512_set1_ps(a.scale);
+  for (int64_t j = 0; j < nk; j += 32) {
+    int64_t rb = r0;
+    if (a.causal && pos0 + r0 < j)  // rows at positions before key j see none of these keys
+      rb = r0 + (std::min(j - pos0, r1) - r0) / SMR * SMR;
+    const bool two = nk - j > 16;
+    const __mmask16 last = first_n(two ? nk - j - 16 : nk - j);
+    for (; rb < r1; rb += SMR) {
+      const int mr = (int)std::min<int64_t>(SMR, r1 - rb);
+      const float* qrow = q + rb * qs + h * a.D;
+      float* srow = S + (rb - r0) * ld;
+      if (two)
+        score_rows<2>(mr, qrow, qs, a.D, kt, ldk, j, last, srow, ld, scale);
+      else
+        score_rows<1>(mr, qrow, qs, a.D, kt, ldk, j, last, srow, ld, scale);
+    }
+  }
+}
+
+// each row's softmax numerators in place, over the keys it sees; zeros up to the block's key count rounded to 32
+// (what the weighted sum reads); inv[i] = 1 / the row's sum
+void softmax_rows(const Args& a, float* S, int64_t ld, int64_t rows, int64_t pos, int64_t nk, float* inv) {
+  const int64_t padded = (nk + 31) / 32 * 32;
+  for (int64_t i = 0; i < rows; ++i) {
+    float* s = S + i * ld;
+    const int64_t n = a.causal ? std::min(pos + i + 1, nk) : nk;
+    __m512 mx = _mm512_set1_ps(-INFINITY);
+    for (int64_t j = 0; j < n; j += 16) mx = _mm512_mask_max_ps(mx, first_n(n - j), mx, _mm512_loadu_ps(s + j));
+    const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t j = 0; j < padded; j += 16) {
+      const __m512 e = _mm512_maskz_mov_ps(first_n(n - j), exp512(_mm512_sub_ps(_mm512_loadu_ps(s + j), m)));
+      sum = _mm512_add_ps(sum, e);
+      _mm512_storeu_ps(s + j, e);
+    }
+    inv[i] = 1.0f / _mm512_reduce_add_ps(sum);
+  }
+}
+
+// out[MR rows][columns c0 .. c0 + 16 NC) = (P . V) * inv over keys [0, jn)
+template <int MR, int NC>
+inline void weigh_block(const float* srow, int64_t ld, const float* vt, int64_t D, int64_t jn, int64_t c0,
+                        __mmask16 last, float* orow, int64_t os, const float* inv) {
+  __m512 acc[MR][NC];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int c = 0; c < NC; ++c) acc[r][c] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < jn; ++j) {
+    __m512 vv[NC];
+#pragma GCC unroll 4
+    for (int c = 0; c < NC; ++c)
+      vv[c] = _mm512_maskz_loadu_ps(c == NC - 1 ? last : (__mmask16)0xFFFF, vt + j * D + c0 + 16 * c);
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      const __m512 p = _mm512_set1_ps(srow[r * ld + j]);
+#pragma GCC unroll 4
+      for (int c = 0; c < NC; ++c) acc[r][c] = _mm512_fmadd_ps(p, vv[c], acc[r][c]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+    const __m512 iv = _mm512_set1_ps(inv[r]);
+#pragma GCC unroll 4
+    for (int c = 0; c < NC; ++c)
+      _mm512_mask_storeu_ps(orow + r * os + c0 + 16 * c, c == NC - 1 ? last : (__mmask16)0xFFFF,
+                            _mm512_mul_ps(acc[r][c], iv));
+  }
+}
+
+template <int NC>
+inline void weigh_rows(int mr, const float* srow, int64_t ld, const float* vt, int64_t D, int64_t jn, int64_t c0,
+                       __mmask16 last, float* orow, int64_t os, const float* inv) {
+  switch (mr) {
+    case 6: weigh_block<6, NC>(srow, ld, vt, D, jn, c0, last, orow, os, inv); break;
+    case 5: weigh_block<5, NC>(srow, ld, vt, D, jn, c0, last, orow, os, inv); break;
+    case 4: weigh_block<4, NC>(srow, ld, vt, D, jn, c0, last, orow, os, inv); break;
+    case 3: weigh_block<3, NC>(srow, ld, vt, D, jn, c0, last, orow, os, inv); break;
+    case 2: weigh_block<2, NC>(srow, ld, vt, D, jn, c0, last, orow, os, inv); break;
+    default: weigh_block<1, NC>(srow, ld, vt, D, jn, c0, last, orow, os, inv); break;
+  }
+}
+
+// output rows [r0, r1) of query head h, in panels of up to 64 columns (4 registers x 6 rows = 24 accumulators)
+void weighted(const Args& a, float* out, int64_t h, const float* vt, int64_t r0, int64_t r1, int64_t pos0, int64_t nk,
+              const float* S, int64_t ld, const float* inv) {
+  constexpr int MR = 6;
+  const int64_t D = a.D, os = a.Hq * D;
+  for (int64_t rb = r0; rb < r1; rb += MR) {
+    const int mr = (int)std::min<int64_t>(MR, r1 - rb);
+    const int64_t jn = a.causal ? std::min(pos0 + rb + mr, nk) : nk;
+    const float* srow = S + (rb - r0) * ld;
+    float* orow = out + rb * os + h * D;
+    for (int64_t c0 = 0; c0 < D; c0 += 64) {
+      const int64_t cols = std::min<int64_t>(64, D - c0);
+      const __mmask16 last = first_n(cols - (cols - 1) / 16 * 16);
+      switch ((cols + 15) / 16) {
+        case 4: weigh_rows<4>(mr, srow, ld, vt, D, jn, c0, last, orow, os, inv + (rb - r0)); break;
+        case 3: weigh_rows<3>(mr, srow, ld, vt, D, jn, c0, last, orow, os, inv + (rb - r0)); break;
+        case 2: weigh_rows<2>(mr, srow, ld, vt, D, jn, c0, last, orow, os, inv + (rb - r0)); break;
+        default: weigh_rows<1>(mr, srow, ld, vt, D, jn, c0, last, orow, os, inv + (rb - r0)); break;
+      }
+    }
+  }
+}
+
+}  // namespace
+
+extern "C" int rerankd_attention_version() { return 1; }
+
+extern "C" int rerankd_attention(const float* q, const float* k, const float* v, float* out, int64_t q_stride,
+                                 int64_t k_stride, int64_t v_stride, int64_t Hq, int64_t Hk, int64_t D,
+                                 const int64_t* key_start, const int64_t* key_len, const int64_t* q_start,
+                                 const int64_t* q_len, const int64_t* q_pos, int64_t n, float scale, int causal,
+                                 int threads) {
+  if (Hk <= 0 || Hq % Hk != 0 || D <= 0 || threads <= 0) return 1;
+  const Args a{q, k, v, out, q_stride, k_stride, v_stride, Hq, Hk, D, scale, causal};
+  struct Unit {
+    int64_t s, hk, r0, r1;
+    double cost;
+  };
+  std::vector<Unit> units;
+  int64_t most_keys = 0;
+  for (int64_t s = 0; s < n; ++s) {
+    if (q_len[s] <= 0 || key_len[s] <= 0) continue;
+    if (causal && q_pos[s] + q_len[s] > key_len[s]) return 2;  // a query row without its key
+    most_keys = std::max(most_keys, key_len[s]);
+    for (int64_t hk = 0; hk < Hk; ++hk)
+      for (int64_t r0 = 0; r0 < q_len[s]; r0 += UNIT_ROWS) {
+        const int64_t r1 = std::min(r0 + UNIT_ROWS, q_len[s]);
+        const double keys = causal ? q_pos[s] + 0.5 * (r0 + r1) : (double)key_len[s];
+        units.push_back({s, hk, r0, r1, (double)(r1 - r0) * keys});
+      }
+  }
+  std::stable_sort(units.begin(), units.end(), [](const Unit& x, const Unit& y) { return x.cost > y.cost; });
+  const int64_t count = (int64_t)units.size(), group = Hq / Hk;
+  const int64_t ld = (most_keys + 31) / 32 * 32, ldk = ld + 16;  // + 16: rows of kt not 4 KiB apart
+  int64_t next = 0;
+  int failed = 0;
+#pragma omp parallel num_threads(threads)
+  {
+    float* buf = (float*)aligned_alloc(64, sizeof(float) * ((QB * ld + QB + 16 + D * ldk + ld * D + 15) / 16 * 16));
+    if (buf == nullptr) {
+      __atomic_store_n(&failed, 3, __ATOMIC_RELAXED);
+    } else {
+      float *S = buf, *inv = S + QB * ld, *kt = inv + QB + 16, *vt = kt + D * ldk;
+      for (;;) {
+        const int64_t i = __atomic_fetch_add(&next, 1, __ATOMIC_RELAXED);
+        if (i >= count) break;
+        const Unit& u = units[i];
+        const int64_t pos0 = causal ? q_pos[u.s] : 0;
+        const int64_t keys = causal ? pos0 + u.r1 : key_len[u.s];
+        pack_kv(a, key_start[u.s], keys, u.hk, kt, ldk, vt);
+        const float* qs = q + q_start[u.s] * q_stride;
+        float* os = out + q_start[u.s] * Hq * D;
+        for (int64_t h = u.hk * group; h < (u.hk + 1) * group; ++h)
+          for (int64_t r0 = u.r0; r0 < u.r1; r0 += QB) {
+            const int64_t r1 = std::min<int64_t>(r0 + QB, u.r1);
+            const int64_t nk = causal ? pos0 + r1 : keys;
+            scores(a, qs, h, kt, ldk, r0, r1, pos0, nk, S, ld);
+            softmax_rows(a, S, ld, r1 - r0, pos0 + r0, nk, inv);
+            weighted(a, os, h, vt, r0, r1, pos0, nk, S, ld, inv);
+          }
+      }
+      free(buf);
+    }
+  }
+  return failed;
+}
