@@ -267,7 +267,8 @@ def main(argv: list[str] | None = None) -> int:
 
     print()
     for name in best:
-        extra = (f" (linear layers: {ours.options.cpu_gemm}, attention: {ours.options.attention})" if name == "rerankd"
+        kernels = f"linear layers: {ours.options.cpu_gemm}, attention: {ours.options.attention}"
+        extra = (f" ({kernels})" if name == "rerankd"
                  else f", rerankd is {speedup[name]:.2f}x faster, max |diff| {diffs[name]:.2e}")  # fmt: skip
         print(f"{name:>18}: {pps[name]:7.1f} pairs/s (best {best[name]:.3f}s of {args.repeats}){extra}")
     print()

@@ -138,7 +138,8 @@ def _unavailable(kernel: str, device: torch.device, dtype: torch.dtype) -> str |
             return f"torch {torch.__version__} has no torch.nn.attention.varlen (torch >= 2.10 has)"
     if kernel == "avx512":
         if device.type != "cpu" or dtype != torch.float32:
-            return f"it runs float32 on the CPU only, and this model runs {str(dtype).removeprefix('torch.')} on {device.type}"
+            runs = f"{str(dtype).removeprefix('torch.')} on {device.type}"
+            return f"it runs float32 on the CPU only, and this model runs {runs}"
         return cpu_attention.unavailable()
     if kernel == "flex":
         if device.type != "cuda":
@@ -355,8 +356,9 @@ def row_attention(
 
     k, v: [tokens, kv_heads, head_dim]. rows None: q is [n, heads, head_dim], ONE query per sequence that sees
     every key of its sequence, with no mask (a causal decoder's last token, a bidirectional encoder's [CLS]): one
-    kernel call on the varlen kernels, one SDPA call per sequence on the others (inductor's CPU template for
-    FlexAttention failed to compile a mask of one query row per sequence, torch 2.13).
+    kernel call on the varlen kernels and on avx512 (sequences of any length there), one SDPA call per sequence on
+    the others (inductor's CPU template for FlexAttention failed to compile a mask of one query row per sequence,
+    torch 2.13).
     rows: the token indices (into the packed tokens, ascending) whose queries q holds, [len(rows), heads,
     head_dim]; causal: each sees the keys of its own sequence up to itself (jina-reranker-v3's special tokens), one
     SDPA call per sequence on every kernel (flash kernels align a causal mask to the sequence's end, not to
