@@ -100,43 +100,50 @@ void pack_kv(const Args& a, int64_t key_start, int64_t nk, int64_t hk, float* kt
   }
 }
 
-// S[MR rows][keys j .. j + 16 NK) = scale * q . k, the accumulators in registers
-template <int MR, int NK>
-inline void score_block(const float* qrow, int64_t qs, int64_t D, const float* kt, int64_t ldk, int64_t j,
-                        __mmask16 last, float* srow, int64_t ld, __m512 scale) {
-  __m512 acc[MR][NK];
+// The one register-blocked product of the kernel, for the scores and for the weighted values alike:
+// out[r][16 c + i] = scale[r * scale_step] * sum_k a[r * lda + k] * b[k * ldb + 16 c + i], r < MR, c < NC (the
+// last 16 columns masked by `last`): MR x NC accumulators in registers, a broadcast of `a` times NC loads of `b`.
+template <int MR, int NC>
+inline void micro_gemm(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t K, __mmask16 last,
+                       float* out, int64_t ldo, const float* scale, int scale_step) {
+  __m512 acc[MR][NC];
 #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 2
-    for (int c = 0; c < NK; ++c) acc[r][c] = _mm512_setzero_ps();
-  for (int64_t d = 0; d < D; ++d) {
-    __m512 kv[NK];
-#pragma GCC unroll 2
-    for (int c = 0; c < NK; ++c)
-      kv[c] = _mm512_maskz_loadu_ps(c == NK - 1 ? last : (__mmask16)0xFFFF, kt + d * ldk + j + 16 * c);
+#pragma GCC unroll 4
+    for (int c = 0; c < NC; ++c) acc[r][c] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    __m512 bv[NC];
+#pragma GCC unroll 4
+    for (int c = 0; c < NC; ++c)
+      bv[c] = _mm512_maskz_loadu_ps(c == NC - 1 ? last : (__mmask16)0xFFFF, b + k * ldb + 16 * c);
 #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) {
-      const __m512 qv = _mm512_set1_ps(qrow[r * qs + d]);
-#pragma GCC unroll 2
-      for (int c = 0; c < NK; ++c) acc[r][c] = _mm512_fmadd_ps(qv, kv[c], acc[r][c]);
+      const __m512 av = _mm512_set1_ps(a[r * lda + k]);
+#pragma GCC unroll 4
+      for (int c = 0; c < NC; ++c) acc[r][c] = _mm512_fmadd_ps(av, bv[c], acc[r][c]);
     }
   }
 #pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 2
-    for (int c = 0; c < NK; ++c) _mm512_storeu_ps(srow + r * ld + j + 16 * c, _mm512_mul_ps(acc[r][c], scale));
+  for (int r = 0; r < MR; ++r) {
+    const __m512 sv = _mm512_set1_ps(scale[r * scale_step]);
+#pragma GCC unroll 4
+    for (int c = 0; c < NC; ++c)
+      _mm512_mask_storeu_ps(out + r * ldo + 16 * c, c == NC - 1 ? last : (__mmask16)0xFFFF,
+                            _mm512_mul_ps(acc[r][c], sv));
+  }
 }
 
-template <int NK>
-inline void score_rows(int mr, const float* qrow, int64_t qs, int64_t D, const float* kt, int64_t ldk, int64_t j,
-                       __mmask16 last, float* srow, int64_t ld, __m512 scale) {
+// micro_gemm for `mr` (1..6) rows
+template <int NC>
+inline void micro_rows(int mr, const float* a, int64_t lda, const float* b, int64_t ldb, int64_t K, __mmask16 last,
+                       float* out, int64_t ldo, const float* scale, int scale_step) {
   switch (mr) {
-    case 6: score_block<6, NK>(qrow, qs, D, kt, ldk, j, last, srow, ld, scale); break;
-    case 5: score_block<5, NK>(qrow, qs, D, kt, ldk, j, last, srow, ld, scale); break;
-    case 4: score_block<4, NK>(qrow, qs, D, kt, ldk, j, last, srow, ld, scale); break;
-    case 3: score_block<3, NK>(qrow, qs, D, kt, ldk, j, last, srow, ld, scale); break;
-    case 2: score_block<2, NK>(qrow, qs, D, kt, ldk, j, last, srow, ld, scale); break;
-    default: score_block<1, NK>(qrow, qs, D, kt, ldk, j, last, srow, ld, scale); break;
+    case 6: micro_gemm<6, NC>(a, lda, b, ldb, K, last, out, ldo, scale, scale_step); break;
+    case 5: micro_gemm<5, NC>(a, lda, b, ldb, K, last, out, ldo, scale, scale_step); break;
+    case 4: micro_gemm<4, NC>(a, lda, b, ldb, K, last, out, ldo, scale, scale_step); break;
+    case 3: micro_gemm<3, NC>(a, lda, b, ldb, K, last, out, ldo, scale, scale_step); break;
+    case 2: micro_gemm<2, NC>(a, lda, b, ldb, K, last, out, ldo, scale, scale_step); break;
+    default: micro_gemm<1, NC>(a, lda, b, ldb, K, last, out, ldo, scale, scale_step); break;
   }
 }
 
@@ -144,7 +151,6 @@ inline void score_rows(int mr, const float* qrow, int64_t qs, int64_t D, const f
 void scores(const Args& a, const float* q, int64_t h, const float* kt, int64_t ldk, int64_t r0, int64_t r1,
             int64_t pos0, int64_t nk, float* S, int64_t ld) {
   const int64_t qs = a.q_stride;
-  const __m512 scale = _mm512_set1_ps(a.scale);
   for (int64_t j = 0; j < nk; j += 32) {
     int64_t rb = r0;
     if (a.causal && pos0 + r0 < j)  // rows at positions before key j see none of these keys
@@ -156,9 +162,9 @@ void scores(const Args& a, const float* q, int64_t h, const float* kt, int64_t l
       const float* qrow = q + rb * qs + h * a.D;
       float* srow = S + (rb - r0) * ld;
       if (two)
-        score_rows<2>(mr, qrow, qs, a.D, kt, ldk, j, last, srow, ld, scale);
+        micro_rows<2>(mr, qrow, qs, kt + j, ldk, a.D, last, srow + j, ld, &a.scale, 0);
       else
-        score_rows<1>(mr, qrow, qs, a.D, kt, ldk, j, last, srow, ld, scale);
+        micro_rows<1>(mr, qrow, qs, kt + j, ldk, a.D, last, srow + j, ld, &a.scale, 0);
     }
   }
 }
@@ -183,50 +189,6 @@ void softmax_rows(const Args& a, float* S, int64_t ld, int64_t rows, int64_t pos
   }
 }
 
-// out[MR rows][columns c0 .. c0 + 16 NC) = (P . V) * inv over keys [0, jn)
-template <int MR, int NC>
-inline void weigh_block(const float* srow, int64_t ld, const float* vt, int64_t D, int64_t jn, int64_t c0,
-                        __mmask16 last, float* orow, int64_t os, const float* inv) {
-  __m512 acc[MR][NC];
-#pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 4
-    for (int c = 0; c < NC; ++c) acc[r][c] = _mm512_setzero_ps();
-  for (int64_t j = 0; j < jn; ++j) {
-    __m512 vv[NC];
-#pragma GCC unroll 4
-    for (int c = 0; c < NC; ++c)
-      vv[c] = _mm512_maskz_loadu_ps(c == NC - 1 ? last : (__mmask16)0xFFFF, vt + j * D + c0 + 16 * c);
-#pragma GCC unroll 8
-    for (int r = 0; r < MR; ++r) {
-      const __m512 p = _mm512_set1_ps(srow[r * ld + j]);
-#pragma GCC unroll 4
-      for (int c = 0; c < NC; ++c) acc[r][c] = _mm512_fmadd_ps(p, vv[c], acc[r][c]);
-    }
-  }
-#pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r) {
-    const __m512 iv = _mm512_set1_ps(inv[r]);
-#pragma GCC unroll 4
-    for (int c = 0; c < NC; ++c)
-      _mm512_mask_storeu_ps(orow + r * os + c0 + 16 * c, c == NC - 1 ? last : (__mmask16)0xFFFF,
-                            _mm512_mul_ps(acc[r][c], iv));
-  }
-}
-
-template <int NC>
-inline void weigh_rows(int mr, const float* srow, int64_t ld, const float* vt, int64_t D, int64_t jn, int64_t c0,
-                       __mmask16 last, float* orow, int64_t os, const float* inv) {
-  switch (mr) {
-    case 6: weigh_block<6, NC>(srow, ld, vt, D, jn, c0, last, orow, os, inv); break;
-    case 5: weigh_block<5, NC>(srow, ld, vt, D, jn, c0, last, orow, os, inv); break;
-    case 4: weigh_block<4, NC>(srow, ld, vt, D, jn, c0, last, orow, os, inv); break;
-    case 3: weigh_block<3, NC>(srow, ld, vt, D, jn, c0, last, orow, os, inv); break;
-    case 2: weigh_block<2, NC>(srow, ld, vt, D, jn, c0, last, orow, os, inv); break;
-    default: weigh_block<1, NC>(srow, ld, vt, D, jn, c0, last, orow, os, inv); break;
-  }
-}
-
 // output rows [r0, r1) of query head h, in panels of up to 64 columns (4 registers x 6 rows = 24 accumulators)
 void weighted(const Args& a, float* out, int64_t h, const float* vt, int64_t r0, int64_t r1, int64_t pos0, int64_t nk,
               const float* S, int64_t ld, const float* inv) {
@@ -240,11 +202,12 @@ void weighted(const Args& a, float* out, int64_t h, const float* vt, int64_t r0,
     for (int64_t c0 = 0; c0 < D; c0 += 64) {
       const int64_t cols = std::min<int64_t>(64, D - c0);
       const __mmask16 last = first_n(cols - (cols - 1) / 16 * 16);
+      const float* row_inv = inv + (rb - r0);
       switch ((cols + 15) / 16) {
-        case 4: weigh_rows<4>(mr, srow, ld, vt, D, jn, c0, last, orow, os, inv + (rb - r0)); break;
-        case 3: weigh_rows<3>(mr, srow, ld, vt, D, jn, c0, last, orow, os, inv + (rb - r0)); break;
-        case 2: weigh_rows<2>(mr, srow, ld, vt, D, jn, c0, last, orow, os, inv + (rb - r0)); break;
-        default: weigh_rows<1>(mr, srow, ld, vt, D, jn, c0, last, orow, os, inv + (rb - r0)); break;
+        case 4: micro_rows<4>(mr, srow, ld, vt + c0, D, jn, last, orow + c0, os, row_inv, 1); break;
+        case 3: micro_rows<3>(mr, srow, ld, vt + c0, D, jn, last, orow + c0, os, row_inv, 1); break;
+        case 2: micro_rows<2>(mr, srow, ld, vt + c0, D, jn, last, orow + c0, os, row_inv, 1); break;
+        default: micro_rows<1>(mr, srow, ld, vt + c0, D, jn, last, orow + c0, os, row_inv, 1); break;
       }
     }
   }
