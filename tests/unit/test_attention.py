@@ -4,6 +4,8 @@ and named, torch's varlen call is built right for every version of its keywords,
 
 from __future__ import annotations
 
+import subprocess
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -190,6 +192,12 @@ def test_the_avx512_kernel_is_built_into_the_user_cache(monkeypatch, tmp_path):
     try:
         assert cpu_attention.unavailable() is None
         assert [p.name.startswith("cpu_attention-") for p in (tmp_path / "rerankd" / "kernels").iterdir()] == [True]
+        # a damaged cache entry is reported, not loaded (other flags: a name this process has not loaded yet)
+        monkeypatch.setattr(cpu_attention, "FLAGS", (*cpu_attention.FLAGS, "-DRERANKD_TEST"))
+        version = subprocess.run([cpu_attention._compiler(), "--version"], capture_output=True, text=True).stdout
+        (tmp_path / "rerankd" / "kernels" / cpu_attention._file_name(version)).write_bytes(b"not a shared library")
+        cpu_attention._library.cache_clear()
+        assert "does not load" in cpu_attention.unavailable() and "delete it to rebuild" in cpu_attention.unavailable()
         monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
         cpu_attention._library.cache_clear()
         assert "does not run" in cpu_attention.unavailable()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import logging
 import os
 import platform
 import shutil
@@ -23,6 +24,8 @@ import tempfile
 from pathlib import Path
 
 import torch
+
+log = logging.getLogger("rerankd")
 
 SOURCE = Path(__file__).with_name("cpu_attention.cpp")
 FLAGS = ("-O3", "-march=x86-64-v4", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
@@ -43,6 +46,12 @@ def _cache_dir() -> Path:
     return base / "rerankd" / "kernels"
 
 
+def _file_name(compiler_version: str) -> str:
+    """The built kernel's file name: a hash of the source, the flags and the compiler."""
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), *FLAGS, compiler_version]).encode()).hexdigest()[:16]
+    return f"cpu_attention-{key}.so"
+
+
 @functools.cache
 def _library() -> ctypes.CDLL | str:
     """The loaded kernel, or why there is none."""
@@ -57,9 +66,8 @@ def _library() -> ctypes.CDLL | str:
         version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as e:
         return f"the C++ compiler {cxx!r} does not run ({e})"
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), *FLAGS, version]).encode()).hexdigest()[:16]
     for folder in (_cache_dir(), Path(tempfile.gettempdir()) / "rerankd-kernels"):
-        built = folder / f"cpu_attention-{key}.so"
+        built = folder / _file_name(version)
         if not built.exists():
             try:
                 folder.mkdir(parents=True, exist_ok=True)
@@ -67,13 +75,21 @@ def _library() -> ctypes.CDLL | str:
                 os.close(fd)
             except OSError:
                 continue  # not writable: the next folder
-            done = subprocess.run([cxx, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True,
-                                  timeout=BUILD_TIMEOUT_S)  # fmt: skip
+            log.info("building rerankd's CPU attention kernel into %s (once per machine and compiler)", built)
+            try:
+                done = subprocess.run([cxx, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True,
+                                      timeout=BUILD_TIMEOUT_S)  # fmt: skip
+            except (OSError, subprocess.SubprocessError) as e:
+                Path(tmp).unlink(missing_ok=True)
+                return f"{cxx} did not finish building {SOURCE.name} ({e})"
             if done.returncode != 0:
                 Path(tmp).unlink(missing_ok=True)
                 return f"{cxx} failed to build {SOURCE.name}: {done.stderr.strip()[-500:]}"
             os.replace(tmp, built)  # atomic: a process building the same key at once loses nothing
-        lib = ctypes.CDLL(str(built))
+        try:
+            lib = ctypes.CDLL(str(built))
+        except OSError as e:
+            return f"the built kernel {built} does not load ({e}); delete it to rebuild"
         lib.rerankd_attention.argtypes = _ARGS
         lib.rerankd_attention.restype = ctypes.c_int
         return lib
