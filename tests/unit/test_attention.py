@@ -174,6 +174,14 @@ def test_the_avx512_kernel_leaves_long_sequences_to_torch(monkeypatch):
 
 
 @needs_avx512
+def test_the_avx512_kernel_refuses_what_it_cannot_read():
+    q, k, v = qkv(*SHAPES["gqa"])
+    pack = packing(LENGTHS, CPU, "avx512")
+    with pytest.raises(TypeError, match="takes float32 CPU tensors; got torch.bfloat16"):
+        cpu_attention.attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), pack.cpu_full, causal=True)
+
+
+@needs_avx512
 def test_the_avx512_kernel_does_not_depend_on_the_batch():
     """A sequence's attention is the same, bit for bit, alone or packed with others, at any place in the batch."""
     q, k, v = qkv(*CPU_SHAPES["m0 text"][:2], 128)

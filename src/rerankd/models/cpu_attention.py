@@ -124,6 +124,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans: torch.Te
     lib = _library()
     if isinstance(lib, str):
         raise RuntimeError(f"rerankd's CPU attention kernel is not available: {lib}")
+    if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in (q, k, v)):
+        raise TypeError(f"rerankd's CPU attention kernel takes float32 CPU tensors; got {q.dtype} on {q.device}")
     q, k, v = _rows(q), _rows(k), _rows(v)
     heads, kv_heads, head_dim = q.shape[1], k.shape[1], q.shape[2]
     if out is None:
