@@ -192,9 +192,8 @@ def test_the_avx512_kernel_does_not_depend_on_the_batch():
         assert torch.equal(alone, together[a:b]), f"sequence {i} changed with its batch"
 
 
+@needs_avx512
 def test_the_avx512_kernel_is_built_into_the_user_cache(monkeypatch, tmp_path):
-    if cpu_attention.unavailable() is not None and "compiler" not in cpu_attention.unavailable():
-        pytest.skip(f"rerankd's CPU kernel cannot run here: {cpu_attention.unavailable()}")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     cpu_attention._library.cache_clear()
     try:
