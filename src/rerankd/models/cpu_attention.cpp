@@ -26,12 +26,11 @@ namespace {
 
 constexpr int QB = 64;               // query rows per block (the scores of a block stay in L2)
 constexpr int64_t UNIT_ROWS = 256;   // query rows per work unit (one copy of its keys and values)
-constexpr int SMR = 6;               // query rows per register block of the scores: 6 x 32 keys = 12 accumulators
+constexpr int MR = 6;                // query rows per micro_gemm: 6 x 32 keys or 6 x 64 columns of accumulators
 
 struct Args {
-  const float *q, *k, *v;
-  float* out;
-  int64_t q_stride, k_stride, v_stride, Hq, Hk, D;
+  const float *k, *v;
+  int64_t q_stride, k_stride, v_stride, Hq, D;
   float scale;
   int causal;
 };
@@ -101,14 +100,14 @@ void pack_kv(const Args& a, int64_t key_start, int64_t nk, int64_t hk, float* kt
 }
 
 // The one register-blocked product of the kernel, for the scores and for the weighted values alike:
-// out[r][16 c + i] = scale[r * scale_step] * sum_k a[r * lda + k] * b[k * ldb + 16 c + i], r < MR, c < NC (the
-// last 16 columns masked by `last`): MR x NC accumulators in registers, a broadcast of `a` times NC loads of `b`.
-template <int MR, int NC>
+// out[r][16 c + i] = scale[r * scale_step] * sum_k a[r * lda + k] * b[k * ldb + 16 c + i], r < ROWS, c < NC (the
+// last 16 columns masked by `last`): ROWS x NC accumulators in registers, a broadcast of `a` times NC loads of `b`.
+template <int ROWS, int NC>
 inline void micro_gemm(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t K, __mmask16 last,
                        float* out, int64_t ldo, const float* scale, int scale_step) {
-  __m512 acc[MR][NC];
+  __m512 acc[ROWS][NC];
 #pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r)
+  for (int r = 0; r < ROWS; ++r)
 #pragma GCC unroll 4
     for (int c = 0; c < NC; ++c) acc[r][c] = _mm512_setzero_ps();
   for (int64_t k = 0; k < K; ++k) {
@@ -117,14 +116,14 @@ inline void micro_gemm(const float* a, int64_t lda, const float* b, int64_t ldb,
     for (int c = 0; c < NC; ++c)
       bv[c] = _mm512_maskz_loadu_ps(c == NC - 1 ? last : (__mmask16)0xFFFF, b + k * ldb + 16 * c);
 #pragma GCC unroll 8
-    for (int r = 0; r < MR; ++r) {
+    for (int r = 0; r < ROWS; ++r) {
       const __m512 av = _mm512_set1_ps(a[r * lda + k]);
 #pragma GCC unroll 4
       for (int c = 0; c < NC; ++c) acc[r][c] = _mm512_fmadd_ps(av, bv[c], acc[r][c]);
     }
   }
 #pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r) {
+  for (int r = 0; r < ROWS; ++r) {
     const __m512 sv = _mm512_set1_ps(scale[r * scale_step]);
 #pragma GCC unroll 4
     for (int c = 0; c < NC; ++c)
@@ -133,7 +132,8 @@ inline void micro_gemm(const float* a, int64_t lda, const float* b, int64_t ldb,
   }
 }
 
-// micro_gemm for `mr` (1..6) rows
+// micro_gemm for `mr` (1..MR) rows
+static_assert(MR == 6, "micro_rows dispatches 1..6 rows");
 template <int NC>
 inline void micro_rows(int mr, const float* a, int64_t lda, const float* b, int64_t ldb, int64_t K, __mmask16 last,
                        float* out, int64_t ldo, const float* scale, int scale_step) {
@@ -154,11 +154,11 @@ void scores(const Args& a, const float* q, int64_t h, const float* kt, int64_t l
   for (int64_t j = 0; j < nk; j += 32) {
     int64_t rb = r0;
     if (a.causal && pos0 + r0 < j)  // rows at positions before key j see none of these keys
-      rb = r0 + (std::min(j - pos0, r1) - r0) / SMR * SMR;
+      rb = r0 + (std::min(j - pos0, r1) - r0) / MR * MR;
     const bool two = nk - j > 16;
     const __mmask16 last = first_n(two ? nk - j - 16 : nk - j);
-    for (; rb < r1; rb += SMR) {
-      const int mr = (int)std::min<int64_t>(SMR, r1 - rb);
+    for (; rb < r1; rb += MR) {
+      const int mr = (int)std::min<int64_t>(MR, r1 - rb);
       const float* qrow = q + rb * qs + h * a.D;
       float* srow = S + (rb - r0) * ld;
       if (two)
@@ -192,7 +192,6 @@ void softmax_rows(const Args& a, float* S, int64_t ld, int64_t rows, int64_t pos
 // output rows [r0, r1) of query head h, in panels of up to 64 columns (4 registers x 6 rows = 24 accumulators)
 void weighted(const Args& a, float* out, int64_t h, const float* vt, int64_t r0, int64_t r1, int64_t pos0, int64_t nk,
               const float* S, int64_t ld, const float* inv) {
-  constexpr int MR = 6;
   const int64_t D = a.D, os = a.Hq * D;
   for (int64_t rb = r0; rb < r1; rb += MR) {
     const int mr = (int)std::min<int64_t>(MR, r1 - rb);
@@ -215,15 +214,13 @@ void weighted(const Args& a, float* out, int64_t h, const float* vt, int64_t r0,
 
 }  // namespace
 
-extern "C" int rerankd_attention_version() { return 1; }
-
 extern "C" int rerankd_attention(const float* q, const float* k, const float* v, float* out, int64_t q_stride,
                                  int64_t k_stride, int64_t v_stride, int64_t Hq, int64_t Hk, int64_t D,
                                  const int64_t* key_start, const int64_t* key_len, const int64_t* q_start,
                                  const int64_t* q_len, const int64_t* q_pos, int64_t n, float scale, int causal,
                                  int threads) {
   if (Hk <= 0 || Hq % Hk != 0 || D <= 0 || threads <= 0) return 1;
-  const Args a{q, k, v, out, q_stride, k_stride, v_stride, Hq, Hk, D, scale, causal};
+  const Args a{k, v, q_stride, k_stride, v_stride, Hq, D, scale, causal};
   struct Unit {
     int64_t s, hk, r0, r1;
     double cost;

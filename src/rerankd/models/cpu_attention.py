@@ -113,13 +113,12 @@ def spans_tensor(key_start, key_len, q_start, q_len, q_pos) -> torch.Tensor:
     return torch.tensor([list(key_start), list(key_len), list(q_start), list(q_len), list(q_pos)], dtype=torch.int64)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans: torch.Tensor, causal: bool,
-              out: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans: torch.Tensor, causal: bool) -> torch.Tensor:
     """softmax(q k^T / sqrt(head_dim)) v within each sequence of `spans` (spans_tensor), every head at once.
 
     q: [query rows, heads, head_dim]; k, v: [tokens, kv_heads, head_dim] (kv_heads divides heads); fp32 on the CPU.
-    Writes the query rows the spans name into `out` (a new [query rows, heads, head_dim] tensor when None) and
-    returns it; rows no span names are left as they were.
+    Returns a new [query rows, heads, head_dim] tensor holding the rows the spans name; the others are left unset
+    (varlen_attention fills the long sequences' rows with SDPA).
     """
     lib = _library()
     if isinstance(lib, str):
@@ -128,8 +127,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans: torch.Te
         raise TypeError(f"rerankd's CPU attention kernel takes float32 CPU tensors; got {q.dtype} on {q.device}")
     q, k, v = _rows(q), _rows(k), _rows(v)
     heads, kv_heads, head_dim = q.shape[1], k.shape[1], q.shape[2]
-    if out is None:
-        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
     spans = spans.contiguous()
     n = spans.shape[1]
     rc = lib.rerankd_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), q.stride(0), k.stride(0),

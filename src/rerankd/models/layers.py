@@ -128,9 +128,9 @@ def _flex():
 
 def _unavailable(kernel: str, device: torch.device, dtype: torch.dtype) -> str | None:
     """Why `kernel` cannot run attention on (device, dtype) here, or None when it can."""
+    runs = f"{str(dtype).removeprefix('torch.')} on {device.type}"
     if kernel in ("flash-attn", "varlen"):
         if device.type != "cuda" or dtype not in HALF:
-            runs = f"{str(dtype).removeprefix('torch.')} on {device.type}"
             return f"it runs on CUDA in float16/bfloat16 only, and this model runs {runs}"
         if kernel == "flash-attn" and _flash_attn_varlen() is None:
             return "the flash-attn package is not installed (pip install flash-attn)"
@@ -138,7 +138,6 @@ def _unavailable(kernel: str, device: torch.device, dtype: torch.dtype) -> str |
             return f"torch {torch.__version__} has no torch.nn.attention.varlen (torch >= 2.10 has)"
     if kernel == "avx512":
         if device.type != "cpu" or dtype != torch.float32:
-            runs = f"{str(dtype).removeprefix('torch.')} on {device.type}"
             return f"it runs float32 on the CPU only, and this model runs {runs}"
         return cpu_attention.unavailable()
     if kernel == "flex":
@@ -268,11 +267,11 @@ def packing(lengths: Iterable[int], device: torch.device, kernel: str) -> Packin
         pack.doc = to_device(torch.repeat_interleave(torch.arange(pack.n), torch.tensor(lengths)), device)
     elif kernel == "avx512":
         short = [(start, end - start) for start, end in pack.spans() if end - start <= cpu_attention.MAX_LEN]
+        pack.long = [(start, end) for start, end in pack.spans() if end - start > cpu_attention.MAX_LEN]
         starts, counts = [start for start, _ in short], [count for _, count in short]
         pack.cpu_full = cpu_attention.spans_tensor(starts, counts, starts, counts, [0] * len(short))
         pack.cpu_rows = cpu_attention.spans_tensor(pack.offsets[:-1], lengths, range(pack.n), [1] * pack.n,
                                                    [0] * pack.n)  # fmt: skip
-        pack.long = [(start, end) for start, end in pack.spans() if end - start > cpu_attention.MAX_LEN]
     return pack
 
 
