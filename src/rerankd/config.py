@@ -85,6 +85,12 @@ class LoadOptions:
     """Kernel of fp32 linear layers on the CPU: 'auto' (time both at load, take oneDNN when >= 1.1x faster),
     'onednn', or 'torch' (torch's default BLAS, MKL on x86, which skips AVX-512 on AMD CPUs). A loaded Reranker's
     options say which one runs ('none' for a GGUF)."""
+    cpu_bf16: str = "auto"
+    """How a bfloat16 model computes on the CPU: 'auto' (time both at load, take bf16 arithmetic when it is >= 1.1x
+    faster: CPUs with AVX512-BF16 or AMX), 'upcast' (weights stay bf16 in memory; each layer widens its weights to fp32
+    for its product, activations and attention run in fp32: faster where the CPU has no bf16 instructions, and
+    closer to fp32 scores), or 'native' (bf16 arithmetic throughout). A loaded Reranker's options say which one runs
+    ('none' for other dtypes and devices, a GGUF, and int8)."""
     attention: str = "auto"
     """Attention kernel: 'auto' (on CUDA in fp16/bf16: flash-attn's varlen kernel when installed, else torch's own
     varlen flash attention, else FlexAttention; on the CPU in fp32: rerankd's own packed kernel for x86 CPUs with

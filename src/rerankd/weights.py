@@ -154,8 +154,10 @@ def load_weights(
     device: torch.device,
     dtype: torch.dtype,
     show_progress: bool = True,
+    stored: dict[str, torch.dtype] | None = None,
 ) -> None:
-    """Fill `model` (built on the meta device) from the safetensors files of `directory`, strictly."""
+    """Fill `model` (built on the meta device) from the safetensors files of `directory`, strictly, in `dtype`, or
+    in `stored[name]` for the parameters it names."""
     expected = {k: v for k, v in model.state_dict(keep_vars=True).items()}
     state: dict[str, torch.Tensor] = {}
     parts: dict[str, dict[int, torch.Tensor]] = {}
@@ -174,7 +176,7 @@ def load_weights(
                     if name not in expected:
                         unused.append(key)
                         continue
-                    tensor = f.get_tensor(key).to(device=device, dtype=dtype)
+                    tensor = f.get_tensor(key).to(device=device, dtype=(stored or {}).get(name, dtype))
                     if isinstance(target, Part):
                         parts.setdefault(name, {})[target.index] = tensor
                         part_counts[name] = target.count

@@ -24,7 +24,7 @@ from ..errors import InputError, ModelLoadError
 from ..inputs import ImageItem, Item
 from ..inputs.images import ImagePolicy, PreparedImage
 from ..weights import Renames, load_weights
-from .layers import Packing, attention_backend, packing, to_device
+from .layers import Packing, attention_backend, packing, to_device, upcast_storage, use_upcast
 
 
 @dataclass(frozen=True)
@@ -382,10 +382,14 @@ def text_prefix(tokenizer, text: str, tokens: int) -> str:
 def build_module(make: Callable[[], nn.Module], directory: Path, renames: Renames, device: torch.device,
                  dtype: torch.dtype, opts: LoadOptions) -> nn.Module:  # fmt: skip
     """`make()` built without memory (meta device), its weights read from `directory` through `renames`, in eval
-    mode without gradients."""
+    mode without gradients. With opts.cpu_bf16 'upcast' (as from_pretrained resolves it, `dtype` then float32) its
+    linear and embedding weights stay in bf16 and are widened as they compute."""
     with torch.device("meta"):
         model = make()
-    load_weights(model, directory, renames, device, dtype, opts.show_progress)
+    stored = upcast_storage(model) if opts.cpu_bf16 == "upcast" else None
+    load_weights(model, directory, renames, device, dtype, opts.show_progress, stored)
+    if stored:
+        use_upcast(model)
     return model.eval().requires_grad_(False)
 
 

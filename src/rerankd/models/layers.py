@@ -1,5 +1,5 @@
-"""Building blocks shared by the model files: norms, rotary embeddings, THE attention function, and the fp32 CPU
-kernel of the linear layers.
+"""Building blocks shared by the model files: norms, rotary embeddings, THE attention function, the fp32 CPU
+kernel of the linear layers, and how a bf16 model computes on the CPU.
 
 Attention is always variable-length over packed sequences: tokens of all sequences of a batch lie in one
 [tokens, heads, head_dim] tensor and `cu_seqlens` ([n + 1], int32) marks where each starts. No padding token
@@ -429,12 +429,28 @@ class OneDNNLinear(nn.Linear):
     nn.Linear layers into this class in place (a class swap, once, at load)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return onednn_linear(x, self.weight, self.bias)
+        return linear(x, self)
+
+
+class UpcastLinear(nn.Linear):
+    """nn.Linear whose weight is kept in bf16 and widened to the input's dtype (fp32) for each product
+    (cpu_bf16='upcast'); build_module turns a model's nn.Linear layers into this class at load."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self)
+
+
+class UpcastEmbedding(nn.Embedding):
+    """nn.Embedding whose table is kept in bf16; the rows it looks up come out in fp32 (cpu_bf16='upcast')."""
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return super().forward(ids).float()
 
 
 def linear(x: torch.Tensor, layer: nn.Linear, rows: slice = slice(None)) -> torch.Tensor:
-    """F.linear with the output features `rows` of `layer` only, through the layer's own kernel."""
-    w = layer.weight[rows]
+    """F.linear with the output features `rows` of `layer` only, through the layer's own kernel, its weight in the
+    input's dtype (a bf16-stored weight is widened for this product only)."""
+    w = layer.weight[rows].to(x.dtype)
     b = None if layer.bias is None else layer.bias[rows]
     return onednn_linear(x, w, b) if isinstance(layer, OneDNNLinear) else F.linear(x, w, b)
 
@@ -459,15 +475,6 @@ def _measure_onednn_speedup() -> float:
     w = torch.randn(n, k, generator=gen) / k**0.5
     b = torch.randn(n, generator=gen)
 
-    def best(fn: Callable[[], torch.Tensor]) -> float:
-        fn()  # warm-up: first-call kernel generation
-        times = []
-        for _ in range(3):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return min(times)
-
     with torch.inference_mode():
         want = F.linear(x, w, b)
         try:
@@ -479,7 +486,18 @@ def _measure_onednn_speedup() -> float:
             log.warning("oneDNN linear disagrees with torch's by %.2e; using torch's default kernel",
                         (got - want).abs().max().item())  # fmt: skip
             return 0.0
-        return best(lambda: F.linear(x, w, b)) / best(lambda: onednn_linear(x, w, b))
+        return _best_time(lambda: F.linear(x, w, b)) / _best_time(lambda: onednn_linear(x, w, b))
+
+
+def _best_time(fn: Callable[[], torch.Tensor]) -> float:
+    """The best of 3 timed calls of fn, after one warm-up call (first-call kernel generation)."""
+    fn()
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
 
 
 def check_cpu_gemm(requested: str) -> None:
@@ -491,14 +509,14 @@ def use_cpu_gemm(model: nn.Module, requested: str, device: torch.device, dtype: 
     """Pick the kernel of `model`'s fp32 linear layers on the CPU and switch them to it; returns 'onednn' or 'torch'.
 
     requested: 'auto' (oneDNN when it measures >= ONEDNN_MIN_SPEEDUP x torch's default here), 'onednn' or 'torch'.
-    Switched: every plain nn.Linear (to OneDNNLinear) and every module that computes a product of its own and
+    Switched: every plain nn.Linear, bf16-stored ones included (to OneDNNLinear), and every module that computes a product of its own and
     declares a `uses_onednn` attribute (set to True). Other devices and dtypes, and a model with no float linear
     layer left (int8), keep torch's kernels: 'torch', with a warning if 'onednn' was asked for.
     """
     check_cpu_gemm(requested)
     if requested == "torch":
         return "torch"
-    targets = [m for m in model.modules() if type(m) is nn.Linear or hasattr(m, "uses_onednn")]
+    targets = [m for m in model.modules() if type(m) in (nn.Linear, UpcastLinear) or hasattr(m, "uses_onednn")]
     if device.type != "cpu" or dtype != torch.float32 or not targets:
         if requested == "onednn":
             why = "no float linear layer is left" if not targets else f"this model runs {dtype} on {device}"
@@ -515,8 +533,78 @@ def use_cpu_gemm(model: nn.Module, requested: str, device: torch.device, dtype: 
             return "torch"
         log.info("CPU linear layers: oneDNN (%.2fx torch's default kernel on this CPU)", speedup)
     for module in targets:
-        if type(module) is nn.Linear:
+        if isinstance(module, nn.Linear):
             module.__class__ = OneDNNLinear
         else:
             module.uses_onednn = True
     return "onednn"
+
+
+# ------------------------------------------------------------------------------------------------ bf16 on the CPU
+
+# A CPU without bf16 instructions (AVX512-BF16, AMX) runs torch's bf16 products through conversions: on the Intel
+# Xeon of docs/benchmarks.md (AVX-512, no BF16) a bf16 linear layer does 54 GFLOP/s where fp32 does 240-300. There a
+# bf16 model keeps its weights in bf16 (the memory a user picks bf16 for) and computes in fp32, widening each layer's
+# weight for its product: faster, and closer to the fp32 scores. Which one is faster is measured once per process.
+CPU_BF16 = ("auto", "native", "upcast")
+NATIVE_BF16_MIN_SPEEDUP = 1.1  # 'auto' takes bf16 arithmetic only when clearly faster than fp32 on bf16 weights
+
+
+def check_cpu_bf16(requested: str) -> None:
+    if requested not in CPU_BF16:
+        raise ValueError(f"cpu_bf16 must be one of {', '.join(CPU_BF16)}; got {requested!r}")
+
+
+def cpu_bf16(device: torch.device, dtype: torch.dtype, requested: str) -> str:
+    """How a model of `dtype` computes on `device`: 'upcast' (bf16 weights, fp32 arithmetic), 'native' (bf16
+    arithmetic), or 'none' where the choice does not apply (not bf16 on the CPU; a warning if one was asked for).
+
+    requested: 'auto' ('native' when it measures >= NATIVE_BF16_MIN_SPEEDUP x 'upcast' here), 'native' or 'upcast'.
+    """
+    check_cpu_bf16(requested)
+    if device.type != "cpu" or dtype != torch.bfloat16:
+        if requested != "auto":
+            log.warning("cpu_bf16=%r applies to bfloat16 models on the CPU only; this model runs %s on %s: ignored",
+                        requested, str(dtype).removeprefix("torch."), device)  # fmt: skip
+        return "none"
+    if requested != "auto":
+        return requested
+    speedup = native_bf16_speedup()
+    choice = "native" if speedup >= NATIVE_BF16_MIN_SPEEDUP else "upcast"
+    log.info("bf16 on this CPU: %s (bf16 arithmetic %.2fx fp32 arithmetic on bf16 weights)", choice, speedup)
+    return choice
+
+
+def native_bf16_speedup() -> float:
+    """The time of one linear layer in fp32 arithmetic on bf16 weights (widened per call) over its time in bf16
+    arithmetic on this CPU (best of 3 each), measured once per process; concurrent loads wait for the one
+    measurement."""
+    with _probe_lock:
+        return _measure_native_bf16_speedup()
+
+
+@functools.cache
+def _measure_native_bf16_speedup() -> float:
+    m, k, n = PROBE_SHAPE
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(m, k, generator=gen)
+    w = (torch.randn(n, k, generator=gen) / k**0.5).bfloat16()
+    xb = x.bfloat16()
+    with torch.inference_mode():
+        return _best_time(lambda: F.linear(x, w.float())) / _best_time(lambda: F.linear(xb, w))
+
+
+def upcast_storage(model: nn.Module) -> dict[str, torch.dtype]:
+    """The parameters that cpu_bf16='upcast' keeps in bf16: the weights of `model`'s nn.Linear and nn.Embedding
+    layers (the bulk of its memory); by state_dict name."""
+    return {f"{name}.weight" if name else "weight": torch.bfloat16 for name, m in model.named_modules()
+            if type(m) in (nn.Linear, nn.Embedding)}  # fmt: skip
+
+
+def use_upcast(model: nn.Module) -> None:
+    """Switch the layers whose weights upcast_storage kept in bf16 to the classes that widen them as they compute."""
+    for m in model.modules():
+        if type(m) is nn.Linear and m.weight.dtype == torch.bfloat16:
+            m.__class__ = UpcastLinear
+        elif type(m) is nn.Embedding and m.weight.dtype == torch.bfloat16:
+            m.__class__ = UpcastEmbedding

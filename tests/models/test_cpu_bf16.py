@@ -1,0 +1,105 @@
+"""bfloat16 models on the CPU (cpu_bf16): 'upcast' keeps the linear and embedding weights in bf16 and computes the
+fp32 scores of those weights; 'native' computes in bf16, close to them; 'auto' takes whichever measures faster."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from rerankd import Reranker
+from rerankd.models import layers
+from rerankd.models.layers import UpcastEmbedding, UpcastLinear, cpu_bf16
+from rerankd.tiny import make_tiny_checkpoint
+
+from ..conftest import assert_close
+
+CPU = torch.device("cpu")
+KINDS = ["jina-reranker-v2", "jina-reranker-m0", "qwen3-reranker", "jina-reranker-v3"]
+PAIRS = [["what is a panda?", "The giant panda is a bear native to south central China."],
+         ["what is a panda?", "Pandas is a Python library for data frames. " * 6],
+         ["solar power", "Photovoltaic cells turn sunlight into electricity."]]  # fmt: skip
+NATIVE_BOUND = 0.05  # bf16 arithmetic against fp32 on the same weights (docs/benchmarks.md: bf16 on the CPU)
+
+
+def load(path, **options) -> Reranker:
+    return Reranker.from_pretrained(path, show_progress=False, **options)
+
+
+@pytest.fixture(scope="module", params=KINDS)
+def checkpoint(request, tmp_path_factory):
+    """A tiny checkpoint stored in bf16 (as the real ones are) and its fp32 scores."""
+    path = make_tiny_checkpoint(request.param, tmp_path_factory.mktemp(request.param), seed=3)
+    return path, load(path, dtype="float32").compute_score(PAIRS)
+
+
+def test_upcast_keeps_bf16_weights_and_gives_their_fp32_scores(checkpoint):
+    path, fp32 = checkpoint
+    rr = load(path, dtype="bfloat16", cpu_bf16="upcast")
+    assert (rr.options.dtype, rr.options.cpu_bf16, rr.backend.dtype) == ("bfloat16", "upcast", torch.float32)
+    assert rr.options.attention == load(path, dtype="float32").options.attention  # fp32 attention, the same kernel
+    layers_ = [m for m in rr.backend.model.modules() if isinstance(m, (nn.Linear, nn.Embedding))]
+    assert layers_ and all(isinstance(m, (UpcastLinear, UpcastEmbedding)) or type(m).__name__ == "OneDNNLinear"
+                           for m in layers_)  # fmt: skip
+    stored = {p.dtype for m in layers_ for p in m.parameters(recurse=False) if p.dim() > 1}
+    rest = {p.dtype for n, p in rr.backend.model.named_parameters() if p.dim() == 1}  # norms, biases
+    assert stored == {torch.bfloat16} and rest == {torch.float32}
+    # the weights are bf16 values already: fp32 arithmetic on them is the fp32 model's, to summation order
+    assert_close(rr.compute_score(PAIRS), fp32, 1e-6)
+
+
+def test_native_computes_in_bf16_within_the_bound(checkpoint):
+    path, fp32 = checkpoint
+    rr = load(path, dtype="bfloat16", cpu_bf16="native")
+    assert (rr.options.dtype, rr.options.cpu_bf16, rr.backend.dtype) == ("bfloat16", "native", torch.bfloat16)
+    got = rr.compute_score(PAIRS)
+    assert_close(got, fp32, NATIVE_BOUND)
+    assert got != fp32  # really bf16 arithmetic
+
+
+def test_upcast_rounds_an_fp32_checkpoint_to_bf16(tmp_path):
+    """An fp32 checkpoint in 'upcast': the fp32 scores of its matrices rounded to bf16, norms and biases as stored."""
+    fp32_dir = make_tiny_checkpoint("jina-reranker-v2", tmp_path / "fp32", seed=5, dtype=torch.float32)
+    rounded = tmp_path / "rounded"
+    shutil.copytree(fp32_dir, rounded)
+    for f in rounded.glob("*.safetensors"):
+        save_file({k: v.bfloat16().float() if v.dim() > 1 else v for k, v in load_file(f).items()}, f)
+    want = load(rounded, dtype="float32").compute_score(PAIRS)
+    assert_close(load(fp32_dir, dtype="bfloat16", cpu_bf16="upcast").compute_score(PAIRS), want, 1e-6)
+    assert load(fp32_dir, dtype="float32").compute_score(PAIRS) != want  # the rounding is visible
+
+
+def test_the_choice(monkeypatch, caplog):
+    bf16, fp32 = torch.bfloat16, torch.float32
+    assert cpu_bf16(CPU, fp32, "auto") == "none"
+    assert cpu_bf16(torch.device("cuda"), bf16, "auto") == "none"
+    with caplog.at_level(logging.WARNING, logger="rerankd"):
+        assert cpu_bf16(CPU, fp32, "upcast") == "none"
+    assert "applies to bfloat16 models on the CPU only" in caplog.text
+    with pytest.raises(ValueError, match="cpu_bf16 must be one of auto, native, upcast; got 'fp16'"):
+        cpu_bf16(CPU, bf16, "fp16")
+    assert cpu_bf16(CPU, bf16, "native") == "native" and cpu_bf16(CPU, bf16, "upcast") == "upcast"
+    for speedup, want in ((4.0, "native"), (1.09, "upcast"), (0.25, "upcast")):
+        monkeypatch.setattr(layers, "native_bf16_speedup", lambda s=speedup: s)
+        assert cpu_bf16(CPU, bf16, "auto") == want
+
+
+def test_the_probe_runs_here():
+    speedup = layers.native_bf16_speedup()
+    assert speedup > 0 and speedup == layers.native_bf16_speedup()  # measured once
+
+
+def test_a_bad_value_fails_before_loading(tmp_path):
+    with pytest.raises(ValueError, match="cpu_bf16 must be one of"):
+        load(tmp_path / "not-there", dtype="bfloat16", cpu_bf16="fast")
+
+
+def test_int8_and_fp32_models_report_none(checkpoint):
+    path, _ = checkpoint
+    assert load(path, dtype="float32").options.cpu_bf16 == "none"
+    if "v2" in path.name:
+        assert load(path, dtype="bfloat16", quantize="int8").options.cpu_bf16 == "none"
