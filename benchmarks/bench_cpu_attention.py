@@ -1,9 +1,10 @@
 """Benchmark: packed attention on the CPU, the kernels of `rerankd.models.layers.varlen_attention` (issue 19).
 
 The loop: one torch SDPA call a sequence (torch's flash CPU kernel). Against it: rerankd's own packed kernel
-(`attention="avx512"`, models/cpu_attention.cpp; fp32, where it builds), one call over the whole batch with
-FlexAttention and a document mask (`attention="flex"`, compiled by inductor), and, for bf16, the same loop run in
-fp32 (q/k/v upcast, the output cast back). Batches of the
+(`attention="avx512"`, models/cpu_attention.cpp, where it builds; it computes in fp32, and in bf16 it is given
+q/k/v widened, its output rounded back), one call over the whole batch with FlexAttention and a document mask
+(`attention="flex"`, compiled by inductor), and, for bf16, the same loop run in fp32 (q/k/v upcast, the output cast
+back). Batches of the
 jina-reranker-v2 workload's lengths (query and document: 35..270 tokens) and of fixed lengths; 12 heads of 64
 (XLM-RoBERTa base), 8 of 64 with 2 key/value heads, causal (the mid-size m0 of bench_m0_engine.py), or 16 of 128
 with 8 key/value heads, causal (Qwen3-0.6B). Reports ms, GFLOP/s of the useful work
@@ -72,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
                     "loop": lambda: varlen_attention(q, k, v, loop, causal),
                     "flex": lambda: varlen_attention(q, k, v, flex, causal),
                 }
-                if dtype == torch.float32 and own is None:
+                if own is None:
                     packed = packing(lens, cpu, "avx512")
                     kinds["avx512"] = lambda: varlen_attention(q, k, v, packed, causal)
                 if dtype != torch.float32:

@@ -93,9 +93,10 @@ class LoadOptions:
     ('none' for other dtypes and devices, a GGUF, and int8)."""
     attention: str = "auto"
     """Attention kernel: 'auto' (on CUDA in fp16/bf16: flash-attn's varlen kernel when installed, else torch's own
-    varlen flash attention, else FlexAttention; on the CPU in fp32: rerankd's own packed kernel for x86 CPUs with
-    AVX-512, built at first use with the system's C++ compiler; elsewhere one SDPA call per sequence), or one of
-    'flash-attn', 'varlen', 'flex' (these three on CUDA), 'avx512' (the CPU in fp32), 'sdpa' (an error where it
+    varlen flash attention, else FlexAttention; on the CPU: rerankd's own packed kernel for x86 CPUs with AVX-512,
+    built at first use with the system's C++ compiler, computing in fp32 (a bf16 model's q/k/v widened for it);
+    elsewhere one SDPA call per sequence), or one of 'flash-attn', 'varlen', 'flex' (these three on CUDA), 'avx512'
+    (the CPU), 'sdpa' (an error where it
     cannot run). A loaded Reranker's options say which one runs ('none' for a GGUF)."""
     show_progress: bool = True
     """Show progress bars while loading weights."""

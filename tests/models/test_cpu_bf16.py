@@ -56,6 +56,7 @@ def test_native_computes_in_bf16_within_the_bound(checkpoint):
     path, fp32 = checkpoint
     rr = load(path, dtype="bfloat16", cpu_bf16="native")
     assert (rr.options.dtype, rr.options.cpu_bf16, rr.backend.dtype) == ("bfloat16", "native", torch.bfloat16)
+    assert rr.options.attention == load(path, dtype="float32").options.attention  # the kernel, on widened q/k/v
     got = rr.compute_score(PAIRS)
     assert_close(got, fp32, NATIVE_BOUND)
     assert got != fp32  # really bf16 arithmetic

@@ -114,17 +114,19 @@ def test_the_torch_varlen_call_for_each_torch_version(monkeypatch, keywords, sha
 
 
 def test_the_choice_is_made_once_and_explained():
-    # float32 on the CPU: rerankd's own kernel where it runs (x86-64 with AVX-512 and a C++ compiler), else the loop
-    assert attention_backend(CPU, torch.float32) == ("sdpa" if cpu_attention.unavailable() else "avx512")
-    assert attention_backend(CPU, torch.bfloat16) == "sdpa"
+    # on the CPU: rerankd's own kernel where it runs (x86-64 with AVX-512 and a C++ compiler), else the loop; in
+    # bf16 too (q/k/v widened to its fp32)
+    for dtype in (torch.float32, torch.bfloat16):
+        assert attention_backend(CPU, dtype) == ("sdpa" if cpu_attention.unavailable() else "avx512")
+    assert attention_backend(torch.device("cuda"), torch.float32) == "sdpa"  # CUDA's fp32 is the parity mode
     with pytest.raises(ValueError, match="attention='flex' cannot run here: it is offered on CUDA only"):
         attention_backend(CPU, torch.float32, "flex")
     with pytest.raises(ValueError, match=r"attention='varlen' cannot run here: it runs on CUDA in float16/bfloat16 "
                                          r"only, and this model runs float32 on cpu; use 'auto' or 'sdpa'"):
         attention_backend(CPU, torch.float32, "varlen")
-    with pytest.raises(ValueError, match=r"attention='avx512' cannot run here: it runs float32 on the CPU only, and "
-                                         r"this model runs bfloat16 on cpu"):
-        attention_backend(CPU, torch.bfloat16, "avx512")
+    with pytest.raises(ValueError, match=r"attention='avx512' cannot run here: it runs on the CPU in float32 \(or "
+                                         r"bfloat16/float16, widened\) only, and this model runs float32 on cuda"):
+        attention_backend(torch.device("cuda"), torch.float32, "avx512")
     with pytest.raises(ValueError, match="attention must be one of auto, flash-attn, varlen, flex, avx512, sdpa; got "
                                          "'fa3'"):
         attention_backend(CPU, torch.float32, "fa3")
@@ -159,6 +161,27 @@ def test_the_avx512_kernel_equals_the_loop(shape):
         assert_close(varlen_attention(q, k, v, pack, causal), loop_reference(q, k, v, cu, causal), 1e-5)
     last = torch.tensor(cu[1:]) - 1
     assert_close(row_attention(q[last], k, v, pack), loop_reference(q, k, v, cu, True)[last], 1e-5)
+
+
+@needs_avx512
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_the_avx512_kernel_computes_a_half_model_in_fp32(dtype):
+    """bf16 (fp16) q/k/v are widened for the kernel and its output rounded back: the fp32 loop's result on the same
+    values, to the dtype's rounding."""
+    heads, kv_heads, dim = CPU_SHAPES["m0 text"]
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(sum(CPU_LENGTHS), h, dim, generator=g).to(dtype) for h in (heads, kv_heads, kv_heads))
+    cu = offsets(CPU_LENGTHS)
+    pack = packing(CPU_LENGTHS, CPU, "avx512")
+    assert not pack.long
+    for causal in (False, True):
+        got = varlen_attention(q, k, v, pack, causal)
+        assert got.dtype == dtype
+        assert_close(got.float(), loop_reference(q.float(), k.float(), v.float(), cu, causal), 1e-2)
+    last = torch.tensor(cu[1:]) - 1
+    got = row_attention(q[last], k, v, pack)
+    assert got.dtype == dtype
+    assert_close(got.float(), loop_reference(q.float(), k.float(), v.float(), cu, True)[last], 1e-2)
 
 
 @needs_avx512

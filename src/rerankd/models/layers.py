@@ -5,8 +5,8 @@ Attention is always variable-length over packed sequences: tokens of all sequenc
 [tokens, heads, head_dim] tensor and `cu_seqlens` ([n + 1], int32) marks where each starts. No padding token
 ever reaches a matmul. The kernel is chosen once per (device, dtype) (attention_backend): on CUDA in fp16/bf16
 flash-attn's varlen kernel when the package is installed, else torch's own varlen flash attention, else
-FlexAttention with a document mask; on the CPU in fp32 rerankd's own packed kernel (cpu_attention, AVX-512);
-otherwise PyTorch SDPA called once per sequence. A forward's `Packing` holds
+FlexAttention with a document mask; on the CPU rerankd's own packed kernel (cpu_attention, AVX-512, fp32; a bf16
+model's q/k/v widened for it); otherwise PyTorch SDPA called once per sequence. A forward's `Packing` holds
 the offsets and what the kernel needs on the device, made once before the layers.
 """
 
@@ -137,8 +137,8 @@ def _unavailable(kernel: str, device: torch.device, dtype: torch.dtype) -> str |
         if kernel == "varlen" and _torch_varlen() is None:
             return f"torch {torch.__version__} has no torch.nn.attention.varlen (torch >= 2.10 has)"
     if kernel == "avx512":
-        if device.type != "cpu" or dtype != torch.float32:
-            return f"it runs float32 on the CPU only, and this model runs {runs}"
+        if device.type != "cpu" or dtype not in (torch.float32, *HALF):
+            return f"it runs on the CPU in float32 (or bfloat16/float16, widened) only, and this model runs {runs}"
         return cpu_attention.unavailable()
     if kernel == "flex":
         if device.type != "cuda":
@@ -152,8 +152,9 @@ def _unavailable(kernel: str, device: torch.device, dtype: torch.dtype) -> str |
 def attention_backend(device: torch.device, dtype: torch.dtype, requested: str = "auto") -> str:
     """The attention kernel of a model on (device, dtype), chosen once at load: the one `requested`, or for 'auto':
     on CUDA in fp16/bf16 flash-attn's varlen kernel when the package is installed, else torch's own varlen flash
-    attention, else FlexAttention with a document mask; on the CPU in fp32 rerankd's own packed kernel ('avx512',
-    where it builds); everywhere else (bf16 on the CPU, fp32 on CUDA) PyTorch SDPA called once per sequence.
+    attention, else FlexAttention with a document mask; on the CPU rerankd's own packed kernel ('avx512', where it
+    builds; it computes in fp32, a bf16 model's q/k/v widened for it); everywhere else (fp32 on CUDA, a CPU without
+    AVX-512) PyTorch SDPA called once per sequence.
     FlexAttention over the packed batch was 1.2-4x slower than that loop on the CPU, rerankd's kernel 1.5-3x faster
     on short sequences (benchmarks/bench_cpu_attention.py); fp32 on CUDA is the parity mode, which the flash
     kernels do not run.
@@ -179,7 +180,7 @@ def attention_backend(device: torch.device, dtype: torch.dtype, requested: str =
 
 def _candidates(device: torch.device, dtype: torch.dtype) -> tuple[str, ...]:
     """The kernels 'auto' tries before the SDPA loop, best first."""
-    if device.type == "cpu" and dtype == torch.float32:
+    if device.type == "cpu" and dtype in (torch.float32, *HALF):
         return ("avx512",)
     return ("flash-attn", "varlen", "flex") if device.type == "cuda" and dtype in HALF else ()
 
@@ -330,9 +331,17 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pack: Pa
     if pack.kernel == "flex":
         return _flex_attention(q, k, v, pack, "causal" if causal else "full")
     if pack.kernel == "avx512":
-        out = cpu_attention.attention(q, k, v, pack.cpu_full, causal)
-        return _sdpa_loop(q, k, v, pack.long, causal, out)
+        return _sdpa_loop(q, k, v, pack.long, causal, _cpu_kernel(q, k, v, pack.cpu_full, causal))
     return _sdpa_loop(q, k, v, pack.spans(), causal, torch.empty_like(q))
+
+
+def _cpu_kernel(q, k, v, spans: torch.Tensor, causal: bool) -> torch.Tensor:
+    """rerankd's CPU kernel, which computes in fp32: a bf16 (fp16) model's q, k and v are widened for it and its
+    output rounded back (in the model's dtype the SDPA loop ran 1.6-3x slower than the kernel on short sequences:
+    docs/benchmarks.md)."""
+    if q.dtype == torch.float32:
+        return cpu_attention.attention(q, k, v, spans, causal)
+    return cpu_attention.attention(q.float(), k.float(), v.float(), spans, causal).to(q.dtype)
 
 
 def _sdpa_loop(q, k, v, spans, causal: bool, out: torch.Tensor) -> torch.Tensor:
@@ -368,7 +377,7 @@ def row_attention(
     if rows is None and pack.kernel == "varlen":
         return _torch_varlen_attention(q, k, v, pack.one_each, pack.cu, 1, pack.max_len, causal=False)
     if rows is None and pack.kernel == "avx512":
-        return cpu_attention.attention(q, k, v, pack.cpu_rows, causal=False)
+        return _cpu_kernel(q, k, v, pack.cpu_rows, causal=False)
     gqa = k.shape[1] != q.shape[1]
     outs = []
     r = 0
