@@ -74,6 +74,8 @@ def in_order(results: list[dict]) -> list[float]:
 
 
 def load(path, device: str, dtype: str, **options) -> Reranker:
+    if dtype == "bfloat16" and device.startswith("cpu"):  # bf16 arithmetic, as on CUDA ('auto' may compute in fp32)
+        options.setdefault("cpu_bf16", "native")
     return Reranker.from_pretrained(path, device=device, dtype=dtype, show_progress=False, **options)
 
 

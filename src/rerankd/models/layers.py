@@ -518,9 +518,10 @@ def use_cpu_gemm(model: nn.Module, requested: str, device: torch.device, dtype: 
     """Pick the kernel of `model`'s fp32 linear layers on the CPU and switch them to it; returns 'onednn' or 'torch'.
 
     requested: 'auto' (oneDNN when it measures >= ONEDNN_MIN_SPEEDUP x torch's default here), 'onednn' or 'torch'.
-    Switched: every plain nn.Linear, bf16-stored ones included (to OneDNNLinear), and every module that computes a product of its own and
-    declares a `uses_onednn` attribute (set to True). Other devices and dtypes, and a model with no float linear
-    layer left (int8), keep torch's kernels: 'torch', with a warning if 'onednn' was asked for.
+    Switched: every plain nn.Linear, bf16-stored ones (UpcastLinear) included, to OneDNNLinear, and every module that
+    computes a product of its own and declares a `uses_onednn` attribute (set to True). Other devices and dtypes,
+    and a model with no float linear layer left (int8), keep torch's kernels: 'torch', with a warning if 'onednn'
+    was asked for.
     """
     check_cpu_gemm(requested)
     if requested == "torch":
