@@ -104,3 +104,24 @@ def test_int8_and_fp32_models_report_none(checkpoint):
     assert load(path, dtype="float32").options.cpu_bf16 == "none"
     if "v2" in path.name:
         assert load(path, dtype="bfloat16", quantize="int8").options.cpu_bf16 == "none"
+
+
+def test_row_blocks_share_one_widened_weight(monkeypatch):
+    """rowwise runs a layer's row blocks with its bf16 weights widened once (not once a block), and lets them go."""
+    monkeypatch.setattr(layers, "CPU_ROWS_PER_STEP", 4)
+    torch.manual_seed(0)
+    layer = nn.Linear(8, 6).bfloat16()
+    layer.bias.data = layer.bias.float()
+    layer.__class__ = UpcastLinear
+    x = torch.randn(10, 8)
+    seen = []
+
+    def fn(rows):
+        out = layer(rows)
+        seen.append(next(iter(layers._widened.weights.values())))
+        return out
+
+    got = layers.rowwise(fn, x)
+    assert len(seen) == 3 and all(w is seen[0] for w in seen) and seen[0].dtype == torch.float32
+    assert layers._widened.weights is None
+    assert_close(got, torch.nn.functional.linear(x, layer.weight.float(), layer.bias), 1e-6)
