@@ -110,7 +110,7 @@ def test_row_blocks_share_one_widened_weight(monkeypatch):
     """rowwise runs a layer's row blocks with its bf16 weights widened once (not once a block), and lets them go."""
     monkeypatch.setattr(layers, "CPU_ROWS_PER_STEP", 4)
     torch.manual_seed(0)
-    layer = nn.Linear(8, 6).bfloat16()
+    layer = nn.Linear(8, 6).bfloat16().requires_grad_(False)
     layer.bias.data = layer.bias.float()
     layer.__class__ = UpcastLinear
     x = torch.randn(10, 8)
