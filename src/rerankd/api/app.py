@@ -219,9 +219,9 @@ def load_app(model: str, names: Sequence[str], load: LoadOptions, options: Serve
     log.info("loading %s", model)
     start = time.monotonic()
     rr = Reranker.from_pretrained(model, **dataclasses.asdict(load))
-    log.info("loaded %s (%s) on %s, %s (CPU bf16 arithmetic: %s), fp32 CPU linear kernel %s, in %.1fs", model,
-             rr.backend.architecture, rr.options.device, rr.options.dtype, rr.options.cpu_bf16, rr.options.cpu_gemm,
-             time.monotonic() - start)  # fmt: skip
+    bf16 = "" if rr.options.cpu_bf16 == "none" else f" (cpu_bf16 {rr.options.cpu_bf16})"
+    log.info("loaded %s (%s) on %s, %s%s, fp32 CPU linear kernel %s, in %.1fs", model, rr.backend.architecture,
+             rr.options.device, rr.options.dtype, bf16, rr.options.cpu_gemm, time.monotonic() - start)  # fmt: skip
     if not options.skip_warmup:
         start = time.monotonic()
         rr.compute_score([["warm-up query", "warm-up document"]])
