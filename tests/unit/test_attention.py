@@ -173,7 +173,6 @@ def test_the_avx512_kernel_computes_a_half_model_in_fp32(dtype):
     q, k, v = (torch.randn(sum(CPU_LENGTHS), h, dim, generator=g).to(dtype) for h in (heads, kv_heads, kv_heads))
     cu = offsets(CPU_LENGTHS)
     pack = packing(CPU_LENGTHS, CPU, "avx512")
-    assert not pack.long
     for causal in (False, True):
         got = varlen_attention(q, k, v, pack, causal)
         assert got.dtype == dtype
@@ -185,15 +184,25 @@ def test_the_avx512_kernel_computes_a_half_model_in_fp32(dtype):
 
 
 @needs_avx512
-def test_the_avx512_kernel_leaves_long_sequences_to_torch(monkeypatch):
-    """Sequences longer than MAX_LEN go through torch's flash kernel in the same call, into the same output."""
-    monkeypatch.setattr(cpu_attention, "MAX_LEN", 32)
-    q, k, v = qkv(*SHAPES["gqa"])
-    cu = offsets(LENGTHS)
-    pack = packing(LENGTHS, CPU, "avx512")
-    assert pack.long == [(8, 41), (41, 171)] and pack.cpu_full.shape == (5, 3)
+@pytest.mark.parametrize("shape", ["m0 text", "qwen3 tiny", "one head"])
+def test_the_avx512_kernel_takes_many_keys_in_blocks(monkeypatch, shape):
+    """A unit with more keys than KEY_BLOCK takes them a block at a time (online softmax): blocks of 32 keys here,
+    so that sequences of 33..300 tokens cross one to ten block boundaries, causal rows starting before a block too."""
+    monkeypatch.setattr(cpu_attention, "KEY_BLOCK", 32)
+    heads, kv_heads, dim = CPU_SHAPES[shape]
+    g = torch.Generator().manual_seed(3)
+    tokens = sum(CPU_LENGTHS)
+    q, k, v = (torch.randn(tokens, h, dim, generator=g) for h in (heads, kv_heads, kv_heads))
+    cu = offsets(CPU_LENGTHS)
+    pack = packing(CPU_LENGTHS, CPU, "avx512")
     for causal in (False, True):
         assert_close(varlen_attention(q, k, v, pack, causal), loop_reference(q, k, v, cu, causal), 1e-5)
+    last = torch.tensor(cu[1:]) - 1
+    assert_close(row_attention(q[last], k, v, pack), loop_reference(q, k, v, cu, True)[last], 1e-5)
+    together = varlen_attention(q, k, v, pack, causal=True)  # still independent of the batch, bit for bit
+    for a, b in zip(cu[:-1], cu[1:]):
+        alone = varlen_attention(q[a:b], k[a:b], v[a:b], packing([b - a], CPU, "avx512"), causal=True)
+        assert torch.equal(alone, together[a:b])
 
 
 @needs_avx512

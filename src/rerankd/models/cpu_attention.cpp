@@ -7,8 +7,10 @@
 // thread. A unit copies its keys (transposed, [head_dim, keys]) and values ([keys, head_dim]) into thread-local
 // buffers that stay in cache, then, for every query head of the group and block of QB query rows: the scores
 // [rows, keys] with register-blocked FMAs, an exact softmax (max, exp, sum; 1/sum applied to the output), and the
-// weighted sum of the values. Nothing depends on the other sequences of the batch: a sequence's result is the same
-// bit for bit whatever it is batched with.
+// weighted sum of the values. A unit with more keys than key_block takes them a block at a time instead, carrying
+// each row's running max, sum and output across the blocks (flash attention's online softmax), so that its keys and
+// values stay in cache at any length. Nothing depends on the other sequences of the batch: a sequence's result is the
+// same bit for bit whatever it is batched with.
 //
 // Layouts (fp32, row-major): q [q_rows, Hq, D] with row stride q_stride; k, v [tokens, Hk, D] with row strides
 // k_stride, v_stride; out [q_rows, Hq, D] contiguous. Sequence s: keys k[key_start[s] .. + key_len[s]), query rows
@@ -189,26 +191,58 @@ void softmax_rows(const Args& a, float* S, int64_t ld, int64_t rows, int64_t pos
   }
 }
 
-// output rows [r0, r1) of query head h, in panels of up to 64 columns (4 registers x 6 rows = 24 accumulators)
-void weighted(const Args& a, float* out, int64_t h, const float* vt, int64_t r0, int64_t r1, int64_t pos0, int64_t nk,
-              const float* S, int64_t ld, const float* inv) {
-  const int64_t D = a.D, os = a.Hq * D;
+// rows [r0, r1) of S times the values, each row times scale[(r - r0) * step], into out (row r0 first, stride ldo), in
+// panels of up to 64 columns (4 registers x 6 rows = 24 accumulators)
+void weighted(const Args& a, float* out, int64_t ldo, const float* vt, int64_t r0, int64_t r1, int64_t pos0,
+              int64_t nk, const float* S, int64_t ld, const float* scale, int step) {
+  const int64_t D = a.D;
   for (int64_t rb = r0; rb < r1; rb += MR) {
     const int mr = (int)std::min<int64_t>(MR, r1 - rb);
     const int64_t jn = a.causal ? std::min(pos0 + rb + mr, nk) : nk;
     const float* srow = S + (rb - r0) * ld;
-    float* orow = out + rb * os + h * D;
+    float* orow = out + (rb - r0) * ldo;
+    const float* rs = scale + (rb - r0) * step;
     for (int64_t c0 = 0; c0 < D; c0 += 64) {
       const int64_t cols = std::min<int64_t>(64, D - c0);
       const __mmask16 last = first_n(cols - (cols - 1) / 16 * 16);
-      const float* row_inv = inv + (rb - r0);
       switch ((cols + 15) / 16) {
-        case 4: micro_rows<4>(mr, srow, ld, vt + c0, D, jn, last, orow + c0, os, row_inv, 1); break;
-        case 3: micro_rows<3>(mr, srow, ld, vt + c0, D, jn, last, orow + c0, os, row_inv, 1); break;
-        case 2: micro_rows<2>(mr, srow, ld, vt + c0, D, jn, last, orow + c0, os, row_inv, 1); break;
-        default: micro_rows<1>(mr, srow, ld, vt + c0, D, jn, last, orow + c0, os, row_inv, 1); break;
+        case 4: micro_rows<4>(mr, srow, ld, vt + c0, D, jn, last, orow + c0, ldo, rs, step); break;
+        case 3: micro_rows<3>(mr, srow, ld, vt + c0, D, jn, last, orow + c0, ldo, rs, step); break;
+        case 2: micro_rows<2>(mr, srow, ld, vt + c0, D, jn, last, orow + c0, ldo, rs, step); break;
+        default: micro_rows<1>(mr, srow, ld, vt + c0, D, jn, last, orow + c0, ldo, rs, step); break;
       }
     }
+  }
+}
+
+// One block of keys for rows whose keys do not fit one block (flash attention's online softmax): each row's scores
+// in S become its numerators against the running max m[i] (updated), l[i] (the running sum) is rescaled and grown,
+// and alpha[i] is what the row's output so far is to be multiplied by. pos: position of row 0 relative to the
+// block's first key (causal: negative for rows before the block, which see none of it: alpha 1, numerators 0).
+void softmax_block(const Args& a, float* S, int64_t ld, int64_t rows, int64_t pos, int64_t nk, float* m, float* l,
+                   float* alpha) {
+  const int64_t padded = (nk + 31) / 32 * 32;
+  for (int64_t i = 0; i < rows; ++i) {
+    float* s = S + i * ld;
+    const int64_t n = a.causal ? std::max<int64_t>(0, std::min(pos + i + 1, nk)) : nk;
+    if (n == 0) {
+      alpha[i] = 1.0f;
+      for (int64_t j = 0; j < padded; j += 16) _mm512_storeu_ps(s + j, _mm512_setzero_ps());
+      continue;
+    }
+    __m512 mx = _mm512_set1_ps(-INFINITY);
+    for (int64_t j = 0; j < n; j += 16) mx = _mm512_mask_max_ps(mx, first_n(n - j), mx, _mm512_loadu_ps(s + j));
+    const float m_new = std::max(m[i], _mm512_reduce_max_ps(mx));
+    alpha[i] = m[i] == -INFINITY ? 0.0f : expf(m[i] - m_new);
+    const __m512 mv = _mm512_set1_ps(m_new);
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t j = 0; j < padded; j += 16) {
+      const __m512 e = _mm512_maskz_mov_ps(first_n(n - j), exp512(_mm512_sub_ps(_mm512_loadu_ps(s + j), mv)));
+      sum = _mm512_add_ps(sum, e);
+      _mm512_storeu_ps(s + j, e);
+    }
+    m[i] = m_new;
+    l[i] = l[i] * alpha[i] + _mm512_reduce_add_ps(sum);
   }
 }
 
@@ -218,8 +252,8 @@ extern "C" int rerankd_attention(const float* q, const float* k, const float* v,
                                  int64_t k_stride, int64_t v_stride, int64_t Hq, int64_t Hk, int64_t D,
                                  const int64_t* key_start, const int64_t* key_len, const int64_t* q_start,
                                  const int64_t* q_len, const int64_t* q_pos, int64_t n, float scale, int causal,
-                                 int threads) {
-  if (Hk <= 0 || Hq % Hk != 0 || D <= 0 || threads <= 0) return 1;
+                                 int threads, int64_t key_block) {
+  if (Hk <= 0 || Hq % Hk != 0 || D <= 0 || threads <= 0 || key_block < 32 || key_block % 32 != 0) return 1;
   const Args a{k, v, q_stride, k_stride, v_stride, Hq, D, scale, causal};
   struct Unit {
     int64_t s, hk, r0, r1;
@@ -239,33 +273,80 @@ extern "C" int rerankd_attention(const float* q, const float* k, const float* v,
       }
   }
   std::stable_sort(units.begin(), units.end(), [](const Unit& x, const Unit& y) { return x.cost > y.cost; });
-  const int64_t count = (int64_t)units.size(), group = Hq / Hk;
-  const int64_t ld = (most_keys + 31) / 32 * 32, ldk = ld + 16;  // + 16: rows of kt not 4 KiB apart
+  const int64_t count = (int64_t)units.size(), group = Hq / Hk, os = Hq * D;
+  const int64_t ld = (std::min(most_keys, key_block) + 31) / 32 * 32, ldk = ld + 16;  // + 16: kt's rows not 4 KiB apart
+  const int64_t state = group * UNIT_ROWS;  // rows of a unit whose keys come in blocks: their outputs, maxes and sums
+  const float one = 1.0f;
   int64_t next = 0;
   int failed = 0;
 #pragma omp parallel num_threads(threads)
   {
-    float* buf = (float*)aligned_alloc(64, sizeof(float) * ((QB * ld + QB + 16 + D * ldk + ld * D + 15) / 16 * 16));
+    const int64_t floats = QB * ld + QB + 16 + D * ldk + ld * D + state * (D + 2) + QB * D + QB + 16;
+    float* buf = (float*)aligned_alloc(64, sizeof(float) * ((floats + 15) / 16 * 16));
     if (buf == nullptr) {
       __atomic_store_n(&failed, 3, __ATOMIC_RELAXED);
     } else {
-      float *S = buf, *inv = S + QB * ld, *kt = inv + QB + 16, *vt = kt + D * ldk;
+      float *S = buf, *inv = S + QB * ld, *kt = inv + QB + 16, *vt = kt + D * ldk, *O = vt + ld * D;
+      float *m = O + state * D, *l = m + state, *T = l + state, *alpha = T + QB * D;
       for (;;) {
         const int64_t i = __atomic_fetch_add(&next, 1, __ATOMIC_RELAXED);
         if (i >= count) break;
         const Unit& u = units[i];
         const int64_t pos0 = causal ? q_pos[u.s] : 0;
         const int64_t keys = causal ? pos0 + u.r1 : key_len[u.s];
-        pack_kv(a, key_start[u.s], keys, u.hk, kt, ldk, vt);
         const float* qs = q + q_start[u.s] * q_stride;
-        float* os = out + q_start[u.s] * Hq * D;
-        for (int64_t h = u.hk * group; h < (u.hk + 1) * group; ++h)
-          for (int64_t r0 = u.r0; r0 < u.r1; r0 += QB) {
-            const int64_t r1 = std::min<int64_t>(r0 + QB, u.r1);
-            const int64_t nk = causal ? pos0 + r1 : keys;
-            scores(a, qs, h, kt, ldk, r0, r1, pos0, nk, S, ld);
-            softmax_rows(a, S, ld, r1 - r0, pos0 + r0, nk, inv);
-            weighted(a, os, h, vt, r0, r1, pos0, nk, S, ld, inv);
+        float* ob = out + q_start[u.s] * os;
+        if (keys <= key_block) {  // all keys at once: an exact softmax over each row
+          pack_kv(a, key_start[u.s], keys, u.hk, kt, ldk, vt);
+          for (int64_t h = u.hk * group; h < (u.hk + 1) * group; ++h)
+            for (int64_t r0 = u.r0; r0 < u.r1; r0 += QB) {
+              const int64_t r1 = std::min<int64_t>(r0 + QB, u.r1);
+              const int64_t nk = causal ? pos0 + r1 : keys;
+              scores(a, qs, h, kt, ldk, r0, r1, pos0, nk, S, ld);
+              softmax_rows(a, S, ld, r1 - r0, pos0 + r0, nk, inv);
+              weighted(a, ob + r0 * os + h * D, os, vt, r0, r1, pos0, nk, S, ld, inv, 1);
+            }
+          continue;
+        }
+        // keys in blocks of key_block (they stay in cache), each row's output and softmax carried across them
+        const int64_t rows = u.r1 - u.r0;
+        for (int64_t g = 0; g < group; ++g)
+          for (int64_t r = 0; r < rows; ++r) {
+            m[g * rows + r] = -INFINITY;
+            l[g * rows + r] = 0.0f;
+            memset(O + (g * rows + r) * D, 0, sizeof(float) * D);
+          }
+        for (int64_t j0 = 0; j0 < keys; j0 += key_block) {
+          const int64_t nb = std::min(key_block, keys - j0), rel = pos0 - j0;  // rel: row 0's position in the block
+          pack_kv(a, key_start[u.s] + j0, nb, u.hk, kt, ldk, vt);
+          for (int64_t g = 0; g < group; ++g)
+            for (int64_t r0 = u.r0; r0 < u.r1; r0 += QB) {
+              const int64_t r1 = std::min<int64_t>(r0 + QB, u.r1);
+              if (causal && rel + r1 <= 0) continue;  // these rows come before the block's keys
+              const int64_t nk = causal ? std::min(nb, rel + r1) : nb, at = g * rows + (r0 - u.r0);
+              scores(a, qs, u.hk * group + g, kt, ldk, r0, r1, rel, nk, S, ld);
+              softmax_block(a, S, ld, r1 - r0, rel + r0, nk, m + at, l + at, alpha);
+              weighted(a, T, D, vt, r0, r1, rel, nk, S, ld, &one, 0);
+              for (int64_t r = 0; r < r1 - r0; ++r) {
+                float* o = O + (at + r) * D;
+                const __m512 f = _mm512_set1_ps(alpha[r]);
+                for (int64_t d = 0; d < D; d += 16) {
+                  const __mmask16 k16 = first_n(D - d);
+                  const __m512 t = _mm512_maskz_loadu_ps(k16, T + r * D + d);
+                  _mm512_mask_storeu_ps(o + d, k16, _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k16, o + d), f, t));
+                }
+              }
+            }
+        }
+        for (int64_t g = 0; g < group; ++g)
+          for (int64_t r = 0; r < rows; ++r) {
+            const float* o = O + (g * rows + r) * D;
+            float* dst = ob + (u.r0 + r) * os + (u.hk * group + g) * D;
+            const __m512 f = _mm512_set1_ps(1.0f / l[g * rows + r]);
+            for (int64_t d = 0; d < D; d += 16) {
+              const __mmask16 k16 = first_n(D - d);
+              _mm512_mask_storeu_ps(dst + d, k16, _mm512_mul_ps(_mm512_maskz_loadu_ps(k16, o + d), f));
+            }
           }
       }
       free(buf);

@@ -255,9 +255,8 @@ class Packing:
     one_each: torch.Tensor | None = None  # int32 0..n on the device: one query row per sequence (row_attention)
     doc: torch.Tensor | None = None  # [tokens] sequence index of each token (FlexAttention)
     masks: dict = field(default_factory=dict)  # FlexAttention block masks by kind, built at first use
-    cpu_full: torch.Tensor | None = None  # the avx512 kernel's spans: sequences up to its MAX_LEN, whole
+    cpu_full: torch.Tensor | None = None  # the avx512 kernel's spans: every sequence, whole
     cpu_rows: torch.Tensor | None = None  # ... and one query row per sequence (row_attention)
-    long: list = field(default_factory=list)  # (start, end) of the sequences the avx512 kernel leaves to SDPA
 
     @property
     def n(self) -> int:
@@ -277,12 +276,9 @@ def packing(lengths: Iterable[int], device: torch.device, kernel: str) -> Packin
     elif kernel == "flex":
         pack.doc = to_device(torch.repeat_interleave(torch.arange(pack.n), torch.tensor(lengths)), device)
     elif kernel == "avx512":
-        short = [(start, end - start) for start, end in pack.spans() if end - start <= cpu_attention.MAX_LEN]
-        pack.long = [(start, end) for start, end in pack.spans() if end - start > cpu_attention.MAX_LEN]
-        starts, counts = [start for start, _ in short], [count for _, count in short]
-        pack.cpu_full = cpu_attention.spans_tensor(starts, counts, starts, counts, [0] * len(short))
-        pack.cpu_rows = cpu_attention.spans_tensor(pack.offsets[:-1], lengths, range(pack.n), [1] * pack.n,
-                                                   [0] * pack.n)  # fmt: skip
+        starts = pack.offsets[:-1]
+        pack.cpu_full = cpu_attention.spans_tensor(starts, lengths, starts, lengths, [0] * pack.n)
+        pack.cpu_rows = cpu_attention.spans_tensor(starts, lengths, range(pack.n), [1] * pack.n, [0] * pack.n)
     return pack
 
 
@@ -341,7 +337,7 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pack: Pa
     if pack.kernel == "flex":
         return _flex_attention(q, k, v, pack, "causal" if causal else "full")
     if pack.kernel == "avx512":
-        return _sdpa_loop(q, k, v, pack.long, causal, _cpu_kernel(q, k, v, pack.cpu_full, causal))
+        return _cpu_kernel(q, k, v, pack.cpu_full, causal)
     return _sdpa_loop(q, k, v, pack.spans(), causal, torch.empty_like(q))
 
 
