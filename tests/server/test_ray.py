@@ -24,7 +24,7 @@ import yaml  # noqa: E402 (Ray's dependency)
 from rerankd import Reranker  # noqa: E402
 from rerankd.api import create_app  # noqa: E402
 from rerankd.api.ray_proxy import JsonErrorsMiddleware  # noqa: E402
-from rerankd.api.ray_serve import Rerankd, build, deployment_options  # noqa: E402
+from rerankd.api.ray_serve import Rerankd, _answering, build, deployment_options  # noqa: E402
 from rerankd.config import LoadOptions, RayOptions, ServeOptions  # noqa: E402
 
 from .conftest import Server  # noqa: E402
@@ -196,6 +196,21 @@ def test_a_killed_replica_is_replaced_while_the_other_answers(on_ray):
 
 
 # ------------------------------------------------------------------------------------------ without a cluster
+
+
+def test_a_stop_while_deploying_drains_once_a_replica_answers():
+    """SIGTERM while `serve.run` still waits: a stop of a running server (drain) once the app is RUNNING or any of
+    its replicas is up; before that, an abandoned start."""
+    from ray.serve._private.common import ReplicaState
+
+    def app(status, **states):
+        replicas = {ReplicaState(k): n for k, n in states.items()}
+        return SimpleNamespace(status=status, deployments={"Rerankd": SimpleNamespace(replica_states=replicas)})
+
+    assert not _answering(None)
+    assert not _answering(app("DEPLOYING", STARTING=2))
+    assert _answering(app("DEPLOYING", RUNNING=1, STARTING=1))
+    assert _answering(app("RUNNING", RUNNING=2))
 
 
 def test_deployment_options_fixed_autoscaled_and_refused():

@@ -196,9 +196,8 @@ def run(model: str, names: tuple[str, ...], load: LoadOptions, options: ServeOpt
         done = _in_thread(lambda: serve.run(app, name=APP_NAME, route_prefix="/", blocking=False), failed)
         while not done.wait(1.0):
             if stop.is_set():
-                status = _application(APP_NAME)
-                if status is not None and status.status == "RUNNING":  # up (its proxy answers) before serve.run
-                    break  # came back: stop as when up
+                if _answering(_application(APP_NAME)):  # up (its proxy answers) before serve.run came back
+                    break  # stop as when up
                 log.warning("stopped before the replicas were up")
                 return 1
             if round(time.monotonic() - start) % 60 == 0:
@@ -238,6 +237,18 @@ def _application(name: str):
         return serve.status().applications.get(name)
     except Exception:  # noqa: BLE001 - no Serve running on the cluster yet
         return None
+
+
+def _answering(status) -> bool:
+    """Whether an application (its `_application` status) answers requests: RUNNING, or still deploying with a
+    replica up, to which the proxy already routes: a SIGTERM then drains instead of abandoning a start (with 2
+    replicas, one answered /health while the other was still starting, in CI under load)."""
+    if status is None:
+        return False
+    if status.status == "RUNNING":
+        return True
+    return any(str(getattr(state, "value", state)) == "RUNNING" and count > 0
+               for d in status.deployments.values() for state, count in d.replica_states.items())  # fmt: skip
 
 
 def _in_thread(work, failed: list) -> threading.Event:
