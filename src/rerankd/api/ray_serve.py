@@ -247,8 +247,7 @@ def _answering(status) -> bool:
         return False
     if status.status == "RUNNING":
         return True
-    return any(str(getattr(state, "value", state)) == "RUNNING" and count > 0
-               for d in status.deployments.values() for state, count in d.replica_states.items())  # fmt: skip
+    return any(d.replica_states.get("RUNNING", 0) > 0 for d in status.deployments.values())  # str-valued enum keys
 
 
 def _in_thread(work, failed: list) -> threading.Event:

@@ -171,26 +171,6 @@ void scores(const Args& a, const float* q, int64_t h, const float* kt, int64_t l
   }
 }
 
-// each row's softmax numerators in place, over the keys it sees; zeros up to the block's key count rounded to 32
-// (what the weighted sum reads); inv[i] = 1 / the row's sum
-void softmax_rows(const Args& a, float* S, int64_t ld, int64_t rows, int64_t pos, int64_t nk, float* inv) {
-  const int64_t padded = (nk + 31) / 32 * 32;
-  for (int64_t i = 0; i < rows; ++i) {
-    float* s = S + i * ld;
-    const int64_t n = a.causal ? std::min(pos + i + 1, nk) : nk;
-    __m512 mx = _mm512_set1_ps(-INFINITY);
-    for (int64_t j = 0; j < n; j += 16) mx = _mm512_mask_max_ps(mx, first_n(n - j), mx, _mm512_loadu_ps(s + j));
-    const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
-    __m512 sum = _mm512_setzero_ps();
-    for (int64_t j = 0; j < padded; j += 16) {
-      const __m512 e = _mm512_maskz_mov_ps(first_n(n - j), exp512(_mm512_sub_ps(_mm512_loadu_ps(s + j), m)));
-      sum = _mm512_add_ps(sum, e);
-      _mm512_storeu_ps(s + j, e);
-    }
-    inv[i] = 1.0f / _mm512_reduce_add_ps(sum);
-  }
-}
-
 // rows [r0, r1) of S times the values, each row times scale[(r - r0) * step], into out (row r0 first, stride ldo), in
 // panels of up to 64 columns (4 registers x 6 rows = 24 accumulators)
 void weighted(const Args& a, float* out, int64_t ldo, const float* vt, int64_t r0, int64_t r1, int64_t pos0,
@@ -244,6 +224,16 @@ void softmax_block(const Args& a, float* S, int64_t ld, int64_t rows, int64_t po
     m[i] = m_new;
     l[i] = l[i] * alpha[i] + _mm512_reduce_add_ps(sum);
   }
+}
+
+// the exact softmax of rows that see all their keys at once (rows <= QB): softmax_block from an empty start, the
+// numerators in place, zeros up to the key count rounded to 32 (what the weighted sum reads); inv[i] = 1 / the sum
+void softmax_rows(const Args& a, float* S, int64_t ld, int64_t rows, int64_t pos, int64_t nk, float* inv) {
+  float m[QB], l[QB], alpha[QB];
+  std::fill(m, m + rows, -INFINITY);
+  std::fill(l, l + rows, 0.0f);
+  softmax_block(a, S, ld, rows, pos, nk, m, l, alpha);
+  for (int64_t i = 0; i < rows; ++i) inv[i] = 1.0f / l[i];
 }
 
 }  // namespace

@@ -73,7 +73,7 @@ def rowwise(fn, *xs: torch.Tensor) -> torch.Tensor:
 
 
 # The weights widened within one rowwise call on this thread, by (layer, rows); None outside one. Widening a layer's
-# weights again for each block of rows cost 5% of a v2 forward (4 blocks a 4096-token batch).
+# weights again for each block of rows cost 3-4% of a v2 forward (4 blocks a 4096-token batch; docs/benchmarks.md).
 _widened = threading.local()
 
 
@@ -468,8 +468,13 @@ def linear(x: torch.Tensor, layer: nn.Linear, rows: slice = slice(None)) -> torc
     w = layer.weight[rows]
     if w.dtype != x.dtype:
         held = getattr(_widened, "weights", None)
-        key = (id(layer), rows.start, rows.stop)
-        w = w.to(x.dtype) if held is None else held.get(key) if key in held else held.setdefault(key, w.to(x.dtype))
+        if held is None:
+            w = w.to(x.dtype)
+        else:
+            key = (id(layer), rows.start, rows.stop)
+            if key not in held:
+                held[key] = w.to(x.dtype)
+            w = held[key]
     b = None if layer.bias is None else layer.bias[rows]
     return onednn_linear(x, w, b) if isinstance(layer, OneDNNLinear) else F.linear(x, w, b)
 
