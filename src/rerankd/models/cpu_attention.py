@@ -2,7 +2,7 @@
 head of a batch in one call, where the SDPA loop calls torch's flash kernel once per sequence. On the short
 sequences that rerankers see it runs 1.5-3x the loop's speed (benchmarks/bench_cpu_attention.py); a sequence with
 more than KEY_BLOCK keys takes them a block at a time with an online softmax, as flash attention does, and stayed
-ahead of torch's kernel at every length measured (up to 16,384 tokens).
+ahead of torch's kernel at every length measured (up to 31,548 tokens).
 
 The kernel is compiled once per machine with the system's C++ compiler ($CXX, else c++ or g++; OpenMP from the
 same libgomp that torch loads) into $XDG_CACHE_HOME/rerankd (~/.cache/rerankd), named by a hash of the source,
