@@ -1,7 +1,7 @@
 """Benchmark: packed attention on the CPU, the kernels of `rerankd.models.layers.varlen_attention` (issue 19).
 
 The loop: one torch SDPA call a sequence (torch's flash CPU kernel). Against it: rerankd's own packed kernel
-(`attention="avx512"`, models/cpu_attention.cpp, where it builds; it computes in fp32, and in bf16 it is given
+(`attention="avx512"`, models/cpu_kernels.cpp, where it builds; it computes in fp32, and in bf16 it is given
 q/k/v widened, its output rounded back), one call over the whole batch with FlexAttention and a document mask
 (`attention="flex"`, compiled by inductor), and, for bf16, the same loop run in fp32 (q/k/v upcast, the output cast
 back). Batches of the
@@ -48,10 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.repeats < 1:
         ap.error("need --repeats >= 1")
 
-    from rerankd.models import cpu_attention
+    from rerankd.models import cpu_kernels
     from rerankd.models.layers import packing, varlen_attention
 
-    own = cpu_attention.unavailable()
+    own = cpu_kernels.unavailable()
     if own is not None:
         log(f"rerankd's avx512 kernel is left out: {own}")
 

@@ -54,3 +54,19 @@ def assert_close(a, b, tol):
     assert a.shape == b.shape
     diff = float(np.max(np.abs(a - b))) if a.size else 0.0
     assert diff <= tol, f"max |diff| {diff:.3g} > {tol:g}\n ours: {a}\n  ref: {b}"
+
+
+ELEMENTWISE = ["torch", "avx512"]  # the values of cpu_elementwise that name a kernel
+
+
+def loaded_with_elementwise(path, kernel: str) -> Reranker:
+    """The model at `path` loaded with cpu_elementwise=`kernel`, after checking that every module with element-wise
+    work runs it (skips 'avx512' where rerankd's CPU kernels cannot run)."""
+    from rerankd.models import cpu_kernels
+
+    if kernel == "avx512" and cpu_kernels.unavailable() is not None:
+        pytest.skip(f"rerankd's CPU kernels cannot run here: {cpu_kernels.unavailable()}")
+    rr = Reranker.from_pretrained(path, show_progress=False, cpu_elementwise=kernel)
+    assert rr.options.cpu_elementwise == kernel
+    assert {m.elementwise for m in rr.backend.model.modules() if hasattr(m, "elementwise")} == {kernel}
+    return rr

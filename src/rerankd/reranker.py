@@ -20,7 +20,7 @@ from .inputs import ImageItem, Item, TextItem, parse_item
 from .inputs.items import valid_text
 from .inputs.items import ItemType
 from .models.base import Backend, LengthOptions, Where, Window
-from .models.layers import attention_backend, check_cpu_gemm, cpu_bf16
+from .models.layers import attention_backend, check_cpu_gemm, cpu_bf16, cpu_elementwise
 from .models.registry import backend_for
 from .results import activate, check_activation, check_top_n, rerank_results
 
@@ -87,16 +87,18 @@ class Reranker:
         bf16 = "none" if opts.quantize else cpu_bf16(dev, dt, opts.cpu_bf16)  # int8 weights: no bf16 arithmetic
         compute = torch.float32 if bf16 == "upcast" else dt
         attention_backend(dev, compute, opts.attention)
+        elementwise = cpu_elementwise(dev, compute, opts.cpu_elementwise)
         path = resolve_model(name_or_path, opts.revision)
         backend_cls, config = backend_for(path)
-        backend: Backend = backend_cls.load(path, config, dev, compute, replace(opts, cpu_bf16=bf16))
+        backend: Backend = backend_cls.load(path, config, dev, compute,
+                                            replace(opts, cpu_bf16=bf16, cpu_elementwise=elementwise))  # fmt: skip
         if backend.cpu_gemm == "none":  # a GGUF: llama.cpp's own arithmetic
-            bf16 = "none"
+            bf16 = elementwise = "none"
         budget = batch_tokens(opts.max_batch_tokens, dev.type)
         weights = torch.bfloat16 if bf16 == "upcast" else backend.dtype
         resolved = replace(opts, device=str(backend.device), dtype=str(weights).removeprefix("torch."),
                            cpu_gemm=backend.cpu_gemm, cpu_bf16=bf16, attention=backend.attn_backend,
-                           max_batch_tokens=budget)  # fmt: skip
+                           cpu_elementwise=elementwise, max_batch_tokens=budget)  # fmt: skip
         return cls(backend, path, resolved)
 
     @property

@@ -12,7 +12,7 @@ from rerankd.models.base import LengthOptions, Where
 from rerankd.models.jina_v3 import prompt
 from rerankd.tiny import make_tiny_checkpoint
 
-from ..conftest import assert_close
+from ..conftest import ELEMENTWISE, assert_close, loaded_with_elementwise
 
 TOL = 1e-5
 WORDS = "markdown model web content extraction gold rush Paris France capital 数据 提取 Beiträge 🙂".split()
@@ -60,6 +60,12 @@ def test_one_block_equals_the_reference(v3, v3_ref):
     # rerank's default (chunk) cuts nothing here, so it is the same; relevance_score is the cosine, no sigmoid
     assert_close(scores_of(v3.rerank(QUERY, DOCS)), ours, TOL)
     assert_close(v3.compute_score([[QUERY, d] for d in DOCS], activation=None), ours, 0)
+
+
+@pytest.mark.parametrize("elementwise", ELEMENTWISE)
+def test_both_elementwise_kernels_equal_the_reference(v3_dir, v3_ref, elementwise):
+    rr = loaded_with_elementwise(v3_dir, elementwise)
+    assert_close(rr.compute_score([[QUERY, d] for d in DOCS]), v3_ref.rerank(QUERY, DOCS), TOL)
 
 
 def test_the_prompt_is_the_reference_one(v3, v3_ref):

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from rerankd import Reranker
 from rerankd.tiny import make_tiny_checkpoint
 
-from ..conftest import assert_close, data_uri, make_image
+from ..conftest import ELEMENTWISE, assert_close, data_uri, loaded_with_elementwise, make_image
 
 TOL = 1e-4
 WORDS = "markdown model web content extraction gold rush merchants Paris France capital 数据 提取 正则 Beiträge 🙂".split()
@@ -132,5 +132,16 @@ def test_both_cpu_kernels_equal_the_reference(m0_dir, m0_ref, gemm):
     texts = [["slm markdown", d] for d in TEXT_DOCS[:6]]
     images = [["slm markdown", data_uri(im)] for im in IMAGES[1:3]]
     assert_close(rr.compute_score(texts, max_length=2048), m0_ref.compute_score(texts, max_length=2048), TOL)
+    ours = rr.compute_score(images, max_length=2048, doc_type="image")
+    assert_close(ours, m0_ref.compute_score(images, max_length=2048, doc_type="image"), TOL)
+
+
+@pytest.mark.parametrize("elementwise", ELEMENTWISE)
+def test_both_elementwise_kernels_equal_the_reference(m0_dir, m0_ref, elementwise):
+    """The decoder's norms, rotary embeddings and SiLU products on rerankd's CPU kernels and on torch's ops."""
+    rr = loaded_with_elementwise(m0_dir, elementwise)
+    texts = [["slm markdown", d] for d in TEXT_DOCS]
+    assert_close(rr.compute_score(texts, max_length=2048), m0_ref.compute_score(texts, max_length=2048), TOL)
+    images = [["slm markdown", data_uri(IMAGES[2])]]
     ours = rr.compute_score(images, max_length=2048, doc_type="image")
     assert_close(ours, m0_ref.compute_score(images, max_length=2048, doc_type="image"), TOL)

@@ -16,7 +16,7 @@ from rerankd.models.base import LengthOptions, Where
 from rerankd.models.qwen3_reranker import DEFAULT_INSTRUCTION, PREFIX, SUFFIX
 from rerankd.tiny import make_tiny_checkpoint
 
-from ..conftest import assert_close
+from ..conftest import ELEMENTWISE, assert_close, loaded_with_elementwise
 
 TOL = 1e-5
 WORDS = "markdown model web content extraction gold rush Paris France capital 数据 提取 Beiträge 🙂 yes no".split()
@@ -56,6 +56,13 @@ def test_scores_equal_the_model_card_usage(variant):
     assert_close(ours, ref.compute_score(PAIRS, batch_size=len(PAIRS)), TOL)  # one left-padded batch
     assert np.std(ours) > 0.02, ours  # the scores depend on the pair
     assert_close(rr.compute_score(PAIRS, activation=None), ref.compute_score(PAIRS, raw=True), 1e-4)
+
+
+@pytest.mark.parametrize("elementwise", ELEMENTWISE)
+def test_both_elementwise_kernels_equal_the_model_card_usage(variant, elementwise):
+    _, ref, path = variant
+    rr = loaded_with_elementwise(path, elementwise)  # Qwen3's per-head q/k norms included
+    assert_close(rr.compute_score(PAIRS), ref.compute_score(PAIRS, batch_size=len(PAIRS)), TOL)
 
 
 def test_instruction_and_truncation_follow_the_reference(variant):

@@ -1,6 +1,6 @@
 """The attention kernels (rerankd.models.layers): each one equals the per-sequence SDPA loop, the choice is made once
 and named, torch's varlen call is built right for every version of its keywords, and rerankd's own CPU kernel
-(models/cpu_attention.cpp) is built, loaded, exact and batch-invariant."""
+(models/cpu_kernels.cpp) is built, loaded, exact and batch-invariant."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rerankd.models import cpu_attention, layers
+from rerankd.models import cpu_kernels, layers
 from rerankd.models.layers import attention_backend, packing, row_attention, varlen_attention
 
 from ..conftest import assert_close
@@ -117,7 +117,7 @@ def test_the_choice_is_made_once_and_explained():
     # on the CPU: rerankd's own kernel where it runs (x86-64 with AVX-512 and a C++ compiler), else the loop; in
     # bf16 too (q/k/v widened to its fp32)
     for dtype in (torch.float32, torch.bfloat16):
-        assert attention_backend(CPU, dtype) == ("sdpa" if cpu_attention.unavailable() else "avx512")
+        assert attention_backend(CPU, dtype) == ("sdpa" if cpu_kernels.unavailable() else "avx512")
     assert attention_backend(torch.device("cuda"), torch.float32) == "sdpa"  # CUDA's fp32 is the parity mode
     with pytest.raises(ValueError, match="attention='flex' cannot run here: it is offered on CUDA only"):
         attention_backend(CPU, torch.float32, "flex")
@@ -133,14 +133,14 @@ def test_the_choice_is_made_once_and_explained():
 
 
 def test_without_the_cpu_kernel_auto_takes_the_loop_and_a_forced_one_says_why(monkeypatch):
-    monkeypatch.setattr(cpu_attention, "_library", lambda: "no C++ compiler was found to build it (set $CXX, ...)")
+    monkeypatch.setattr(cpu_kernels, "_library", lambda: "no C++ compiler was found to build it (set $CXX, ...)")
     assert attention_backend(CPU, torch.float32) == "sdpa"
     with pytest.raises(ValueError, match=r"attention='avx512' cannot run here: no C\+\+ compiler was found"):
         attention_backend(CPU, torch.float32, "avx512")
 
 
-needs_avx512 = pytest.mark.skipif(cpu_attention.unavailable() is not None,
-                                  reason=f"rerankd's CPU kernel cannot run here: {cpu_attention.unavailable()}")
+needs_avx512 = pytest.mark.skipif(cpu_kernels.unavailable() is not None,
+                                  reason=f"rerankd's CPU kernel cannot run here: {cpu_kernels.unavailable()}")
 CPU_LENGTHS = [7, 1, 33, 130, 16, 300, 64, 65]  # one token; one past a 64-row block; more than a 256-row unit
 CPU_SHAPES = {"v2": (12, 12, 64), "m0 text": (12, 2, 128), "m0 vision": (16, 16, 80), "gqa 16": (4, 2, 16),
               "qwen3 tiny": (4, 2, 24), "one head": (1, 1, 8)}  # fmt: skip
@@ -188,7 +188,7 @@ def test_the_avx512_kernel_computes_a_half_model_in_fp32(dtype):
 def test_the_avx512_kernel_takes_many_keys_in_blocks(monkeypatch, shape):
     """A unit with more keys than KEY_BLOCK takes them a block at a time (online softmax): blocks of 32 keys here,
     so that sequences of 33..300 tokens cross one to ten block boundaries, causal rows starting before a block too."""
-    monkeypatch.setattr(cpu_attention, "KEY_BLOCK", 32)
+    monkeypatch.setattr(cpu_kernels, "KEY_BLOCK", 32)
     heads, kv_heads, dim = CPU_SHAPES[shape]
     g = torch.Generator().manual_seed(3)
     tokens = sum(CPU_LENGTHS)
@@ -210,7 +210,7 @@ def test_the_avx512_kernel_refuses_what_it_cannot_read():
     q, k, v = qkv(*SHAPES["gqa"])
     pack = packing(LENGTHS, CPU, "avx512")
     with pytest.raises(TypeError, match="takes float32 CPU tensors; got torch.bfloat16"):
-        cpu_attention.attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), pack.cpu_full, causal=True)
+        cpu_kernels.attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), pack.cpu_full, causal=True)
 
 
 @needs_avx512
@@ -227,21 +227,21 @@ def test_the_avx512_kernel_does_not_depend_on_the_batch():
 @needs_avx512
 def test_the_avx512_kernel_is_built_into_the_user_cache(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    cpu_attention._library.cache_clear()
+    cpu_kernels._library.cache_clear()
     try:
-        assert cpu_attention.unavailable() is None
-        assert [p.name.startswith("cpu_attention-") for p in (tmp_path / "rerankd" / "kernels").iterdir()] == [True]
+        assert cpu_kernels.unavailable() is None
+        assert [p.name.startswith("cpu_kernels-") for p in (tmp_path / "rerankd" / "kernels").iterdir()] == [True]
         # a damaged cache entry is reported, not loaded (other flags: a name this process has not loaded yet)
-        monkeypatch.setattr(cpu_attention, "FLAGS", (*cpu_attention.FLAGS, "-DRERANKD_TEST"))
-        version = subprocess.run([cpu_attention._compiler(), "--version"], capture_output=True, text=True).stdout
-        (tmp_path / "rerankd" / "kernels" / cpu_attention._file_name(version)).write_bytes(b"not a shared library")
-        cpu_attention._library.cache_clear()
-        assert "does not load" in cpu_attention.unavailable() and "delete it to rebuild" in cpu_attention.unavailable()
+        monkeypatch.setattr(cpu_kernels, "FLAGS", (*cpu_kernels.FLAGS, "-DRERANKD_TEST"))
+        version = subprocess.run([cpu_kernels._compiler(), "--version"], capture_output=True, text=True).stdout
+        (tmp_path / "rerankd" / "kernels" / cpu_kernels._file_name(version)).write_bytes(b"not a shared library")
+        cpu_kernels._library.cache_clear()
+        assert "does not load" in cpu_kernels.unavailable() and "delete it to rebuild" in cpu_kernels.unavailable()
         monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
-        cpu_attention._library.cache_clear()
-        assert "does not run" in cpu_attention.unavailable()
+        cpu_kernels._library.cache_clear()
+        assert "does not run" in cpu_kernels.unavailable()
     finally:
-        cpu_attention._library.cache_clear()
+        cpu_kernels._library.cache_clear()
 
 
 @pytest.fixture

@@ -24,7 +24,8 @@ from ..errors import InputError, ModelLoadError
 from ..inputs import ImageItem, Item
 from ..inputs.images import ImagePolicy, PreparedImage
 from ..weights import Renames, load_weights
-from .layers import Packing, attention_backend, packing, to_device, upcast_storage, use_upcast
+from .layers import (Packing, attention_backend, cpu_elementwise, packing, to_device, upcast_storage,
+                     use_cpu_elementwise, use_upcast)
 
 
 @dataclass(frozen=True)
@@ -383,13 +384,15 @@ def build_module(make: Callable[[], nn.Module], directory: Path, renames: Rename
                  dtype: torch.dtype, opts: LoadOptions) -> nn.Module:  # fmt: skip
     """`make()` built without memory (meta device), its weights read from `directory` through `renames`, in eval
     mode without gradients. With opts.cpu_bf16 'upcast' (as from_pretrained resolves it, `dtype` then float32) its
-    linear and embedding weights stay in bf16 and are widened as they compute."""
+    linear and embedding weights stay in bf16 and are widened as they compute; its element-wise work runs where
+    opts.cpu_elementwise says (layers.cpu_elementwise)."""
     with torch.device("meta"):
         model = make()
     stored = upcast_storage(model) if opts.cpu_bf16 == "upcast" else None
     load_weights(model, directory, renames, device, dtype, opts.show_progress, stored)
     if stored:
         use_upcast(model)
+    use_cpu_elementwise(model, cpu_elementwise(device, dtype, opts.cpu_elementwise))
     return model.eval().requires_grad_(False)
 
 

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import cpu_kernels
 from .base import between_layers
 from .layers import (Packing, RMSNorm, apply_rotary, rotary_cos_sin, row_attention, rowwise, to_device,
                      varlen_attention)
@@ -102,6 +103,8 @@ def mrope_cos_sin(
 
 
 class Attention(nn.Module):
+    elementwise = "torch"  # 'avx512': the rotary embedding on rerankd's CPU kernel (layers.use_cpu_elementwise)
+
     def __init__(self, cfg: TextConfig):
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -118,27 +121,30 @@ class Attention(nn.Module):
         """x [tokens, hidden] -> [tokens, hidden], or [len(at), hidden] for the query rows `at` only (the final
         layer; `rows`: the same indices as a list, None when they are each sequence's last token)."""
         n = x.shape[0]
-        k = self.k_proj(x).view(n, self.kv_heads, self.head_dim)  # [tokens, kv, hd]
+        k = self._rotated(self.k_proj(x).view(n, self.kv_heads, self.head_dim), "k_norm", cos, sin)  # [tokens, kv, hd]
         v = self.v_proj(x).view(n, self.kv_heads, self.head_dim)
-        if self.qk_norm:
-            k = self.k_norm(k)
-        k = apply_rotary(k, cos, sin)
         if at is None:
-            q = self._rotated_query(x, cos, sin)  # [tokens, heads, hd]
+            q = self._rotated(self.q_proj(x).view(n, self.heads, self.head_dim), "q_norm", cos, sin)  # [tokens, ...]
             o = varlen_attention(q, k, v, pack, causal=True)
         else:
-            q = self._rotated_query(x[at], cos[at], sin[at])  # [rows, heads, hd]
+            q = self.q_proj(x[at]).view(-1, self.heads, self.head_dim)
+            q = self._rotated(q, "q_norm", cos[at], sin[at])  # [rows, heads, hd]
             o = row_attention(q, k, v, pack, rows)  # a last token sees every key: no mask needed then
         return self.o_proj(o.reshape(o.shape[0], -1))
 
-    def _rotated_query(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        q = self.q_proj(x).view(x.shape[0], self.heads, self.head_dim)
+    def _rotated(self, t: torch.Tensor, norm: str, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Queries or keys [rows, heads, hd] fresh from their projection (Qwen3: their per-head RMSNorm `norm`
+        first), rotated; on the CPU kernel in place (nothing else reads them)."""
         if self.qk_norm:
-            q = self.q_norm(q)
-        return apply_rotary(q, cos, sin)
+            t = getattr(self, norm)(t)
+        if self.elementwise == "avx512":
+            return cpu_kernels.rotary_(t, cos, sin)
+        return apply_rotary(t, cos, sin)
 
 
 class MLP(nn.Module):
+    elementwise = "torch"  # 'avx512': the SiLU-gated product on rerankd's CPU kernel (layers.use_cpu_elementwise)
+
     def __init__(self, cfg: TextConfig):
         super().__init__()
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
@@ -149,6 +155,8 @@ class MLP(nn.Module):
         return rowwise(self._forward, x)
 
     def _forward(self, x):
+        if self.elementwise == "avx512":
+            return self.down_proj(cpu_kernels.silu_mul_(self.gate_proj(x), self.up_proj(x)))
         h = F.silu(self.gate_proj(x), inplace=True)
         return self.down_proj(h.mul_(self.up_proj(x)))
 
@@ -161,10 +169,13 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, pack: Packing, rows: list[int] | None = None, at: torch.Tensor | None = None):
-        h = self.self_attn(self.input_layernorm(x), cos, sin, pack, rows, at)
-        x = (x if at is None else x[at]) + h
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, delta, cos, sin, pack: Packing, rows: list[int] | None = None, at: torch.Tensor | None = None):
+        """The layer's input is x + delta (delta None: x alone); returns (x', delta'), whose sum is its output. Each
+        residual sum is made by the norm that reads it (RMSNorm.add: one pass with the norm on the CPU kernel)."""
+        x, h = self.input_layernorm.add(x, delta)
+        a = self.self_attn(h, cos, sin, pack, rows, at)
+        x, h = self.post_attention_layernorm.add(x if at is None else x[at], a)
+        return x, self.mlp(h)
 
 
 class TextModel(nn.Module):
@@ -198,8 +209,9 @@ class TextModel(nn.Module):
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         last = [end - 1 for end in pack.offsets[1:]]
         at = to_device(torch.tensor(last if rows is None else rows), x.device)
+        delta = None
         for layer in self.layers[:-1]:
             between_layers()
-            x = layer(x, cos, sin, pack)
-        x = self.layers[-1](x, cos, sin, pack, rows, at)  # [rows, hidden]
-        return self.norm(x)
+            x, delta = layer(x, delta, cos, sin, pack)
+        x, delta = self.layers[-1](x, delta, cos, sin, pack, rows, at)  # [rows, hidden]
+        return self.norm.add(x, delta)[1]

@@ -5,7 +5,7 @@ Attention is always variable-length over packed sequences: tokens of all sequenc
 [tokens, heads, head_dim] tensor and `cu_seqlens` ([n + 1], int32) marks where each starts. No padding token
 ever reaches a matmul. The kernel is chosen once per (device, dtype) (attention_backend): on CUDA in fp16/bf16
 flash-attn's varlen kernel when the package is installed, else torch's own varlen flash attention, else
-FlexAttention with a document mask; on the CPU rerankd's own packed kernel (cpu_attention, AVX-512, fp32; a bf16
+FlexAttention with a document mask; on the CPU rerankd's own packed kernel (cpu_kernels, AVX-512, fp32; a bf16
 model's q/k/v widened for it); otherwise PyTorch SDPA called once per sequence. A forward's `Packing` holds
 the offsets and what the kernel needs on the device, made once before the layers.
 """
@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import cpu_attention
+from . import cpu_kernels
 
 log = logging.getLogger("rerankd")
 
@@ -35,16 +35,30 @@ log = logging.getLogger("rerankd")
 class RMSNorm(nn.Module):
     """Root-mean-square norm as Qwen2 computes it: statistics in fp32, weight applied in the input dtype."""
 
+    elementwise = "torch"  # 'avx512': rerankd's CPU kernel (use_cpu_elementwise sets it at load)
+
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.elementwise == "avx512":
+            return cpu_kernels.rms_norm(x.reshape(-1, x.shape[-1]), self.weight, self.eps).view(x.shape)
         dtype = x.dtype
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(dtype)
+
+    def add(self, x: torch.Tensor, delta: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + delta, norm(x + delta)) for [rows, dim] tensors, a residual sum and its norm (one pass on the CPU
+        kernel); delta None: (x, norm(x))."""
+        if delta is None:
+            return x, self(x)
+        if self.elementwise == "avx512":
+            return cpu_kernels.rms_norm(x, self.weight, self.eps, add=delta)
+        x = x + delta
+        return x, self(x)
 
 
 # Rows per step of row-wise work on the CPU. The [rows, intermediate] activations of a whole batch (16K tokens x
@@ -149,7 +163,7 @@ def _unavailable(kernel: str, device: torch.device, dtype: torch.dtype) -> str |
     if kernel == "avx512":
         if device.type != "cpu" or dtype not in (torch.float32, *HALF):
             return f"it runs on the CPU in float32 (or bfloat16/float16, widened) only, and this model runs {runs}"
-        return cpu_attention.unavailable()
+        return cpu_kernels.unavailable()
     if kernel == "flex":
         if device.type != "cuda":
             return ("it is offered on CUDA only: on the CPU it was 1.2-4x slower than the SDPA loop "
@@ -277,8 +291,8 @@ def packing(lengths: Iterable[int], device: torch.device, kernel: str) -> Packin
         pack.doc = to_device(torch.repeat_interleave(torch.arange(pack.n), torch.tensor(lengths)), device)
     elif kernel == "avx512":
         starts = pack.offsets[:-1]
-        pack.cpu_full = cpu_attention.spans_tensor(starts, lengths, starts, lengths, [0] * pack.n)
-        pack.cpu_rows = cpu_attention.spans_tensor(starts, lengths, range(pack.n), [1] * pack.n, [0] * pack.n)
+        pack.cpu_full = cpu_kernels.spans_tensor(starts, lengths, starts, lengths, [0] * pack.n)
+        pack.cpu_rows = cpu_kernels.spans_tensor(starts, lengths, range(pack.n), [1] * pack.n, [0] * pack.n)
     return pack
 
 
@@ -346,8 +360,8 @@ def _cpu_kernel(q, k, v, spans: torch.Tensor, causal: bool) -> torch.Tensor:
     output rounded back (in the model's dtype the SDPA loop ran 1.6-3x slower than the kernel on short sequences:
     docs/benchmarks.md)."""
     if q.dtype == torch.float32:
-        return cpu_attention.attention(q, k, v, spans, causal)
-    return cpu_attention.attention(q.float(), k.float(), v.float(), spans, causal).to(q.dtype)
+        return cpu_kernels.attention(q, k, v, spans, causal)
+    return cpu_kernels.attention(q.float(), k.float(), v.float(), spans, causal).to(q.dtype)
 
 
 def _sdpa_loop(q, k, v, spans, causal: bool, out: torch.Tensor) -> torch.Tensor:
@@ -563,6 +577,40 @@ def use_cpu_gemm(model: nn.Module, requested: str, device: torch.device, dtype: 
         else:
             module.uses_onednn = True
     return "onednn"
+
+
+# ------------------------------------------------------------------------------------------------ CPU element-wise
+
+# The element-wise work between the products (norms, residual adds, rotary embeddings, activations) on rerankd's CPU
+# kernels (cpu_kernels: one pass where torch's ops take three to five) or on torch's ops. A module that has such work
+# declares an `elementwise` attribute ('torch' by default), which use_cpu_elementwise sets once at load.
+CPU_ELEMENTWISE = ("auto", "avx512", "torch")
+
+
+def cpu_elementwise(device: torch.device, dtype: torch.dtype, requested: str) -> str:
+    """Where a model computing in `dtype` on `device` runs its element-wise work: 'avx512' (rerankd's CPU kernels:
+    fp32 on a CPU where they build) or 'torch'. requested: 'auto' (avx512 where it can run), 'avx512' (a ValueError
+    where it cannot) or 'torch'."""
+    if requested not in CPU_ELEMENTWISE:
+        raise ValueError(f"cpu_elementwise must be one of {', '.join(CPU_ELEMENTWISE)}; got {requested!r}")
+    if requested == "torch":
+        return "torch"
+    why = None
+    if device.type != "cpu" or dtype != torch.float32:
+        why = f"they compute in float32 on the CPU, and this model runs {str(dtype).removeprefix('torch.')} on {device}"
+    why = why or cpu_kernels.unavailable()
+    if why is None:
+        return "avx512"
+    if requested == "avx512":
+        raise ValueError(f"cpu_elementwise='avx512' cannot run here: {why}; use 'auto' or 'torch'")
+    return "torch"
+
+
+def use_cpu_elementwise(model: nn.Module, kernel: str) -> None:
+    """Set `kernel` (cpu_elementwise's choice) on every module of `model` that declares an `elementwise` attribute."""
+    for m in model.modules():
+        if hasattr(m, "elementwise"):
+            m.elementwise = kernel
 
 
 # ------------------------------------------------------------------------------------------------ bf16 on the CPU

@@ -1,16 +1,18 @@
-// rerankd's packed attention for x86 CPUs with AVX-512, fp32: softmax(q k^T * scale) v within each packed sequence,
-// for all sequences and heads of a batch in one call (built and loaded by cpu_attention.py).
+// rerankd's CPU kernels for x86 CPUs with AVX-512, fp32 (built and loaded by cpu_kernels.py): the packed attention
+// below, and the element-wise work of the decoder layers (RMSNorm with its residual add, rotary embedding, SiLU-gated
+// product) at the end of the file.
 //
-// Why: torch's CPU flash kernel, called once per sequence, runs short sequences (tens to hundreds of tokens, what
-// rerankers see) at a third to a half of the matmul rate, on tiny per-block products. Here one OpenMP region walks
-// work units of (sequence, key/value head, up to UNIT_ROWS query rows), longest first, each taken by the next free
-// thread. A unit copies its keys (transposed, [head_dim, keys]) and values ([keys, head_dim]) into thread-local
-// buffers that stay in cache, then, for every query head of the group and block of QB query rows: the scores
-// [rows, keys] with register-blocked FMAs, an exact softmax (max, exp, sum; 1/sum applied to the output), and the
-// weighted sum of the values. A unit with more keys than key_block takes them a block at a time instead, carrying
-// each row's running max, sum and output across the blocks (flash attention's online softmax), so that its keys and
-// values stay in cache at any length. Nothing depends on the other sequences of the batch: a sequence's result is the
-// same bit for bit whatever it is batched with.
+// Packed attention: softmax(q k^T * scale) v within each packed sequence, for all sequences and heads of a batch in one
+// call. Why: torch's CPU flash kernel, called once per sequence, runs short sequences (tens to hundreds of tokens, what
+// rerankers see) at a third to a half of the matmul rate, on tiny per-block products. Here one OpenMP region walks work
+// units of (sequence, key/value head, up to UNIT_ROWS query rows), longest first, each taken by the next free thread. A
+// unit copies its keys (transposed, [head_dim, keys]) and values ([keys, head_dim]) into thread-local buffers that stay
+// in cache, then, for every query head of the group and block of QB query rows: the scores [rows, keys] with register-
+// blocked FMAs, an exact softmax (max, exp, sum; 1/sum applied to the output), and the weighted sum of the values. A
+// unit with more keys than key_block takes them a block at a time instead, carrying each row's running max, sum and
+// output across the blocks (flash attention's online softmax), so that its keys and values stay in cache at any length.
+// Nothing depends on the other sequences of the batch: a sequence's result is the same bit for bit whatever it is
+// batched with.
 //
 // Layouts (fp32, row-major): q [q_rows, Hq, D] with row stride q_stride; k, v [tokens, Hk, D] with row strides
 // k_stride, v_stride; out [q_rows, Hq, D] contiguous. Sequence s: keys k[key_start[s] .. + key_len[s]), query rows
@@ -39,9 +41,10 @@ struct Args {
 
 inline __mmask16 first_n(int64_t n) { return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n > 0 ? n : 0)) - 1); }
 
-// exp(x) for x <= 0 (scores minus their row's max): Cephes' expf polynomial after range reduction (about 1 ulp)
+// exp(x): Cephes' expf polynomial after range reduction (about 1 ulp); exp(-88) below -88, inf above 88.8 (2^n
+// with n = 128 or more overflows in scalef)
 inline __m512 exp512(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-88.0f));
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-88.0f)), _mm512_set1_ps(100.0f));
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
@@ -343,4 +346,91 @@ extern "C" int rerankd_attention(const float* q, const float* k, const float* v,
     }
   }
   return failed;
+}
+
+// ------------------------------------------------------------------------------------------------- element-wise
+// Each is one pass over its rows, OpenMP over rows, in the order of the torch ops it replaces (the build turns off
+// FMA contraction, so that a product and a sum round as torch's separate ops do); row strides in floats, each row's
+// elements contiguous. Only the sum inside RMSNorm is taken in another order (lanes, then across them).
+
+// RMSNorm as Qwen2 computes it: out[r] = weight * (s * (1 / sqrt(sum(s^2) / dim + eps))) with s = x[r] + add[r]
+// (add may be null: s = x[r]); s is written to sum[r] when sum is not null. out may be x (in place).
+extern "C" int rerankd_rms_norm(const float* x, int64_t x_stride, const float* add, int64_t add_stride, float* sum,
+                                int64_t sum_stride, float* out, int64_t out_stride, const float* weight, int64_t rows,
+                                int64_t dim, float eps, int threads) {
+  if (dim <= 0 || threads <= 0) return 1;
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * x_stride;
+    const float* ar = add ? add + r * add_stride : nullptr;
+    float* sr = sum ? sum + r * sum_stride : nullptr;
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t j = 0; j < dim; j += 16) {
+      const __mmask16 m = first_n(dim - j);
+      __m512 s = _mm512_maskz_loadu_ps(m, xr + j);
+      if (ar) s = _mm512_add_ps(s, _mm512_maskz_loadu_ps(m, ar + j));
+      if (sr) _mm512_mask_storeu_ps(sr + j, m, s);
+      acc = _mm512_add_ps(acc, _mm512_mul_ps(s, s));
+    }
+    const __m512 inv = _mm512_set1_ps(1.0f / sqrtf(_mm512_reduce_add_ps(acc) / (float)dim + eps));
+    float* o = out + r * out_stride;
+    for (int64_t j = 0; j < dim; j += 16) {
+      const __mmask16 m = first_n(dim - j);
+      __m512 s;
+      if (sr) {
+        s = _mm512_maskz_loadu_ps(m, sr + j);
+      } else {
+        s = _mm512_maskz_loadu_ps(m, xr + j);
+        if (ar) s = _mm512_add_ps(s, _mm512_maskz_loadu_ps(m, ar + j));
+      }
+      _mm512_mask_storeu_ps(o + j, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, weight + j), _mm512_mul_ps(s, inv)));
+    }
+  }
+  return 0;
+}
+
+// Rotary embedding in place: x[r, h] = x * cos[r] + rotate_half(x) * sin[r] for `heads` heads of head_dim D (even),
+// rotate_half(x) = (-x[D/2:], x[:D/2]); heads at x + r * x_stride + h * D; cos, sin [rows, D] at row stride cs_stride.
+extern "C" int rerankd_rotary(float* x, int64_t x_stride, int64_t rows, int64_t heads, int64_t D, const float* cos,
+                              const float* sin, int64_t cs_stride, int threads) {
+  if (D <= 0 || D % 2 != 0 || threads <= 0) return 1;
+  const int64_t half = D / 2;
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* c = cos + r * cs_stride;
+    const float* s = sin + r * cs_stride;
+    for (int64_t h = 0; h < heads; ++h) {
+      float* p = x + r * x_stride + h * D;
+      for (int64_t j = 0; j < half; j += 16) {
+        const __mmask16 m = first_n(half - j);
+        const __m512 x1 = _mm512_maskz_loadu_ps(m, p + j), x2 = _mm512_maskz_loadu_ps(m, p + half + j);
+        const __m512 lo = _mm512_sub_ps(_mm512_mul_ps(x1, _mm512_maskz_loadu_ps(m, c + j)),
+                                        _mm512_mul_ps(x2, _mm512_maskz_loadu_ps(m, s + j)));
+        const __m512 hi = _mm512_add_ps(_mm512_mul_ps(x2, _mm512_maskz_loadu_ps(m, c + half + j)),
+                                        _mm512_mul_ps(x1, _mm512_maskz_loadu_ps(m, s + half + j)));
+        _mm512_mask_storeu_ps(p + j, m, lo);
+        _mm512_mask_storeu_ps(p + half + j, m, hi);
+      }
+    }
+  }
+  return 0;
+}
+
+// The SiLU-gated product of a gated MLP: out[r] = silu(gate[r]) * up[r], silu(a) = a / (1 + exp(-a)) as torch has it.
+// out may be gate or up (in place).
+extern "C" int rerankd_silu_mul(const float* gate, int64_t gate_stride, const float* up, int64_t up_stride, float* out,
+                                int64_t out_stride, int64_t rows, int64_t dim, int threads) {
+  if (dim <= 0 || threads <= 0) return 1;
+  const __m512 one = _mm512_set1_ps(1.0f);
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t j = 0; j < dim; j += 16) {
+      const __mmask16 m = first_n(dim - j);
+      const __m512 a = _mm512_maskz_loadu_ps(m, gate + r * gate_stride + j);
+      const __m512 silu = _mm512_div_ps(a, _mm512_add_ps(one, exp512(_mm512_sub_ps(_mm512_setzero_ps(), a))));
+      _mm512_mask_storeu_ps(out + r * out_stride + j, m,
+                            _mm512_mul_ps(silu, _mm512_maskz_loadu_ps(m, up + r * up_stride + j)));
+    }
+  }
+  return 0;
 }

@@ -1,0 +1,121 @@
+"""The element-wise CPU kernels (models/cpu_kernels.cpp: RMSNorm with its residual add, rotary embedding, SiLU-gated
+product) equal torch's ops they replace, and `cpu_elementwise` picks them where they run and says so."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rerankd.models import cpu_kernels, layers
+from rerankd.models.layers import RMSNorm, apply_rotary, cpu_elementwise, rotary_cos_sin
+
+needs_avx512 = pytest.mark.skipif(cpu_kernels.unavailable() is not None,
+                                  reason=f"rerankd's CPU kernels cannot run here: {cpu_kernels.unavailable()}")
+CPU = torch.device("cpu")
+DIMS = [16, 24, 100, 512, 1536]  # one vector; partial vectors; the real m0 hidden size
+
+
+def randn(*shape: int, seed: int = 0, scale: float = 1.0) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * scale
+
+
+def torch_norm(dim: int, seed: int = 1) -> RMSNorm:
+    norm = RMSNorm(dim, 1e-6)
+    norm.weight.data = randn(dim, seed=seed)
+    return norm
+
+
+@needs_avx512
+@pytest.mark.parametrize("dim", DIMS)
+def test_rms_norm_equals_torchs(dim):
+    norm = torch_norm(dim)
+    wide = randn(37, dim + 8, scale=3.0)
+    x = wide[:, 4 : 4 + dim]  # rows at a stride: a column slice, as a projection's output part
+    delta = randn(37, dim, seed=2)
+    want_sum = x + delta
+    torch.testing.assert_close(cpu_kernels.rms_norm(x, norm.weight, norm.eps), norm(x), rtol=1e-6, atol=1e-6)
+    got_sum, got = cpu_kernels.rms_norm(x, norm.weight, norm.eps, add=delta)
+    assert torch.equal(got_sum, want_sum)  # the residual sum is the same add
+    torch.testing.assert_close(got, norm(want_sum), rtol=1e-6, atol=1e-6)
+    assert torch.equal(wide[:, 4 : 4 + dim], x)  # its input is left as it was
+
+
+@needs_avx512
+def test_the_rms_norm_module_runs_the_kernel_when_told(monkeypatch):
+    norm = torch_norm(100)
+    x, delta = randn(9, 100), randn(9, 100, seed=3)
+    want_sum, want = norm.add(x, delta)
+    heads = randn(9, 4, 100, seed=4)  # a per-head norm (Qwen3's q/k norms): [rows, heads, head_dim]
+    want_heads = norm(heads)
+    calls = []
+    real = cpu_kernels.rms_norm
+    monkeypatch.setattr(cpu_kernels, "rms_norm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    layers.use_cpu_elementwise(norm, "avx512")
+    got_sum, got = norm.add(x, delta)
+    assert torch.equal(got_sum, want_sum)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(norm(heads), want_heads, rtol=1e-6, atol=1e-6)
+    assert norm.add(x, None)[0] is x
+    assert len(calls) == 3
+
+
+@needs_avx512
+@pytest.mark.parametrize("heads, dim", [(8, 64), (2, 128), (3, 80), (1, 24)])
+def test_rotary_equals_apply_rotary_bit_for_bit(heads, dim):
+    rows = 53
+    qkv = randn(rows, (heads + 2) * dim, scale=2.0)  # x is the first `heads` heads of a fused projection's rows
+    before = qkv.clone()
+    x = qkv[:, : heads * dim].view(rows, heads, dim)
+    angles = torch.arange(rows, dtype=torch.float32)[:, None] * (1e4 ** (-torch.arange(dim // 2) / (dim // 2)))
+    cos, sin = rotary_cos_sin(angles)
+    want = apply_rotary(x, cos, sin)
+    assert cpu_kernels.rotary_(x, cos, sin) is x
+    assert torch.equal(x, want)  # products and sums round as torch's separate ops do (no FMA contraction)
+    assert torch.equal(qkv[:, heads * dim :], before[:, heads * dim :])  # the other heads untouched
+
+
+@needs_avx512
+@pytest.mark.parametrize("dim", DIMS)
+def test_silu_mul_equals_torchs(dim):
+    gate, up = randn(29, dim, scale=4.0), randn(29, dim, seed=5)
+    specials = torch.tensor([0.0, -0.0, 88.0, -88.0, 89.0, -89.0, 200.0, -200.0, float("inf"), float("-inf"),
+                             float("nan"), 1e-30, -1e-30, 20.0, -20.0, 0.5])  # fmt: skip
+    gate[0, : min(dim, 16)] = specials[: min(dim, 16)]
+    want = F.silu(gate) * up
+    got = cpu_kernels.silu_mul_(gate.clone(), up)
+    torch.testing.assert_close(got, want, rtol=2e-6, atol=1e-7, equal_nan=True)
+    assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.isinf(), want.isinf())
+
+
+@needs_avx512
+def test_kernels_refuse_what_they_do_not_take():
+    x = randn(4, 32)
+    with pytest.raises(TypeError, match="rms_norm kernel takes float32 CPU tensors; got torch.bfloat16"):
+        cpu_kernels.rms_norm(x.bfloat16(), torch.ones(32), 1e-6)
+    with pytest.raises(ValueError, match=r"weight must be a contiguous \[32\]"):
+        cpu_kernels.rms_norm(x, torch.ones(16), 1e-6)
+    with pytest.raises(ValueError, match="contiguous rows"):
+        cpu_kernels.silu_mul_(x.t(), x.t())
+    with pytest.raises(ValueError, match="cos and sin must be contiguous"):
+        cpu_kernels.rotary_(x.view(4, 2, 16), torch.ones(4, 8), torch.ones(4, 8))
+    with pytest.raises(RuntimeError, match="odd head_dim"):
+        cpu_kernels.rotary_(randn(4, 2, 15), torch.ones(4, 15), torch.ones(4, 15))
+
+
+def test_the_choice_is_made_once_and_named(monkeypatch):
+    available = cpu_kernels.unavailable() is None
+    assert cpu_elementwise(CPU, torch.float32, "auto") == ("avx512" if available else "torch")
+    for dtype in (torch.bfloat16, torch.float16):  # these compute in their own dtype: torch's ops
+        assert cpu_elementwise(CPU, dtype, "auto") == "torch"
+        with pytest.raises(ValueError, match=r"cpu_elementwise='avx512' cannot run here: they compute in float32 on "
+                                             r"the CPU, and this model runs (bfloat16|float16) on cpu"):
+            cpu_elementwise(CPU, dtype, "avx512")
+    assert cpu_elementwise(torch.device("cuda"), torch.float32, "auto") == "torch"
+    assert cpu_elementwise(CPU, torch.float32, "torch") == "torch"
+    with pytest.raises(ValueError, match="cpu_elementwise must be one of auto, avx512, torch; got 'fused'"):
+        cpu_elementwise(CPU, torch.float32, "fused")
+    monkeypatch.setattr(cpu_kernels, "_library", lambda: "no C++ compiler was found to build it (set $CXX, ...)")
+    assert cpu_elementwise(CPU, torch.float32, "auto") == "torch"
+    with pytest.raises(ValueError, match=r"cpu_elementwise='avx512' cannot run here: no C\+\+ compiler was found"):
+        cpu_elementwise(CPU, torch.float32, "avx512")
