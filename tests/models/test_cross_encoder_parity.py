@@ -14,7 +14,7 @@ from rerankd import Reranker
 from rerankd.errors import ModelLoadError, PairErrors
 from rerankd.tiny import CORPUS, make_tiny_checkpoint
 
-from ..conftest import assert_close
+from ..conftest import ELEMENTWISE, assert_close, loaded_with_elementwise
 
 TOL = 1e-5
 WORDS = " ".join(CORPUS).split() + ["unseenword", "ΑΒΓ", "🚀"]
@@ -109,6 +109,15 @@ def test_both_cpu_kernels_equal_transformers(model, gemm):
     assert_close(rr.compute_score(PAIRS), ref.compute_score(PAIRS, max_length=rr.backend.default_max_length), TOL)
 
 
+@pytest.mark.parametrize("elementwise", ELEMENTWISE)
+def test_both_elementwise_kernels_equal_transformers(model, elementwise):
+    """Each layer's GELU and residual add + LayerNorm (the products' biases in them) on rerankd's CPU kernels and on
+    torch's ops."""
+    _, ref, path = model
+    rr = loaded_with_elementwise(path, elementwise)
+    assert_close(rr.compute_score(PAIRS), ref.compute_score(PAIRS, max_length=rr.backend.default_max_length), TOL)
+
+
 def test_int8_quantization_stays_close(model):
     """int8 = dynamic quantization of every linear layer, checked layer by layer on the int8 model's own forward
     pass against what int8 rounding can do on any CPU; not the end scores' ranking, which on these toy random
@@ -124,7 +133,8 @@ def test_int8_quantization_stays_close(model):
     assert not any(isinstance(m, torch.nn.Linear) for m in q8.backend.model.modules())
     assert q8.options.cpu_gemm == "torch"  # no fp32 linear layer left for oneDNN
     calls: dict[str, list] = {n: [] for n in int8_linear}
-    hooks = [m.register_forward_hook(lambda m, i, o, n=n: calls[n].append((i[0], o))) for n, m in int8_linear.items()]
+    hooks = [m.register_forward_hook(lambda m, i, o, n=n: calls[n].append((i[0], o.clone())))  # (GELU: in place)
+             for n, m in int8_linear.items()]
     try:
         int8 = q8.compute_score(PAIRS)
     finally:

@@ -1,5 +1,6 @@
 """The element-wise CPU kernels (models/cpu_kernels.cpp: RMSNorm with its residual add, rotary embedding, SiLU-gated
-product) equal torch's ops they replace, and `cpu_elementwise` picks them where they run and says so."""
+product; bias + GELU, bias + residual add + LayerNorm) equal torch's ops they replace, and `cpu_elementwise` picks
+them where they run and says so."""
 
 from __future__ import annotations
 
@@ -89,6 +90,31 @@ def test_silu_mul_equals_torchs(dim):
 
 
 @needs_avx512
+@pytest.mark.parametrize("dim", DIMS)
+def test_bias_gelu_equals_torchs(dim):
+    x, bias = randn(31, dim + 3, scale=3.0)[:, :dim], randn(dim, seed=6)
+    x[0, : min(dim, 8)] = torch.tensor([0.0, -0.0, 10.0, -10.0, 30.0, -30.0, 1e-20, -5.5])[: min(dim, 8)]
+    want = F.gelu(x + bias)
+    torch.testing.assert_close(cpu_kernels.bias_gelu_(x.clone(), bias), want, rtol=1e-6, atol=1e-6)
+    got = x.clone()
+    assert cpu_kernels.bias_gelu_(got, None) is got
+    torch.testing.assert_close(got, F.gelu(x), rtol=1e-6, atol=1e-6)
+
+
+@needs_avx512
+@pytest.mark.parametrize("dim", DIMS)
+def test_layer_norm_equals_torchs(dim):
+    norm = torch.nn.LayerNorm(dim, eps=1e-5)
+    norm.weight.data, norm.bias.data = randn(dim, seed=7), randn(dim, seed=8)
+    x, residual = randn(23, dim + 5, scale=2.0)[:, 2 : 2 + dim], randn(23, dim, seed=9, scale=4.0) + 3.0
+    bias = randn(dim, seed=10)
+    for b, r in ((None, None), (bias, None), (None, residual), (bias, residual)):
+        s = x if b is None else x + b
+        want = norm(s if r is None else r + s)
+        torch.testing.assert_close(cpu_kernels.layer_norm(x, norm, b, r), want, rtol=2e-6, atol=2e-6)
+
+
+@needs_avx512
 def test_kernels_refuse_what_they_do_not_take():
     x = randn(4, 32)
     with pytest.raises(TypeError, match="rms_norm kernel takes float32 CPU tensors; got torch.bfloat16"):
@@ -99,6 +125,10 @@ def test_kernels_refuse_what_they_do_not_take():
         cpu_kernels.silu_mul_(x.t(), x.t())
     with pytest.raises(ValueError, match="cos and sin must be contiguous"):
         cpu_kernels.rotary_(x.view(4, 2, 16), torch.ones(4, 8), torch.ones(4, 8))
+    with pytest.raises(ValueError, match=r"layer_norm's added bias must be a contiguous \[32\]; got \(8,\)"):
+        cpu_kernels.layer_norm(x, torch.nn.LayerNorm(32), torch.ones(8))
+    with pytest.raises(ValueError, match=r"residual \(2, 32\) must have x's shape \(4, 32\)"):
+        cpu_kernels.layer_norm(x, torch.nn.LayerNorm(32), None, x[:2])
     with pytest.raises(RuntimeError, match="odd head_dim"):
         cpu_kernels.rotary_(randn(4, 2, 15), torch.ones(4, 15), torch.ones(4, 15))
 

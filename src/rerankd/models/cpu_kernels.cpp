@@ -1,6 +1,6 @@
 // rerankd's CPU kernels for x86 CPUs with AVX-512, fp32 (built and loaded by cpu_kernels.py): the packed attention
-// below, and the element-wise work of the decoder layers (RMSNorm with its residual add, rotary embedding, SiLU-gated
-// product) at the end of the file.
+// below, and at the end of the file the element-wise work of the decoder layers (RMSNorm with its residual add,
+// rotary embedding, SiLU-gated product) and of the cross-encoder layers (bias + GELU, bias + residual + LayerNorm).
 //
 // Packed attention: softmax(q k^T * scale) v within each packed sequence, for all sequences and heads of a batch in one
 // call. Why: torch's CPU flash kernel, called once per sequence, runs short sequences (tens to hundreds of tokens, what
@@ -430,6 +430,84 @@ extern "C" int rerankd_silu_mul(const float* gate, int64_t gate_stride, const fl
       const __m512 silu = _mm512_div_ps(a, _mm512_add_ps(one, exp512(_mm512_sub_ps(_mm512_setzero_ps(), a))));
       _mm512_mask_storeu_ps(out + r * out_stride + j, m,
                             _mm512_mul_ps(silu, _mm512_maskz_loadu_ps(m, up + r * up_stride + j)));
+    }
+  }
+  return 0;
+}
+
+namespace {
+
+// 1 + erf(z) = 2 Phi(z sqrt 2), from erfc(|z|) by Numerical Recipes' Chebyshev fit (relative error below 1.2e-7
+// everywhere, the far tail included, where 1 + erf(z) is tiny and erf's absolute error would be all of it)
+inline __m512 one_plus_erf512(__m512 z) {
+  const __m512 a = _mm512_abs_ps(z), one = _mm512_set1_ps(1.0f);
+  const __m512 t = _mm512_div_ps(one, _mm512_add_ps(one, _mm512_mul_ps(_mm512_set1_ps(0.5f), a)));
+  static const float c[] = {0.17087277f, -0.82215223f, 1.48851587f, -1.13520398f, 0.27886807f,
+                            -0.18628806f, 0.09678418f, 0.37409196f, 1.00002368f, -1.26551223f};
+  __m512 p = _mm512_set1_ps(c[0]);
+  for (int i = 1; i < 10; ++i) p = _mm512_add_ps(_mm512_mul_ps(p, t), _mm512_set1_ps(c[i]));
+  const __m512 erfc = _mm512_mul_ps(t, exp512(_mm512_sub_ps(p, _mm512_mul_ps(a, a))));
+  const __mmask16 negative = _mm512_cmp_ps_mask(z, _mm512_setzero_ps(), _CMP_LT_OQ);
+  return _mm512_mask_blend_ps(negative, _mm512_sub_ps(_mm512_set1_ps(2.0f), erfc), erfc);
+}
+
+}  // namespace
+
+// The bias and GELU of a cross-encoder's first MLP product, in place: x[r] = gelu(x[r] + bias), gelu(a) =
+// a * 0.5 * (1 + erf(a / sqrt(2))) as torch has it (approximate="none"); bias may be null (already added).
+extern "C" int rerankd_bias_gelu(float* x, int64_t x_stride, const float* bias, int64_t rows, int64_t dim,
+                                 int threads) {
+  if (dim <= 0 || threads <= 0) return 1;
+  const __m512 half = _mm512_set1_ps(0.5f), alpha = _mm512_set1_ps(0.70710678118654752f);
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    float* p = x + r * x_stride;
+    for (int64_t j = 0; j < dim; j += 16) {
+      const __mmask16 m = first_n(dim - j);
+      __m512 a = _mm512_maskz_loadu_ps(m, p + j);
+      if (bias) a = _mm512_add_ps(a, _mm512_maskz_loadu_ps(m, bias + j));
+      const __m512 g = _mm512_mul_ps(_mm512_mul_ps(a, half), one_plus_erf512(_mm512_mul_ps(a, alpha)));
+      _mm512_mask_storeu_ps(p + j, m, g);
+    }
+  }
+  return 0;
+}
+
+// A post-norm residual block's end: out[r] = LayerNorm(residual[r] + (x[r] + bias)) * gamma + beta, statistics over
+// the row in two passes (mean, then the mean square of the deviations); bias and residual may be null. out may be x.
+extern "C" int rerankd_layer_norm(const float* x, int64_t x_stride, const float* bias, const float* residual,
+                                  int64_t residual_stride, const float* gamma, const float* beta, float* out,
+                                  int64_t out_stride, int64_t rows, int64_t dim, float eps, int threads) {
+  if (dim <= 0 || threads <= 0) return 1;
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * x_stride;
+    const float* res = residual ? residual + r * residual_stride : nullptr;
+    float* o = out + r * out_stride;
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t j = 0; j < dim; j += 16) {  // the sum, kept in out
+      const __mmask16 m = first_n(dim - j);
+      __m512 s = _mm512_maskz_loadu_ps(m, xr + j);
+      if (bias) s = _mm512_add_ps(s, _mm512_maskz_loadu_ps(m, bias + j));
+      if (res) s = _mm512_add_ps(_mm512_maskz_loadu_ps(m, res + j), s);
+      _mm512_mask_storeu_ps(o + j, m, s);
+      acc = _mm512_add_ps(acc, s);
+    }
+    const float mean = _mm512_reduce_add_ps(acc) / (float)dim;
+    const __m512 mv = _mm512_set1_ps(mean);
+    acc = _mm512_setzero_ps();
+    for (int64_t j = 0; j < dim; j += 16) {
+      const __mmask16 m = first_n(dim - j);
+      const __m512 d = _mm512_maskz_sub_ps(m, _mm512_maskz_loadu_ps(m, o + j), mv);
+      acc = _mm512_add_ps(acc, _mm512_mul_ps(d, d));
+    }
+    const float rstd = 1.0f / sqrtf(_mm512_reduce_add_ps(acc) / (float)dim + eps);
+    const __m512 scale = _mm512_set1_ps(rstd), shift = _mm512_set1_ps(-mean * rstd);
+    for (int64_t j = 0; j < dim; j += 16) {
+      const __mmask16 m = first_n(dim - j);
+      const __m512 n = _mm512_add_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, o + j), scale), shift);
+      _mm512_mask_storeu_ps(o + j, m, _mm512_add_ps(_mm512_mul_ps(n, _mm512_maskz_loadu_ps(m, gamma + j)),
+                                                    _mm512_maskz_loadu_ps(m, beta + j)));
     }
   }
   return 0;

@@ -476,9 +476,9 @@ class UpcastEmbedding(nn.Embedding):
         return super().forward(ids).float()
 
 
-def linear(x: torch.Tensor, layer: nn.Linear, rows: slice = slice(None)) -> torch.Tensor:
-    """F.linear with the output features `rows` of `layer` only, through the layer's own kernel, its weight in the
-    input's dtype (a bf16-stored weight is widened for this product only)."""
+def linear(x: torch.Tensor, layer: nn.Linear, rows: slice = slice(None), bias: bool = True) -> torch.Tensor:
+    """F.linear with the output features `rows` of `layer` only (bias False: without its bias), through the layer's
+    own kernel, its weight in the input's dtype (a bf16-stored weight is widened for this product only)."""
     w = layer.weight[rows]
     if w.dtype != x.dtype:
         held = getattr(_widened, "weights", None)
@@ -489,8 +489,17 @@ def linear(x: torch.Tensor, layer: nn.Linear, rows: slice = slice(None)) -> torc
             if key not in held:
                 held[key] = w.to(x.dtype)
             w = held[key]
-    b = None if layer.bias is None else layer.bias[rows]
+    b = None if layer.bias is None or not bias else layer.bias[rows]
     return onednn_linear(x, w, b) if isinstance(layer, OneDNNLinear) else F.linear(x, w, b)
+
+
+def product(x: torch.Tensor, layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(x W^T, b) of a linear layer, for a CPU kernel that adds the bias in the pass it makes over the product anyway
+    (torch's addmm writes the bias into the output first, a pass of its own); a layer that is not a float nn.Linear
+    (int8) computes whole: (layer(x), None)."""
+    if isinstance(layer, nn.Linear):
+        return linear(x, layer, bias=False), layer.bias
+    return layer(x), None
 
 
 def onednn_speedup() -> float:

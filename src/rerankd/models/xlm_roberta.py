@@ -32,7 +32,9 @@ from ..inputs.images import ImagePolicy
 from ..weights import Part, Renames, tensor_names
 from .base import (PREFIX_CHARS_PER_TOKEN, LengthOptions, PreparedSequence, ReleasingTokenizer, TorchTextBackend, Where,
                    between_layers, build_module, load_tokenizer, packed, text_prefix)
-from .layers import Packing, linear, row_attention, rowwise, to_device, use_cpu_gemm, varlen_attention
+from . import cpu_kernels
+from .layers import (Packing, linear, product, row_attention, rowwise, to_device, use_cpu_gemm,
+                     varlen_attention)
 from .windows import document_spans, document_to_tokenize
 
 DEFAULT_MAX_LENGTH = 1024
@@ -167,6 +169,7 @@ class MLP(nn.Module):
         self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
         self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
         self.act = ACTIVATIONS[cfg.hidden_act]
+        self.hidden_act = cfg.hidden_act
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(x)))
@@ -174,6 +177,8 @@ class MLP(nn.Module):
 
 class Layer(nn.Module):
     """Post-norm: x = norm1(x + attn(x)); x = norm2(x + mlp(x))."""
+
+    elementwise = "torch"  # 'avx512': GELU and the add + LayerNorm on rerankd's CPU kernels (use_cpu_elementwise)
 
     def __init__(self, cfg: EncoderConfig):
         super().__init__()
@@ -187,9 +192,16 @@ class Layer(nn.Module):
         return rowwise(self._rowwise, x if first is None else x[first], o)
 
     def _rowwise(self, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
-        """Everything after attention treats each token on its own."""
-        x = self.norm1(x + self.mixer.out_proj(o))
-        return self.norm2(x + self.mlp(x))
+        """Everything after attention treats each token on its own. On the CPU kernels each product's bias is added
+        in the one pass after it: GELU's, or the residual add and LayerNorm's."""
+        if self.elementwise != "avx512" or self.mlp.hidden_act != "gelu":  # (the kernel has the exact GELU only)
+            x = self.norm1(x + self.mixer.out_proj(o))
+            return self.norm2(x + self.mlp(x))
+        h, b = product(o, self.mixer.out_proj)
+        x = cpu_kernels.layer_norm(h, self.norm1, b, residual=x)
+        h, b = product(x, self.mlp.fc1)
+        h, b = product(cpu_kernels.bias_gelu_(h, b), self.mlp.fc2)
+        return cpu_kernels.layer_norm(h, self.norm2, b, residual=x)
 
 
 class Encoder(nn.Module):
