@@ -13,6 +13,8 @@ checkpoint's tokenizer.json) in shuffled order, and times, in one process on the
   reported, not held to --tolerance;
 * rerankd torch-gemm: when rerankd picked oneDNN for its fp32 linear layers (`cpu_gemm="auto"`), the same with
   `cpu_gemm="torch"` (torch's default kernel, as the other engines use), to show what the kernel choice is worth;
+  likewise rerankd sdpa-loop (`attention="sdpa"`) and rerankd torch-elementwise (`cpu_elementwise="torch"`: GELU,
+  the residual adds and LayerNorm on torch's ops) when `auto` took rerankd's own CPU kernels;
 * the reference: transformers' XLMRobertaForSequenceClassification in padded batches of 16, as the model card's
   `compute_score` runs them (`tests/references.py`'s ReferenceCrossEncoder), attention "eager" and "sdpa";
 * sentence-transformers' `CrossEncoder(..., max_length=1024).predict(pairs)` (batch size 32, its default; it sorts
@@ -239,6 +241,12 @@ def main(argv: list[str] | None = None) -> int:
             ours_loop = Reranker.from_pretrained(ckpt, show_progress=False, attention="sdpa",
                                                  max_batch_tokens=args.max_batch_tokens)  # fmt: skip
             engines["rerankd sdpa-loop"] = lambda p: ours_loop.compute_score(p, max_length=MAX_LENGTH)
+        if ours.options.cpu_elementwise != "torch":
+            log(f"rerankd's element-wise work runs on {ours.options.cpu_elementwise!r}; loading it with torch's ops "
+                "as well")
+            ours_ops = Reranker.from_pretrained(ckpt, show_progress=False, cpu_elementwise="torch",
+                                                max_batch_tokens=args.max_batch_tokens)  # fmt: skip
+            engines["rerankd torch-elementwise"] = lambda p: ours_ops.compute_score(p, max_length=MAX_LENGTH)
         for impl in ("eager", "sdpa"):
             log(f"loading the reference ({impl})")
             ref = ReferenceCrossEncoder(ckpt, attn_implementation=impl)
@@ -285,7 +293,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     held = {name: d for name, d in diffs.items() if name not in ("rerankd int8", "rerankd bf16")}
     pps = {name: len(pairs) / t for name, t in best.items()}
-    ours_variants = ("rerankd", "rerankd int8", "rerankd bf16", "rerankd torch-gemm", "rerankd sdpa-loop")
+    ours_variants = ("rerankd", "rerankd int8", "rerankd bf16", "rerankd torch-gemm", "rerankd sdpa-loop",
+                     "rerankd torch-elementwise")
     speedup = {name: pps["rerankd"] / v for name, v in pps.items() if name not in ours_variants}
     int8_speedup = pps["rerankd int8"] / pps["rerankd"]
     max_diff = max(held.values())
@@ -319,6 +328,8 @@ def main(argv: list[str] | None = None) -> int:
         "torch_gemm_pairs_per_second": pps.get("rerankd torch-gemm"),
         "attention": ours.options.attention,
         "sdpa_loop_pairs_per_second": pps.get("rerankd sdpa-loop"),
+        "cpu_elementwise": ours.options.cpu_elementwise,
+        "torch_elementwise_pairs_per_second": pps.get("rerankd torch-elementwise"),
         "repeats": args.repeats,
         "best_seconds": best,
         "pairs_per_second": pps,
@@ -351,8 +362,9 @@ def main(argv: list[str] | None = None) -> int:
     print()
     for name in best:
         if name == "rerankd":
-            extra = f" (linear layers: {ours.options.cpu_gemm}, attention: {ours.options.attention})"
-        elif name in ("rerankd torch-gemm", "rerankd sdpa-loop"):
+            extra = (f" (linear layers: {ours.options.cpu_gemm}, attention: {ours.options.attention}, element-wise: "
+                     f"{ours.options.cpu_elementwise})")  # fmt: skip
+        elif name in ("rerankd torch-gemm", "rerankd sdpa-loop", "rerankd torch-elementwise"):
             extra = f", rerankd is {pps['rerankd'] / pps[name]:.2f}x this, max |diff| {diffs[name]:.2e}"
         elif name in ("rerankd int8", "rerankd bf16"):
             extra = (f", {pps[name] / pps['rerankd']:.2f}x fp32 rerankd, max |diff| vs fp32 {diffs[name]:.2e} "
@@ -361,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
             target = TARGETS["crossencoder" if name == "CrossEncoder" else "reference"]
             extra = (f", rerankd is {speedup[name]:.2f}x faster (target >= {target}x: {mark(speedup[name] >= target)})"
                      f", max |diff| {diffs[name]:.2e}")  # fmt: skip
-        print(f"{name:>18}: {pps[name]:7.2f} pairs/s (best {best[name]:.3f}s of {args.repeats}){extra}")
+        print(f"{name:>25}: {pps[name]:7.2f} pairs/s (best {best[name]:.3f}s of {args.repeats}){extra}")
     print(f"{'useful FLOP rate':>18}: {useful_rate:.1f} GFLOP/s of rerankd ({flops / 1e9:.1f} GFLOP) = {share:.1%} of "
           f"the best measured fp32 matmul rate {peak:.1f} GFLOP/s (target >= {TARGETS['flop_share']:.0%}: "
           f"{mark(share >= TARGETS['flop_share'])}); "

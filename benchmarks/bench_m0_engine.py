@@ -11,7 +11,10 @@ and times, in one process on the same weights and pairs:
 * rerankd torch-gemm: when rerankd picked oneDNN for its fp32 linear layers (`cpu_gemm="auto"`), the same engine
   with `cpu_gemm="torch"` (torch's default kernel, which the reference uses), to show what the kernel is worth;
 * rerankd sdpa-loop: when rerankd's attention is its own CPU kernel (`attention="auto"` took "avx512"), the same
-  engine with `attention="sdpa"` (one torch SDPA call per sequence), likewise.
+  engine with `attention="sdpa"` (one torch SDPA call per sequence), likewise;
+* rerankd torch-elementwise: when rerankd's element-wise work runs on its own CPU kernels (`cpu_elementwise="auto"`
+  took "avx512"), the same engine with `cpu_elementwise="torch"` (RMSNorm, residual adds, rotary and SiLU products
+  on torch's ops), likewise.
 
 Each engine is warmed up on a few pairs, then the engines are timed in turn over the same pairs, --repeats rounds,
 and the best time of each is kept. Scores must agree within --tolerance (default 1e-4), else the exit code is 1.
@@ -205,6 +208,11 @@ def main(argv: list[str] | None = None) -> int:
             ours_loop = Reranker.from_pretrained(ckpt, show_progress=False, max_batch_tokens=args.max_batch_tokens,
                                                  attention="sdpa")  # fmt: skip
             engines["rerankd sdpa-loop"] = lambda p: ours_loop.compute_score(p, max_length=MAX_LENGTH)
+        log(f"rerankd's element-wise work runs on {ours.options.cpu_elementwise!r} (cpu_elementwise='auto')")
+        if ours.options.cpu_elementwise != "torch":
+            ours_ops = Reranker.from_pretrained(ckpt, show_progress=False, max_batch_tokens=args.max_batch_tokens,
+                                                cpu_elementwise="torch")  # fmt: skip
+            engines["rerankd torch-elementwise"] = lambda p: ours_ops.compute_score(p, max_length=MAX_LENGTH)
         impls = ["eager"] + ([] if args.no_sdpa else ["sdpa"])
         for impl in impls:
             log(f"loading the reference ({impl})")
@@ -260,6 +268,8 @@ def main(argv: list[str] | None = None) -> int:
         "speedup_vs_torch_gemm": speedup.get("rerankd torch-gemm"),
         "attention": ours.options.attention,
         "speedup_vs_sdpa_loop": speedup.get("rerankd sdpa-loop"),
+        "cpu_elementwise": ours.options.cpu_elementwise,
+        "speedup_vs_torch_elementwise": speedup.get("rerankd torch-elementwise"),
         "max_abs_score_diff": diffs,
         "tolerance": args.tolerance,
         "scores_match": ok,
@@ -267,10 +277,11 @@ def main(argv: list[str] | None = None) -> int:
 
     print()
     for name in best:
-        kernels = f"linear layers: {ours.options.cpu_gemm}, attention: {ours.options.attention}"
+        kernels = (f"linear layers: {ours.options.cpu_gemm}, attention: {ours.options.attention}, element-wise: "
+                   f"{ours.options.cpu_elementwise}")  # fmt: skip
         extra = (f" ({kernels})" if name == "rerankd"
                  else f", rerankd is {speedup[name]:.2f}x faster, max |diff| {diffs[name]:.2e}")  # fmt: skip
-        print(f"{name:>18}: {pps[name]:7.1f} pairs/s (best {best[name]:.3f}s of {args.repeats}){extra}")
+        print(f"{name:>25}: {pps[name]:7.1f} pairs/s (best {best[name]:.3f}s of {args.repeats}){extra}")
     print()
     head = ["date", "machine", "torch", "rerankd pairs/s", "reference eager pairs/s"]
     row = [results["date"], machine, torch.__version__, f"{pps['rerankd']:.1f}", f"{pps['reference eager']:.1f}"]
