@@ -1,5 +1,5 @@
 """The element-wise CPU kernels (models/cpu_kernels.cpp: RMSNorm with its residual add, rotary embedding, SiLU-gated
-product; bias + GELU, bias + residual add + LayerNorm) equal torch's ops they replace, and `cpu_elementwise` picks
+product; bias + GELU or quick GELU, bias + residual add + LayerNorm) equal torch's ops they replace, and `cpu_elementwise` picks
 them where they run and says so."""
 
 from __future__ import annotations
@@ -99,6 +99,8 @@ def test_bias_gelu_equals_torchs(dim):
     got = x.clone()
     assert cpu_kernels.bias_gelu_(got, None) is got
     torch.testing.assert_close(got, F.gelu(x), rtol=1e-6, atol=1e-6)
+    quick = (x + bias) * torch.sigmoid(1.702 * (x + bias))  # Qwen2-VL's vision MLP
+    torch.testing.assert_close(cpu_kernels.bias_gelu_(x.clone(), bias, quick=True), quick, rtol=1e-6, atol=1e-6)
 
 
 @needs_avx512
@@ -112,6 +114,9 @@ def test_layer_norm_equals_torchs(dim):
         s = x if b is None else x + b
         want = norm(s if r is None else r + s)
         torch.testing.assert_close(cpu_kernels.layer_norm(x, norm, b, r), want, rtol=2e-6, atol=2e-6)
+    total, normed = cpu_kernels.layer_norm(x, norm, residual=residual, keep_sum=True)  # a pre-norm block's stream
+    assert torch.equal(total, residual + x)
+    torch.testing.assert_close(normed, norm(residual + x), rtol=2e-6, atol=2e-6)
 
 
 @needs_avx512

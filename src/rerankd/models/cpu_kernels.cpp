@@ -453,12 +453,14 @@ inline __m512 one_plus_erf512(__m512 z) {
 
 }  // namespace
 
-// The bias and GELU of a cross-encoder's first MLP product, in place: x[r] = gelu(x[r] + bias), gelu(a) =
-// a * 0.5 * (1 + erf(a / sqrt(2))) as torch has it (approximate="none"); bias may be null (already added).
-extern "C" int rerankd_bias_gelu(float* x, int64_t x_stride, const float* bias, int64_t rows, int64_t dim,
+// The bias and GELU of an MLP's first product, in place: x[r] = gelu(x[r] + bias); bias may be null (already
+// added). quick 0: gelu(a) = a * 0.5 * (1 + erf(a / sqrt(2))) as torch has it (approximate="none"); quick 1: Qwen2-VL's
+// quick_gelu, a * sigmoid(1.702 * a) with sigmoid(t) = 1 / (1 + exp(-t)).
+extern "C" int rerankd_bias_gelu(float* x, int64_t x_stride, const float* bias, int64_t rows, int64_t dim, int quick,
                                  int threads) {
   if (dim <= 0 || threads <= 0) return 1;
   const __m512 half = _mm512_set1_ps(0.5f), alpha = _mm512_set1_ps(0.70710678118654752f);
+  const __m512 one = _mm512_set1_ps(1.0f), k = _mm512_set1_ps(1.702f);
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int64_t r = 0; r < rows; ++r) {
     float* p = x + r * x_stride;
@@ -466,18 +468,26 @@ extern "C" int rerankd_bias_gelu(float* x, int64_t x_stride, const float* bias, 
       const __mmask16 m = first_n(dim - j);
       __m512 a = _mm512_maskz_loadu_ps(m, p + j);
       if (bias) a = _mm512_add_ps(a, _mm512_maskz_loadu_ps(m, bias + j));
-      const __m512 g = _mm512_mul_ps(_mm512_mul_ps(a, half), one_plus_erf512(_mm512_mul_ps(a, alpha)));
+      __m512 g;
+      if (quick) {
+        const __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(k, a)));
+        g = _mm512_mul_ps(a, _mm512_div_ps(one, _mm512_add_ps(one, e)));
+      } else {
+        g = _mm512_mul_ps(_mm512_mul_ps(a, half), one_plus_erf512(_mm512_mul_ps(a, alpha)));
+      }
       _mm512_mask_storeu_ps(p + j, m, g);
     }
   }
   return 0;
 }
 
-// A post-norm residual block's end: out[r] = LayerNorm(residual[r] + (x[r] + bias)) * gamma + beta, statistics over
-// the row in two passes (mean, then the mean square of the deviations); bias and residual may be null. out may be x.
+// LayerNorm of a residual sum: out[r] = LayerNorm(s) * gamma + beta with s = residual[r] + (x[r] + bias), statistics
+// over the row in two passes (mean, then the mean square of the deviations); bias and residual may be null. s is
+// written to sum[r] when sum is not null (a pre-norm block's residual stream). out may be x.
 extern "C" int rerankd_layer_norm(const float* x, int64_t x_stride, const float* bias, const float* residual,
-                                  int64_t residual_stride, const float* gamma, const float* beta, float* out,
-                                  int64_t out_stride, int64_t rows, int64_t dim, float eps, int threads) {
+                                  int64_t residual_stride, const float* gamma, const float* beta, float* sum,
+                                  int64_t sum_stride, float* out, int64_t out_stride, int64_t rows, int64_t dim,
+                                  float eps, int threads) {
   if (dim <= 0 || threads <= 0) return 1;
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int64_t r = 0; r < rows; ++r) {
@@ -491,6 +501,7 @@ extern "C" int rerankd_layer_norm(const float* x, int64_t x_stride, const float*
       if (bias) s = _mm512_add_ps(s, _mm512_maskz_loadu_ps(m, bias + j));
       if (res) s = _mm512_add_ps(_mm512_maskz_loadu_ps(m, res + j), s);
       _mm512_mask_storeu_ps(o + j, m, s);
+      if (sum) _mm512_mask_storeu_ps(sum + r * sum_stride + j, m, s);
       acc = _mm512_add_ps(acc, s);
     }
     const float mean = _mm512_reduce_add_ps(acc) / (float)dim;

@@ -10,7 +10,8 @@
   the SiLU-gated product of the MLP). On the mid-size m0 decoder they cut the forward by about 9%
   (docs/benchmarks.md).
 * `bias_gelu_`, `layer_norm`: a cross-encoder layer's, with each product's bias added in the pass after it (GELU;
-  the residual add and LayerNorm) instead of in a pass of its own.
+  the residual add and LayerNorm) instead of in a pass of its own; and the vision tower's (quick GELU; the residual
+  add and the pre-norm LayerNorm, which keeps the sum).
 
 The library is compiled once per machine with the system's C++ compiler ($CXX, else c++ or g++; OpenMP from the
 same libgomp that torch loads) into $XDG_CACHE_HOME/rerankd (~/.cache/rerankd), named by a hash of the source,
@@ -54,8 +55,8 @@ _ELEMENTWISE = {  # name: argument types (all return 0, or 1 for a bad size)
     "rerankd_rms_norm": [_P, _I, _P, _I, _P, _I, _P, _I, _P, _I, _I, ctypes.c_float, ctypes.c_int],
     "rerankd_rotary": [_P, _I, _I, _I, _I, _P, _P, _I, ctypes.c_int],
     "rerankd_silu_mul": [_P, _I, _P, _I, _P, _I, _I, _I, ctypes.c_int],
-    "rerankd_bias_gelu": [_P, _I, _P, _I, _I, ctypes.c_int],
-    "rerankd_layer_norm": [_P, _I, _P, _P, _I, _P, _P, _P, _I, _I, _I, ctypes.c_float, ctypes.c_int],
+    "rerankd_bias_gelu": [_P, _I, _P, _I, _I, ctypes.c_int, ctypes.c_int],
+    "rerankd_layer_norm": [_P, _I, _P, _P, _I, _P, _P, _P, _I, _P, _I, _I, _I, ctypes.c_float, ctypes.c_int],
 }
 
 
@@ -194,7 +195,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, add: torch.Tenso
         total = torch.empty_like(out)
     rc = lib.rerankd_rms_norm(x.data_ptr(), x.stride(0), None if add is None else add.data_ptr(),
                               0 if add is None else add.stride(0), None if total is None else total.data_ptr(), dim,
-                              out.data_ptr(), dim, weight.data_ptr(), rows, dim, eps, torch.get_num_threads())  # fmt: skip
+                              out.data_ptr(), dim, weight.data_ptr(), rows, dim, eps,
+                              torch.get_num_threads())  # fmt: skip
     _check(rc, "rms_norm")
     return out if total is None else (total, out)
 
@@ -229,22 +231,23 @@ def silu_mul_(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return gate
 
 
-def bias_gelu_(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x = gelu(x + bias) in place (torch's exact, erf GELU) for [rows, dim] x (each row contiguous); bias [dim] or
-    None (already added). Returns x."""
+def bias_gelu_(x: torch.Tensor, bias: torch.Tensor | None, quick: bool = False) -> torch.Tensor:
+    """x = gelu(x + bias) in place for [rows, dim] x (each row contiguous); bias [dim] or None (already added).
+    quick False: torch's exact (erf) GELU; True: Qwen2-VL's quick_gelu, a * sigmoid(1.702 a). Returns x."""
     lib = _loaded("bias_gelu", x, *(() if bias is None else (bias,)))
     _matrix(x, "bias_gelu_'s x")
     _vector(bias, x.shape[1], "bias_gelu_'s bias")
     rc = lib.rerankd_bias_gelu(x.data_ptr(), x.stride(0), None if bias is None else bias.data_ptr(), x.shape[0],
-                               x.shape[1], torch.get_num_threads())  # fmt: skip
+                               x.shape[1], int(quick), torch.get_num_threads())  # fmt: skip
     _check(rc, "bias_gelu_")
     return x
 
 
 def layer_norm(x: torch.Tensor, norm: torch.nn.LayerNorm, bias: torch.Tensor | None = None,
-               residual: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+               residual: torch.Tensor | None = None, keep_sum: bool = False):  # fmt: skip
     """norm(residual + (x + bias)) for [rows, dim] tensors (each row contiguous), into a new tensor: a post-norm
-    block's end, its product's bias added here. bias, residual: None when there is none."""
+    block's end, its product's bias added here. bias, residual: None when there is none. keep_sum: returns
+    (residual + (x + bias), its norm), a pre-norm block's residual stream and the next input."""
     lib = _loaded("layer_norm", x, norm.weight, norm.bias, *(t for t in (bias, residual) if t is not None))
     _matrix(x, "layer_norm's x")
     rows, dim = x.shape
@@ -257,13 +260,14 @@ def layer_norm(x: torch.Tensor, norm: torch.nn.LayerNorm, bias: torch.Tensor | N
         if residual.shape != x.shape:
             raise ValueError(f"layer_norm: residual {tuple(residual.shape)} must have x's shape {tuple(x.shape)}")
     out = torch.empty((rows, dim), dtype=x.dtype)
+    total = torch.empty_like(out) if keep_sum else None
     rc = lib.rerankd_layer_norm(x.data_ptr(), x.stride(0), None if bias is None else bias.data_ptr(),
                                 None if residual is None else residual.data_ptr(),
                                 0 if residual is None else residual.stride(0), norm.weight.data_ptr(),
-                                norm.bias.data_ptr(), out.data_ptr(), dim, rows, dim, norm.eps,
-                                torch.get_num_threads())  # fmt: skip
+                                norm.bias.data_ptr(), None if total is None else total.data_ptr(), dim, out.data_ptr(),
+                                dim, rows, dim, norm.eps, torch.get_num_threads())  # fmt: skip
     _check(rc, "layer_norm")
-    return out
+    return out if total is None else (total, out)
 
 
 def _vector(t: torch.Tensor | None, dim: int, name: str) -> None:
@@ -273,4 +277,5 @@ def _vector(t: torch.Tensor | None, dim: int, name: str) -> None:
 
 def _check(rc: int, kernel: str) -> None:
     if rc != 0:
-        raise RuntimeError(f"rerankd's CPU {kernel} kernel refused its input (code {rc}: a size of 0 or an odd head_dim)")
+        raise RuntimeError(f"rerankd's CPU {kernel} kernel refused its input (code {rc}: a size of 0 or an odd "
+                           "head_dim)")

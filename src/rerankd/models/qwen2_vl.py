@@ -14,7 +14,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import between_layers
-from .layers import Packing, apply_rotary, onednn_linear, packing, rotary_cos_sin, to_device, varlen_attention
+from . import cpu_kernels
+from .layers import (Packing, apply_rotary, onednn_linear, packing, product, rotary_cos_sin, to_device,
+                     varlen_attention)
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,8 @@ class PatchEmbed(nn.Module):
 
 
 class VisionAttention(nn.Module):
+    elementwise = "torch"  # 'avx512': the rotary embedding on rerankd's CPU kernel (layers.use_cpu_elementwise)
+
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         self.num_heads = cfg.num_heads
@@ -84,13 +88,18 @@ class VisionAttention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pack: Packing):
         n = x.shape[0]
         q, k, v = self.qkv(x).view(n, 3, self.num_heads, self.head_dim).unbind(1)  # each [patches, heads, head_dim]
-        q = apply_rotary(q.float(), cos, sin).to(x.dtype)
-        k = apply_rotary(k.float(), cos, sin).to(x.dtype)
+        if self.elementwise == "avx512":  # fp32: q and k rotated in place (views of the product nothing else reads)
+            q, k = cpu_kernels.rotary_(q, cos, sin), cpu_kernels.rotary_(k, cos, sin)
+        else:
+            q = apply_rotary(q.float(), cos, sin).to(x.dtype)
+            k = apply_rotary(k.float(), cos, sin).to(x.dtype)
         o = varlen_attention(q, k, v, pack, causal=False)  # [patches, heads, head_dim]
         return self.proj(o.reshape(n, -1))
 
 
 class VisionBlock(nn.Module):
+    elementwise = "torch"  # 'avx512': norms with their residual adds, quick GELU on rerankd's CPU kernels
+
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         hidden = int(cfg.embed_dim * cfg.mlp_ratio)
@@ -101,15 +110,26 @@ class VisionBlock(nn.Module):
         self.mlp.fc1 = nn.Linear(cfg.embed_dim, hidden)
         self.mlp.fc2 = nn.Linear(hidden, cfg.embed_dim)
 
-    def forward(self, x, cos, sin, pack: Packing):
-        x = x + self.attn(self.norm1(x), cos, sin, pack)
-        h = self.mlp.fc1(self.norm2(x))
-        h = h * torch.sigmoid(1.702 * h)  # quick_gelu
-        return x + self.mlp.fc2(h)
+    def forward(self, x, delta, cos, sin, pack: Packing):
+        """The block's input is x + delta (delta None: x alone); returns (x', delta'), whose sum is its output: each
+        residual sum is made by the norm that reads it (one pass with it on the CPU kernels)."""
+        if self.elementwise != "avx512":
+            x = x if delta is None else x + delta
+            x = x + self.attn(self.norm1(x), cos, sin, pack)
+            h = self.mlp.fc1(self.norm2(x))
+            h = h * torch.sigmoid(1.702 * h)  # quick_gelu
+            return x, self.mlp.fc2(h)
+        x, h = (x, cpu_kernels.layer_norm(x, self.norm1)) if delta is None else \
+            cpu_kernels.layer_norm(delta, self.norm1, residual=x, keep_sum=True)  # fmt: skip
+        x, h = cpu_kernels.layer_norm(self.attn(h, cos, sin, pack), self.norm2, residual=x, keep_sum=True)
+        h, b = product(h, self.mlp.fc1)
+        return x, self.mlp.fc2(cpu_kernels.bias_gelu_(h, b, quick=True))
 
 
 class PatchMerger(nn.Module):
     """LayerNorm, then each 2x2 group of neighbouring patches (adjacent rows after preprocessing) -> one token."""
+
+    elementwise = "torch"  # 'avx512': the residual add and LayerNorm on rerankd's CPU kernel
 
     def __init__(self, cfg: VisionConfig):
         super().__init__()
@@ -119,8 +139,14 @@ class PatchMerger(nn.Module):
             [nn.Linear(self.group_dim, self.group_dim), nn.GELU(), nn.Linear(self.group_dim, cfg.out_dim)]
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.ln_q(x).view(-1, self.group_dim)  # [patches / 4, 4 * embed_dim]
+    def forward(self, x: torch.Tensor, delta: torch.Tensor | None) -> torch.Tensor:
+        """x + delta: the last block's output, as VisionBlock returns it (delta None: x alone)."""
+        if self.elementwise == "avx512":
+            x = cpu_kernels.layer_norm(x, self.ln_q) if delta is None else \
+                cpu_kernels.layer_norm(delta, self.ln_q, residual=x)  # fmt: skip
+        else:
+            x = self.ln_q(x if delta is None else x + delta)
+        x = x.view(-1, self.group_dim)  # [patches / 4, 4 * embed_dim]
         for layer in self.mlp:
             x = layer(x)
         return x  # [merged tokens, out_dim]
@@ -158,7 +184,8 @@ class VisionTransformer(nn.Module):
         x = self.patch_embed(patches)
         cos, sin = self.rotary(grids)
         pack = packing((h * w for t, h, w in grids for _ in range(t)), x.device, kernel)  # attention per frame
+        delta = None
         for blk in self.blocks:
             between_layers()
-            x = blk(x, cos, sin, pack)
-        return self.merger(x)
+            x, delta = blk(x, delta, cos, sin, pack)
+        return self.merger(x, delta)
