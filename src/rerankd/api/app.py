@@ -220,8 +220,9 @@ def load_app(model: str, names: Sequence[str], load: LoadOptions, options: Serve
     start = time.monotonic()
     rr = Reranker.from_pretrained(model, **dataclasses.asdict(load))
     bf16 = "" if rr.options.cpu_bf16 == "none" else f" (cpu_bf16 {rr.options.cpu_bf16})"
-    log.info("loaded %s (%s) on %s, %s%s, fp32 CPU linear kernel %s, in %.1fs", model, rr.backend.architecture,
-             rr.options.device, rr.options.dtype, bf16, rr.options.cpu_gemm, time.monotonic() - start)  # fmt: skip
+    log.info("loaded %s (%s) on %s, %s%s, fp32 CPU linear kernel %s, attention %s, element-wise %s, in %.1fs", model,
+             rr.backend.architecture, rr.options.device, rr.options.dtype, bf16, rr.options.cpu_gemm,
+             rr.options.attention, rr.options.cpu_elementwise, time.monotonic() - start)  # fmt: skip
     if not options.skip_warmup:
         start = time.monotonic()
         rr.compute_score([["warm-up query", "warm-up document"]])
