@@ -1,5 +1,6 @@
 """Building blocks shared by the model files: norms, rotary embeddings, THE attention function, the fp32 CPU
-kernel of the linear layers, and how a bf16 model computes on the CPU.
+kernel of the linear layers, where the element-wise work runs (cpu_elementwise), and how a bf16 model computes on
+the CPU.
 
 Attention is always variable-length over packed sequences: tokens of all sequences of a batch lie in one
 [tokens, heads, head_dim] tensor and `cu_seqlens` ([n + 1], int32) marks where each starts. No padding token
