@@ -96,16 +96,16 @@ class LoadOptions:
     varlen flash attention, else FlexAttention; on the CPU: rerankd's own packed kernel for x86 CPUs with AVX-512,
     built at first use with the system's C++ compiler, computing in fp32 (a bf16 model's q/k/v widened for it);
     elsewhere one SDPA call per sequence), or one of 'flash-attn', 'varlen', 'flex' (these three on CUDA), 'avx512'
-    (the CPU), 'sdpa' (an error where it
-    cannot run). A loaded Reranker's options say which one runs ('none' for a GGUF)."""
+    (the CPU), 'sdpa' (an error where it cannot run). A loaded Reranker's options say which one runs ('none' for a
+    GGUF)."""
     cpu_elementwise: str = "auto"
     """Element-wise work between the products: in the Qwen2 / Qwen3 decoders (m0, Qwen3-Reranker, v3) RMSNorm with
     its residual add, rotary embedding and the SiLU-gated product; in m0's vision tower the residual add + LayerNorm,
     rotary embedding and quick GELU; in the cross-encoders GELU and the residual add + LayerNorm, each product's bias
-    added in them. 'auto' (rerankd's AVX-512 CPU kernels, one pass each where
-    torch's ops take two to five, where they run: fp32 (or cpu_bf16 'upcast') on an x86 CPU with AVX-512 and a C++
-    compiler; else torch's ops), 'avx512' (an error where they cannot run), or 'torch'. A loaded Reranker's
-    options say which one runs ('none' for a GGUF)."""
+    added in them. 'auto' (rerankd's AVX-512 CPU kernels, one pass each where torch's ops take two to five, where
+    they run: fp32 (or cpu_bf16 'upcast') on an x86 CPU with AVX-512 and a C++ compiler; else torch's ops), 'avx512'
+    (an error where they cannot run), or 'torch'. A loaded Reranker's options say which one runs ('none' for a
+    GGUF)."""
     show_progress: bool = True
     """Show progress bars while loading weights."""
 

@@ -170,10 +170,13 @@ def _loaded(kernel: str, *tensors: torch.Tensor) -> ctypes.CDLL:
     return lib
 
 
-def _matrix(t: torch.Tensor, name: str) -> None:
+def _matrix(t: torch.Tensor, name: str, like: torch.Tensor | None = None, like_name: str = "x") -> None:
+    """t must be [rows, features] with contiguous rows (of the shape of `like`, named like_name, when given)."""
     if t.dim() != 2 or (t.stride(1) != 1 and t.shape[1] > 1):
         raise ValueError(f"{name}: expected [rows, features] with contiguous rows; got shape {tuple(t.shape)} "
                          f"strides {t.stride()}")  # fmt: skip
+    if like is not None and t.shape != like.shape:
+        raise ValueError(f"{name} {tuple(t.shape)} must have {like_name}'s shape {tuple(like.shape)}")
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, add: torch.Tensor | None = None):
@@ -189,9 +192,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, add: torch.Tenso
     out = torch.empty((rows, dim), dtype=x.dtype)
     total = None
     if add is not None:
-        _matrix(add, "rms_norm's add")
-        if add.shape != x.shape:
-            raise ValueError(f"rms_norm: add {tuple(add.shape)} must have x's shape {tuple(x.shape)}")
+        _matrix(add, "rms_norm's add", like=x)
         total = torch.empty_like(out)
     rc = lib.rerankd_rms_norm(x.data_ptr(), x.stride(0), None if add is None else add.data_ptr(),
                               0 if add is None else add.stride(0), None if total is None else total.data_ptr(), dim,
@@ -221,9 +222,7 @@ def silu_mul_(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """gate = silu(gate) * up in place, for [rows, dim] tensors (each row contiguous). Returns gate."""
     lib = _loaded("silu_mul", gate, up)
     _matrix(gate, "silu_mul_'s gate")
-    _matrix(up, "silu_mul_'s up")
-    if gate.shape != up.shape:
-        raise ValueError(f"silu_mul_: gate {tuple(gate.shape)} and up {tuple(up.shape)} must have one shape")
+    _matrix(up, "silu_mul_'s up", like=gate, like_name="gate")
     rows, dim = gate.shape
     rc = lib.rerankd_silu_mul(gate.data_ptr(), gate.stride(0), up.data_ptr(), up.stride(0), gate.data_ptr(),
                               gate.stride(0), rows, dim, torch.get_num_threads())  # fmt: skip
@@ -256,9 +255,7 @@ def layer_norm(x: torch.Tensor, norm: torch.nn.LayerNorm, bias: torch.Tensor | N
     for name, t in (("weight", norm.weight), ("bias", norm.bias), ("added bias", bias)):
         _vector(t, dim, f"layer_norm's {name}")
     if residual is not None:
-        _matrix(residual, "layer_norm's residual")
-        if residual.shape != x.shape:
-            raise ValueError(f"layer_norm: residual {tuple(residual.shape)} must have x's shape {tuple(x.shape)}")
+        _matrix(residual, "layer_norm's residual", like=x)
     out = torch.empty((rows, dim), dtype=x.dtype)
     total = torch.empty_like(out) if keep_sum else None
     rc = lib.rerankd_layer_norm(x.data_ptr(), x.stride(0), None if bias is None else bias.data_ptr(),

@@ -62,6 +62,22 @@ class RMSNorm(nn.Module):
         return x, self(x)
 
 
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm (the same parameters) with RMSNorm's `add`: a pre-norm block's residual sum and its norm."""
+
+    elementwise = "torch"  # 'avx512': `add` on rerankd's CPU kernel (use_cpu_elementwise sets it at load)
+
+    def add(self, x: torch.Tensor, delta: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + delta, norm(x + delta)) for [rows, dim] tensors (one pass on the CPU kernel); delta None: (x,
+        norm(x))."""
+        if self.elementwise != "avx512":
+            x = x if delta is None else x + delta
+            return x, self(x)
+        if delta is None:
+            return x, cpu_kernels.layer_norm(x, self)
+        return cpu_kernels.layer_norm(delta, self, residual=x, keep_sum=True)
+
+
 # Rows per step of row-wise work on the CPU. The [rows, intermediate] activations of a whole batch (16K tokens x
 # 8960 on the real m0) do not stay in cache, which makes element-wise work (activation functions, products, norms,
 # residual adds) memory-bound; blocks of 1024 rows keep them cached at no cost to the matmuls (measured on m0:
@@ -597,7 +613,7 @@ def use_cpu_gemm(model: nn.Module, requested: str, device: torch.device, dtype: 
 # ------------------------------------------------------------------------------------------------ CPU element-wise
 
 # The element-wise work between the products (norms, residual adds, rotary embeddings, activations) on rerankd's CPU
-# kernels (cpu_kernels: one pass where torch's ops take three to five) or on torch's ops. A module that has such work
+# kernels (cpu_kernels: one pass where torch's ops take two to five) or on torch's ops. A module that has such work
 # declares an `elementwise` attribute ('torch' by default), which use_cpu_elementwise sets once at load.
 CPU_ELEMENTWISE = ("auto", "avx512", "torch")
 
@@ -610,10 +626,10 @@ def cpu_elementwise(device: torch.device, dtype: torch.dtype, requested: str) ->
         raise ValueError(f"cpu_elementwise must be one of {', '.join(CPU_ELEMENTWISE)}; got {requested!r}")
     if requested == "torch":
         return "torch"
-    why = None
     if device.type != "cpu" or dtype != torch.float32:
         why = f"they compute in float32 on the CPU, and this model runs {str(dtype).removeprefix('torch.')} on {device}"
-    why = why or cpu_kernels.unavailable()
+    else:
+        why = cpu_kernels.unavailable()
     if why is None:
         return "avx512"
     if requested == "avx512":

@@ -15,7 +15,7 @@ from torch import nn
 
 from .base import between_layers
 from . import cpu_kernels
-from .layers import (Packing, apply_rotary, onednn_linear, packing, product, rotary_cos_sin, to_device,
+from .layers import (LayerNorm, Packing, apply_rotary, onednn_linear, packing, product, rotary_cos_sin, to_device,
                      varlen_attention)
 
 
@@ -98,13 +98,13 @@ class VisionAttention(nn.Module):
 
 
 class VisionBlock(nn.Module):
-    elementwise = "torch"  # 'avx512': norms with their residual adds, quick GELU on rerankd's CPU kernels
+    elementwise = "torch"  # 'avx512': the bias and quick GELU on rerankd's CPU kernel (the norms have their own)
 
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         hidden = int(cfg.embed_dim * cfg.mlp_ratio)
-        self.norm1 = nn.LayerNorm(cfg.embed_dim, eps=1e-6)
-        self.norm2 = nn.LayerNorm(cfg.embed_dim, eps=1e-6)
+        self.norm1 = LayerNorm(cfg.embed_dim, eps=1e-6)
+        self.norm2 = LayerNorm(cfg.embed_dim, eps=1e-6)
         self.attn = VisionAttention(cfg)
         self.mlp = nn.Module()
         self.mlp.fc1 = nn.Linear(cfg.embed_dim, hidden)
@@ -112,41 +112,32 @@ class VisionBlock(nn.Module):
 
     def forward(self, x, delta, cos, sin, pack: Packing):
         """The block's input is x + delta (delta None: x alone); returns (x', delta'), whose sum is its output: each
-        residual sum is made by the norm that reads it (one pass with it on the CPU kernels)."""
-        if self.elementwise != "avx512":
-            x = x if delta is None else x + delta
-            x = x + self.attn(self.norm1(x), cos, sin, pack)
-            h = self.mlp.fc1(self.norm2(x))
+        residual sum is made by the norm that reads it (LayerNorm.add: one pass with it on the CPU kernel)."""
+        x, h = self.norm1.add(x, delta)
+        x, h = self.norm2.add(x, self.attn(h, cos, sin, pack))
+        if self.elementwise == "avx512":
+            h, b = product(h, self.mlp.fc1)
+            h = cpu_kernels.bias_gelu_(h, b, quick=True)
+        else:
+            h = self.mlp.fc1(h)
             h = h * torch.sigmoid(1.702 * h)  # quick_gelu
-            return x, self.mlp.fc2(h)
-        x, h = (x, cpu_kernels.layer_norm(x, self.norm1)) if delta is None else \
-            cpu_kernels.layer_norm(delta, self.norm1, residual=x, keep_sum=True)  # fmt: skip
-        x, h = cpu_kernels.layer_norm(self.attn(h, cos, sin, pack), self.norm2, residual=x, keep_sum=True)
-        h, b = product(h, self.mlp.fc1)
-        return x, self.mlp.fc2(cpu_kernels.bias_gelu_(h, b, quick=True))
+        return x, self.mlp.fc2(h)
 
 
 class PatchMerger(nn.Module):
     """LayerNorm, then each 2x2 group of neighbouring patches (adjacent rows after preprocessing) -> one token."""
 
-    elementwise = "torch"  # 'avx512': the residual add and LayerNorm on rerankd's CPU kernel
-
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         self.group_dim = cfg.embed_dim * cfg.spatial_merge_size**2
-        self.ln_q = nn.LayerNorm(cfg.embed_dim, eps=1e-6)
+        self.ln_q = LayerNorm(cfg.embed_dim, eps=1e-6)
         self.mlp = nn.ModuleList(
             [nn.Linear(self.group_dim, self.group_dim), nn.GELU(), nn.Linear(self.group_dim, cfg.out_dim)]
         )
 
     def forward(self, x: torch.Tensor, delta: torch.Tensor | None) -> torch.Tensor:
         """x + delta: the last block's output, as VisionBlock returns it (delta None: x alone)."""
-        if self.elementwise == "avx512":
-            x = cpu_kernels.layer_norm(x, self.ln_q) if delta is None else \
-                cpu_kernels.layer_norm(delta, self.ln_q, residual=x)  # fmt: skip
-        else:
-            x = self.ln_q(x if delta is None else x + delta)
-        x = x.view(-1, self.group_dim)  # [patches / 4, 4 * embed_dim]
+        x = self.ln_q.add(x, delta)[1].view(-1, self.group_dim)  # [patches / 4, 4 * embed_dim]
         for layer in self.mlp:
             x = layer(x)
         return x  # [merged tokens, out_dim]
