@@ -31,11 +31,12 @@ DOCS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 SECTION = "## Ray Serve's proxy vs the same replica served directly (CPU)"
 
 
-def serve(ckpt: Path, port: int, threads: int, ray: bool) -> subprocess.Popen:
+def serve(ckpt: Path, port: int, threads: int, ray_priority: str | None) -> subprocess.Popen:
+    """`rerankd serve` (ray_priority None), or `rerankd serve --ray` with that --ray-system-priority."""
     cmd = [sys.executable, "-m", "rerankd", "serve", "--model", str(ckpt), "--port", str(port), "--log-level",
            "warning", "--no-show-progress", "--num-threads", str(threads)]  # fmt: skip
-    if ray:
-        cmd += ["--ray", "--num-replicas", "1", "--replica-cpus", str(threads)]
+    if ray_priority:
+        cmd += ["--ray", "--num-replicas", "1", "--replica-cpus", str(threads), "--ray-system-priority", ray_priority]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_healthy(f"http://127.0.0.1:{port}/health", proc, timeout=300)
     return proc
@@ -50,6 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--concurrency", default="32", help="requests in flight (default 32)")
     ap.add_argument("--range-ratio", type=float, default=0.25, help="document lengths' spread (default 0.25)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (default: all CPUs)")
+    ap.add_argument("--ray-system-priority", nargs="+", choices=["auto", "idle", "normal"], default=["auto"],
+                    help="the Ray servers' --ray-system-priority; several: a Ray server with each, in turn (default "
+                         "auto)")  # fmt: skip
     ap.add_argument("--json-out", type=Path, help="also write the results to this JSON file")
     ap.add_argument("--update-docs", action="store_true", help=f"add the table row to {DOCS.name}")
     ap.add_argument("--seed", type=int, default=0)
@@ -57,17 +61,18 @@ def main(argv: list[str] | None = None) -> int:
 
     from rerankd.tiny import make_tiny_checkpoint
 
-    runs: dict[str, list[dict]] = {"direct": [], "ray": []}
+    systems = {"direct": None} | {f"ray {p}": p for p in args.ray_system_priority}
+    runs: dict[str, list[dict]] = {system: [] for system in systems}
     with tempfile.TemporaryDirectory(prefix="rerankd-bench-ray-") as tmp:
         ckpt = args.ckpt = Path(tmp) / "m0"
         log(f"writing the random checkpoint ({', '.join(f'{k}={v}' for k, v in CHECKPOINT.items())})")
         make_tiny_checkpoint("jina-reranker-m0", ckpt, seed=args.seed, **CHECKPOINT)
         for r in range(args.repeats):
-            for system in ("direct", "ray"):
+            for system, priority in systems.items():
                 port = free_port()
                 log(f"round {r + 1}: starting {system} on port {port}")
                 start = time.monotonic()
-                proc = serve(ckpt, port, args.threads, system == "ray")
+                proc = serve(ckpt, port, args.threads, priority)
                 log(f"  healthy in {time.monotonic() - start:.1f}s; rerankd bench, {args.num_prompts} requests")
                 try:
                     result = run_bench(f"http://127.0.0.1:{port}", "rerankd", args, Path(tmp) / f"{system}-{r}.json")
@@ -83,19 +88,25 @@ def main(argv: list[str] | None = None) -> int:
         return statistics.median(r["latency_ms"][key[8:]] if key.startswith("latency.") else r[key]
                                  for r in runs[system])  # fmt: skip
 
-    share = med("ray", "pairs_per_s") / med("direct", "pairs_per_s")
+    rays = [system for system in systems if system != "direct"]
+    share = {system: med(system, "pairs_per_s") / med("direct", "pairs_per_s") for system in rays}
     machine = f"{cpu_name()}, {os.cpu_count()} CPUs, {args.threads} torch threads"
     results = {"date": datetime.date.today().isoformat(), "machine": machine, "checkpoint": CHECKPOINT,
                "settings": vars(args) | {"json_out": None, "ckpt": None}, "runs": runs, "ray_share_of_direct": share}  # fmt: skip
-    cells = [", ".join(f"{r['pairs_per_s']:.1f}" for r in runs[s]) + f" (p99 {med(s, 'latency.p99'):.0f} ms)"
-             for s in ("direct", "ray")]  # fmt: skip
-    row = (f"| {results['date']} | {machine} | {args.num_prompts} x {args.docs} x {args.tokens} tok, "
-           f"c={args.concurrency}, {args.repeats} rounds | {cells[0]} | {cells[1]} | {share:.0%} |")  # fmt: skip
+
+    def cell(system: str) -> str:
+        return ", ".join(f"{r['pairs_per_s']:.1f}" for r in runs[system]) + f" (p99 {med(system, 'latency.p99'):.0f} ms)"
+
+    rows = [f"| {results['date']} | {machine} | {args.num_prompts} x {args.docs} x {args.tokens} tok, "
+            f"c={args.concurrency}, {args.repeats} rounds, --ray-system-priority {systems[system]} | {cell('direct')} | "
+            f"{cell(system)} | {share[system]:.0%} |" for system in rays]  # fmt: skip
     print()
-    print(f"Ray Serve keeps {share:.0%} of the direct server's pairs/s (median of {args.repeats}; target >= 90%)")
+    for system in rays:
+        print(f"Ray Serve ({system}) keeps {share[system]:.1%} of the direct server's pairs/s (median of "
+              f"{args.repeats}; target >= 90%)")  # fmt: skip
     print("| date | machine | workload | direct pairs/s | Ray Serve pairs/s | Ray / direct |")
     print("|---|---|---|---|---|---|")
-    print(row)
+    print("\n".join(rows))
     if args.json_out:
         args.json_out.write_text(json.dumps(results, indent=2) + "\n")
     if args.update_docs:
@@ -107,8 +118,8 @@ def main(argv: list[str] | None = None) -> int:
             text = text.rstrip() + f"\n\n{SECTION}\n\n`benchmarks/bench_ray.py`: {what}\n\n"
             text += "    .venv/bin/python benchmarks/bench_ray.py --update-docs\n\n" + header
         at = text.index(header, text.index(SECTION)) + len(header)
-        DOCS.write_text(text[:at] + row + "\n" + text[at:])
-        log(f"added the row to {DOCS}")
+        DOCS.write_text(text[:at] + "".join(row + "\n" for row in rows) + text[at:])
+        log(f"added {len(rows)} row(s) to {DOCS}")
     return 0
 
 

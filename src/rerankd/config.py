@@ -202,6 +202,11 @@ class RayOptions:
     """CPUs Ray reserves for each replica, also a CPU replica's torch threads (default: --num-threads, else 1)."""
     replica_gpus: float | None = None
     """GPUs per replica (default: 1 with --device cuda, or with no --device on a cluster that has GPUs; else 0)."""
+    ray_system_priority: Literal["auto", "idle", "normal"] = "auto"
+    """CPU priority of the local Ray's own processes (GCS, dashboard, agents, Serve's controller and proxy; not the
+    raylet, not the replicas) once the replicas are up: 'idle' (Linux SCHED_IDLE) runs them on the CPU time the
+    replicas leave, instead of preempting the model's threads; 'auto' is 'idle' when the replicas' CPUs take every
+    core of this machine, else 'normal' (as Ray starts them). Not with --ray-address: a cluster's are its own."""
 
 
 def field_docs(cls: type) -> dict[str, str]:

@@ -24,7 +24,8 @@ import yaml  # noqa: E402 (Ray's dependency)
 from rerankd import Reranker  # noqa: E402
 from rerankd.api import create_app  # noqa: E402
 from rerankd.api.ray_proxy import JsonErrorsMiddleware  # noqa: E402
-from rerankd.api.ray_serve import Rerankd, _answering, build, deployment_options  # noqa: E402
+from rerankd.api.ray_serve import (Rerankd, _answering, build, children, deployment_options, descendants,  # noqa: E402
+                                   ray_system_processes, set_idle, system_priority)
 from rerankd.config import LoadOptions, RayOptions, ServeOptions  # noqa: E402
 
 from .conftest import Server  # noqa: E402
@@ -39,21 +40,6 @@ SEED_REQUEST = {  # the seed document's client request (shared/seeds/000), uncha
     "return_documents": True,
 }
 REPO = Path(__file__).resolve().parents[2]
-
-
-def descendants(pid: int) -> list[int]:
-    """The processes below `pid` (Linux /proc)."""
-    found, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        for task in Path(f"/proc/{p}/task").glob("*"):
-            try:
-                children = [int(c) for c in (task / "children").read_text().split()]
-            except OSError:
-                continue
-            found += children
-            todo += children
-    return found
 
 
 def running(pid: int) -> bool:
@@ -82,7 +68,7 @@ def ray_server(m0_dir, *args: str, healthy: bool = True) -> Server:
 
 @pytest.fixture(scope="module")
 def on_ray(m0_dir):
-    s = ray_server(m0_dir, "--max-queue-pairs", "64")
+    s = ray_server(m0_dir, "--max-queue-pairs", "64", "--ray-system-priority", "idle")
     yield s
     assert s.stop() == 0, s.output[-3000:]
 
@@ -195,7 +181,77 @@ def test_a_killed_replica_is_replaced_while_the_other_answers(on_ray):
     assert on_ray.get("/health")[0] == 200
 
 
+def idle(pid: int) -> bool:
+    """Whether every thread of the process runs under SCHED_IDLE."""
+    return all(os.sched_getscheduler(int(t.name)) == os.SCHED_IDLE for t in Path(f"/proc/{pid}/task").glob("*"))
+
+
+def test_rays_own_processes_run_at_idle_priority_and_the_replicas_do_not(on_ray):
+    """--ray-system-priority idle: once the replicas are up, Ray's own processes (the GCS, Serve's proxy and
+    controller, ...) run under SCHED_IDLE; the replicas, the raylet that starts them and the command keep theirs."""
+    driver = on_ray.proc.pid
+    (raylet,) = [p for p in children(driver) if Path(f"/proc/{p}/cmdline").read_bytes().split(b"\0")[0].endswith(
+        b"/raylet")]  # fmt: skip
+    deadline = time.monotonic() + 30
+    while True:
+        system = {p: Path(f"/proc/{p}/cmdline").read_bytes() for p in ray_system_processes(driver)}
+        if all(map(idle, system)) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    titles = [c.split(b"\0")[0].split(b"/")[-1].split()[0] for c in system.values()]
+    for needed in (b"ray::ProxyActor", b"ray::ServeController", b"gcs_server"):  # (the controller's title names
+        assert any(t.startswith(needed) for t in titles), titles  # the method it runs: ...Controller.listen_for_...)
+    assert all(map(idle, system)), {t: idle(p) for p, t in zip(system, titles)}
+    replicas = replica_pids(on_ray)
+    assert len(replicas) == 2 and not set(replicas) & set(system) and raylet not in system
+    assert not any(map(idle, [driver, raylet, *replicas]))
+
+
 # ------------------------------------------------------------------------------------------ without a cluster
+
+
+def test_system_priority_auto_is_idle_where_the_replicas_take_every_cpu(monkeypatch):
+    import ray
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 4.0})
+    load, options = LoadOptions(device="cpu"), ServeOptions()
+
+    def resolved(address=None, **scale):
+        return system_priority(RayOptions(**scale), load, options, address)
+
+    assert resolved(num_replicas=2, replica_cpus=2) == "idle"
+    assert resolved(num_replicas=4) == "idle"  # one CPU each by default
+    assert resolved(num_replicas=1, replica_cpus=2) == "normal"  # two cores left to Ray's processes
+    assert resolved(min_replicas=1, max_replicas=4) == "idle"  # what the replicas may take at most
+    assert resolved(num_replicas=1, replica_cpus=2, ray_system_priority="idle") == "idle"
+    assert resolved(num_replicas=4, ray_system_priority="normal") == "normal"
+    assert resolved("auto", num_replicas=4) == "normal"  # a cluster's processes are not this command's
+    assert system_priority(RayOptions(num_replicas=4), LoadOptions(device="cuda"), options, None) == "normal"
+    with pytest.raises(ValueError, match="with --ray-address the cluster's processes are not this command's"):
+        resolved("ray://head:10001", ray_system_priority="idle")
+    with pytest.raises(ValueError, match="num_replicas must be >= 1"):
+        resolved(num_replicas=0)
+
+
+def test_set_idle_sets_every_thread_once_and_skips_what_is_gone():
+    import subprocess
+    import sys
+
+    code = "import threading, time; threading.Thread(target=time.sleep, args=(60,)).start(); time.sleep(60)"
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        deadline = time.monotonic() + 30
+        while len(list(Path(f"/proc/{proc.pid}/task").glob("*"))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not idle(proc.pid)
+        assert set_idle([proc.pid]) >= 2 and idle(proc.pid)
+        assert set_idle([proc.pid]) == 0
+    finally:
+        proc.kill()
+        proc.wait(10)
+    assert set_idle([proc.pid]) == 0  # gone: nothing to set, no error
+
+
 
 
 def test_a_stop_while_deploying_drains_once_a_replica_answers():
@@ -259,6 +315,8 @@ def test_build_names_what_is_wrong(m0_dir):
         build({"model": str(m0_dir), "num_replicas": "two"})
     with pytest.raises(ValueError, match="args.port does not apply on Ray Serve; set http_options.port"):
         build({"model": str(m0_dir), "port": 8000})
+    with pytest.raises(ValueError, match="args.ray_system_priority does not apply on Ray Serve"):
+        build({"model": str(m0_dir), "ray_system_priority": "idle"})
     with pytest.raises(ValueError, match="min_replicas and max_replicas"):
         build({"model": str(m0_dir), "max-replicas": 2})
 

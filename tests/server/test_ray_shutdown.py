@@ -12,7 +12,9 @@ import pytest
 
 pytest.importorskip("ray.serve")
 
-from .test_ray import descendants, ray_server, replica_pids, running  # noqa: E402
+from rerankd.api.ray_serve import descendants  # noqa: E402
+
+from .test_ray import ray_server, replica_pids, running  # noqa: E402
 
 
 def test_sigterm_lets_the_requests_in_flight_finish(m0_dir):

@@ -25,6 +25,7 @@ import os
 import signal
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 from ray import serve
@@ -38,6 +39,9 @@ log = logging.getLogger("rerankd.serve")
 APP_NAME = "rerankd"
 PROXY_CALLBACK = "rerankd.api.ray_proxy:proxy_middlewares"
 QUEUED_PER_ONGOING = 4  # requests Ray's router queues per request a replica may take, before it answers 503
+# The raylet's workers that are Ray's own (ray_system_processes); a replica, or an idle worker that may become one,
+# keeps its priority.
+RAY_SYSTEM_ACTORS = (b"ray::DashboardAgent", b"ray::RuntimeEnvAgent", b"ray::ServeController", b"ray::ProxyActor")
 
 
 @serve.ingress()
@@ -123,6 +127,7 @@ NOT_UNDER_RAY = {  # options of `rerankd serve` that Ray's proxy owns (a config 
     "host": "http_options.host", "port": "http_options.port", "keep_alive_timeout": "http_options.keep_alive_timeout_s",
     "max_connections": "Ray's proxy", "header_timeout": "Ray's proxy", "log_level": "Ray's logging_config",
     "ray": "the config file itself", "ray_address": "serve deploy --address",
+    "ray_system_priority": "the priority of the processes of the Ray that `ray start` starts",
 }  # fmt: skip
 
 
@@ -186,6 +191,7 @@ def run(model: str, names: tuple[str, ...], load: LoadOptions, options: ServeOpt
         if address and _application(APP_NAME) is not None:
             raise ValueError(f"the cluster at {address} already runs an application named {APP_NAME!r}: delete "
                              f"it first (serve.delete({APP_NAME!r}) or serve shutdown) or use another cluster")
+        idle = system_priority(scale, load, options, address) == "idle"
         serve.start(http_options={"host": options.host, "port": options.port,
                                   "keep_alive_timeout_s": max(1, round(options.keep_alive_timeout))})  # fmt: skip
         app = application(model, names, load, options, scale)
@@ -211,8 +217,10 @@ def run(model: str, names: tuple[str, ...], load: LoadOptions, options: ServeOpt
                  "the cluster's Serve proxies (a Serve already running there keeps its own host and port)")  # fmt: skip
         log.info("serving %s on %s through Ray Serve (auth %s), deployed in %.1fs", " / ".join(map(repr, names)),
                  where, "on" if options.api_key else "off", time.monotonic() - start)  # fmt: skip
+        idle = idle and _idle_ray_processes(first=True)
         last = "RUNNING"
         while not stop.wait(5.0):  # Ray replaces failed replicas itself; say when the application's state changes
+            idle = idle and _idle_ray_processes(first=False)  # a proxy or controller Ray restarted
             status = serve.status().applications.get(APP_NAME)
             if status is not None and status.status != last:
                 log.warning("the Ray Serve application is %s %s", status.status, status.message or "")
@@ -228,6 +236,100 @@ def run(model: str, names: tuple[str, ...], load: LoadOptions, options: ServeOpt
             if up:  # before, Serve's own shutdown would wait 30 s on replicas that cannot be placed; Ray goes anyway
                 serve.shutdown()
             ray.shutdown()
+
+
+def system_priority(scale: RayOptions, load: LoadOptions, options: ServeOptions, address: str | None) -> str:
+    """'idle' or 'normal' for the local Ray's own processes (`scale.ray_system_priority`, 'auto' resolved: 'idle'
+    when CPU-only replicas, at most as many as `--num-replicas` or `--max-replicas`, reserve every CPU of the local
+    Ray). Call after ray.init. ValueError for 'idle' where it cannot apply."""
+    import ray
+
+    asked = scale.ray_system_priority
+    if asked == "idle" and address:
+        raise ValueError("--ray-system-priority idle is for the local Ray that --ray starts; with --ray-address the "
+                         "cluster's processes are not this command's (use auto or normal)")  # fmt: skip
+    if asked == "idle" and not hasattr(os, "SCHED_IDLE"):
+        raise ValueError(f"--ray-system-priority idle needs Linux's SCHED_IDLE, which {os.name} does not have")
+    if asked != "auto":
+        return asked
+    if address or not hasattr(os, "SCHED_IDLE"):
+        return "normal"
+    resources = ray.cluster_resources()
+    actor = deployment_options(load, options, scale, resources.get("GPU", 0))["ray_actor_options"]
+    most = scale.num_replicas if scale.max_replicas is None else scale.max_replicas
+    busy = actor["num_gpus"] == 0 and most * actor["num_cpus"] >= resources.get("CPU", 0)
+    log.info("Ray's own processes: %s CPU priority once the replicas are up (auto: %d replica(s) of %g CPUs on a "
+             "Ray of %g)", "idle" if busy else "normal", most, actor["num_cpus"], resources.get("CPU", 0))  # fmt: skip
+    return "idle" if busy else "normal"
+
+
+def ray_system_processes(driver: int) -> list[int]:
+    """The local Ray's own processes, below `driver`, the process that started it: all of them but the raylet, which
+    starts the workers (a policy set on it would pass to each replica it starts later, and an unprivileged process
+    cannot set it back), and of its workers, Ray's own actors (RAY_SYSTEM_ACTORS) only."""
+    found = []
+    for pid in children(driver):
+        command = _cmdline(pid)
+        if Path(command.split(b"\0")[0].decode(errors="replace")).name == "raylet":
+            found += [w for w in children(pid) if _cmdline(w).startswith(RAY_SYSTEM_ACTORS)]
+        elif command:
+            found += [pid, *descendants(pid)]
+    return found
+
+
+def set_idle(pids: list[int]) -> int:
+    """SCHED_IDLE for every thread of these processes (threads they start later inherit it); the number of threads
+    changed. Processes or threads gone meanwhile are skipped; OSError when the OS refuses."""
+    changed = 0
+    for pid in pids:
+        for task in Path(f"/proc/{pid}/task").glob("*"):
+            try:
+                if os.sched_getscheduler(int(task.name)) != os.SCHED_IDLE:
+                    os.sched_setscheduler(int(task.name), os.SCHED_IDLE, os.sched_param(0))
+                    changed += 1
+            except ProcessLookupError:
+                continue
+    return changed
+
+
+def _idle_ray_processes(first: bool) -> bool:
+    """The local Ray's own processes at idle priority (set_idle); False, after a warning, when the OS refuses."""
+    try:
+        changed = set_idle(ray_system_processes(os.getpid()))
+    except OSError as e:
+        log.warning("Ray's own processes keep their CPU priority: setting SCHED_IDLE failed (%s); "
+                    "--ray-system-priority normal does without", e)  # fmt: skip
+        return False
+    if first or changed:
+        log.info("Ray's own processes run at idle CPU priority (%d threads set)", changed)
+    return True
+
+
+def children(pid: int) -> list[int]:
+    """The processes `pid` started (Linux /proc), [] when it is gone."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(OSError):
+            found += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
+def descendants(pid: int) -> list[int]:
+    """The processes below `pid` (Linux /proc)."""
+    found, todo = [], [pid]
+    while todo:
+        below = children(todo.pop())
+        found += below
+        todo += below
+    return found
+
+
+def _cmdline(pid: int) -> bytes:
+    """A process's command line as /proc has it (Ray's workers: their title, "ray::ProxyActor ..."), b"" once gone."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
 
 
 def _application(name: str):
