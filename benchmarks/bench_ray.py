@@ -95,11 +95,12 @@ def main(argv: list[str] | None = None) -> int:
                "settings": vars(args) | {"json_out": None, "ckpt": None}, "runs": runs, "ray_share_of_direct": share}  # fmt: skip
 
     def cell(system: str) -> str:
-        return ", ".join(f"{r['pairs_per_s']:.1f}" for r in runs[system]) + f" (p99 {med(system, 'latency.p99'):.0f} ms)"
+        rates = ", ".join(f"{r['pairs_per_s']:.1f}" for r in runs[system])
+        return f"{rates} (p99 {med(system, 'latency.p99'):.0f} ms)"
 
     rows = [f"| {results['date']} | {machine} | {args.num_prompts} x {args.docs} x {args.tokens} tok, "
-            f"c={args.concurrency}, {args.repeats} rounds, --ray-system-priority {systems[system]} | {cell('direct')} | "
-            f"{cell(system)} | {share[system]:.0%} |" for system in rays]  # fmt: skip
+            f"c={args.concurrency}, {args.repeats} rounds, --ray-system-priority {systems[system]} | "
+            f"{cell('direct')} | {cell(system)} | {share[system]:.0%} |" for system in rays]  # fmt: skip
     print()
     for system in rays:
         print(f"Ray Serve ({system}) keeps {share[system]:.1%} of the direct server's pairs/s (median of "
