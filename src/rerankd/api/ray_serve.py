@@ -127,7 +127,7 @@ NOT_UNDER_RAY = {  # options of `rerankd serve` that Ray's proxy owns (a config 
     "host": "http_options.host", "port": "http_options.port", "keep_alive_timeout": "http_options.keep_alive_timeout_s",
     "max_connections": "Ray's proxy", "header_timeout": "Ray's proxy", "log_level": "Ray's logging_config",
     "ray": "the config file itself", "ray_address": "serve deploy --address",
-    "ray_system_priority": "the priority of the processes of the Ray that `ray start` starts",
+    "ray_system_priority": "the CPU priority of the processes that `ray start` starts (chrt --idle 0 ...)",
 }  # fmt: skip
 
 
