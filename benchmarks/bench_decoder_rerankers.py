@@ -6,7 +6,8 @@ realistic scale (std 0.02):
 
 * qwen3: Qwen3-Reranker, --pairs (64) (query, document) pairs of --min-tokens..--max-tokens (16..1024) document
   tokens, shuffled. rerankd's `compute_score` against the model card's usage on transformers' Qwen3ForCausalLM
-  (left-padded batches of 8), with attention "eager" and "sdpa".
+  (left-padded batches of 8), with attention "eager" and "sdpa"; and rerankd without its own attention kernel
+  ("sdpa-loop") and without shared prompt prefixes ("whole-prompts", share_prefixes=False), where they apply.
 * v3: jina-reranker-v3, one query and --docs (100) documents of --v3-min-tokens..--v3-max-tokens (64..512)
   tokens. rerankd's `rerank` against `JinaForRanking.rerank` rebuilt on transformers' Qwen3 modules
   (tests/references.py: one sequence per block of documents, sdpa attention: eager would hold a [heads, n, n]
@@ -75,6 +76,9 @@ def qwen3_workload(args, ckpt: Path) -> dict:
     if ours.options.attention != "sdpa":  # what rerankd's own attention kernel is worth in the whole model
         loop = Reranker.from_pretrained(ckpt, show_progress=False, dtype=args.dtype, attention="sdpa")
         engines["rerankd sdpa-loop"] = lambda p: loop.compute_score(p)
+    if ours.backend.share_prefixes:  # what computing the shared prompt prefixes once is worth
+        whole = Reranker.from_pretrained(ckpt, show_progress=False, dtype=args.dtype, share_prefixes=False)
+        engines["rerankd whole-prompts"] = lambda p: whole.compute_score(p)
     for impl in ("eager", "sdpa"):
         ref = ReferenceQwen3Reranker(ckpt, attn_implementation=impl)
         if args.dtype == "bfloat16":

@@ -106,6 +106,10 @@ class LoadOptions:
     they run: fp32 (or cpu_bf16 'upcast') on an x86 CPU with AVX-512 and a C++ compiler; else torch's ops), 'avx512'
     (an error where they cannot run), or 'torch'. A loaded Reranker's options say which one runs ('none' for a
     GGUF)."""
+    share_prefixes: bool = True
+    """Qwen3-Reranker on the avx512 attention kernel: the prompt prefix that sequences of a batch begin with alike
+    (the system prompt and instruction; with the query, for the documents of one query) is computed once per batch,
+    not once per sequence. Exact: in a causal decoder a prefix's states do not depend on what follows it."""
     show_progress: bool = True
     """Show progress bars while loading weights."""
 

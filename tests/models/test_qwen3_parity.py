@@ -13,6 +13,7 @@ from rerankd import PairErrors, Reranker
 from rerankd.errors import ModelLoadError
 from rerankd.inputs import TextItem
 from rerankd.models.base import LengthOptions, Where
+from rerankd.models.layers import prefix_units
 from rerankd.models.qwen3_reranker import DEFAULT_INSTRUCTION, PREFIX, SUFFIX
 from rerankd.tiny import make_tiny_checkpoint
 
@@ -127,6 +128,27 @@ def test_batch_invariance_and_errors(variant):
         rr.compute_score([["q", "d"], ["q", {"image": "data:image/png;base64,AAAA"}]])
     with pytest.raises(ValueError, match="max_length: 50000 is more than this model's 40960 positions"):
         rr.compute_score([["q", "d"]], max_length=50000)
+
+
+def test_shared_prefixes_score_as_each_sequence_computed_whole(variant):
+    """share_prefixes (on by default on the avx512 kernel): what sequences of a batch begin with alike is computed
+    once: the system prompt and instruction for every query, the query too for the documents of one query. The
+    scores are the model card's, and those of every sequence computed whole."""
+    rr, ref, path = variant
+    if not rr.backend.share_prefixes:
+        pytest.skip(f"prefixes are shared on the avx512 attention kernel; this machine runs {rr.options.attention}")
+    long_query = text_of(30, 21)  # a unit of its own below the one every sequence shares
+    pairs = [[long_query, d] for d in DOCS] + [["slm markdown", d] for d in DOCS[:4]] + [[long_query, DOCS[3]]]
+    batch = [s for i, (q, d) in enumerate(pairs)
+             for s in rr.backend.prepare(TextItem(q), TextItem(d), LengthOptions(8192, None), Where.for_pair(i))]  # fmt: skip
+    units = prefix_units([s.input_ids.tolist() for s in batch])
+    assert any(u.seq is None and u.parent is not None for u in units)  # the long query's, under the common one
+    assert sum(len(u.ids) for u in units) < 0.6 * sum(s.length for s in batch)
+    whole = Reranker.from_pretrained(path, show_progress=False, share_prefixes=False)
+    assert not whole.backend.share_prefixes
+    ours = rr.compute_score(pairs)
+    assert_close(ours, whole.compute_score(pairs), 1e-6)
+    assert_close(ours, ref.compute_score(pairs, batch_size=len(pairs)), TOL)
 
 
 def test_sliding_window_layers_are_refused(tmp_path):

@@ -200,14 +200,15 @@ class TextModel(nn.Module):
         """x: [tokens, hidden] input embeddings of packed sequences; positions [3, tokens] (M-RoPE) or [tokens].
 
         Returns the final-norm hidden states of the token rows `rows` (indices into the packed tokens, ascending),
-        or of each sequence's last token when rows is None: [rows or sequences, hidden].
+        or of each sequence's last token when rows is None (`pack.heads` where sequences share prefixes): [rows or
+        sequences, hidden].
         """
         if self.cfg.mrope_section is not None:
             cos, sin = mrope_cos_sin(positions, self.inv_freq, self.cfg.mrope_section)
         else:
             cos, sin = rope_cos_sin(positions, self.inv_freq)
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-        last = [end - 1 for end in pack.offsets[1:]]
+        last = pack.heads if pack.heads is not None else [end - 1 for end in pack.offsets[1:]]
         at = to_device(torch.tensor(last if rows is None else rows), x.device)
         delta = None
         for layer in self.layers[:-1]:

@@ -288,6 +288,8 @@ class Packing:
     masks: dict = field(default_factory=dict)  # FlexAttention block masks by kind, built at first use
     cpu_full: torch.Tensor | None = None  # the avx512 kernel's spans: every sequence, whole
     cpu_rows: torch.Tensor | None = None  # ... and one query row per sequence (row_attention)
+    keys: torch.Tensor | None = None  # shared prefixes (shared_packing): each unit's key rows, an index into the rows
+    heads: list[int] | None = None  # shared prefixes: the row of each sequence's last token (None: each unit's last)
 
     @property
     def n(self) -> int:
@@ -311,6 +313,90 @@ def packing(lengths: Iterable[int], device: torch.device, kernel: str) -> Packin
         pack.cpu_full = cpu_kernels.spans_tensor(starts, lengths, starts, lengths, [0] * pack.n)
         pack.cpu_rows = cpu_kernels.spans_tensor(starts, lengths, range(pack.n), [1] * pack.n, [0] * pack.n)
     return pack
+
+
+# A prompt prefix shorter than this is computed in each sequence rather than shared (sharing it costs a copy of its
+# keys and values per sequence and layer, and a unit of attention work of its own).
+MIN_SHARED_TOKENS = 16
+
+
+@dataclass
+class Unit:
+    """Rows of one forward when sequences share prompt prefixes (prefix_units): `ids[start:]` of sequence `seq`
+    (its last unit: its last token feeds its head), or `ids[start:start + length]` that several sequences share
+    (seq None); its keys are those of its ancestors (parent, the parent's parent, ...) and its own."""
+
+    ids: list[int]
+    start: int  # position of its first token in its sequences
+    parent: int | None  # index of the unit holding the tokens before `start`
+    seq: int | None
+
+
+def prefix_units(seqs: list[list[int]], min_shared: int = MIN_SHARED_TOKENS) -> list[Unit]:
+    """The sequences (token ids) as a tree of units, parents first: every run of at least `min_shared` tokens that
+    two or more of them begin with (after their common ancestors) is one unit, computed once; the rest of each
+    sequence is a unit of its own, of at least its last token. In a causal decoder a token's states depend on the
+    tokens before it only, so a shared unit's states are each sharing sequence's own."""
+    units: list[Unit] = []
+    todo = [(list(range(len(seqs))), 0, None)] if seqs else []  # (members, depth, parent): members share ids[:depth]
+    while todo:
+        members, depth, parent = todo.pop()
+        if len(members) == 1:
+            units.append(Unit(seqs[members[0]][depth:], depth, parent, members[0]))
+            continue
+        first, shortest = seqs[members[0]], min(len(seqs[m]) for m in members)
+        common = depth  # where they first differ (or the shortest's end)
+        while common < shortest and all(seqs[m][common] == first[common] for m in members):
+            common += 1
+        shared = min(common, shortest - 1) - depth  # every sequence keeps its last token
+        if shared >= min_shared:
+            units.append(Unit(first[depth : depth + shared], depth, parent, None))
+            parent, depth = len(units) - 1, depth + shared
+        if common >= shortest:  # the shortest end here (their last tokens, own units); the others go on
+            units += [Unit(seqs[m][depth:], depth, parent, m) for m in members if len(seqs[m]) == shortest]
+            longer = [m for m in members if len(seqs[m]) > shortest]
+            todo += [(longer, depth, parent)] if longer else []
+            continue
+        groups: dict[int, list[int]] = {}
+        for m in members:
+            groups.setdefault(seqs[m][common], []).append(m)
+        todo += [(group, depth, parent) for group in reversed(groups.values())]
+    return units
+
+
+def shared_packing(units: list[Unit], device: torch.device) -> Packing:
+    """The avx512 kernel's Packing of prefix_units' units, in order: unit u's queries (its rows, at positions
+    u.start ...) see its ancestors' keys and its own, laid out for the kernel by the `keys` index (varlen_attention
+    and row_attention gather them); each sequence's head reads its last unit's last row (`heads`, in the order of
+    the sequences)."""
+    offsets = list(itertools.accumulate((len(u.ids) for u in units), initial=0))
+    pack = Packing(offsets, "avx512", max(len(u.ids) + u.start for u in units))
+    rows, key_start, key_len, heads = [], [], [], {}
+    for i, u in enumerate(units):
+        chain, at = [], i
+        while at is not None:
+            chain.append(at)
+            at = units[at].parent
+        key_start.append(key_start[-1] + key_len[-1] if key_len else 0)
+        key_len.append(u.start + len(u.ids))  # its ancestors' rows, then its own
+        rows += [range(offsets[a], offsets[a + 1]) for a in reversed(chain)]
+        if u.seq is not None:
+            heads[u.seq] = (i, offsets[i + 1] - 1)
+    pack.keys = to_device(torch.tensor([r for span in rows for r in span], dtype=torch.long), device)
+    pack.cpu_full = cpu_kernels.spans_tensor(key_start, key_len, offsets[:-1], [len(u.ids) for u in units],
+                                             [u.start for u in units])  # fmt: skip
+    last = [heads[s] for s in sorted(heads)]
+    pack.heads = [row for _, row in last]
+    pack.cpu_rows = cpu_kernels.spans_tensor([key_start[i] for i, _ in last], [key_len[i] for i, _ in last],
+                                             range(len(last)), [1] * len(last), [0] * len(last))  # fmt: skip
+    return pack
+
+
+def _shared_keys(k: torch.Tensor, v: torch.Tensor, pack: Packing) -> tuple[torch.Tensor, torch.Tensor]:
+    """k, v laid out as the avx512 kernel reads them: as they are, or each unit's keys gathered (shared_packing)."""
+    if pack.keys is None:
+        return k, v
+    return k.index_select(0, pack.keys), v.index_select(0, pack.keys)
 
 
 def _flex_mask(pack: Packing, kind: str, q_len: int, device: torch.device):
@@ -368,7 +454,7 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pack: Pa
     if pack.kernel == "flex":
         return _flex_attention(q, k, v, pack, "causal" if causal else "full")
     if pack.kernel == "avx512":
-        return _cpu_kernel(q, k, v, pack.cpu_full, causal)
+        return _cpu_kernel(q, *_shared_keys(k, v, pack), pack.cpu_full, causal)
     return _sdpa_loop(q, k, v, pack.spans(), causal, torch.empty_like(q))
 
 
@@ -414,7 +500,7 @@ def row_attention(
     if rows is None and pack.kernel == "varlen":
         return _torch_varlen_attention(q, k, v, pack.one_each, pack.cu, 1, pack.max_len, causal=False)
     if rows is None and pack.kernel == "avx512":
-        return _cpu_kernel(q, k, v, pack.cpu_rows, causal=False)
+        return _cpu_kernel(q, *_shared_keys(k, v, pack), pack.cpu_rows, causal=False)
     gqa = k.shape[1] != q.shape[1]
     outs = []
     r = 0
