@@ -139,8 +139,9 @@ def test_shared_prefixes_score_as_each_sequence_computed_whole(variant):
         pytest.skip(f"prefixes are shared on the avx512 attention kernel; this machine runs {rr.options.attention}")
     long_query = text_of(30, 21)  # a unit of its own below the one every sequence shares
     pairs = [[long_query, d] for d in DOCS] + [["slm markdown", d] for d in DOCS[:4]] + [[long_query, DOCS[3]]]
+    lengths = LengthOptions(8192, None)
     batch = [s for i, (q, d) in enumerate(pairs)
-             for s in rr.backend.prepare(TextItem(q), TextItem(d), LengthOptions(8192, None), Where.for_pair(i))]  # fmt: skip
+             for s in rr.backend.prepare(TextItem(q), TextItem(d), lengths, Where.for_pair(i))]  # fmt: skip
     units = prefix_units([s.input_ids.tolist() for s in batch])
     assert any(u.seq is None and u.parent is not None for u in units)  # the long query's, under the common one
     assert sum(len(u.ids) for u in units) < 0.6 * sum(s.length for s in batch)
