@@ -107,9 +107,10 @@ class LoadOptions:
     (an error where they cannot run), or 'torch'. A loaded Reranker's options say which one runs ('none' for a
     GGUF)."""
     share_prefixes: bool = True
-    """Qwen3-Reranker on the avx512 attention kernel: the prompt prefix that sequences of a batch begin with alike
-    (the system prompt and instruction; with the query, for the documents of one query) is computed once per batch,
-    not once per sequence. Exact: in a causal decoder a prefix's states do not depend on what follows it."""
+    """Qwen3-Reranker on the CPU (the avx512 attention kernel or the SDPA loop): the prompt prefix that sequences of a
+    batch begin with alike (the system prompt and instruction; with the query, for the documents of one query) is
+    computed once per batch, not once per sequence. Exact: in a causal decoder a prefix's states do not depend on
+    what follows it."""
     show_progress: bool = True
     """Show progress bars while loading weights."""
 

@@ -136,7 +136,7 @@ def test_shared_prefixes_score_as_each_sequence_computed_whole(variant):
     scores are the model card's, and those of every sequence computed whole."""
     rr, ref, path = variant
     if not rr.backend.share_prefixes:
-        pytest.skip(f"prefixes are shared on the avx512 attention kernel; this machine runs {rr.options.attention}")
+        pytest.skip(f"prefixes are shared on the CPU's attention kernels; this model runs {rr.options.attention}")
     long_query = text_of(30, 21)  # a unit of its own below the one every sequence shares
     pairs = [[long_query, d] for d in DOCS] + [["slm markdown", d] for d in DOCS[:4]] + [[long_query, DOCS[3]]]
     lengths = LengthOptions(8192, None)
@@ -150,6 +150,9 @@ def test_shared_prefixes_score_as_each_sequence_computed_whole(variant):
     ours = rr.compute_score(pairs)
     assert_close(ours, whole.compute_score(pairs), 1e-6)
     assert_close(ours, ref.compute_score(pairs, batch_size=len(pairs)), TOL)
+    loop = Reranker.from_pretrained(path, show_progress=False, attention="sdpa")  # the SDPA loop shares them too
+    assert loop.backend.share_prefixes
+    assert_close(loop.compute_score(pairs), ours, 1e-6)
 
 
 def test_sliding_window_layers_are_refused(tmp_path):

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from rerankd.models import cpu_kernels
-from rerankd.models.layers import packing, prefix_units, row_attention, shared_packing, varlen_attention
+from rerankd.models.layers import (SHARED_KERNELS, packing, prefix_units, row_attention, shared_packing,
+                                   varlen_attention)
 
 
 def chain(units, i) -> list[int]:
@@ -70,10 +71,11 @@ def test_random_batches_make_a_valid_tree(seed):
     check_tree(seqs, prefix_units(seqs, min_shared), min_shared)
 
 
-def test_shared_attention_equals_each_sequence_whole():
-    """The kernel over the units, each seeing its ancestors' keys, gives each sequence's rows as attention over the
+@pytest.mark.parametrize("kernel", SHARED_KERNELS)
+def test_shared_attention_equals_each_sequence_whole(kernel):
+    """Attention over the units, each seeing its ancestors' keys, gives each sequence's rows as attention over the
     whole sequence does; the head rows' one-query attention too."""
-    if cpu_kernels.unavailable() is not None:
+    if kernel == "avx512" and cpu_kernels.unavailable() is not None:
         pytest.skip(f"rerankd's CPU kernels cannot run here: {cpu_kernels.unavailable()}")
     g = torch.Generator().manual_seed(0)
     base = list(range(30))
@@ -86,9 +88,9 @@ def test_shared_attention_equals_each_sequence_whole():
     def qkv(ids):
         return [torch.stack([table[t][i] for t in ids]) for i in range(3)]
 
-    whole = packing([len(s) for s in seqs], torch.device("cpu"), "avx512")
+    whole = packing([len(s) for s in seqs], torch.device("cpu"), "sdpa")  # one SDPA call a sequence: the reference
     want = varlen_attention(*qkv([t for s in seqs for t in s]), whole, causal=True)
-    pack = shared_packing(units, torch.device("cpu"))
+    pack = shared_packing(units, torch.device("cpu"), kernel)
     rows = [t for u in units for t in u.ids]
     got = varlen_attention(*qkv(rows), pack, causal=True)
     for s, seq in enumerate(seqs):  # each sequence's rows, gathered from its chain of units
@@ -101,3 +103,8 @@ def test_shared_attention_equals_each_sequence_whole():
     q, k, v = qkv(rows)
     heads = row_attention(q[pack.heads], k, v, pack)
     torch.testing.assert_close(heads, want[[end - 1 for end in whole.offsets[1:]]], atol=1e-6, rtol=0)
+
+
+def test_other_kernels_are_refused():
+    with pytest.raises(ValueError, match="shared prefixes run on the avx512 and sdpa attention kernels, not 'flex'"):
+        shared_packing(prefix_units([[1, 2], [1, 3]], 1), torch.device("cpu"), "flex")

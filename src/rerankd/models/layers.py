@@ -289,7 +289,9 @@ class Packing:
     cpu_full: torch.Tensor | None = None  # the avx512 kernel's spans: every sequence, whole
     cpu_rows: torch.Tensor | None = None  # ... and one query row per sequence (row_attention)
     keys: torch.Tensor | None = None  # shared prefixes (shared_packing): each unit's key rows, an index into the rows
-    heads: list[int] | None = None  # shared prefixes: the row of each sequence's last token (None: each unit's last)
+    key_spans: list[tuple[int, int]] | None = None  # ... each unit's span of them
+    heads: list[int] | None = None  # ... the row of each sequence's last token (None: each unit's last)
+    head_units: list[int] | None = None  # ... and the unit it ends
 
     @property
     def n(self) -> int:
@@ -364,13 +366,18 @@ def prefix_units(seqs: list[list[int]], min_shared: int = MIN_SHARED_TOKENS) -> 
     return units
 
 
-def shared_packing(units: list[Unit], device: torch.device) -> Packing:
-    """The avx512 kernel's Packing of prefix_units' units, in order: unit u's queries (its rows, at positions
-    u.start ...) see its ancestors' keys and its own, laid out for the kernel by the `keys` index (varlen_attention
-    and row_attention gather them); each sequence's head reads its last unit's last row (`heads`, in the order of
-    the sequences)."""
+SHARED_KERNELS = ("avx512", "sdpa")  # the attention kernels that take shared_packing's layout
+
+
+def shared_packing(units: list[Unit], device: torch.device, kernel: str) -> Packing:
+    """The Packing of prefix_units' units, in order, for `kernel` (one of SHARED_KERNELS): unit u's queries (its
+    rows, at positions u.start ...) see its ancestors' keys and its own, laid out by the `keys` index
+    (varlen_attention and row_attention gather them); each sequence's head reads its last unit's last row (`heads`,
+    in the order of the sequences)."""
+    if kernel not in SHARED_KERNELS:
+        raise ValueError(f"shared prefixes run on the {' and '.join(SHARED_KERNELS)} attention kernels, not {kernel!r}")
     offsets = list(itertools.accumulate((len(u.ids) for u in units), initial=0))
-    pack = Packing(offsets, "avx512", max(len(u.ids) + u.start for u in units))
+    pack = Packing(offsets, kernel, max(len(u.ids) + u.start for u in units))
     rows, key_start, key_len, heads = [], [], [], {}
     for i, u in enumerate(units):
         chain, at = [], i
@@ -383,12 +390,14 @@ def shared_packing(units: list[Unit], device: torch.device) -> Packing:
         if u.seq is not None:
             heads[u.seq] = (i, offsets[i + 1] - 1)
     pack.keys = to_device(torch.tensor([r for span in rows for r in span], dtype=torch.long), device)
-    pack.cpu_full = cpu_kernels.spans_tensor(key_start, key_len, offsets[:-1], [len(u.ids) for u in units],
-                                             [u.start for u in units])  # fmt: skip
+    pack.key_spans = [(a, a + n) for a, n in zip(key_start, key_len)]
     last = [heads[s] for s in sorted(heads)]
-    pack.heads = [row for _, row in last]
-    pack.cpu_rows = cpu_kernels.spans_tensor([key_start[i] for i, _ in last], [key_len[i] for i, _ in last],
-                                             range(len(last)), [1] * len(last), [0] * len(last))  # fmt: skip
+    pack.heads, pack.head_units = [row for _, row in last], [i for i, _ in last]
+    if kernel == "avx512":
+        pack.cpu_full = cpu_kernels.spans_tensor(key_start, key_len, offsets[:-1], [len(u.ids) for u in units],
+                                                 [u.start for u in units])  # fmt: skip
+        pack.cpu_rows = cpu_kernels.spans_tensor([key_start[i] for i, _ in last], [key_len[i] for i, _ in last],
+                                                 range(len(last)), [1] * len(last), [0] * len(last))  # fmt: skip
     return pack
 
 
@@ -455,6 +464,8 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pack: Pa
         return _flex_attention(q, k, v, pack, "causal" if causal else "full")
     if pack.kernel == "avx512":
         return _cpu_kernel(q, *_shared_keys(k, v, pack), pack.cpu_full, causal)
+    if pack.keys is not None:
+        return _sdpa_shared(q, *_shared_keys(k, v, pack), pack, causal)
     return _sdpa_loop(q, k, v, pack.spans(), causal, torch.empty_like(q))
 
 
@@ -475,6 +486,21 @@ def _sdpa_loop(q, k, v, spans, causal: bool, out: torch.Tensor) -> torch.Tensor:
         ks = k[start:end].transpose(0, 1).unsqueeze(0)  # [1, kv_heads, len, head_dim]
         vs = v[start:end].transpose(0, 1).unsqueeze(0)
         o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal, enable_gqa=gqa)
+        out[start:end] = o[0].transpose(0, 1)
+    return out
+
+
+def _sdpa_shared(q, k, v, pack: Packing, causal: bool) -> torch.Tensor:
+    """The SDPA loop over shared_packing's units: each unit's queries over its keys (gathered: its ancestors' and
+    its own), causal from their positions in the prompt (the mask aligned to the keys' end)."""
+    gqa, out = k.shape[1] != q.shape[1], torch.empty_like(q)
+    for (start, end), (k0, k1) in zip(pack.spans(), pack.key_spans):
+        mask = None
+        if causal:  # query i of the unit stands at key position (k1 - k0) - (end - start) + i
+            at = torch.arange(end - start)[:, None] + (k1 - k0) - (end - start)
+            mask = to_device(torch.arange(k1 - k0)[None, :] <= at, q.device)  # [rows, keys]
+        o = F.scaled_dot_product_attention(q[start:end].transpose(0, 1)[None], k[k0:k1].transpose(0, 1)[None],
+                                           v[k0:k1].transpose(0, 1)[None], attn_mask=mask, enable_gqa=gqa)  # fmt: skip
         out[start:end] = o[0].transpose(0, 1)
     return out
 
@@ -502,6 +528,13 @@ def row_attention(
     if rows is None and pack.kernel == "avx512":
         return _cpu_kernel(q, *_shared_keys(k, v, pack), pack.cpu_rows, causal=False)
     gqa = k.shape[1] != q.shape[1]
+    if rows is None and pack.keys is not None:  # shared prefixes on the SDPA loop: each head row over its unit's keys
+        k, v = _shared_keys(k, v, pack)
+        spans = [pack.key_spans[u] for u in pack.head_units]
+        return torch.cat([F.scaled_dot_product_attention(q[i : i + 1].transpose(0, 1)[None],
+                                                         k[k0:k1].transpose(0, 1)[None], v[k0:k1].transpose(0, 1)[None],
+                                                         enable_gqa=gqa)[0].transpose(0, 1)
+                          for i, (k0, k1) in enumerate(spans)])  # fmt: skip
     outs = []
     r = 0
     for i, (start, end) in enumerate(pack.spans()):

@@ -41,7 +41,7 @@ from .base import (
     token_id,
 )
 from .decoder import TextConfig, TextModel
-from .layers import Packing, prefix_units, shared_packing, to_device, use_cpu_gemm
+from .layers import SHARED_KERNELS, Packing, prefix_units, shared_packing, to_device, use_cpu_gemm
 from .windows import document_spans, document_to_tokenize
 
 PREFIX = (
@@ -119,7 +119,7 @@ class Qwen3RerankerBackend(Qwen3Backend):
 
     default_max_length: ClassVar[int] = DEFAULT_MAX_LENGTH
     compute_score_max_query_length: ClassVar[int | None] = None  # the reference cuts the body as a whole
-    share_prefixes = False  # set at load: LoadOptions.share_prefixes, on the avx512 kernel
+    share_prefixes = False  # set at load: LoadOptions.share_prefixes, on the CPU kernels that take it
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -148,7 +148,7 @@ class Qwen3RerankerBackend(Qwen3Backend):
         model.head = head.to(device, dtype)
         gemm = use_cpu_gemm(model, opts.cpu_gemm, device, dtype)
         backend = cls(model, cfg, tokenizer, device, dtype, arch, gemm, opts.attention)
-        backend.share_prefixes = opts.share_prefixes and backend.attn_backend == "avx512"  # (its kernel only)
+        backend.share_prefixes = opts.share_prefixes and backend.attn_backend in SHARED_KERNELS
         return backend
 
     # ------------------------------------------------------------------ preparation (thread-safe, no model compute)
@@ -202,7 +202,7 @@ class Qwen3RerankerBackend(Qwen3Backend):
         units = prefix_units([s.input_ids.tolist() for s in batch])
         ids = to_device(torch.tensor([t for u in units for t in u.ids], dtype=torch.long), self.device)
         positions = to_device(torch.cat([torch.arange(u.start, u.start + len(u.ids)) for u in units]), self.device)
-        return ids, positions, shared_packing(units, self.device)
+        return ids, positions, shared_packing(units, self.device, self.attn_backend)
 
     def _sequence(self, body_ids: list[int]) -> PreparedSequence:
         return PreparedSequence(input_ids=torch.tensor(self.prefix + body_ids + self.suffix, dtype=torch.long))
