@@ -324,9 +324,9 @@ MIN_SHARED_TOKENS = 16
 
 @dataclass
 class Unit:
-    """Rows of one forward when sequences share prompt prefixes (prefix_units): `ids[start:]` of sequence `seq`
-    (its last unit: its last token feeds its head), or `ids[start:start + length]` that several sequences share
-    (seq None); its keys are those of its ancestors (parent, the parent's parent, ...) and its own."""
+    """Rows of one forward when sequences share prompt prefixes (prefix_units): the tokens `ids`, from position
+    `start` on, of the sequences that share them (seq None), or the rest of sequence `seq` (its last unit, whose last
+    token feeds its head); its queries see its ancestors' keys (parent, the parent's parent, ...) and its own."""
 
     ids: list[int]
     start: int  # position of its first token in its sequences
@@ -402,7 +402,7 @@ def shared_packing(units: list[Unit], device: torch.device, kernel: str) -> Pack
 
 
 def _shared_keys(k: torch.Tensor, v: torch.Tensor, pack: Packing) -> tuple[torch.Tensor, torch.Tensor]:
-    """k, v laid out as the avx512 kernel reads them: as they are, or each unit's keys gathered (shared_packing)."""
+    """k, v as the Packing's attention reads them: as they are, or each unit's keys gathered (shared_packing)."""
     if pack.keys is None:
         return k, v
     return k.index_select(0, pack.keys), v.index_select(0, pack.keys)
