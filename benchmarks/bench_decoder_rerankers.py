@@ -1,8 +1,8 @@
 """Benchmark: rerankd's decoder rerankers vs their references (CPU, fp32 unless --dtype), in one process.
 
-Two workloads on random checkpoints in the real layouts, at the real Qwen3-0.6B widths (hidden 1024, 16 query and
-8 key/value heads of head_dim 128, intermediate 3072) and --layers decoder layers (default 8), weights drawn at a
-realistic scale (std 0.02):
+Three workloads (the third only when asked for) on random checkpoints in the real layouts, at the real Qwen3-0.6B
+widths (hidden 1024, 16 query and 8 key/value heads of head_dim 128, intermediate 3072) and --layers decoder layers
+(default 8), weights drawn at a realistic scale (std 0.02):
 
 * qwen3: Qwen3-Reranker, --pairs (64) (query, document) pairs of --min-tokens..--max-tokens (16..1024) document
   tokens, shuffled. rerankd's `compute_score` against the model card's usage on transformers' Qwen3ForCausalLM
@@ -12,12 +12,15 @@ realistic scale (std 0.02):
   tokens. rerankd's `rerank` against `JinaForRanking.rerank` rebuilt on transformers' Qwen3 modules
   (tests/references.py: one sequence per block of documents, sdpa attention: eager would hold a [heads, n, n]
   matrix of the ~30k-token block).
+* qwen3-server (only with --only qwen3-server): `rerankd serve` on the Qwen3-Reranker checkpoint with its shared
+  prompt prefixes and without (`--no-share-prefixes`), in turn: `rerankd bench`, --server-requests requests of 8
+  documents of 26..256 tokens, concurrency 8; the median pairs/s of each.
 
 Each engine is warmed up, then the engines are timed in turn, --repeats rounds, and the best time of each is kept.
 For v3 the script also times the decoder's parts on the block (attention vs the rest) to say where the time goes.
 Scores must agree within --tolerance (1e-4), else the exit code is 1.
 
-    .venv/bin/python benchmarks/bench_decoder_rerankers.py [--only qwen3|v3] [--repeats 2] [--json-out out.json]
+    .venv/bin/python benchmarks/bench_decoder_rerankers.py [--only qwen3|v3|qwen3-server] [--repeats 2] [--json-out F]
 
 Needs the `dev` extra (transformers) for the references.
 """
@@ -30,6 +33,7 @@ import json
 import os
 import platform
 import random
+import statistics
 import sys
 import tempfile
 import time
@@ -154,9 +158,59 @@ def report(name: str, best: dict, scores: dict, items: int, ours, extra: dict) -
             "max_batch_tokens": ours.options.max_batch_tokens, **extra}  # fmt: skip
 
 
+def qwen3_server_workload(args, ckpt: Path) -> dict:
+    """`rerankd serve` on a Qwen3-Reranker checkpoint with shared prompt prefixes and without (--no-share-prefixes),
+    one server at a time, in turn, --repeats rounds: `rerankd bench` with --server-requests requests of 8 documents
+    of 26..256 tokens (16-token queries) at concurrency 8, then one request whose scores the two must agree on."""
+    import argparse as _argparse
+    import subprocess
+    import urllib.request
+
+    from bench_peer import free_port, run_bench, stop, wait_healthy
+    from rerankd.tiny import make_tiny_checkpoint
+
+    log(f"writing a Qwen3-Reranker checkpoint ({args.layers} layers, {WIDTHS})")
+    make_tiny_checkpoint("qwen3-reranker", ckpt, seed=args.seed, num_hidden_layers=args.layers, weight_std=0.02,
+                         tie_word_embeddings=False, **WIDTHS)  # fmt: skip
+    bench = _argparse.Namespace(num_prompts=args.server_requests, docs=8, tokens=256, range_ratio=0.1,
+                                concurrency="8", ckpt=ckpt)  # fmt: skip
+    probe = {"query": QUERY, "documents": [d for _, d in make_pairs(ckpt / "tokenizer.json", 8, 16, 256, 1)[0]]}
+    systems = {"shared prefixes": [], "whole prompts": ["--no-share-prefixes"]}
+    runs: dict = {name: [] for name in systems}
+    scores: dict = {}
+    for r in range(args.repeats):
+        for name, extra in systems.items():
+            port = free_port()
+            proc = subprocess.Popen([sys.executable, "-m", "rerankd", "serve", "--model", str(ckpt), "--port",
+                                     str(port), "--log-level", "warning", "--no-show-progress", *extra],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+            try:
+                wait_healthy(f"http://127.0.0.1:{port}/health", proc, timeout=300)
+                result = run_bench(f"http://127.0.0.1:{port}", "rerankd", bench, ckpt / f"bench-{r}.json")
+                req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/rerank", json.dumps(probe).encode(),
+                                             {"content-type": "application/json"})  # fmt: skip
+                with urllib.request.urlopen(req, timeout=300) as resp:
+                    answer = json.loads(resp.read())["results"]
+                scores[name] = [x["relevance_score"] for x in sorted(answer, key=lambda x: x["index"])]
+            finally:
+                stop(proc)
+            runs[name].append({"pairs_per_s": result["pairs_per_s"], "p99_ms": result["latency_ms"]["p99"],
+                               "failed": result["failed"]})  # fmt: skip
+            log(f"round {r + 1}/{args.repeats} {name}: {result['pairs_per_s']:.2f} pairs/s, p99 "
+                f"{result['latency_ms']['p99']:.0f} ms, {result['failed']} failed")  # fmt: skip
+    median = {name: statistics.median(x["pairs_per_s"] for x in v) for name, v in runs.items()}
+    diff = max(abs(a - b) for a, b in zip(scores["shared prefixes"], scores["whole prompts"]))
+    log(f"qwen3-server: shared prefixes {median['shared prefixes']:.2f} pairs/s, whole prompts "
+        f"{median['whole prompts']:.2f}: {median['shared prefixes'] / median['whole prompts']:.2f}x, "
+        f"max |diff| {diff:.1e}")  # fmt: skip
+    return {"runs": runs, "median_pairs_per_s": median, "max_abs_score_diff": {"whole prompts": diff}}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--only", choices=["qwen3", "v3"], help="run one workload (default: both)")
+    ap.add_argument("--only", choices=["qwen3", "v3", "qwen3-server"],
+                    help="run one workload (default: qwen3 and v3)")  # fmt: skip
+    ap.add_argument("--server-requests", type=int, default=24, help="qwen3-server: requests a round (default 24)")
     ap.add_argument("--layers", type=int, default=8, help="decoder layers of both checkpoints (default 8)")
     ap.add_argument("--pairs", type=int, default=64, help="Qwen3-Reranker pairs (default 64)")
     ap.add_argument("--min-tokens", type=int, default=16, help="Qwen3-Reranker: shortest document (16)")
@@ -180,10 +234,10 @@ def main(argv: list[str] | None = None) -> int:
         "transformers": __import__("transformers").__version__, "dtype": args.dtype, "layers": args.layers,
         "widths": WIDTHS, "repeats": args.repeats, "tolerance": tolerance,
     }  # fmt: skip
-    workloads = {"qwen3": qwen3_workload, "v3": v3_workload}
+    workloads = {"qwen3": qwen3_workload, "v3": v3_workload, "qwen3-server": qwen3_server_workload}
     ok = True
     for name, run in workloads.items():
-        if args.only not in (None, name):
+        if args.only != name and (args.only is not None or name == "qwen3-server"):
             continue
         with tempfile.TemporaryDirectory(prefix=f"rerankd-bench-{name}-") as tmp:
             results[name] = run(args, Path(tmp))
