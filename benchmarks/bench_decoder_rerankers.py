@@ -160,50 +160,37 @@ def report(name: str, best: dict, scores: dict, items: int, ours, extra: dict) -
 
 def qwen3_server_workload(args, ckpt: Path) -> dict:
     """`rerankd serve` on a Qwen3-Reranker checkpoint with shared prompt prefixes and without (--no-share-prefixes),
-    one server at a time, in turn, --repeats rounds: `rerankd bench` with --server-requests requests of 8 documents
-    of 26..256 tokens (16-token queries) at concurrency 8, then one request whose scores the two must agree on."""
-    import argparse as _argparse
-    import subprocess
-    import urllib.request
-
-    from bench_peer import free_port, run_bench, stop, wait_healthy
+    one server at a time, in turn, --repeats rounds: one probe request whose scores the two must agree on, then
+    `rerankd bench` with --server-requests requests of 8 documents of 26..256 tokens (16-token queries) at
+    concurrency 8 (bench_peer.serve_and_drive)."""
+    from bench_peer import serve_and_drive
     from rerankd.tiny import make_tiny_checkpoint
 
     log(f"writing a Qwen3-Reranker checkpoint ({args.layers} layers, {WIDTHS})")
     make_tiny_checkpoint("qwen3-reranker", ckpt, seed=args.seed, num_hidden_layers=args.layers, weight_std=0.02,
                          tie_word_embeddings=False, **WIDTHS)  # fmt: skip
-    bench = _argparse.Namespace(num_prompts=args.server_requests, docs=8, tokens=256, range_ratio=0.1,
-                                concurrency="8", ckpt=ckpt)  # fmt: skip
+    bench = argparse.Namespace(num_prompts=args.server_requests, docs=8, tokens=256, range_ratio=0.1,
+                               concurrency="8", ckpt=ckpt)  # fmt: skip
     probe = {"query": QUERY, "documents": [d for _, d in make_pairs(ckpt / "tokenizer.json", 8, 16, 256, 1)[0]]}
-    systems = {"shared prefixes": [], "whole prompts": ["--no-share-prefixes"]}
+    systems = {"shared-prefixes": [], "whole-prompts": ["--no-share-prefixes"]}
     runs: dict = {name: [] for name in systems}
-    scores: dict = {}
     for r in range(args.repeats):
         for name, extra in systems.items():
-            port = free_port()
-            proc = subprocess.Popen([sys.executable, "-m", "rerankd", "serve", "--model", str(ckpt), "--port",
-                                     str(port), "--log-level", "warning", "--no-show-progress", *extra],
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-            try:
-                wait_healthy(f"http://127.0.0.1:{port}/health", proc, timeout=300)
-                result = run_bench(f"http://127.0.0.1:{port}", "rerankd", bench, ckpt / f"bench-{r}.json")
-                req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/rerank", json.dumps(probe).encode(),
-                                             {"content-type": "application/json"})  # fmt: skip
-                with urllib.request.urlopen(req, timeout=300) as resp:
-                    answer = json.loads(resp.read())["results"]
-                scores[name] = [x["relevance_score"] for x in sorted(answer, key=lambda x: x["index"])]
-            finally:
-                stop(proc)
-            runs[name].append({"pairs_per_s": result["pairs_per_s"], "p99_ms": result["latency_ms"]["p99"],
-                               "failed": result["failed"]})  # fmt: skip
+            cmd = [sys.executable, "-m", "rerankd", "serve", "--model", str(ckpt), "--port", "{port}", "--log-level",
+                   "warning", "--no-show-progress", *extra]  # fmt: skip
+            result = serve_and_drive("rerankd", cmd, {}, bench, ckpt, f"{name}-{r}", probe)
+            if "error" in result:
+                raise SystemExit(f"qwen3-server ({name}): {result['error']}")
+            runs[name].append(result)
             log(f"round {r + 1}/{args.repeats} {name}: {result['pairs_per_s']:.2f} pairs/s, p99 "
-                f"{result['latency_ms']['p99']:.0f} ms, {result['failed']} failed")  # fmt: skip
+                f"{result['p99_ms']:.0f} ms, {result['failed']} failed")  # fmt: skip
     median = {name: statistics.median(x["pairs_per_s"] for x in v) for name, v in runs.items()}
-    diff = max(abs(a - b) for a, b in zip(scores["shared prefixes"], scores["whole prompts"]))
-    log(f"qwen3-server: shared prefixes {median['shared prefixes']:.2f} pairs/s, whole prompts "
-        f"{median['whole prompts']:.2f}: {median['shared prefixes'] / median['whole prompts']:.2f}x, "
-        f"max |diff| {diff:.1e}")  # fmt: skip
-    return {"runs": runs, "median_pairs_per_s": median, "max_abs_score_diff": {"whole prompts": diff}}
+    shared, whole = runs["shared-prefixes"][-1]["scores"], runs["whole-prompts"][-1]["scores"]
+    diff = max(abs(shared[i] - whole[i]) for i in shared)
+    ratio = median["shared-prefixes"] / median["whole-prompts"]
+    log(f"qwen3-server: shared prefixes {median['shared-prefixes']:.2f} pairs/s, whole prompts "
+        f"{median['whole-prompts']:.2f}: {ratio:.2f}x, max |diff| {diff:.1e}")  # fmt: skip
+    return {"runs": runs, "median_pairs_per_s": median, "max_abs_score_diff": {"whole-prompts": diff}}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -94,6 +94,39 @@ def run_bench(base_url: str, api: str, args, out: Path, model: str | None = None
     return json.loads(out.read_text())
 
 
+def post(url: str, body: dict) -> dict:
+    req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=300) as r:
+        return json.loads(r.read())
+
+
+def serve_and_drive(name: str, cmd: list[str], env: dict, args, workdir: Path, tag: str, probe: dict) -> dict:
+    """Start server `name` ('rerankd', else a vLLM-style /rerank) with `cmd` ("{port}" filled in) and `env`, post
+    the `probe` request, drive it with run_bench, stop it: pairs/s, p99, failures and the probe's scores by index, or
+    {"error": ...} with the server's log tail logged."""
+    port = free_port()
+    log(f"{name} ({tag}): starting on port {port}")
+    logfile = workdir / f"{name}-{tag}.log"
+    proc = subprocess.Popen([c.replace("{port}", str(port)) for c in cmd], stdout=subprocess.DEVNULL,
+                            stderr=open(logfile, "w"), env={**os.environ, **env})  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(f"{url}/health", proc)
+        path = "/v1/rerank" if name == "rerankd" else "/rerank"
+        answer = post(url + path, probe)
+        scores = {r["index"]: r["relevance_score"] for r in answer["results"]}
+        log(f"{name} ({tag}): healthy; driving it at concurrency {args.concurrency}")
+        result = run_bench(url, "rerankd" if name == "rerankd" else "vllm", args, workdir / f"{name}-{tag}.json")
+        return {"pairs_per_s": result["pairs_per_s"], "p99_ms": result["latency_ms"]["p99"], "failed": result["failed"],
+                "scores": scores}  # fmt: skip
+    except (RuntimeError, OSError, KeyError, ValueError) as e:
+        tail = logfile.read_text()[-2000:]
+        log(f"{name} ({tag}): {type(e).__name__}: {e}\n{tail}")
+        return {"error": f"{type(e).__name__}: {e}"}
+    finally:
+        stop(proc)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--infinity", default="infinity_emb", help="the infinity_emb executable")

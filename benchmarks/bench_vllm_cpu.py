@@ -35,12 +35,11 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_m0_engine import cpu_name, log  # noqa: E402
-from bench_peer import free_port, run_bench, stop, wait_healthy, write_v2_full_size  # noqa: E402
+from bench_peer import serve_and_drive, write_v2_full_size  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs" / "benchmarks.md"
@@ -94,36 +93,6 @@ def write_m0_mid_size(path: Path) -> None:
 
     log("writing the mid-size jina-reranker-m0 checkpoint")
     make_tiny_checkpoint("jina-reranker-m0", path, seed=0, **CHECKPOINT)
-
-
-def post(url: str, body: dict) -> dict:
-    req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=300) as r:
-        return json.loads(r.read())
-
-
-def serve_and_drive(name: str, cmd: list[str], env: dict, args, workdir: Path, tag: str) -> dict:
-    port = free_port()
-    log(f"{name} ({tag}): starting on port {port}")
-    logfile = workdir / f"{name}-{tag}.log"
-    proc = subprocess.Popen([c.replace("{port}", str(port)) for c in cmd], stdout=subprocess.DEVNULL,
-                            stderr=open(logfile, "w"), env={**os.environ, **env})  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(f"{url}/health", proc)
-        path = "/v1/rerank" if name == "rerankd" else "/rerank"
-        probe = post(url + path, PROBE)
-        scores = {r["index"]: r["relevance_score"] for r in probe["results"]}
-        log(f"{name} ({tag}): healthy; driving it at concurrency {args.concurrency}")
-        result = run_bench(url, "rerankd" if name == "rerankd" else "vllm", args, workdir / f"{name}-{tag}.json")
-        return {"pairs_per_s": result["pairs_per_s"], "p99_ms": result["latency_ms"]["p99"], "failed": result["failed"],
-                "scores": scores}  # fmt: skip
-    except (RuntimeError, OSError, KeyError, ValueError) as e:
-        tail = logfile.read_text()[-2000:]
-        log(f"{name} ({tag}): {type(e).__name__}: {e}\n{tail}")
-        return {"error": f"{type(e).__name__}: {e}"}
-    finally:
-        stop(proc)
 
 
 def update_docs(lines: list[str]) -> None:
@@ -188,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
                     for name in order:
                         cmd, env = servers[name]
                         runs.setdefault(key, {}).setdefault(name, []).append(
-                            serve_and_drive(name, cmd, env, args, workdir, f"{checkpoint}-{dtype}-{r}"))  # fmt: skip
+                            serve_and_drive(name, cmd, env, args, workdir, f"{checkpoint}-{dtype}-{r}", PROBE))  # fmt: skip
     load_after = os.getloadavg()[0]
 
     date = datetime.date.today().isoformat()
