@@ -464,9 +464,7 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pack: Pa
         return _flex_attention(q, k, v, pack, "causal" if causal else "full")
     if pack.kernel == "avx512":
         return _cpu_kernel(q, *_shared_keys(k, v, pack), pack.cpu_full, causal)
-    if pack.keys is not None:
-        return _sdpa_shared(q, *_shared_keys(k, v, pack), pack, causal)
-    return _sdpa_loop(q, k, v, pack.spans(), causal, torch.empty_like(q))
+    return _sdpa_loop(q, *_shared_keys(k, v, pack), pack.spans(), causal, torch.empty_like(q), pack.key_spans)
 
 
 def _cpu_kernel(q, k, v, spans: torch.Tensor, causal: bool) -> torch.Tensor:
@@ -478,29 +476,22 @@ def _cpu_kernel(q, k, v, spans: torch.Tensor, causal: bool) -> torch.Tensor:
     return cpu_kernels.attention(q.float(), k.float(), v.float(), spans, causal).to(q.dtype)
 
 
-def _sdpa_loop(q, k, v, spans, causal: bool, out: torch.Tensor) -> torch.Tensor:
-    """PyTorch SDPA called once per sequence (start, end) of `spans`, into those rows of `out`."""
+def _sdpa_loop(q, k, v, spans, causal: bool, out: torch.Tensor, key_spans=None) -> torch.Tensor:
+    """PyTorch SDPA called once per sequence (start, end) of `spans`, into those rows of `out`. Its keys are the
+    same rows, or those of `key_spans` (shared_packing: a unit's ancestors' keys and its own, its queries the last of
+    them, so that a causal mask is aligned to the keys' end)."""
     gqa = k.shape[1] != q.shape[1]
-    for start, end in spans:
-        qs = q[start:end].transpose(0, 1).unsqueeze(0)  # [1, heads, len, head_dim]
-        ks = k[start:end].transpose(0, 1).unsqueeze(0)  # [1, kv_heads, len, head_dim]
-        vs = v[start:end].transpose(0, 1).unsqueeze(0)
-        o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal, enable_gqa=gqa)
-        out[start:end] = o[0].transpose(0, 1)
-    return out
-
-
-def _sdpa_shared(q, k, v, pack: Packing, causal: bool) -> torch.Tensor:
-    """The SDPA loop over shared_packing's units: each unit's queries over its keys (gathered: its ancestors' and
-    its own), causal from their positions in the prompt (the mask aligned to the keys' end)."""
-    gqa, out = k.shape[1] != q.shape[1], torch.empty_like(q)
-    for (start, end), (k0, k1) in zip(pack.spans(), pack.key_spans):
+    for i, (start, end) in enumerate(spans):
+        k0, k1 = (start, end) if key_spans is None else key_spans[i]
         mask = None
-        if causal:  # query i of the unit stands at key position (k1 - k0) - (end - start) + i
+        if causal and key_spans is not None:  # query j of the unit stands at key position (k1 - k0) - (end - start) + j
             at = torch.arange(end - start)[:, None] + (k1 - k0) - (end - start)
             mask = to_device(torch.arange(k1 - k0)[None, :] <= at, q.device)  # [rows, keys]
-        o = F.scaled_dot_product_attention(q[start:end].transpose(0, 1)[None], k[k0:k1].transpose(0, 1)[None],
-                                           v[k0:k1].transpose(0, 1)[None], attn_mask=mask, enable_gqa=gqa)  # fmt: skip
+        qs = q[start:end].transpose(0, 1).unsqueeze(0)  # [1, heads, len, head_dim]
+        ks = k[k0:k1].transpose(0, 1).unsqueeze(0)  # [1, kv_heads, keys, head_dim]
+        vs = v[k0:k1].transpose(0, 1).unsqueeze(0)
+        o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, is_causal=causal and mask is None,
+                                           enable_gqa=gqa)  # fmt: skip
         out[start:end] = o[0].transpose(0, 1)
     return out
 
@@ -528,16 +519,12 @@ def row_attention(
     if rows is None and pack.kernel == "avx512":
         return _cpu_kernel(q, *_shared_keys(k, v, pack), pack.cpu_rows, causal=False)
     gqa = k.shape[1] != q.shape[1]
-    if rows is None and pack.keys is not None:  # shared prefixes on the SDPA loop: each head row over its unit's keys
-        k, v = _shared_keys(k, v, pack)
-        spans = [pack.key_spans[u] for u in pack.head_units]
-        return torch.cat([F.scaled_dot_product_attention(q[i : i + 1].transpose(0, 1)[None],
-                                                         k[k0:k1].transpose(0, 1)[None], v[k0:k1].transpose(0, 1)[None],
-                                                         enable_gqa=gqa)[0].transpose(0, 1)
-                          for i, (k0, k1) in enumerate(spans)])  # fmt: skip
+    k, v = _shared_keys(k, v, pack)
+    # each sequence's keys; shared prefixes (rows None only): the keys of the unit that ends each sequence
+    spans = pack.spans() if pack.keys is None else [pack.key_spans[u] for u in pack.head_units]
     outs = []
     r = 0
-    for i, (start, end) in enumerate(pack.spans()):
+    for i, (start, end) in enumerate(spans):
         if rows is None:
             lo, hi, mask = i, i + 1, None
         else:
