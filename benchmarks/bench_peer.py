@@ -94,9 +94,9 @@ def run_bench(base_url: str, api: str, args, out: Path, model: str | None = None
     return json.loads(out.read_text())
 
 
-def post(url: str, body: dict) -> dict:
+def post(url: str, body: dict, timeout: float = 300) -> dict:
     req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=300) as r:
+    with urllib.request.urlopen(req, timeout=timeout) as r:
         return json.loads(r.read())
 
 

@@ -21,12 +21,10 @@ import datetime
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -34,18 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_m0_engine import CHECKPOINT, QUERIES, cpu_name, log, make_pairs  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def post(url: str, body: dict) -> dict:
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=600) as r:
-        return json.loads(r.read())
+from bench_peer import free_port, post, stop, wait_healthy  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,26 +81,17 @@ def main(argv: list[str] | None = None) -> int:
              "warning", "--no-show-progress", "--max-documents", str(max(1000, args.docs))],
         )  # fmt: skip
         try:
-            deadline = time.monotonic() + 300
-            while True:
-                try:
-                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1):
-                        break
-                except OSError:
-                    if time.monotonic() > deadline or proc.poll() is not None:
-                        raise SystemExit("the server did not start")
-                    time.sleep(0.5)
+            wait_healthy(f"http://127.0.0.1:{port}/health", proc, timeout=300)
             post(url, requests[0])
             server_best, responses = float("inf"), []
             for r in range(args.repeats):
                 t = time.perf_counter()
                 with ThreadPoolExecutor(args.concurrency) as pool:
-                    responses = list(pool.map(lambda body: post(url, body), requests))
+                    responses = list(pool.map(lambda body: post(url, body, timeout=600), requests))
                 server_best = min(server_best, time.perf_counter() - t)
                 log(f"server round {r + 1}: {n_pairs / (time.perf_counter() - t):.1f} pairs/s")
         finally:
-            proc.terminate()
-            proc.wait(60)
+            stop(proc)
 
     server_scores = []
     for resp in responses:
