@@ -198,6 +198,7 @@ def convert_gguf(
     except ImportError:
         raise ModelLoadError("convert-gguf needs the gguf package: pip install 'rerankd[gguf]'") from None
     from .hub import resolve_model_dir
+    from .models.decoder import TextConfig
     from .models.registry import read_config
 
     if outtype not in OUTTYPES:
@@ -212,7 +213,11 @@ def convert_gguf(
         )
     if config.get("use_sliding_window"):
         raise ModelLoadError(f"{directory}: sliding-window attention is not supported by this converter")
-    layers = int(config["num_hidden_layers"])
+    try:  # the decoder's sizes as the torch backend reads them (any transformers version's config form)
+        text = TextConfig.from_dict(top)
+    except (KeyError, ValueError) as e:
+        raise ModelLoadError(f"{directory}/config.json: not a usable jina-reranker-m0 config ({e})") from None
+    layers = text.num_hidden_layers
     tensors, head = _gguf_tensors(directory, layers)
     n_vocab = next(t.shape[0] for t in tensors if t.name == "token_embd.weight")
     tokens, types, merges, special = _vocab(directory, n_vocab)
@@ -232,14 +237,14 @@ def convert_gguf(
     w = gguf.GGUFWriter(partial, "qwen2")
     w.add_name(name)
     w.add_file_type(int(file_type))
-    w.add_context_length(int(config.get("max_position_embeddings", 32768)))
-    w.add_embedding_length(int(config["hidden_size"]))
+    w.add_context_length(int(text.max_position_embeddings))
+    w.add_embedding_length(int(text.hidden_size))
     w.add_block_count(layers)
-    w.add_feed_forward_length(int(config["intermediate_size"]))
-    w.add_head_count(int(config["num_attention_heads"]))
-    w.add_head_count_kv(int(config.get("num_key_value_heads", config["num_attention_heads"])))
-    w.add_rope_freq_base(float(config.get("rope_theta", 1000000.0)))
-    w.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-6)))
+    w.add_feed_forward_length(int(text.intermediate_size))
+    w.add_head_count(int(text.num_attention_heads))
+    w.add_head_count_kv(int(text.num_key_value_heads))
+    w.add_rope_freq_base(float(text.rope_theta))
+    w.add_layer_norm_rms_eps(float(text.rms_norm_eps))
     w.add_pooling_type(gguf.PoolingType.LAST)
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("qwen2")

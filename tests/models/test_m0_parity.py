@@ -10,6 +10,7 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from rerankd import Reranker
+from rerankd.models.decoder import TextConfig
 from rerankd.tiny import make_tiny_checkpoint
 
 from ..conftest import ELEMENTWISE, assert_close, data_uri, loaded_with_elementwise, make_image
@@ -89,7 +90,21 @@ def test_mixed_batch_rerank_equals_reference_per_kind(m0, m0_ref):
     assert [r["index"] for r in results] == sorted(range(6), key=lambda i: (-got[i], i))
 
 
-@pytest.mark.parametrize("layout", ["sharded_with_lm_head", "transformers_4_52_names"])
+PORT_HEAD_NAMES = {"score.0.": "score.dense.", "score.2.": "score.out_proj."}
+
+
+def _renamed(name: str) -> str:
+    """transformers >= 4.52's names for the decoder and the vision tower."""
+    if name.startswith("model."):
+        return "model.language_model." + name[6:]
+    return "model.visual." + name[7:] if name.startswith("visual.") else name
+
+
+def _port_head(name: str) -> str:
+    return next((new + name[len(old):] for old, new in PORT_HEAD_NAMES.items() if name.startswith(old)), name)
+
+
+@pytest.mark.parametrize("layout", ["sharded_with_lm_head", "transformers_4_52_names", "port_head_names"])
 def test_other_checkpoint_layouts_load_to_the_same_scores(m0, m0_dir, tmp_path, layout):
     d = tmp_path / layout
     if layout == "sharded_with_lm_head":
@@ -98,21 +113,31 @@ def test_other_checkpoint_layouts_load_to_the_same_scores(m0, m0_dir, tmp_path, 
     else:
         shutil.copytree(m0_dir, d)
         w = load_file(str(d / "model.safetensors"))
-        renamed = {("model.language_model." + k[6:] if k.startswith("model.") else
-                    "model.visual." + k[7:] if k.startswith("visual.") else k): v for k, v in w.items()}  # fmt: skip
+        rename = _renamed if layout == "transformers_4_52_names" else _port_head
+        renamed = {rename(k): v for k, v in w.items()}
+        assert set(renamed) != set(w)
         save_file(renamed, str(d / "model.safetensors"), metadata={"format": "pt"})
     pairs = [["slm markdown", t] for t in TEXT_DOCS[:5]]
     other = Reranker.from_pretrained(d, show_progress=False)
     assert_close(other.compute_score(pairs, max_length=1024), m0.compute_score(pairs, max_length=1024), 0.0)
 
 
-def test_config_with_nested_text_config_loads(m0, m0_dir, tmp_path):
+@pytest.mark.parametrize("form", ["transformers_4_5x", "transformers_5"])
+def test_config_with_nested_text_config_loads(m0, m0_dir, tmp_path, form):
+    """transformers >= 4.5x nest the decoder's fields under text_config; 5.x also moves rope_theta and the M-RoPE
+    section into rope_parameters (as Qwen2VLConfig.save_pretrained of 5.25 writes it)."""
     d = tmp_path / "nested"
     shutil.copytree(m0_dir, d)
     cfg = json.loads((d / "config.json").read_text())
     text_keys = ["hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                  "rms_norm_eps", "rope_theta", "vocab_size", "rope_scaling"]  # fmt: skip
-    cfg["text_config"] = {k: cfg.pop(k) for k in text_keys}
+    cfg["text_config"] = text = {k: cfg.pop(k) for k in text_keys}
+    if form == "transformers_5":
+        theta, scaling = text.pop("rope_theta"), text.pop("rope_scaling")
+        text["rope_parameters"] = {"mrope_section": scaling["mrope_section"], "rope_theta": theta,
+                                   "rope_type": "default", "type": "mrope"}  # fmt: skip
+        other = {**cfg, "text_config": {**text, "rope_parameters": {**text["rope_parameters"], "rope_theta": 5e5}}}
+        assert TextConfig.from_dict(other).rope_theta == 5e5  # read from there, not a default
     (d / "config.json").write_text(json.dumps(cfg))
     pairs = [["q", TEXT_DOCS[3]]]
     other = Reranker.from_pretrained(d, show_progress=False)

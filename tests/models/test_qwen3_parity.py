@@ -162,3 +162,24 @@ def test_sliding_window_layers_are_refused(tmp_path):
     (path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ModelLoadError, match=r"layer_types \['sliding_attention'\] are not supported"):
         Reranker.from_pretrained(path, show_progress=False)
+
+
+def test_transformers_5_config_reads_rope_parameters(tmp_path):
+    """transformers 5 writes rope_theta inside rope_parameters (with rope_type "default"); a theta there must score
+    as the same theta at the top level (4.x), and other rope types are refused."""
+    path = make_tiny_checkpoint("qwen3-reranker", tmp_path / "q", seed=1)
+    cfg = json.loads((path / "config.json").read_text())
+    pairs = PAIRS[:6]
+
+    def scores(config: dict) -> list[float]:
+        (path / "config.json").write_text(json.dumps(config))
+        return Reranker.from_pretrained(path, show_progress=False).compute_score(pairs)
+
+    v4 = scores({**cfg, "rope_theta": 10000.0})
+    v5 = scores({**{k: v for k, v in cfg.items() if k not in ("rope_theta", "rope_scaling")},
+                 "rope_parameters": {"rope_theta": 10000.0, "rope_type": "default"}})  # fmt: skip
+    assert v5 == v4
+    assert max(abs(a - b) for a, b in zip(v4, scores(cfg))) > 1e-4  # the theta matters
+    (path / "config.json").write_text(json.dumps({**cfg, "rope_parameters": {"rope_theta": 1e6, "rope_type": "yarn"}}))
+    with pytest.raises(ModelLoadError, match="rope_parameters .* are not supported"):
+        Reranker.from_pretrained(path, show_progress=False)

@@ -43,9 +43,10 @@ class TextConfig:
         """A Qwen2-VL config (jina-reranker-m0): M-RoPE, q/k/v biases."""
         # transformers >= 4.5x may nest the text fields under text_config; 4.4x keeps them at the top level
         d = {**d, **d.get("text_config", {})}
-        section = (d.get("rope_scaling") or {}).get("mrope_section")
+        section = (d.get("rope_scaling") or d.get("rope_parameters") or {}).get("mrope_section")
         if section is None:
-            raise ValueError("rope_scaling.mrope_section is missing: not a Qwen2-VL config")
+            raise ValueError("rope_scaling.mrope_section (rope_parameters.mrope_section in transformers 5) is missing: "
+                             "not a Qwen2-VL config")  # fmt: skip
         cfg = cls._common(d, "Qwen2", head_dim=d["hidden_size"] // d["num_attention_heads"], attention_bias=True,
                           qk_norm=False, mrope_section=tuple(section))  # fmt: skip
         if 2 * sum(section) != cfg.head_dim:
@@ -59,6 +60,9 @@ class TextConfig:
             raise ValueError("use_sliding_window=true is not supported (Qwen3 rerankers attend to the whole prompt)")
         if d.get("rope_scaling"):
             raise ValueError(f"rope_scaling {d['rope_scaling']} is not supported (plain RoPE only)")
+        rope_type = (d.get("rope_parameters") or {}).get("rope_type", "default")
+        if rope_type != "default":  # transformers 5 writes plain RoPE as rope_parameters {rope_type: default, rope_theta}
+            raise ValueError(f"rope_parameters {d['rope_parameters']} are not supported (plain RoPE only)")
         windowed = sorted({t for t in d.get("layer_types") or [] if t != "full_attention"})
         if windowed:
             raise ValueError(f"layer_types {windowed} are not supported (every layer must be full_attention)")
@@ -78,7 +82,8 @@ class TextConfig:
             num_attention_heads=d["num_attention_heads"],
             num_key_value_heads=d.get("num_key_value_heads", d["num_attention_heads"]),
             rms_norm_eps=d.get("rms_norm_eps", 1e-6),
-            rope_theta=d.get("rope_theta", 1_000_000.0),
+            # transformers 5 keeps it in rope_parameters (with the rope type), 4.x at the top level
+            rope_theta=d.get("rope_theta", (d.get("rope_parameters") or {}).get("rope_theta", 1_000_000.0)),
             max_position_embeddings=d.get("max_position_embeddings", 32768),
             **fields,
         )

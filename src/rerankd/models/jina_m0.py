@@ -68,6 +68,10 @@ WEIGHT_RENAMES: Renames = [
     ("model.language_model.", "model."),  # transformers >= 4.52 save format
     ("model.visual.", "visual."),  # idem
     ("lm_head.", None),  # the reranker never produces token logits
+    ("score.0.", "score.0."),  # the published head names (before the ports' below, so that backward writes them)
+    ("score.2.", "score.2."),
+    ("score.dense.", "score.0."),  # the head as some ports name it
+    ("score.out_proj.", "score.2."),
 ]
 
 
