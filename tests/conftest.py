@@ -2,10 +2,13 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 from rerankd import Reranker
 from rerankd.tiny import make_tiny_checkpoint
@@ -70,3 +73,18 @@ def loaded_with_elementwise(path, kernel: str) -> Reranker:
     assert rr.options.cpu_elementwise == kernel
     assert {m.elementwise for m in rr.backend.model.modules() if hasattr(m, "elementwise")} == {kernel}
     return rr
+
+
+def to_legacy_layout(path) -> None:
+    """A BERT checkpoint as older repos and many fine-tunes have it: the slow tokenizer's vocab.txt without
+    tokenizer.json (here keeping accents, a non-default setting), the weights in pytorch_model.bin, with the
+    LayerNorm names of checkpoints ported from TensorFlow (gamma, beta)."""
+    (path / "tokenizer.json").unlink()
+    settings = json.loads((path / "tokenizer_config.json").read_text())
+    (path / "tokenizer_config.json").write_text(json.dumps({**settings, "strip_accents": False}))
+    weights = load_file(str(path / "model.safetensors"))
+    (path / "model.safetensors").unlink()
+    legacy = {k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v
+              for k, v in weights.items()}  # fmt: skip
+    assert legacy != weights
+    torch.save(legacy, path / "pytorch_model.bin")

@@ -141,12 +141,16 @@ class ReferenceCrossEncoder:
                 jina = WEIGHT_RENAMES["jina"]  # only renames (no Part, no drop rule)
                 state = rename_back({rename(k, jina): v for k, v in state.items()}, WEIGHT_RENAMES["xlm-roberta"])
         config._attn_implementation = attn_implementation
-        self.model = cls(config).eval()
-        state.pop("bert.embeddings.position_ids", None)
-        missing, unexpected = self.model.load_state_dict(state, strict=False)
-        missing = [k for k in missing if not k.endswith("position_ids") and "pooler" not in k or bert and "pooler" in k]
-        if missing or unexpected:
-            raise RuntimeError(f"reference: missing {missing}, unexpected {unexpected}")
+        if not state:  # an older layout (pytorch_model.bin, legacy names): transformers' own loading reads it
+            self.model = cls.from_pretrained(model_dir, config=config).float().eval()
+        else:
+            self.model = cls(config).eval()
+            state.pop("bert.embeddings.position_ids", None)
+            missing, unexpected = self.model.load_state_dict(state, strict=False)
+            missing = [k for k in missing
+                       if not k.endswith("position_ids") and "pooler" not in k or bert and "pooler" in k]  # fmt: skip
+            if missing or unexpected:
+                raise RuntimeError(f"reference: missing {missing}, unexpected {unexpected}")
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
 
     @torch.inference_mode()

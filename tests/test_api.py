@@ -12,8 +12,9 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from rerankd import ModelLoadError, PairErrors, Reranker
+from rerankd.tiny import make_tiny_checkpoint
 
-from .conftest import data_uri, encode, make_image
+from .conftest import data_uri, encode, make_image, to_legacy_layout
 
 
 def test_rerank_shape_order_top_n_and_documents(m0):
@@ -104,15 +105,23 @@ def test_offline_hub_id_without_cache_says_to_pass_a_local_path(tmp_path):
     assert "ModelLoadError" in out.stderr and "pass the path of a local checkpoint directory" in out.stderr
 
 
-def test_hub_cache_is_used_offline(m0_dir, tmp_path):
-    """A repo id already in HF_HOME's cache loads with HF_HUB_OFFLINE=1 (the cache layout huggingface_hub uses)."""
-    snap = tmp_path / "hf" / "hub" / "models--acme--tiny-m0" / "snapshots" / ("0" * 40)
-    shutil.copytree(m0_dir, snap)
+@pytest.mark.parametrize("layout", ["m0", "legacy-bert"])
+def test_hub_cache_is_used_offline(m0_dir, tmp_path, layout):
+    """A repo id already in HF_HOME's cache loads with HF_HUB_OFFLINE=1 (the cache layout huggingface_hub uses),
+    also an older one with PyTorch pickles instead of safetensors (fetched in a second pass) and vocab.txt only."""
+    snap = tmp_path / "hf" / "hub" / "models--acme--tiny" / "snapshots" / ("0" * 40)
+    if layout == "m0":
+        shutil.copytree(m0_dir, snap)
+    else:
+        to_legacy_layout(make_tiny_checkpoint("bert-cross-encoder", snap, seed=3))
     (snap.parents[1] / "refs").mkdir()
     (snap.parents[1] / "refs" / "main").write_text("0" * 40)
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
-    code = ("from rerankd import Reranker; r = Reranker.from_pretrained('acme/tiny-m0', show_progress=False); "
+    code = ("from rerankd import Reranker; r = Reranker.from_pretrained('acme/tiny', show_progress=False); "
             "print(r.compute_score([['q', 'd']])[0])")  # fmt: skip
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert 0.0 < float(out.stdout.strip()) < 1.0
+    score = float(out.stdout.strip())
+    assert 0.0 < score < 1.0
+    # within 1e-6: each process's load-time probe picks its own GEMM kernel
+    assert abs(score - Reranker.from_pretrained(snap, show_progress=False).compute_score([["q", "d"]])[0]) < 1e-6

@@ -26,14 +26,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from .errors import ModelLoadError
 from .models.gguf import HEAD_FILE
 from .models.gguf import SCORE_TOKEN as GGUF_SCORE_TOKEN  # ends GGUF prompts; gets token 100's embedding
 from .models.jina_m0 import LOGIT_BIAS, SCORE_TOKEN_ID, WEIGHT_RENAMES
-from .weights import Renames, rename, safetensors_files
+from .weights import Renames, open_weights, rename, weight_files
 
 OUTTYPES = ("f32", "f16", "q8_0")
 
@@ -69,8 +68,8 @@ def _gguf_tensors(directory: Path, layers: int) -> tuple[list[_Tensor], dict[str
     tensors: list[_Tensor] = []
     head: dict[str, tuple[Path, str]] = {}
     unknown: list[str] = []
-    for path in safetensors_files(directory):
-        with safe_open(str(path), framework="pt") as f:
+    for path in weight_files(directory):
+        with open_weights(path) as f:
             for key in f.keys():
                 module = rename(key, WEIGHT_RENAMES)
                 if module is None:
@@ -174,7 +173,7 @@ def _write_tensors(w, tensors: list[_Tensor], score_token: int, spare: int | Non
     """Read, convert and write the tensors one at a time, in the order their infos were declared."""
     with tqdm(total=total, unit="param", unit_scale=True, desc=f"writing {name}", disable=not show_progress) as bar:
         for t in tensors:
-            with safe_open(str(t.file), framework="pt") as f:
+            with open_weights(t.file) as f:
                 array = f.get_tensor(t.source).to(torch.float32).numpy()
             if t.name == "token_embd.weight":
                 array = array.copy()
@@ -280,7 +279,7 @@ def convert_gguf(
 
     arrays = {}
     for module, (file, key) in head.items():
-        with safe_open(str(file), framework="pt") as f:
+        with open_weights(file) as f:
             arrays[module] = f.get_tensor(key).to(torch.float32).numpy()
     np.savez(
         out / HEAD_FILE,

@@ -8,6 +8,7 @@ from .errors import ModelLoadError
 
 # what a reranker checkpoint needs; skips large files it never reads (other formats, onnx exports, images)
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.npz"]
+PICKLE_PATTERNS = ["pytorch_model*.bin"]  # fetched only for a repo without safetensors (rerankd.weights.weight_files)
 
 
 def resolve_model(name_or_path: str | Path, revision: str | None = None) -> Path:
@@ -101,7 +102,10 @@ def resolve_model_dir(name_or_path: str | Path, revision: str | None = None, ggu
 
     try:
         patterns = HUB_PATTERNS + (gguf_tag_patterns(gguf_tag) if gguf_tag is not None else [])
-        return Path(snapshot_download(name, revision=revision, allow_patterns=patterns))
+        directory = Path(snapshot_download(name, revision=revision, allow_patterns=patterns))
+        if gguf_tag is None and not any(directory.glob("*.safetensors")):  # an older checkpoint: PyTorch pickles
+            directory = Path(snapshot_download(name, revision=revision, allow_patterns=PICKLE_PATTERNS))
+        return directory
     except LocalEntryNotFoundError:
         raise ModelLoadError(
             f"{name} is not in the local Hugging Face cache and cannot be downloaded (offline: HF_HUB_OFFLINE=1 or no "

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from .models.base import QWEN2_SPLIT
-from .models.xlm_roberta import WEIGHT_RENAMES
+from .models.xlm_roberta import WEIGHT_RENAMES, wordpiece_tokenizer
 from .weights import rename_back
 
 MODEL_KINDS = ("jina-reranker-m0", "jina-reranker-v2", "bert-cross-encoder", "qwen3-reranker", "qwen3-reranker-seq-cls",
@@ -305,8 +305,8 @@ def build_xlmr_tokenizer(vocab_size: int = 600):
 
 def build_bert_tokenizer(vocab_size: int = 600):
     """A WordPiece `tokenizers.Tokenizer` shaped like BERT's uncased one (ms-marco MiniLM cross-encoders):
-    `[CLS] A [SEP] B [SEP]` with token types 0 / 1, [PAD]=0."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    `[CLS] A [SEP] B [SEP]` with token types 0 / 1, [PAD]=0; built as rerankd builds one from a vocab.txt."""
+    from tokenizers import normalizers, pre_tokenizers
 
     normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, strip_accents=None,
                                             lowercase=True)  # fmt: skip
@@ -318,17 +318,7 @@ def build_bert_tokenizer(vocab_size: int = 600):
     singles = chars + ["##" + c for c in chars]
     longer = sorted((p for p in counts if len(p.removeprefix("##")) > 1), key=lambda p: (-counts[p] * len(p), p))
     pieces = list(BERT_SPECIALS) + singles + longer[: max(0, vocab_size - len(BERT_SPECIALS) - len(singles))]
-    tok = Tokenizer(models.WordPiece({p: i for i, p in enumerate(pieces)}, unk_token="[UNK]",
-                                     continuing_subword_prefix="##", max_input_chars_per_word=100))  # fmt: skip
-    tok.normalizer = normalizer
-    tok.pre_tokenizer = pre_tokenizer
-    tok.decoder = decoders.WordPiece(prefix="##")
-    tok.add_special_tokens(list(BERT_SPECIALS))
-    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
-    tok.post_processor = processors.TemplateProcessing(
-        single="[CLS]:0 $A:0 [SEP]:0", pair="[CLS]:0 $A:0 [SEP]:0 $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
-    )
-    return tok
+    return wordpiece_tokenizer({p: i for i, p in enumerate(pieces)})
 
 
 def _piece_counts(normalizer, pre_tokenizer, continuation: str = "") -> dict[str, int]:

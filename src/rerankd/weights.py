@@ -1,4 +1,5 @@
-"""Checkpoint loading: safetensors, declared rename tables, and a strict completeness check.
+"""Checkpoint loading: safetensors (or, where a checkpoint has none, its PyTorch pickles), declared rename tables,
+and a strict completeness check.
 
 A rename table is data: a list of (checkpoint template, module template), read in both directions. A template is
 a literal name in which `{n}` stands for a number (a layer index). One that ends with "." (or is empty) names a
@@ -17,6 +18,7 @@ came from.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import re
@@ -25,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -46,27 +48,98 @@ class Part:
 Renames = list[tuple[str, "str | Part | None"]]
 
 
-def safetensors_files(directory: Path) -> list[Path]:
-    index = directory / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        files = sorted({directory / f for f in weight_map.values()})
+# (index file, file pattern) of each weights format, in the order of preference
+WEIGHT_FORMATS = [("model.safetensors.index.json", "*.safetensors"), ("pytorch_model.bin.index.json", "pytorch_model*.bin")]
+
+
+def weight_files(directory: Path) -> list[Path]:
+    """The checkpoint's weight files: its safetensors (through model.safetensors.index.json when it is sharded) or,
+    in a checkpoint without any, its PyTorch pickles (pytorch_model.bin, or through pytorch_model.bin.index.json), as
+    older checkpoints and many fine-tunes have them."""
+    for index_name, pattern in WEIGHT_FORMATS:
+        index = directory / index_name
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = sorted({directory / f for f in weight_map.values()})
+        else:
+            files = sorted(directory.glob(pattern))
+        if files:
+            break
     else:
-        files = sorted(directory.glob("*.safetensors"))
-    if not files:
-        raise ModelLoadError(f"{directory}: no *.safetensors weights found (only safetensors checkpoints are supported)")
+        raise ModelLoadError(f"{directory}: no weights found: expected *.safetensors files (or pytorch_model*.bin) "
+                             "beside config.json")  # fmt: skip
     missing = [f for f in files if not f.is_file()]
     if missing:
         raise ModelLoadError(f"{directory}: the weight index names files that are missing: {[f.name for f in missing]}")
     return files
 
 
+@contextlib.contextmanager
+def open_weights(path: Path):
+    """One weights file, as safetensors' safe_open has it (keys, get_tensor, get_slice): safetensors read lazily, a
+    PyTorch pickle memory-mapped and loaded as weights only (torch's safe unpickler: no code in it runs)."""
+    if path.suffix == ".safetensors":
+        try:
+            f = safe_open(str(path), framework="pt")
+        except (SafetensorError, OSError) as e:
+            raise ModelLoadError(f"{path}: not a readable safetensors file ({e}): a partial download? Delete it and "
+                                 "download the checkpoint again") from None  # fmt: skip
+        with f:
+            yield f
+    else:
+        yield _PickledWeights(path)
+
+
+class _PickledWeights:
+    def __init__(self, path: Path):
+        try:
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError:  # the legacy (pre zip) format cannot be memory-mapped
+                state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ModelLoadError(f"{path}: not a PyTorch weights file that loads as weights only ({type(e).__name__}: "
+                                 f"{e}); convert the checkpoint to safetensors") from None  # fmt: skip
+        if not isinstance(state, dict):
+            raise ModelLoadError(f"{path}: holds a {type(state).__name__}, not a state dict of tensors")
+        self._state = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+    def keys(self) -> list[str]:
+        return list(self._state)
+
+    def get_tensor(self, key: str) -> torch.Tensor:
+        return self._state[key]
+
+    def get_slice(self, key: str) -> "_Rows":
+        return _Rows(self._state[key])
+
+
+@dataclass(frozen=True)
+class _Rows:
+    tensor: torch.Tensor
+
+    def get_shape(self) -> list[int]:
+        return list(self.tensor.shape)
+
+    def __getitem__(self, index) -> torch.Tensor:
+        return self.tensor[index]
+
+
+def modern_name(key: str) -> str:
+    """A legacy LayerNorm parameter name (`gamma` / `beta`, early BERT checkpoints ported from TensorFlow) as
+    transformers renames it on load."""
+    for old, new in (("LayerNorm.gamma", "LayerNorm.weight"), ("LayerNorm.beta", "LayerNorm.bias")):
+        if key.endswith(old):
+            return key[: -len(old)] + new
+    return key
+
+
 def tensor_names(directory: Path) -> list[str]:
     """Names of all tensors in a checkpoint directory (headers only; nothing is read into memory)."""
     names: list[str] = []
-    for path in safetensors_files(directory):
-        with safe_open(str(path), framework="pt") as f:
-            names.extend(f.keys())
+    for path in weight_files(directory):
+        with open_weights(path) as f:
+            names.extend(modern_name(k) for k in f.keys())
     return names
 
 
@@ -156,20 +229,20 @@ def load_weights(
     show_progress: bool = True,
     stored: dict[str, torch.dtype] | None = None,
 ) -> None:
-    """Fill `model` (built on the meta device) from the safetensors files of `directory`, strictly, in `dtype`, or
-    in `stored[name]` for the parameters it names."""
+    """Fill `model` (built on the meta device) from the weight files of `directory`, strictly, in `dtype`, or in
+    `stored[name]` for the parameters it names."""
     expected = {k: v for k, v in model.state_dict(keep_vars=True).items()}
     state: dict[str, torch.Tensor] = {}
     parts: dict[str, dict[int, torch.Tensor]] = {}
     part_counts: dict[str, int] = {}
     unused: list[str] = []
-    files = safetensors_files(directory)
+    files = weight_files(directory)
     with tqdm(desc=f"loading {directory.name}", unit="tensor", disable=not show_progress, leave=False) as bar:
         for path in files:
-            with safe_open(str(path), framework="pt") as f:
+            with open_weights(path) as f:
                 for key in f.keys():
                     bar.update()
-                    target = rename(key, renames)
+                    target = rename(modern_name(key), renames)
                     if target is None:
                         continue
                     name = target.target if isinstance(target, Part) else target
@@ -213,8 +286,8 @@ def _check_shape(tensor: torch.Tensor, param: torch.Tensor, key: str, where: Pat
 def read_rows(directory: Path, key: str, rows: list[int]) -> torch.Tensor:
     """Rows `rows` of checkpoint tensor `key`, read without loading the rest of it (two rows of a 151k-row LM
     head); a ModelLoadError if the checkpoint has no such tensor."""
-    for path in safetensors_files(directory):
-        with safe_open(str(path), framework="pt") as f:
+    for path in weight_files(directory):
+        with open_weights(path) as f:
             if key not in f.keys():
                 continue
             whole = f.get_slice(key)

@@ -14,11 +14,13 @@ from rerankd import Reranker
 from rerankd.errors import ModelLoadError, PairErrors
 from rerankd.tiny import CORPUS, make_tiny_checkpoint
 
-from ..conftest import ELEMENTWISE, assert_close, loaded_with_elementwise
+from ..conftest import ELEMENTWISE, assert_close, loaded_with_elementwise, to_legacy_layout
 
 TOL = 1e-5
 WORDS = " ".join(CORPUS).split() + ["unseenword", "ΑΒΓ", "🚀"]
-KINDS = [("jina-reranker-v2", "jina"), ("jina-reranker-v2", "hf"), ("bert-cross-encoder", None)]
+# (kind, naming): "legacy" is a BERT checkpoint as older repos have it (vocab.txt only, pytorch_model.bin)
+KINDS = [("jina-reranker-v2", "jina"), ("jina-reranker-v2", "hf"), ("bert-cross-encoder", None),
+         ("bert-cross-encoder", "legacy")]  # fmt: skip
 
 
 def text_of(n_words: int, seed: int) -> str:
@@ -33,7 +35,9 @@ def model(request, tmp_path_factory):
 
     kind, naming = request.param
     path = tmp_path_factory.mktemp(kind)
-    make_tiny_checkpoint(kind, path, seed=1, **({"naming": naming} if naming else {}))
+    make_tiny_checkpoint(kind, path, seed=1, **({"naming": naming} if naming in ("jina", "hf") else {}))
+    if naming == "legacy":
+        to_legacy_layout(path)
     return Reranker.from_pretrained(path, show_progress=False), ReferenceCrossEncoder(path), path
 
 
@@ -225,3 +229,13 @@ def test_max_length_beyond_the_position_table_is_an_error(v2_dir):
     rr = Reranker.from_pretrained(v2_dir, show_progress=False)
     with pytest.raises(PairErrors, match=r"max_length=2000 is more than this model's 1024 positions"):
         rr.compute_score([["q", "d"]], max_length=2000)
+
+
+def test_a_truncated_weights_file_is_a_load_error(v2_dir, tmp_path):
+    """A partial download: one clear ModelLoadError naming the file, not the safetensors library's traceback."""
+    bad = tmp_path / "partial"
+    shutil.copytree(v2_dir, bad)
+    data = (bad / "model.safetensors").read_bytes()
+    (bad / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelLoadError, match=r"model\.safetensors: not a readable safetensors file .*partial download"):
+        Reranker.from_pretrained(bad, show_progress=False)

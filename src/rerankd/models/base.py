@@ -211,15 +211,16 @@ class TextOnly(Pointwise):
         return item.text  # type: ignore[union-attr]
 
 
-def load_tokenizer(directory: Path, hint: str = ""):
+def load_tokenizer(directory: Path, hint: str = "", fallback: Callable[[Path], Any] | None = None):
     """`directory`/tokenizer.json as a tokenizers.Tokenizer with truncation and padding off (the backends cut and
-    pack themselves); a clear error if it is missing (`hint` says how to make one)."""
+    pack themselves); without it, what `fallback` makes of the directory's other files; a clear error if neither
+    gives one (`hint` says how to make one)."""
     from tokenizers import Tokenizer
 
     path = directory / "tokenizer.json"
-    if not path.is_file():
+    tokenizer = Tokenizer.from_file(str(path)) if path.is_file() else fallback and fallback(directory)
+    if tokenizer is None:
         raise ModelLoadError(f"{directory}: tokenizer.json is missing{hint}")
-    tokenizer = Tokenizer.from_file(str(path))
     tokenizer.no_truncation()
     tokenizer.no_padding()
     return ReleasingTokenizer(tokenizer)

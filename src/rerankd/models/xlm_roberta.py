@@ -14,6 +14,7 @@ all the head reads.
 from __future__ import annotations
 
 import functools
+import json
 import threading
 import warnings
 from dataclasses import dataclass
@@ -45,6 +46,60 @@ ACTIVATIONS = {
     "gelu_pytorch_tanh": functools.partial(F.gelu, approximate="tanh"),
     "relu": F.relu,
 }
+
+
+BERT_SPECIAL_NAMES = {"unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]", "cls_token": "[CLS]",
+                      "mask_token": "[MASK]"}  # BertTokenizer's defaults  # fmt: skip
+
+
+def wordpiece_tokenizer(vocab: dict[str, int], settings: dict | None = None) -> Tokenizer:
+    """BERT's fast tokenizer from its WordPiece vocabulary, as transformers converts the slow one (BertConverter):
+    BERT's normalizer (lowercase, accents and CJK spacing as `settings`, a tokenizer_config.json, says, with
+    BertTokenizer's defaults), its pre-tokenizer, `[CLS] A [SEP] B [SEP]` with token types 0 / 1, the special tokens
+    kept whole."""
+    from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
+
+    settings = settings or {}
+    special = {k: _token_text(settings.get(k, default)) for k, default in BERT_SPECIAL_NAMES.items()}
+    lowercase = settings.get("do_lower_case", True)
+    tok = Tokenizer(models.WordPiece(vocab, unk_token=special["unk_token"], continuing_subword_prefix="##",
+                                     max_input_chars_per_word=100))  # fmt: skip
+    tok.normalizer = normalizers.BertNormalizer(clean_text=True, lowercase=lowercase,
+                                                handle_chinese_chars=settings.get("tokenize_chinese_chars", True),
+                                                strip_accents=settings.get("strip_accents"))  # fmt: skip
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece(prefix="##")
+    extra = [_token_text(t) for t in settings.get("additional_special_tokens") or []]
+    tok.add_special_tokens([t for t in [*special.values(), *extra] if t in vocab])
+    cls, sep = special["cls_token"], special["sep_token"]
+    missing = [t for t in (cls, sep) if t not in vocab]
+    if missing:
+        raise ModelLoadError(f"the WordPiece vocabulary has no {missing}: not a BERT tokenizer")
+    tok.post_processor = processors.TemplateProcessing(single=f"{cls}:0 $A:0 {sep}:0",
+                                                       pair=f"{cls}:0 $A:0 {sep}:0 $B:1 {sep}:1",
+                                                       special_tokens=[(cls, vocab[cls]), (sep, vocab[sep])])  # fmt: skip
+    return tok
+
+
+def _token_text(token) -> str:
+    """A special token as tokenizer_config.json holds it: a string, or an AddedToken's fields."""
+    return token["content"] if isinstance(token, dict) else str(token)
+
+
+def vocab_txt_tokenizer(directory: Path) -> Tokenizer | None:
+    """For a BERT checkpoint that has no tokenizer.json (older repos carry only the slow tokenizer's vocab.txt):
+    the fast tokenizer transformers would make of it; None without vocab.txt."""
+    path = directory / "vocab.txt"
+    if not path.is_file():
+        return None
+    vocab: dict[str, int] = {}
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
+        vocab[line] = i  # as transformers' load_vocab: the line number, a later duplicate winning
+    settings = {}
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the latter's settings win, as in transformers
+        if (directory / name).is_file():
+            settings |= json.loads((directory / name).read_text())
+    return wordpiece_tokenizer(vocab, settings)
 
 
 def _hf_layer(prefix: str) -> Renames:
@@ -280,8 +335,9 @@ class CrossEncoderBackend(TorchTextBackend):
             cfg = EncoderConfig.from_dict(config, family)
         except (KeyError, ValueError) as e:
             raise ModelLoadError(f"{directory}/config.json: not a usable {arch} reranker config ({e})") from None
-        tokenizer = load_tokenizer(directory, " (only fast-tokenizer checkpoints are supported; save one with "
-                                   "transformers' AutoTokenizer.from_pretrained(...).save_pretrained(...))")  # fmt: skip
+        tokenizer = load_tokenizer(directory, " (and no vocab.txt of a BERT checkpoint): save a fast tokenizer with "
+                                   "transformers' AutoTokenizer.from_pretrained(...).save_pretrained(...)",
+                                   fallback=vocab_txt_tokenizer if family == "bert" else None)  # fmt: skip
         renames = WEIGHT_RENAMES["jina"] if _jina_names(directory) else WEIGHT_RENAMES[family]
         model = build_module(lambda: CrossEncoder(cfg), directory, renames, device, dtype, opts)
         if opts.quantize is not None:
