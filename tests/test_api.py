@@ -125,3 +125,21 @@ def test_hub_cache_is_used_offline(m0_dir, tmp_path, layout):
     assert 0.0 < score < 1.0
     # within 1e-6: each process's load-time probe picks its own GEMM kernel
     assert abs(score - Reranker.from_pretrained(snap, show_progress=False).compute_score([["q", "d"]])[0]) < 1e-6
+
+
+def test_wrong_arguments_are_clear_errors_at_once(m0):
+    """Mistakes a caller makes are errors that say what to do, before any loading or scoring: one document passed
+    as a string (not scored character by character), a device torch does not know or this machine lacks, budgets
+    of zero."""
+    with pytest.raises(TypeError, match=r"documents must be a list of documents, got a str; for one document pass"):
+        m0.rerank("q", "abc")
+    with pytest.raises(ValueError, match="device 'gpu' is not a device name"):
+        Reranker.from_pretrained("/nonexistent", device="gpu")
+    if not __import__("torch").cuda.is_available():
+        with pytest.raises(ValueError, match="device 'cuda': CUDA is not available here"):
+            Reranker.from_pretrained("/nonexistent", device="cuda")
+    for bad in ({"max_batch_tokens": 0}, {"num_threads": 0}, {"max_pixels": -1}):
+        with pytest.raises(ValueError, match=f"{next(iter(bad))} must be a positive integer"):
+            Reranker.from_pretrained("/nonexistent", **bad)
+    with pytest.raises(ValueError, match="min_pixels 5000 is more than max_pixels 10"):
+        Reranker.from_pretrained("/nonexistent", min_pixels=5000, max_pixels=10)

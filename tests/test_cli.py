@@ -22,8 +22,9 @@ def test_make_tiny_model_then_rerank(tmp_path):
     assert (d / "config.json").is_file() and (d / "model.safetensors").is_file()
     docs_file = tmp_path / "docs.jsonl"
     docs_file.write_text('"from the file"\n{"text": "an object"}\n')
-    out = run("rerank", "--model", str(d), "--query", "slm markdown", "first doc", "second doc",
-              "--documents-file", str(docs_file), "--top-n", "3", "--no-show-progress", *ONE_KERNEL)  # fmt: skip
+    # documents before and after options, as people type them
+    out = run("rerank", "--model", str(d), "--query", "slm markdown", "first doc", "--documents-file", str(docs_file),
+              "second doc", "--top-n", "3", "--no-show-progress", *ONE_KERNEL)  # fmt: skip
     assert out.returncode == 0, out.stderr
     res = json.loads(out.stdout)["results"]
     assert len(res) == 3
@@ -40,7 +41,19 @@ def test_cli_errors(tmp_path, m0_dir):
     out = run("rerank", "--model", str(m0_dir), "--query", "q", "--doc-type", "image", "not-an-image", "--no-show-progress")
     assert out.returncode == 2 and "documents[0].image" in out.stderr
     out = run("rerank", "--model", str(m0_dir), "--query", "q")
-    assert out.returncode != 0 and "no documents" in out.stderr
+    assert out.returncode == 2 and "rerankd: error: no documents" in out.stderr
+    out = run("rerank", "--model", str(m0_dir), "--query", "q", "--documents-file", str(tmp_path / "nope.jsonl"))
+    assert out.returncode == 2 and "--documents-file" in out.stderr and "No such file" in out.stderr, out.stderr
+    out = run("rerank", "--model", str(m0_dir), "--query", "q", "d", "--device", "gpu")
+    assert out.returncode == 2 and "device 'gpu' is not a device name" in out.stderr
+    out = run("rerank", "--model", str(m0_dir), "--query", "q", "d", "--max-batch-tokens", "0")
+    assert out.returncode == 2 and "max_batch_tokens must be a positive integer" in out.stderr
+    out = run("serve", "--model", str(m0_dir), "--log-level", "loud")
+    assert out.returncode == 2 and "invalid choice: 'loud'" in out.stderr
+    out = run("serve", "--model", str(m0_dir), "--max-batch-wait-ms", "-1")  # before the model loads
+    assert out.returncode == 2 and "rerankd: error: --max-batch-wait-ms must be >= 0, got -1.0" in out.stderr
+    out = run("make-tiny-model", "bert-cross-encoder", "/proc/rerankd-no-such-dir")
+    assert out.returncode == 2 and "cannot write /proc/rerankd-no-such-dir" in out.stderr
     out = run("rerank", "--model", str(m0_dir), "--query", "q", "d", "--cpu-gemm", "mkl")
     assert out.returncode == 2 and "cpu_gemm must be one of auto, onednn, torch; got 'mkl'" in out.stderr
 

@@ -47,18 +47,24 @@ def _options(args: argparse.Namespace, cls: type) -> dict:
 
 
 def _read_documents(args: argparse.Namespace) -> list:
+    """The documents of `rerankd rerank`: its arguments, then --documents-file's lines; ValueError naming what is
+    wrong."""
     docs: list = list(args.documents)
     if args.documents_file:
         path = Path(args.documents_file)
-        for n, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"--documents-file {path}: {getattr(e, 'strerror', None) or e}") from None
+        for n, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             try:
                 docs.append(json.loads(line))
             except json.JSONDecodeError as e:
-                raise SystemExit(f"{path}:{n}: not a JSON value ({e}); each line must be a string or an object") from None
+                raise ValueError(f"{path}:{n}: not a JSON value ({e}); each line must be a string or an object") from None
     if not docs:
-        raise SystemExit("no documents: pass them as arguments or with --documents-file")
+        raise ValueError("no documents: pass them as arguments or with --documents-file")
     return docs
 
 
@@ -66,8 +72,8 @@ def cmd_rerank(args: argparse.Namespace) -> int:
     from . import PairErrors, Reranker, RerankdError
     from .reranker import DEFAULT
 
-    docs = _read_documents(args)
     try:
+        docs = _read_documents(args)
         rr = Reranker.from_pretrained(args.model, **_options(args, LoadOptions))
         results = rr.rerank(
             args.query,
@@ -97,7 +103,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log = logging.getLogger("rerankd.serve")
-    serve = ServeOptions(**_options(args, ServeOptions)).with_environment()
+    try:
+        serve = ServeOptions(**_options(args, ServeOptions)).with_environment()
+    except ValueError as e:
+        print(f"rerankd: error: {e}", file=sys.stderr)
+        return 2
     names = tuple(serve.served_model_name or (args.model,))
     if args.ray:
         return _serve_on_ray(args, serve, names)
@@ -185,6 +195,9 @@ def cmd_make_tiny_model(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"rerankd: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        print(f"rerankd: error: cannot write {args.path}: {e.strerror or e}", file=sys.stderr)
+        return 2
     print(f"wrote a random {args.kind} checkpoint (real on-disk layout, toy size) to {path}")
     return 0
 
@@ -209,6 +222,9 @@ MODEL_HELP = (
 )
 
 
+RERANK_PARSER: list[argparse.ArgumentParser] = []  # `rerank`'s own parser, as build_parser last made it (for main)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .tiny import MODEL_KINDS
 
@@ -230,6 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_options(p, ScoreOptions, "lengths and long documents")
     _add_options(p, LoadOptions, "model loading")
     p.set_defaults(func=cmd_rerank)
+    RERANK_PARSER[:] = [p]
 
     p = sub.add_parser("serve", help="serve /v1/rerank (Jina, vLLM), /v2/rerank (Cohere), /health, /metrics over HTTP")
     p.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
@@ -273,7 +290,11 @@ def main(argv: list[str] | None = None) -> int:
         from .evaluation import main as eval_main
 
         return eval_main(argv[1:])
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    if argv[:1] == ["rerank"]:  # its documents may come before and after options: `--query q a --top-n 1 b`
+        args = RERANK_PARSER[0].parse_intermixed_args(argv[1:])
+    else:
+        args = parser.parse_args(argv)
     return args.func(args)
 
 

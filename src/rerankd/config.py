@@ -114,6 +114,14 @@ class LoadOptions:
     show_progress: bool = True
     """Show progress bars while loading weights."""
 
+    def __post_init__(self) -> None:
+        for name in ("max_batch_tokens", "preprocess_workers", "num_threads", "min_pixels", "max_pixels"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer or None (the default), got {value!r}")
+        if self.min_pixels is not None and self.max_pixels is not None and self.min_pixels > self.max_pixels:
+            raise ValueError(f"min_pixels {self.min_pixels} is more than max_pixels {self.max_pixels}")
+
 
 @dataclass(frozen=True)
 class ServeOptions:
@@ -169,8 +177,19 @@ class ServeOptions:
     """Require `Authorization: Bearer <key>` on every route but /health and the playground page (default: $RERANKD_API_KEY if set)."""
     skip_warmup: bool = False
     """Skip the warm-up forward pass at start-up."""
-    log_level: str = "info"
-    """uvicorn's log level (critical, error, warning, info, debug)."""
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    """The server's and uvicorn's log level."""
+
+    def __post_init__(self) -> None:
+        """Every count, limit and timeout in range, checked before a model loads (the flag named as typed)."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            low = 0 if f.name in ("max_batch_wait_ms", "port") else 1 if isinstance(value, int) else 0.001
+            if not low <= value <= (65535 if f.name == "port" else float("inf")):
+                raise ValueError(f"--{f.name.replace('_', '-')} must be >= {low}"
+                                 f"{' and <= 65535' if f.name == 'port' else ''}, got {value}")  # fmt: skip
 
     @property
     def drain_seconds(self) -> float:

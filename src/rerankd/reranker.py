@@ -73,7 +73,7 @@ class Reranker:
         except TypeError as e:
             valid = ", ".join(LoadOptions.__dataclass_fields__)
             raise TypeError(f"from_pretrained: {e}; valid options: {valid}") from None
-        dev = torch.device(device or opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dev = _device(device or opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if isinstance(dtype, torch.dtype):
             dt = dtype
         else:
@@ -308,6 +308,9 @@ class Reranker:
         Qwen3-Reranker / jina-reranker-v3 (None: the model's default); other models refuse one.
         """
         check_top_n(top_n)
+        if isinstance(documents, (str, bytes, bytearray, dict)):
+            raise TypeError(f"rerank: documents must be a list of documents, got a {type(documents).__name__}; for one "
+                            "document pass [document]")  # fmt: skip
         lengths = self.length_options(max_length, max_query_length, max_doc_length, long_documents, overlap, None,
                                       instruction)  # fmt: skip
         q = self.check_supported(parse_item(query, query_type, "query"), "query")
@@ -330,3 +333,18 @@ class Reranker:
 
         return rerank_results(scores, windows, top_n, echo if return_documents else None)
 
+
+def _device(name: str | torch.device) -> torch.device:
+    """The torch device named; ValueError for a name torch does not know or a CUDA device this machine lacks (at
+    load, not at the first forward)."""
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device {name!r} is not a device name; use 'cpu', 'cuda' or 'cuda:N'") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {name!r}: CUDA is not available here (torch {torch.__version__}: "
+                             f"{'no GPU found' if torch.version.cuda else 'a CPU-only build'}); use device 'cpu'")  # fmt: skip
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return dev

@@ -106,6 +106,72 @@ def test_image_query(server, local):
     assert_close([r["relevance_score"] for r in body["results"]], [r["relevance_score"] for r in expected], 1e-5)
 
 
+def scores_of(body) -> list[float]:
+    """A rerank answer's scores in document order."""
+    return [r["relevance_score"] for r in sorted(body["results"], key=lambda r: r["index"])]
+
+
+def test_vllm_and_sglang_content_parts(server, local):
+    """vLLM's multimodal shapes (its jina-reranker-m0 example: documents as one {"content": [parts]}, one document a
+    part; a query as {"content": [part]}) and SGLang's (a document as a list of parts) score as rerankd's own."""
+    uri = data_uri(make_image(70, 90, 9))
+    text_part, image_part = {"type": "text", "text": "slm markdown"}, {"type": "image_url", "image_url": {"url": uri}}
+    status, body, _ = server.post("/rerank", {"query": "q", "documents": {"content": [text_part, image_part]}})
+    assert status == 200, body
+    assert_close(scores_of(body), [r["relevance_score"] for r in sorted(local.rerank("q", ["slm markdown", {"image": uri}]),
+                                                                       key=lambda r: r["index"])], 1e-5)  # fmt: skip
+    echoed = {r["index"]: r["document"] for r in body["results"]}
+    assert echoed == {0: {"text": "slm markdown"}, 1: {"multi_modal": [image_part]}}  # as vLLM echoes them
+    docs = ["some text", [image_part], [text_part], {"content": [text_part]}]  # SGLang's and vLLM's, in a list
+    status, body, _ = server.post("/v1/rerank", {"query": {"content": [image_part]}, "documents": docs})
+    assert status == 200, body
+    expected = local.rerank({"image": uri}, ["some text", {"image": uri}, "slm markdown", "slm markdown"])
+    assert_close(scores_of(body), [r["relevance_score"] for r in sorted(expected, key=lambda r: r["index"])], 1e-5)
+    status, body, _ = server.post("/rerank", {"query": "q", "documents": "one document"})  # vLLM: a bare string
+    assert status == 200 and [r["document"] for r in body["results"]] == [{"text": "one document"}], body
+
+
+def test_vllm_request_fields(server, local):
+    """top_n 0 (vLLM's default) is all; use_activation false / raw_scores give the logits; "" names the served model;
+    truncate_prompt_tokens cuts pairs; a document's null fields are echoed as sent."""
+    docs = ["Paris is the capital of France.", "gold rush " * 60, "Berlin"]
+    want = {r["index"]: r["relevance_score"] for r in local.rerank("capital", docs)}
+    status, body, _ = server.post("/rerank", {"model": "", "query": "capital", "documents": docs, "top_n": 0})
+    assert status == 200 and len(body["results"]) == 3, body
+    logits = {r["index"]: r["relevance_score"] for r in local.rerank("capital", docs, activation=None)}
+    for raw in ({"use_activation": False}, {"activation": False}, {"raw_scores": True}):
+        status, body, _ = server.post("/v1/rerank", {"query": "capital", "documents": docs, **raw})
+        assert_close(scores_of(body), [logits[i] for i in range(3)], 1e-5)
+    assert max(abs(logits[i] - want[i]) for i in range(3)) > 0.1  # logits, not scores
+    status, body, _ = server.post("/rerank", {"query": "capital", "documents": docs, "truncate_prompt_tokens": 20})
+    cut = local.rerank("capital", docs, max_length=20, long_documents="truncate")
+    assert_close(scores_of(body), [r["relevance_score"] for r in sorted(cut, key=lambda r: r["index"])], 1e-5)
+    assert all("window" not in r for r in body["results"])
+    status, body, _ = server.post("/v1/rerank", {"query": "q", "documents": [{"text": "a", "id": None, "tags": [None]}]})
+    assert body["results"][0]["document"] == {"text": "a", "id": None, "tags": [None]}
+
+
+def test_vllm_score_api(server, local):
+    """/score and /v1/score: pairs 1:N and N:N under each of vLLM's field names, in order, with vLLM's answer."""
+    docs = ["Paris is the capital of France.", "Berlin", "gold rush"]
+    one_to_n = local.compute_score([["capital", d] for d in docs])
+    for names in (("queries", "documents"), ("text_1", "text_2"), ("data_1", "data_2"), ("queries", "items")):
+        status, body, _ = server.post("/score", {names[0]: "capital", names[1]: docs})
+        assert status == 200, body
+        assert [d["index"] for d in body["data"]] == [0, 1, 2] and {d["object"] for d in body["data"]} == {"score"}
+        assert_close([d["score"] for d in body["data"]], one_to_n, 1e-5)
+    assert body["object"] == "list" and body["model"] == "jinaai/jina-reranker-m0" and body["id"].startswith("score-")
+    assert body["usage"]["prompt_tokens"] == body["usage"]["total_tokens"] > 0
+    queries = ["capital", "city", "mining"]
+    status, body, _ = server.post("/v1/score", {"text_1": queries, "text_2": docs, "use_activation": False})
+    n_to_n = local.compute_score([[q, d] for q, d in zip(queries, docs)], activation=None)
+    assert_close([d["score"] for d in body["data"]], n_to_n, 1e-5)
+    uri = data_uri(make_image(40, 60, 3))
+    status, body, _ = server.post("/score", {"queries": "q", "documents": {"content": [
+        {"type": "text", "text": "Berlin"}, {"type": "image_url", "image_url": {"url": uri}}]}})  # fmt: skip
+    assert_close([d["score"] for d in body["data"]], local.compute_score([["q", "Berlin"], ["q", {"image": uri}]]), 1e-5)
+
+
 def test_cohere_v2(server, local):
     docs = ["Carson City is the capital city of the American state of Nevada.", "Washington, D.C. is the capital.",
             "Capitalization in English grammar", "word " * 300]  # fmt: skip
@@ -172,7 +238,16 @@ def test_bad_input_gets_clear_json_errors(server, media_dir):
     error_of(post("/v1/rerank", {"query": "q", "documents": ["a", 5]}), 422, "documents[1]", param="documents[1]")
     error_of(post("/v1/rerank", {"query": "q", "documents": [{"text": "a", "image": "b"}]}), 422,
              'give one of "text" or "image", not both')  # fmt: skip
-    error_of(post("/v1/rerank", {"query": "q", "documents": ["a"], "top_n": 0}), 422, "top_n", param="top_n")
+    error_of(post("/v1/rerank", {"query": "q", "documents": ["a"], "top_n": -1}), 422, "top_n", param="top_n")
+    error_of(post("/v1/rerank", {"query": "q", "documents": {"text": "a"}}), 422, "documents: Input should be a valid "
+             "list", param="documents")  # fmt: skip
+    error_of(post("/v1/rerank", {"query": "q", "documents": [[{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]]}),
+             400, "give one content part (a text or an image) an input, not 2", param="documents[0]")  # fmt: skip
+    error_of(post("/v1/rerank", {"query": "q", "documents": {"content": [{"type": "video_url", "video_url": {"url": "x"}}]}}),
+             400, "a content part must be", "got type 'video_url'", param="documents[0].content[0]")  # fmt: skip
+    error_of(post("/score", {"queries": ["a", "b"], "documents": ["c", "d", "e"]}), 400,
+             "2 queries and 3 documents: pair them 1:1, 1:N or N:N", param="documents")  # fmt: skip
+    error_of(post("/score", {"text_1": "a"}), 422, "documents: Field required")
     error_of(post("/v1/rerank", {"query": "q", "documents": ["a"], "long_documents": "x"}), 422, "long_documents")
     error_of(post("/v1/rerank", {"query": "q", "documents": ["a", {"image": "bm90IGFuIGltYWdlIGF0IGFsbA=="}]}), 400,
              "documents[1].image: not a PNG/JPEG", param="documents[1].image")  # fmt: skip
@@ -350,13 +425,24 @@ def test_fuzzed_requests_never_get_5xx(server):
     )  # fmt: skip
     cohere = st.fixed_dictionaries({"query": scalars, "documents": st.lists(scalars, max_size=4)},
                                    optional={"top_n": scalars, "max_tokens_per_doc": st.integers(-3, 100)})  # fmt: skip
+    part = st.fixed_dictionaries({"type": st.sampled_from(["text", "image_url", "x"])},
+                                 optional={"text": scalars, "image_url": scalars | st.fixed_dictionaries({"url": scalars})})
+    content = st.fixed_dictionaries({"content": st.lists(part | json_values, max_size=3)})
+    inputs = doc | content | st.lists(part, max_size=2) | st.lists(doc | content, max_size=4)
+    vllm = st.fixed_dictionaries({"query": inputs, "documents": inputs},
+                                 optional={"top_n": scalars, "use_activation": scalars, "truncate_prompt_tokens": scalars})
+    names = st.sampled_from([("queries", "documents"), ("queries", "items"), ("text_1", "text_2"), ("data_1", "data_2")])
+    extra = st.dictionaries(st.sampled_from(["use_activation", "truncate_prompt_tokens"]), scalars | st.integers(-3, 40),
+                            max_size=2)  # fmt: skip
+    score = st.tuples(names, inputs, inputs, extra).map(lambda t: {t[0][0]: t[1], t[0][1]: t[2], **t[3]})
 
-    @settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
-    @given(st.sampled_from(["/v1/rerank", "/rerank", "/v2/rerank"]), near_valid | cohere | json_values)
+    @settings(max_examples=160, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+    @given(st.sampled_from(["/v1/rerank", "/rerank", "/v2/rerank", "/score"]), near_valid | cohere | vllm | score | json_values)
     def check(path, body):
         status, answer, _ = server.post(path, body)
         assert status < 500, (path, body, answer)
-        assert isinstance(answer, dict) and ("results" in answer or "error" in answer), answer
+        ok = "data" if path == "/score" else "results"
+        assert isinstance(answer, dict) and (ok in answer or "error" in answer), answer
 
     check()
     assert server.get("/health")[0] == 200

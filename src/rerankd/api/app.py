@@ -16,6 +16,7 @@ import importlib.resources
 import logging
 import re
 import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,20 +41,26 @@ from .metrics import Metrics
 from .schemas import (
     CohereRerankRequest,
     CohereResponse,
+    ContentDocument,
     DocumentObject,
     ErrorResponse,
     ModelCard,
     ModelList,
     RerankRequest,
     RerankResponse,
+    ScoreRequest,
+    ScoreResponse,
     TEIResult,
     VllmOrTeiRequest,
+    content_parts,
+    score_inputs,
+    truncated,
 )
 
 log = logging.getLogger("rerankd.server")
 
-ROUTES = ("/v1/rerank", "/rerank", "/v2/rerank", "/health", "/v1/models", "/metrics", "/docs", "/openapi.json", "/",
-          "/playground")
+ROUTES = ("/v1/rerank", "/rerank", "/v2/rerank", "/score", "/v1/score", "/health", "/v1/models", "/metrics", "/docs",
+          "/openapi.json", "/", "/playground")
 OPEN_ROUTES = ("/health", "/", "/playground")  # never need the API key (the playground page holds no data; it sends
 # the key the person types with its own calls)
 DRAIN_LIMIT = 64 * 1024 * 1024  # bytes of a refused body read and dropped before answering 413
@@ -82,7 +89,7 @@ class ServerState:
         return self.names[0]
 
     def check_model(self, name: str | None) -> None:
-        if name is not None and name not in self.names:
+        if name and name not in self.names:  # "" is the served model, as vLLM reads it
             raise ApiError(404, f"model {name!r} is not served here; served: {list(self.names)!r}", "model")
 
 
@@ -127,28 +134,37 @@ def create_app(
     app.state.rerankd = state
     _install_error_handlers(app)
 
-    @app.post("/v1/rerank", response_model=RerankResponse, response_model_exclude_none=True)
+    # exclude_unset: a result without a document or window leaves the key out, while a document's own null fields
+    # are echoed as sent
+    @app.post("/v1/rerank", response_model=RerankResponse, response_model_exclude_unset=True)
     async def rerank(body: RerankRequest, request: Request) -> RerankResponse:
         """Rerank documents (text or images) against a query: Jina's and vLLM's request and response (Cohere v1's
         and SGLang's requests too)."""
         state.check_model(body.model)
-        _check_count(len(body.documents), options)
-        max_query_length, max_doc_length, long_documents = body.lengths()
-        lengths = _lengths(reranker, options, body.max_length, max_query_length, max_doc_length, long_documents, body.overlap,
+        documents = body.document_list()
+        _check_count(len(documents), options)
+        max_length, max_query_length, max_doc_length, long_documents = body.lengths()
+        lengths = _lengths(reranker, options, max_length, max_query_length, max_doc_length, long_documents, body.overlap,
                            body.instruction)  # fmt: skip
         query = _item(body.query, "query", reranker)
-        docs = [_item(d, f"documents[{i}]", reranker, body.rank_fields) for i, d in enumerate(body.documents)]
-        scored, tokens = await _score(request, state, query, docs, lengths)
+        docs = [_item(d, f"documents[{i}]", reranker, body.rank_fields) for i, d in enumerate(documents)]
+        scored, tokens = await _score(request, state, [(query, d) for d in docs], lengths)
 
-        def echo(i: int) -> DocumentObject:  # the caller's document as sent
-            d = body.documents[i]
+        def echo(i: int) -> DocumentObject:  # the caller's document as sent (content parts: as vLLM echoes them)
+            d = documents[i]
+            parts = content_parts(d)
+            if parts is not None and parts[0].type == "text":
+                return DocumentObject(text=parts[0].text)
+            if parts is not None:
+                return DocumentObject(multi_modal=[p.model_dump(exclude_none=True) for p in parts])
             return DocumentObject(text=d) if isinstance(d, str) else d
 
-        results = rerank_results(activate([s.logit for s in scored], activation), [s.window for s in scored],
-                                 body.top_n, echo if body.return_documents else None)  # fmt: skip
+        scores = activate([s.logit for s in scored], None if body.raw else activation)
+        results = rerank_results(scores, [s.window for s in scored], body.top_n or None,
+                                 echo if body.return_documents else None)  # fmt: skip
         return RerankResponse.model_validate(jina_response(state.model_name, results, tokens))
 
-    @app.post("/rerank", response_model=RerankResponse | list[TEIResult], response_model_exclude_none=True)
+    @app.post("/rerank", response_model=RerankResponse | list[TEIResult], response_model_exclude_unset=True)
     async def rerank_vllm_or_tei(body: VllmOrTeiRequest, request: Request):
         """vLLM's (and Jina's) request and response, as /v1/rerank; or text-embeddings-inference's: `texts`, a bare
         list of {"index", "score", "text"?} back, best first."""
@@ -158,10 +174,10 @@ def create_app(
         lengths = _lengths(reranker, options, None, RERANK_DEFAULTS.max_query_length, None,
                            "truncate" if body.truncate else RERANK_DEFAULTS.long_documents, RERANK_DEFAULTS.overlap)  # fmt: skip
         query = _item(body.query, "query", reranker)
-        scored, _ = await _score(request, state, query, [_item(t, f"texts[{i}]", reranker) for i, t in enumerate(body.texts)],
+        scored, _ = await _score(request, state, [(query, _item(t, f"texts[{i}]", reranker)) for i, t in enumerate(body.texts)],
                                  lengths)  # fmt: skip
         scores = activate([s.logit for s in scored], None if body.raw_scores else activation)
-        return [TEIResult(index=r["index"], score=r["relevance_score"], text=body.texts[r["index"]] if body.return_text else None)
+        return [TEIResult(index=r["index"], score=r["relevance_score"], **({"text": body.texts[r["index"]]} if body.return_text else {}))
                 for r in rerank_results(scores, [None] * len(scores), None, None)]  # fmt: skip
 
     @app.post("/v2/rerank", response_model=CohereResponse, response_model_exclude_none=True)
@@ -174,11 +190,35 @@ def create_app(
         own_cut = reranker.backend.listwise and "max_tokens_per_doc" not in body.model_fields_set
         lengths = _lengths(reranker, options, None, RERANK_DEFAULTS.max_query_length, None if own_cut else body.max_tokens_per_doc,
                            "truncate", 0)  # fmt: skip
-        docs = [_item(d, f"documents[{i}]", reranker) for i, d in enumerate(body.documents)]
-        scored, tokens = await _score(request, state, _item(body.query, "query", reranker), docs, lengths)
+        query = _item(body.query, "query", reranker)
+        scored, tokens = await _score(request, state, [(query, _item(d, f"documents[{i}]", reranker))
+                                                       for i, d in enumerate(body.documents)], lengths)  # fmt: skip
         results = rerank_results(activate([s.logit for s in scored], activation), [None] * len(scored), body.top_n,
                                  (lambda i: {"text": body.documents[i]}) if body.return_documents else None)  # fmt: skip
         return CohereResponse.model_validate(cohere_response(results, tokens))
+
+    @app.post("/score", response_model=ScoreResponse)
+    @app.post("/v1/score", response_model=ScoreResponse)
+    async def score(body: ScoreRequest, request: Request) -> ScoreResponse:
+        """vLLM's score API: a score for each (query, document) pair, queries and documents paired 1:1, 1:N or N:N,
+        in the order given."""
+        state.check_model(body.model)
+        queries, documents = score_inputs(body.queries), score_inputs(body.documents)
+        try:
+            pairs = body.pairs()
+        except ValueError as e:
+            raise ApiError(400, str(e), "documents") from None
+        _check_count(len(pairs), options)
+        max_length, long_documents = truncated(None, body.truncate_prompt_tokens, RERANK_DEFAULTS.long_documents)
+        lengths = _lengths(reranker, options, max_length, RERANK_DEFAULTS.max_query_length, None, long_documents,
+                           RERANK_DEFAULTS.overlap)  # fmt: skip
+        query_items = [_item(q, f"queries[{i}]", reranker) for i, q in enumerate(queries)]
+        doc_items = [_item(d, f"documents[{i}]", reranker) for i, d in enumerate(documents)]
+        scored, tokens = await _score(request, state, [(query_items[q], doc_items[d]) for q, d in pairs], lengths)
+        scores = activate([s.logit for s in scored], None if body.use_activation is False else activation)
+        return ScoreResponse(id=f"score-{uuid.uuid4().hex}", created=int(time.time()), model=state.model_name,
+                             data=[{"index": i, "score": x} for i, x in enumerate(scores)],
+                             usage={"prompt_tokens": tokens, "total_tokens": tokens})  # fmt: skip
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -262,8 +302,15 @@ def _lengths(reranker: Reranker, options: ServeOptions, max_length, max_query_le
         raise ApiError(400, str(e), str(e).split(" ", 1)[0].rstrip(":")) from None
 
 
-def _item(value: str | DocumentObject, param: str, reranker: Reranker, rank_fields: list[str] | None = None) -> Item:
+def _item(value, param: str, reranker: Reranker, rank_fields: list[str] | None = None) -> Item:
+    """A request's query or document (a string, DocumentObject, or vLLM's / SGLang's content parts) as an Item;
+    ApiError 400 naming `param` where it cannot be one or the model cannot score it."""
     try:
+        parts = content_parts(value)
+        if parts is not None:
+            if len(parts) != 1:
+                raise InputError(f"give one content part (a text or an image) an input, not {len(parts)}", param)
+            value = parts[0].as_document(f"{param}.content[0]" if isinstance(value, ContentDocument) else f"{param}[0]")
         if isinstance(value, DocumentObject) and rank_fields is not None:
             text = value.fields_text(rank_fields)
             if text is None:
@@ -274,7 +321,7 @@ def _item(value: str | DocumentObject, param: str, reranker: Reranker, rank_fiel
                              param)  # fmt: skip
         elif isinstance(value, DocumentObject):
             item = parse_item({"text": value.text} if value.text is not None else {"image": value.image}, "text", param)
-        else:
+        else:  # a string, or content parts' {"text"} / {"image"}
             item = parse_item(value, "text", param)
         reranker.check_supported(item, param)
     except InputError as e:
@@ -284,7 +331,7 @@ def _item(value: str | DocumentObject, param: str, reranker: Reranker, rank_fiel
     return item
 
 
-async def _score(request: Request, state: ServerState, query: Item, docs: Sequence[Item], lengths: LengthOptions):
+async def _score(request: Request, state: ServerState, pairs: Sequence[tuple[Item, Item]], lengths: LengthOptions):
     """Score (query, doc) pairs through the scheduler, within the deadline, withdrawn if the client goes away."""
     loop = asyncio.get_running_loop()
     scheduler = state.scheduler
@@ -292,12 +339,13 @@ async def _score(request: Request, state: ServerState, query: Item, docs: Sequen
         raise ApiError(503, f"{scheduler.down_reason}; try later")
 
     async def work():
-        q = query
-        if isinstance(query, ImageItem):  # decoded once for all documents, off the event loop
-            q = await loop.run_in_executor(scheduler.pool, state.reranker.backend.prepare_query, query, "query",
-                                           state.images)  # fmt: skip
-        wheres = [Where.for_document(i) for i in range(len(docs))]
-        return await scheduler.score([(q, d) for d in docs], lengths, wheres, state.images)
+        prepared: dict[int, Item] = {}  # each image query decoded once for all its documents, off the event loop
+        for query, _ in pairs:
+            if isinstance(query, ImageItem) and id(query) not in prepared:
+                prepared[id(query)] = await loop.run_in_executor(scheduler.pool, state.reranker.backend.prepare_query,
+                                                                 query, "query", state.images)  # fmt: skip
+        wheres = [Where.for_document(i) for i in range(len(pairs))]
+        return await scheduler.score([(prepared.get(id(q), q), d) for q, d in pairs], lengths, wheres, state.images)
 
     task = asyncio.ensure_future(work())
     gone = asyncio.ensure_future(_disconnected(request))
@@ -328,8 +376,8 @@ async def _score(request: Request, state: ServerState, query: Item, docs: Sequen
         raise ApiError(500 if scheduler.alive else 503, str(e)) from None
     errors = {i: r for i, r in enumerate(outcome.results) if isinstance(r, InputError)}
     if errors:
-        raise ApiError(400, describe_errors(errors, len(docs), "documents", 5, None), errors[min(errors)].param)
-    state.metrics.pairs.inc(len(docs))
+        raise ApiError(400, describe_errors(errors, len(pairs), "documents", 5, None), errors[min(errors)].param)
+    state.metrics.pairs.inc(len(pairs))
     state.metrics.tokens.inc(outcome.tokens)
     return outcome.results, outcome.tokens
 

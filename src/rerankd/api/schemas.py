@@ -1,7 +1,8 @@
 """Request and response bodies of the HTTP API (pydantic), in the shapes clients already send.
 
 /v1/rerank and /rerank take Jina's and vLLM's shape (documents as strings, {"text"} or {"image"}, an image query
-too); /v2/rerank takes Cohere v2's (string documents, return_documents false by default, max_tokens_per_doc).
+too; vLLM's and SGLang's content parts, {"content": [parts]} or [parts]); /v2/rerank takes Cohere v2's (string
+documents, return_documents false by default, max_tokens_per_doc); /score takes vLLM's score request.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from typing import Annotated, ClassVar, Literal
 from pydantic import AliasChoices, BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 
 from ..config import COHERE_MAX_TOKENS_PER_DOC, RERANK_DEFAULTS, LongDocuments, ScoreOptions, field_docs
+from ..errors import InputError
 
 _DOCS = field_docs(ScoreOptions)
 
@@ -43,7 +45,66 @@ class DocumentObject(BaseModel):
         return "\n".join(f"{f}: {v}" for f, v in present)
 
 
-Document = str | DocumentObject
+class ImageUrl(BaseModel):
+    url: str
+
+
+class ContentPart(BaseModel):
+    """One of vLLM's (OpenAI chat's) content parts: {"type": "text", "text": ...} or {"type": "image_url",
+    "image_url": {"url": URL | data URI}} (the url as a bare string too)."""
+
+    type: str
+    text: str | None = None
+    image_url: ImageUrl | str | None = None
+
+    def as_document(self, param: str) -> dict[str, str]:
+        """{"text": ...} or {"image": ...}, as rerankd's items take them; InputError for another part."""
+        if self.type == "text" and self.text is not None:
+            return {"text": self.text}
+        if self.type == "image_url" and self.image_url is not None:
+            return {"image": self.image_url if isinstance(self.image_url, str) else self.image_url.url}
+        raise InputError(f'a content part must be {{"type": "text", "text": ...}} or {{"type": "image_url", '
+                         f'"image_url": {{"url": ...}}}}; got type {self.type!r}', param)  # fmt: skip
+
+
+class ContentDocument(BaseModel):
+    """vLLM's multimodal score input: {"content": [parts]}."""
+
+    model_config = ConfigDict(extra="forbid")
+    content: list[ContentPart]
+
+
+def _shape_of(value: object) -> str:
+    """Which kind of value a document (or a list of them) is: "Str", "List", "Content" (vLLM's {"content": [...]})
+    or "Object" (any other object). Tags are capitalized: error locations leave them out (app._loc), so that a bad
+    document reads "documents[3].text", and a bad value is reported against the one shape it has."""
+    if isinstance(value, str):
+        return "Str"
+    if isinstance(value, list):
+        return "List"
+    if isinstance(value, dict) and isinstance(value.get("content"), list) and not {"text", "image"} & set(value):
+        return "Content"  # (a Cohere v1 document's "content" field is a string)
+    return "Object"
+
+
+# a string, {"text"} / {"image"} (more fields kept), vLLM's {"content": [parts]}, SGLang's [parts]
+Document = Annotated[
+    Annotated[str, Tag("Str")] | Annotated[DocumentObject, Tag("Object")]
+    | Annotated[ContentDocument, Tag("Content")] | Annotated[list[ContentPart], Tag("List")],
+    Discriminator(_shape_of),
+]
+# a rerank request's documents: a list of them, or vLLM's one string or one {"content": [...]}
+Documents = Annotated[
+    Annotated[list[Document], Tag("List")] | Annotated[str, Tag("Str")] | Annotated[ContentDocument, Tag("Content")],
+    Discriminator(lambda v: "List" if _shape_of(v) == "Object" else _shape_of(v)),  # an object or number: "a valid list"
+]
+
+
+def content_parts(value: object) -> list[ContentPart] | None:
+    """The content parts of a vLLM or SGLang document, None for another document."""
+    if isinstance(value, ContentDocument):
+        return value.content
+    return value if isinstance(value, list) else None
 
 
 class Request(BaseModel):
@@ -68,10 +129,20 @@ class RerankRequest(Request):
     """Jina's /v1/rerank and vLLM's /rerank request."""
 
     model: str | None = Field(None, description="The served model's name; optional when one model is served.")
-    query: Document = Field(description='A string, {"text": ...} or {"image": ...}.')
-    documents: list[Document] = Field(description='Strings, {"text": ...} or {"image": URL | data URI | base64}.')
-    top_n: int | None = Field(None, strict=True, ge=1, description="Return the best N results (default: all).")
+    query: Document = Field(description='A string, {"text": ...} or {"image": ...} (or one content part, as vLLM '
+                            'and SGLang send it).')  # fmt: skip
+    documents: Documents = Field(
+        description='Strings, {"text": ...} or {"image": URL | data URI | base64}; vLLM\'s {"content": [parts]} '
+        "(one document a part, inside the list or as the whole value) or SGLang's [parts]; a bare string is one "
+        "document."
+    )
+    top_n: int | None = Field(None, strict=True, ge=0, description="Return the best N results (default, or 0 as vLLM "
+                              "sends it: all).")  # fmt: skip
     return_documents: bool = Field(True, strict=True, description="Echo each document in its result.")
+    use_activation: bool | None = Field(None, strict=True, validation_alias=AliasChoices("use_activation", "activation", "softmax"),
+                                        description="vLLM's: false gives the relevance logits (also read as "
+                                        "'activation' and 'softmax').")  # fmt: skip
+    raw_scores: bool = Field(False, strict=True, description="Infinity's: the relevance logits instead of scores.")
     max_length: int | None = Field(RERANK_DEFAULTS.max_length, strict=True, ge=1, description=_DOCS["max_length"])
     max_query_length: int | None = Field(RERANK_DEFAULTS.max_query_length, strict=True, ge=1, description=_DOCS["max_query_length"])
     max_doc_length: int | None = Field(RERANK_DEFAULTS.max_doc_length, strict=True, ge=1, description=_DOCS["max_doc_length"])
@@ -85,13 +156,92 @@ class RerankRequest(Request):
     rank_fields: list[str] | None = Field(None, min_length=1, description="Cohere v1: the fields of object documents "
                                           "to score, their values joined as 'field: value' lines in this order (one "
                                           "field: its value alone). Default: their 'text'.")  # fmt: skip
+    truncate_prompt_tokens: int | None = Field(None, strict=True, ge=-1, description="vLLM's: cut each pair to this "
+                                               "many tokens (-1: the model's limit) instead of scoring windows.")  # fmt: skip
 
-    def lengths(self) -> tuple[int | None, int | None, str]:
-        """max_query_length, max_doc_length and long_documents, vLLM's names read as rerankd's."""
+    def document_list(self) -> list[str | DocumentObject | ContentDocument | list[ContentPart]]:
+        """The documents as a list, as vLLM reads them: a bare string is one document, a {"content": [...]} one
+        document a part."""
+        return score_inputs(self.documents)  # type: ignore[arg-type]
+
+    @property
+    def raw(self) -> bool:
+        """Whether the logits are asked for (raw_scores, or use_activation false)."""
+        return self.raw_scores or self.use_activation is False
+
+    def lengths(self) -> tuple[int | None, int | None, int | None, str]:
+        """max_length, max_query_length, max_doc_length and long_documents, vLLM's names read as rerankd's."""
         query = self.max_tokens_per_query if self.max_tokens_per_query is not None else self.max_query_length
+        max_length, long_documents = truncated(self.max_length, self.truncate_prompt_tokens, self.long_documents)
         if self.max_tokens_per_doc is not None:
-            return query, self.max_tokens_per_doc, "truncate"
-        return query, self.max_doc_length, self.long_documents
+            return max_length, query, self.max_tokens_per_doc, "truncate"
+        return max_length, query, self.max_doc_length, long_documents
+
+
+def truncated(max_length: int | None, truncate_prompt_tokens: int | None, long_documents: str) -> tuple[int | None, str]:
+    """max_length and long_documents where vLLM's truncate_prompt_tokens is given: pairs cut to it (-1: to the
+    model's limit)."""
+    if truncate_prompt_tokens is None:
+        return max_length, long_documents
+    return (max_length if truncate_prompt_tokens == -1 else truncate_prompt_tokens), "truncate"
+
+
+ScoreInputs = str | ContentDocument | list[str | ContentDocument]
+
+
+class ScoreRequest(Request):
+    """vLLM's /score request: queries and documents (also named text_1 / text_2, data_1 / data_2, or documents as
+    items), each a string, {"content": [parts]} (one input a part) or a list of them; paired 1:1, 1:N or N:N."""
+
+    model: str | None = None
+    queries: ScoreInputs = Field(validation_alias=AliasChoices("queries", "text_1", "data_1"))
+    documents: ScoreInputs = Field(validation_alias=AliasChoices("documents", "items", "text_2", "data_2"))
+    use_activation: bool | None = Field(None, strict=True, validation_alias=AliasChoices("use_activation", "activation", "softmax"),
+                                        description="false: the relevance logits.")  # fmt: skip
+    truncate_prompt_tokens: int | None = Field(None, strict=True, ge=-1, description="Cut each pair to this many "
+                                               "tokens (-1: the model's limit) instead of scoring windows.")  # fmt: skip
+
+    def pairs(self) -> list[tuple[int, int]]:
+        """(query index, document index) of each pair, in order; ValueError unless 1:1, 1:N or N:N."""
+        nq, nd = len(score_inputs(self.queries)), len(score_inputs(self.documents))
+        if not nq or not nd:
+            raise ValueError("queries and documents must each hold at least one input")
+        if nq == 1:
+            return [(0, i) for i in range(nd)]
+        if nq != nd:
+            raise ValueError(f"{nq} queries and {nd} documents: pair them 1:1, 1:N or N:N")
+        return [(i, i) for i in range(nd)]
+
+
+def score_inputs(value: ScoreInputs) -> list[str | ContentDocument]:
+    """One side of a score request as a list, as vLLM reads it: a string is one input, a {"content": [...]} one
+    input a part."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, ContentDocument):
+        return [ContentDocument(content=[part]) for part in value.content]
+    return value
+
+
+class ScoreData(BaseModel):
+    index: int
+    object: Literal["score"] = "score"
+    score: float
+
+
+class ScoreUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+    completion_tokens: int = 0
+
+
+class ScoreResponse(BaseModel):
+    id: str
+    object: Literal["list"] = "list"
+    created: int
+    model: str
+    data: list[ScoreData]
+    usage: ScoreUsage
 
 
 class CohereRerankRequest(Request):
