@@ -238,9 +238,12 @@ def load_weights(
     unused: list[str] = []
     files = weight_files(directory)
     with tqdm(desc=f"loading {directory.name}", unit="tensor", disable=not show_progress, leave=False) as bar:
-        for path in files:
+        for i, path in enumerate(files):
             with open_weights(path) as f:
-                for key in f.keys():
+                keys = list(f.keys())
+                bar.total = (bar.total or 0) + len(keys)  # files are opened in turn: the total grows to the whole
+                bar.set_postfix_str(f"file {i + 1}/{len(files)}" if len(files) > 1 else "", refresh=True)
+                for key in keys:
                     bar.update()
                     target = rename(modern_name(key), renames)
                     if target is None:

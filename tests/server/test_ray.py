@@ -93,7 +93,7 @@ def test_the_seed_request_and_the_cohere_route_score_as_the_single_process_serve
 
 
 def test_the_apps_own_answers_pass_through_the_proxy(on_ray):
-    status, body, headers = on_ray.post("/v1/rerank", {"query": "q", "documents": "not a list"})
+    status, body, headers = on_ray.post("/v1/rerank", {"query": "q", "documents": 5})
     assert status == 422 and body["error"]["param"], body
     status, body, _ = on_ray.post("/v1/rerank", {"model": "other", "query": "q", "documents": ["a"]})
     assert status == 404 and "not served here" in body["error"]["message"]

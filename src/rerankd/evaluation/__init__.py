@@ -147,6 +147,7 @@ def main(argv: list[str]) -> int:
     if args.top_k < 1:
         parser.error("--top-k must be >= 1")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("bm25s").setLevel(logging.WARNING)  # it logs each step at DEBUG on its own handler
     targets = build_targets(parsed, not args.no_progress)
     cache_path = args.cache or (f"{args.output_dir}/scores.sqlite" if args.output_dir else None)
     cache = ScoreCache(cache_path) if cache_path else None
