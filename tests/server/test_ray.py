@@ -9,6 +9,8 @@ import asyncio
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -319,6 +321,13 @@ def test_build_names_what_is_wrong(m0_dir):
         build({"model": str(m0_dir), "ray_system_priority": "idle"})
     with pytest.raises(ValueError, match="min_replicas and max_replicas"):
         build({"model": str(m0_dir), "max-replicas": 2})
+
+
+def test_bad_replica_settings_fail_before_a_ray_starts(m0_dir):
+    out = subprocess.run([sys.executable, "-m", "rerankd", "serve", "--model", str(m0_dir), "--ray", "--min-replicas", "2"],
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert out.returncode == 2 and "autoscaling needs both min_replicas and max_replicas" in out.stderr, out.stderr
+    assert "starting a local Ray" not in out.stderr
 
 
 def test_health_check_fails_when_the_model_worker_is_gone(m0_dir):

@@ -174,6 +174,7 @@ def run(model: str, names: tuple[str, ...], load: LoadOptions, options: ServeOpt
     `options.drain_seconds`) and stop the Ray this process started. Ctrl-C also ends a deployment still waiting."""
     import ray
 
+    deployment_options(load, options, scale, 0)  # bad replica settings fail here, before a Ray starts
     os.environ.setdefault("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", PROXY_CALLBACK)  # for a Ray started here
     # Ray starts its workers, the proxy and the replicas among them, at nice 15: beside any busy process at the
     # default 0 they starve, and the proxy misses Ray's 5 s readiness check at start-up (seen with both cores busy)
