@@ -103,6 +103,14 @@ def test_offline_hub_id_without_cache_says_to_pass_a_local_path(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode != 0
     assert "ModelLoadError" in out.stderr and "pass the path of a local checkpoint directory" in out.stderr
+    code = ("from rerankd import Reranker\n"
+            "for name, kw in (('acme/m0-GGUF:Q8_0', {}), ('acme/m0', {'revision': 'v1'})):\n"
+            "    try: Reranker.from_pretrained(name, **kw)\n"
+            "    except Exception as e: print(e)")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    # the download command to run where there is network: only the tagged file and the small ones; the revision
+    assert 'huggingface-cli download acme/m0-GGUF --include "*Q8_0*" "*.npz" "*.json"' in out.stdout, out.stdout
+    assert "huggingface-cli download acme/m0 --revision v1`" in out.stdout, out.stdout
 
 
 @pytest.mark.parametrize("layout", ["m0", "legacy-bert"])

@@ -107,9 +107,12 @@ def resolve_model_dir(name_or_path: str | Path, revision: str | None = None, ggu
             directory = Path(snapshot_download(name, revision=revision, allow_patterns=PICKLE_PATTERNS))
         return directory
     except LocalEntryNotFoundError:
+        command = f"huggingface-cli download {name}" + (f" --revision {revision}" if revision else "")
+        if gguf_tag is not None:
+            command += f' --include "*{gguf_tag}*" "*.npz" "*.json"'
         raise ModelLoadError(
             f"{name} is not in the local Hugging Face cache and cannot be downloaded (offline: HF_HUB_OFFLINE=1 or no "
-            f"network). Download it on a machine with network access (`huggingface-cli download {name}`) into HF_HOME, "
+            f"network). Download it on a machine with network access (`{command}`) into HF_HOME, "
             f"or pass the path of a local checkpoint directory instead."
         ) from None
     except (RepositoryNotFoundError, RevisionNotFoundError) as e:
