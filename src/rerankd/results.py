@@ -78,7 +78,9 @@ def jina_response(model: str, results: list[dict[str, Any]], tokens: int) -> dic
             "usage": {"total_tokens": tokens, "prompt_tokens": tokens}, "results": results}  # fmt: skip
 
 
-def cohere_response(results: list[dict[str, Any]], tokens: int) -> dict[str, Any]:
-    """Cohere v2's /v2/rerank body (results from rerank_results, documents echoed as {"text"} or not at all)."""
+def cohere_response(model: str, results: list[dict[str, Any]], tokens: int) -> dict[str, Any]:
+    """Cohere v2's /v2/rerank body (results from rerank_results, documents echoed as {"text"} or not at all), with
+    vLLM's `model` and `usage` (its /v2/rerank answers so)."""
     meta = {"api_version": {"version": "2"}, "billed_units": {"search_units": 1}, "tokens": {"input_tokens": tokens}}
-    return {"id": str(uuid.uuid4()), "results": results, "meta": meta}
+    return {"id": str(uuid.uuid4()), "results": results, "meta": meta, "model": model,
+            "usage": {"total_tokens": tokens, "prompt_tokens": tokens}}  # fmt: skip

@@ -180,6 +180,7 @@ def test_cohere_v2(server, local):
     assert status == 200, body
     assert len(body["results"]) == 3 and all("document" not in r for r in body["results"])  # default false
     assert body["meta"]["api_version"]["version"] == "2" and body["meta"]["tokens"]["input_tokens"] > 0
+    assert body["model"] == "jinaai/jina-reranker-m0" and body["usage"]["total_tokens"] == body["meta"]["tokens"]["input_tokens"]
     expected = local.rerank("capital of the US", docs, top_n=3, max_doc_length=50, long_documents="truncate")
     assert [r["index"] for r in body["results"]] == [r["index"] for r in expected]
     assert_close([r["relevance_score"] for r in body["results"]], [r["relevance_score"] for r in expected], 1e-5)

@@ -195,7 +195,7 @@ def create_app(
                                                        for i, d in enumerate(body.documents)], lengths)  # fmt: skip
         results = rerank_results(activate([s.logit for s in scored], activation), [None] * len(scored), body.top_n,
                                  (lambda i: {"text": body.documents[i]}) if body.return_documents else None)  # fmt: skip
-        return CohereResponse.model_validate(cohere_response(results, tokens))
+        return CohereResponse.model_validate(cohere_response(state.model_name, results, tokens))
 
     @app.post("/score", response_model=ScoreResponse)
     @app.post("/v1/score", response_model=ScoreResponse)

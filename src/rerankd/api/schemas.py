@@ -323,9 +323,14 @@ class CohereResult(BaseModel):
 
 
 class CohereResponse(BaseModel):
+    """Cohere v2's answer, with vLLM's `model` and `usage` beside it (vLLM's /v2/rerank clients read them; Cohere's
+    SDK ignores them)."""
+
     id: str
     results: list[CohereResult]
     meta: dict
+    model: str
+    usage: Usage
 
 
 class ModelCard(BaseModel):

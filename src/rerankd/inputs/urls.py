@@ -50,7 +50,7 @@ def resolve_public(host: str, port: int, allow_private: bool, param: str) -> lis
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError) as e:
-        raise InputError(f"cannot resolve image host {host!r}: {e}", param) from None
+        raise InputError(f"cannot resolve image host {host!r} ({getattr(e, 'strerror', None) or e})", param) from None
     if not allow_private:
         for info in infos:
             addr = ipaddress.ip_address(info[4][0].split("%", 1)[0])
