@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -137,7 +138,6 @@ def test_beir_and_trec_readers(dataset, tmp_path):
     ("queries.jsonl", '{"_id": "q"}\n', "queries.jsonl:1: has neither text nor image"),
     ("qrels/test.tsv", "query-id\tcorpus-id\tscore\nq\ta\n", "test.tsv:2: expected"),
     ("qrels/test.tsv", "query-id\tcorpus-id\tscore\nq\ta\thigh\n", "test.tsv:2: score: 'high' is not an integer"),
-    ("qrels/test.tsv", "query-id\tcorpus-id\tscore\nq\tnope\t1\n", "test.tsv:2: corpus-id: 'nope' is not in .*corpus"),
     ("qrels/test.tsv", "q\ta\t1\nghost\ta\t1\n", "test.tsv:2: query-id: 'ghost' is not in .*queries.jsonl"),
     ("qrels/test.tsv", "q\ta\t1\nq\ta\t0\n", "test.tsv:2: corpus-id: 'a' is judged twice for query 'q'"),
     ("qrels/test.tsv", "q 0 a 1\nq 0 a x\n", "test.tsv:2: score: 'x' is not an integer"),  # TREC qrels
@@ -152,6 +152,42 @@ def test_malformed_files_name_file_line_and_field(tmp_path, file, content, messa
     (folder / file).write_text(content)
     with pytest.raises(EvalDataError, match=message.replace("(", r"\(").replace("[", r"\[").replace(".*", "(.*)")):
         read_beir(folder)
+
+
+def test_judged_documents_missing_from_the_corpus_count_as_misses(caplog):
+    """ArguAna's qrels name documents its corpus lacks: BEIR keeps them, relevant and retrievable by no system, so
+    recall and nDCG count them as misses (the run is not refused, and not scored as if they were not judged)."""
+    qrels = {"q": {"d1": 1, "gone": 1}}
+    data = Dataset({"d1": Entry(text="d1"), "d2": Entry(text="d2")}, {"q": Entry("q")}, qrels, "missing")
+    report = evaluate(data, {"q": {"d1": 2.0, "d2": 1.0}}, "given", [FixedTarget("t", {"d1": 1.0, "d2": 0.0})], 2,
+                      ["recall@2", "ndcg@10"], progress=False)  # fmt: skip
+    assert report["targets"][0]["metrics"]["recall@2"] == 0.5
+    assert report["targets"][0]["metrics"]["ndcg@10"] == pytest.approx(1 / (1 + 1 / math.log2(3)))
+
+
+def test_read_qrels_keeps_unknown_documents_with_a_warning(tmp_path, caplog):
+    (tmp_path / "corpus.jsonl").write_text('{"_id": "a", "text": "x"}\n')
+    (tmp_path / "queries.jsonl").write_text('{"_id": "q", "text": "x"}\n')
+    (tmp_path / "qrels").mkdir()
+    (tmp_path / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq\ta\t1\nq\tgone\t1\n")
+    with caplog.at_level("WARNING", logger="rerankd.eval"):
+        data = read_beir(tmp_path)
+    assert data.qrels == {"q": {"a": 1, "gone": 1}}
+    assert "1 judgements name documents that" in caplog.text and "'gone'" in caplog.text
+
+
+def test_a_candidate_that_is_its_own_query_is_dropped_as_beir_does():
+    """ArguAna and Quora: each query is also a document of the corpus; BEIR drops it from the candidates before
+    taking the top k (so k others remain) unless told to keep it."""
+    corpus = {d: Entry(text=d) for d in ("q", "a", "b", "c")}
+    data = Dataset(corpus, {"q": Entry("q")}, {"q": {"a": 1}}, "identical")
+    first = {"q": {"q": 9.0, "b": 8.0, "a": 7.0, "c": 6.0}}
+    target = FixedTarget("t", {"q": 1.0, "a": 0.5, "b": 0.4, "c": 0.0})  # the query itself would win
+    report = evaluate(data, first, "given", [target], 2, ["mrr@10", "recall@2"], progress=False)
+    assert report["identical_ids_dropped"] == 1 and set(report["runs"]["t"]["q"]) == {"a", "b"}
+    assert report["targets"][0]["metrics"] == {"mrr@10": 1.0, "recall@2": 1.0}
+    kept = evaluate(data, first, "given", [target], 2, ["mrr@10", "recall@2"], progress=False, keep_identical_ids=True)
+    assert kept["identical_ids_dropped"] == 0 and kept["targets"][0]["metrics"] == {"mrr@10": 0.0, "recall@2": 0.0}
 
 
 def test_malformed_run_file(tmp_path):
@@ -332,6 +368,15 @@ def test_the_cache_resumes_an_interrupted_eval(dataset, v2_dir, tmp_path, monkey
     calls.clear()
     assert main([argv[0], str(edited), *argv[2:]]) == 0
     assert calls == [1]
+    swap = tmp_path / "swap"  # a checkpoint replaced in place (same folder, other weights): every pair scored anew
+    shutil.copytree(v2_dir, swap)
+    at_swap = [str(swap) if a == str(v2_dir) else a for a in argv]
+    assert main(at_swap) == 0
+    make_tiny_checkpoint("jina-reranker-v2", tmp_path / "other", seed=5)
+    (swap / "model.safetensors").write_bytes((tmp_path / "other" / "model.safetensors").read_bytes())
+    calls.clear()
+    assert main(at_swap) == 0
+    assert calls == [4, 4, 4, 4]
 
 
 def test_an_image_corpus_with_a_given_run(m0_dir, tmp_path):

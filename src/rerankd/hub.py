@@ -121,3 +121,29 @@ def resolve_model_dir(name_or_path: str | Path, revision: str | None = None, ggu
         raise ModelLoadError(
             f"{name}: download failed ({e}). Pass the path of a local checkpoint directory to run offline."
         ) from None
+
+
+def checkpoint_identity(name_or_path: str | Path, revision: str | None = None) -> str:
+    """What identifies the weights `name_or_path` loads, without loading (or downloading) them: for a local
+    directory or file, the names, sizes and modification times of the files beside it; for a hub repo, the commit
+    its revision resolves to (asked of the hub, else read from the local cache), or "unresolved"."""
+    import hashlib
+
+    path = Path(str(name_or_path)).expanduser()
+    if path.exists():
+        folder = path if path.is_dir() else path.parent
+        files = sorted(p for p in folder.iterdir() if p.is_file())
+        stats = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+        return "files:" + hashlib.sha1(repr(stats).encode()).hexdigest()
+    repo = str(name_or_path).rsplit(":", 1)[0]  # a GGUF repo's :TAG
+    try:
+        from huggingface_hub import HfApi
+
+        return "commit:" + HfApi().model_info(repo, revision=revision).sha
+    except Exception:  # offline, or no such repo
+        try:
+            from huggingface_hub import snapshot_download
+
+            return "commit:" + Path(snapshot_download(repo, revision=revision, local_files_only=True)).name
+        except Exception:
+            return "unresolved"

@@ -44,6 +44,9 @@ def eval_parser() -> argparse.ArgumentParser:
     first.add_argument("--bm25", action="store_true", help="first-stage candidates: BM25 over the corpus's text "
                        "(bm25s; the default without --run)")  # fmt: skip
     p.add_argument("--top-k", type=int, default=100, help="candidates a query, from the first stage (default: 100)")
+    p.add_argument("--keep-identical-ids", action="store_true", help="keep a candidate whose id is its query's (by "
+                   "default it is dropped before the top k are taken, as BEIR does: ArguAna's and Quora's queries are "
+                   "in their corpus)")  # fmt: skip
     p.add_argument("--metrics", nargs="+", default=list(DEFAULT_METRICS),
                    help="ranx metric names; {k} is --top-k (default: %(default)s)")  # fmt: skip
     p.add_argument("--output-dir", default=None, help="write report.json, a TREC run file NAME.run a target, "
@@ -158,7 +161,8 @@ def main(argv: list[str]) -> int:
         else:
             log.info("BM25 top %d over %d documents (bm25s)", args.top_k, len(dataset.corpus))
             first, first_name = bm25_run(dataset, args.top_k), "bm25"
-        report = evaluate(dataset, first, first_name, targets, args.top_k, args.metrics, cache, not args.no_progress)
+        report = evaluate(dataset, first, first_name, targets, args.top_k, args.metrics, cache, not args.no_progress,
+                          args.keep_identical_ids)  # fmt: skip
     except (EvalDataError, RerankdError, ValueError) as e:
         print(f"rerankd eval: error: {e}", file=sys.stderr)
         return 2

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sqlite3
 from pathlib import Path
 
@@ -47,5 +48,17 @@ class ScoreCache:
 
 
 def digest(query: object, document: object) -> str:
-    """What a cached score was computed from: the query and document items as the target is given them."""
-    return hashlib.sha1(json.dumps([query, document], sort_keys=True).encode()).hexdigest()
+    """What a cached score was computed from: the query and document items as the target is given them (a local
+    image file by its path, size and modification time)."""
+    return hashlib.sha1(json.dumps([_identity(query), _identity(document)], sort_keys=True).encode()).hexdigest()
+
+
+def _identity(item: object) -> object:
+    image = item.get("image") if isinstance(item, dict) else None
+    if isinstance(image, str) and not image.startswith(("http://", "https://", "data:")):
+        try:
+            stat = os.stat(image)
+        except OSError:
+            return item
+        return {**item, "file": [stat.st_size, stat.st_mtime_ns]}  # type: ignore[dict-item]
+    return item

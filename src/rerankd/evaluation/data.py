@@ -4,11 +4,14 @@ run files. Every malformed line is an EvalDataError naming the file, the line an
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Collection
 
 from ..errors import RerankdError
+
+log = logging.getLogger("rerankd.eval")
 
 
 class EvalDataError(RerankdError):
@@ -127,8 +130,10 @@ def _check_known(known: Known | None, where: str, field: str, value: str) -> Non
 
 def read_qrels(path: str | Path, known: Known | None = None) -> Qrels:
     """BEIR's tsv (`query-id<TAB>corpus-id<TAB>score`, with that header) or TREC qrels (`qid 0 docid rel`);
-    `known` checks the query and corpus ids ("query-id", "corpus-id") against the dataset's, line by line."""
+    `known` checks the query ids against the dataset's, line by line. A judged document missing from the corpus
+    (ArguAna's qrels name a few) is kept, with a warning: relevant, and retrievable by no system, as BEIR counts it."""
     qrels: Qrels = {}
+    missing: list[str] = []
     for where, parts in _fields(path, "qrels"):
         if parts[:2] == ["query-id", "corpus-id"] and where.endswith(":1"):
             continue
@@ -137,7 +142,8 @@ def read_qrels(path: str | Path, known: Known | None = None) -> Qrels:
                                 f"got {len(parts)} fields")  # fmt: skip
         qid, docid, rel = parts if len(parts) == 3 else (parts[0], parts[2], parts[3])
         _check_known(known, where, "query-id", qid)
-        _check_known(known, where, "corpus-id", docid)
+        if known is not None and "corpus-id" in known and docid not in known["corpus-id"][0]:
+            missing.append(docid)
         relevance = _number(rel, int, where, "score", "an integer relevance")
         docs = qrels.setdefault(qid, {})
         if docid in docs:
@@ -145,6 +151,10 @@ def read_qrels(path: str | Path, known: Known | None = None) -> Qrels:
         docs[docid] = relevance
     if not qrels:
         raise EvalDataError(f"{path}: no judgements")
+    if missing:
+        log.warning("%s: %d judgements name documents that %s does not hold (%s): kept as relevant documents no "
+                    "system can retrieve, as BEIR counts them", path, len(missing), known["corpus-id"][1],  # type: ignore[index]
+                    ", ".join(map(repr, missing[:3])) + (", ..." if len(missing) > 3 else ""))  # fmt: skip
     return qrels
 
 

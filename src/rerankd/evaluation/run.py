@@ -103,12 +103,19 @@ def score_target(target: Target, dataset: Dataset, candidates: dict[str, list[st
 
 def evaluate(dataset: Dataset, first_stage: Run, first_stage_name: str, targets: list[Target], k: int,
              metrics: list[str] | tuple[str, ...] = DEFAULT_METRICS, cache: ScoreCache | None = None,
-             progress: bool = True) -> dict[str, Any]:  # fmt: skip
-    """The whole evaluation; returns the report (what report.json holds) with each target's run under "runs"."""
+             progress: bool = True, keep_identical_ids: bool = False) -> dict[str, Any]:  # fmt: skip
+    """The whole evaluation; returns the report (what report.json holds) with each target's run under "runs".
+    Unless `keep_identical_ids`, a candidate whose id is its query's is dropped before the top k are taken, as BEIR
+    retrieves and evaluates (ArguAna's and Quora's queries are documents of their corpus too)."""
     from ranx import Qrels, Run as RanxRun, compare
 
     names = metric_names(metrics, k)
     judged = dataset.judged_queries()
+    identical = sum(q in docs for q, docs in first_stage.items())
+    if not keep_identical_ids and identical:
+        first_stage = {q: {d: s for d, s in docs.items() if d != q} for q, docs in first_stage.items()}
+        log.info("dropped %d candidates whose id is their query's (BEIR's rule; --keep-identical-ids keeps them)",
+                 identical)  # fmt: skip
     candidates = {q: docs for q, docs in top_k(first_stage, k).items() if q in dataset.qrels}
     if not any(candidates.values()):
         raise EvalDataError("the first stage has no candidates for any judged query (do its query ids match the "
@@ -147,6 +154,7 @@ def evaluate(dataset: Dataset, first_stage: Run, first_stage_name: str, targets:
         "qrels": dataset.qrels_file,
         "queries": len(judged),
         "queries_with_candidates": len(candidates),
+        "identical_ids_dropped": 0 if keep_identical_ids else identical,
         "top_k": k,
         "metrics": names,
         "significance": {"test": "paired Student's t (ranx)", "alpha": SIGNIFICANCE, "against": first},

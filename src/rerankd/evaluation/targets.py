@@ -5,6 +5,7 @@ candidates). Each target has a fingerprint of everything that changes its scores
 from __future__ import annotations
 
 import base64
+import functools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,9 +32,20 @@ class LocalTarget:
     show_progress: bool = True  # while loading weights (changes no score: not in the fingerprint)
     reranker: Any = None
 
-    @property
+    @functools.cached_property
     def fingerprint(self) -> str:
-        return json.dumps({"model": self.model, "load": self.load, "score": self.score_options}, sort_keys=True)
+        """The options, and what identifies the weights (a local checkpoint's files, a hub repo's commit), the
+        device the defaults pick (bf16 on CUDA, fp32 on the CPU) and rerankd's version: weights changed in place,
+        an updated hub repo or a cache moved to another machine never reuse old scores."""
+        import torch
+
+        from .. import __version__
+        from ..hub import checkpoint_identity
+
+        device = self.load.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
+        return json.dumps({"model": self.model, "load": self.load, "score": self.score_options, "device": device,
+                           "weights": checkpoint_identity(self.model, self.load.get("revision")),
+                           "rerankd": __version__}, sort_keys=True)  # fmt: skip
 
     @property
     def description(self) -> str:
