@@ -413,3 +413,10 @@ def test_an_image_corpus_with_a_given_run(m0_dir, tmp_path):
     scores, served = read_run(out / "m0.run"), read_run(out / "served.run")
     assert len({round(s, 6) for s in scores["q1"].values()}) == 4  # four different images, four different scores
     assert max(abs(scores[q][d] - served[q][d]) for q in scores for d in scores[q]) < 1e-5
+
+
+def test_a_misspelt_metric_fails_before_anything_loads(dataset, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["eval", str(dataset), "--model", "/nonexistent/model", "--metrics", "ndcg@10", "bogus@{k}"])
+    assert e.value.code == 2
+    assert "--metrics: 'bogus@100' is not a ranx metric" in capsys.readouterr().err

@@ -138,7 +138,7 @@ def main(argv: list[str]) -> int:
     from ..errors import RerankdError
     from .cache import ScoreCache
     from .data import EvalDataError, read_beir, read_run
-    from .run import bm25_run, evaluate, format_table, write_outputs
+    from .run import bm25_run, evaluate, format_table, metric_names, write_outputs
 
     own, parsed = split_targets(argv)
     parser = eval_parser()
@@ -149,6 +149,10 @@ def main(argv: list[str]) -> int:
         parser.error("give at least one target: --model PATH [options] (or --base-url URL --api API)")
     if args.top_k < 1:
         parser.error("--top-k must be >= 1")
+    try:
+        metric_names(args.metrics, args.top_k)  # a misspelt metric fails now, not after BM25 and the models
+    except ValueError as e:
+        parser.error(str(e))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("bm25s").setLevel(logging.WARNING)  # it logs each step at DEBUG on its own handler
     targets = build_targets(parsed, not args.no_progress)

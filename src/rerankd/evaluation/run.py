@@ -46,7 +46,18 @@ class TargetResult:
 
 
 def metric_names(metrics: list[str] | tuple[str, ...], k: int) -> list[str]:
-    return [m.format(k=k) for m in metrics]
+    """The metrics with {k} filled in; ValueError for a name ranx does not know (checked on a one-query toy before
+    anything loads)."""
+    from ranx import Qrels, Run as RanxRun, evaluate as ranx_evaluate
+
+    names = [m.format(k=k) for m in metrics]
+    for name in names:
+        try:
+            ranx_evaluate(Qrels({"q": {"d": 1}}), RanxRun({"q": {"d": 1.0}}), name)
+        except Exception as e:
+            raise ValueError(f"--metrics: {name!r} is not a ranx metric ({e}); e.g. ndcg@10, mrr@10, recall@100, "
+                             "map@100, precision@5, hit_rate@10") from None  # fmt: skip
+    return names
 
 
 def bm25_run(dataset: Dataset, k: int) -> Run:
