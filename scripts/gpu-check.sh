@@ -2,7 +2,9 @@
 # The GPU check (issue 14): the CUDA tests, then the GPU benchmarks; one short table last, full output under $OUT.
 #
 #   scripts/gpu-check.sh --download-wheels   here, once: the wheels the GPU machine lacks, into .whl/ (git-ignored)
-#   scripts/gpu-check.sh                     on the GPU machine (its python3 and torch; carry .whl), within ~8 min
+#   scripts/gpu-check.sh                     on the GPU machine (its python3 and torch; the device run's carry must
+#                                            name .whl, which git ignores), within ~6 min: timeout_s 420 leaves
+#                                            the session's 15 minutes room to fix and rerun once
 #   scripts/gpu-check.sh --cpu               anywhere: the same tests on the CPU and the benchmark at toy sizes
 #
 # On the GPU machine (../shared/GPU.md: python3 with torch and transformers, no network, no fastapi/uvicorn/pydantic)
@@ -48,14 +50,18 @@ else
         echo "[gpu-check] installing $(ls .whl/*.whl | wc -l) carried wheels into /tmp/site"
         $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
             || { echo "[gpu-check] installing the wheels failed" >&2; exit 1; }
-        export PYTHONPATH=/tmp/site
+        export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+    else
+        echo "[gpu-check] WARNING: no wheels in .whl/ (run --download-wheels here, and carry .whl): without fastapi" \
+             "the server test on the GPU is skipped" >&2
     fi
-    bench_args=(--device cuda)
+    # one pass at two budgets: the numbers a first GPU session needs, in about 3 minutes
+    bench_args=(--device cuda --repeats 1 --budgets 32768 65536 --text-pairs 64 --image-pairs 16)
 fi
 export PYTHONPATH="$PWD/src:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
-$PY - <<'EOF' 2>&1 | tee "$OUT/env.txt"
-import importlib, torch
+timeout 90 $PY - <<'EOF' 2>&1 | tee "$OUT/env.txt"
+import importlib, os, sysconfig, torch
 print("torch", torch.__version__, "cuda", torch.version.cuda, "device", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none")
 for name in ("transformers", "sentence_transformers", "tokenizers", "fastapi", "uvicorn", "pydantic", "flash_attn"):
     try:
@@ -74,14 +80,16 @@ print("attention auto:", {str(d).removeprefix("torch."): attention_backend(dev, 
 import shutil, subprocess
 cc = shutil.which("cc") or shutil.which("gcc")
 print("C compiler (Triton, FlexAttention):", subprocess.run([cc, "--version"], capture_output=True, text=True).stdout.splitlines()[0] if cc else "MISSING")
+print("Python.h (Triton builds against it):", "found" if os.path.isfile(os.path.join(sysconfig.get_paths()["include"], "Python.h")) else "MISSING")
 EOF
 
 echo "[gpu-check] CUDA tests (pytest -m cuda tests/gpu)"
-timeout 230 $PY -m pytest -m cuda tests/gpu -q -rs -p no:cacheprovider 2>&1 | tee "$OUT/pytest.log" | tail -25
+# SIGINT first: pytest then still prints its summary of what ran
+timeout -s INT -k 15 150 $PY -m pytest -m cuda tests/gpu -q -rs -p no:cacheprovider 2>&1 | tee "$OUT/pytest.log" | tail -25
 tests_rc=${PIPESTATUS[0]}
 
 echo "[gpu-check] benchmarks (benchmarks/bench_gpu.py ${bench_args[*]})"
-timeout 300 $PY benchmarks/bench_gpu.py "${bench_args[@]}" --json-out "$OUT/gpu.json" 2>&1 | tee "$OUT/bench.log" \
+timeout -s INT -k 15 200 $PY benchmarks/bench_gpu.py "${bench_args[@]}" --json-out "$OUT/gpu.json" 2>&1 | tee "$OUT/bench.log" \
     | grep -v "Loading weights" | tail -40
 bench_rc=${PIPESTATUS[0]}
 

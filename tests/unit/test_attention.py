@@ -5,6 +5,7 @@ and named, torch's varlen call is built right for every version of its keywords,
 from __future__ import annotations
 
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -282,3 +283,18 @@ def test_a_kernel_that_fails_or_disagrees_is_passed_over_or_refused(monkeypatch,
     assert "passing over 'varlen'" in caplog.text
     with pytest.raises(ValueError, match=f"attention='varlen' cannot run here: .*{why}"):
         attention_backend(CPU, torch.float32, "varlen")
+
+
+def test_a_flash_attn_that_does_not_import_is_as_if_absent(tmp_path, monkeypatch):
+    """flash-attn built for another torch or CUDA fails at import (undefined symbols): loading goes on with torch's
+    kernels instead of failing."""
+    fake = tmp_path / "flash_attn"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("raise ImportError('flash_attn_2_cuda.so: undefined symbol: _ZN3c10')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "flash_attn", raising=False)
+    layers._flash_attn_varlen.cache_clear()
+    try:
+        assert layers._flash_attn_varlen() is None
+    finally:
+        layers._flash_attn_varlen.cache_clear()

@@ -706,9 +706,11 @@ class Scheduler:
         if isinstance(out, torch.Tensor) and out.device.type == "cuda":
             # the read-back queued now, behind this batch's kernels and ahead of the next batch's: _finish waits for
             # this batch alone
+            # on the output's own device's stream: the worker thread's current device is cuda:0 whatever the model's
+            device = out.device
             out = out.to("cpu", non_blocking=True)
             copied = torch.cuda.Event()
-            copied.record()
+            copied.record(torch.cuda.current_stream(device))
         return _Flight(batch, jobs, out, start, copied)
 
     def _batch_failed(self, batch: list[_Entry], jobs: list[Job], e: Exception) -> None:

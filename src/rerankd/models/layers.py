@@ -141,8 +141,11 @@ HALF = (torch.float16, torch.bfloat16)
 def _flash_attn_varlen():
     if importlib.util.find_spec("flash_attn") is None:
         return None
-    from flash_attn import flash_attn_varlen_func
-
+    try:  # installed, but built for another torch or CUDA (undefined symbols): as if it were not there
+        from flash_attn import flash_attn_varlen_func
+    except (ImportError, OSError) as e:
+        log.warning("flash-attn is installed but does not import (%s: %s); using torch's kernels", type(e).__name__, e)
+        return None
     return flash_attn_varlen_func
 
 

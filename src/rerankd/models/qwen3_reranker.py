@@ -148,7 +148,8 @@ class Qwen3RerankerBackend(Qwen3Backend):
         model.head = head.to(device, dtype)
         gemm = use_cpu_gemm(model, opts.cpu_gemm, device, dtype)
         backend = cls(model, cfg, tokenizer, device, dtype, arch, gemm, opts.attention)
-        backend.share_prefixes = opts.share_prefixes and backend.attn_backend in SHARED_KERNELS
+        backend.share_prefixes = (opts.share_prefixes and backend.attn_backend in SHARED_KERNELS
+                                  and backend.device.type == "cpu")  # on CUDA: not measured yet
         return backend
 
     # ------------------------------------------------------------------ preparation (thread-safe, no model compute)
