@@ -287,6 +287,42 @@ def test_redirects_are_checked_hop_by_hop(monkeypatch):
             urls.fetch_url(target, 100, 5.0, True, "x")
 
 
+@pytest.mark.parametrize("drip", ["head", "body"])
+def test_a_server_that_drips_bytes_is_cut_at_the_fetch_timeout(drip):
+    """Each byte arrives within the socket's timeout, so only a deadline over the whole fetch ends it: the head
+    (status line and headers) or the body sent a byte every 0.1 s, 1 s allowed in all."""
+    stop = threading.Event()
+
+    class Drip(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            head = b"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nContent-Length: 100000\r\n\r\n"
+            data = (head + b"\x89PNG" + b"x" * 1000) if drip == "head" else head
+            if drip == "body":
+                self.wfile.write(head)
+                self.wfile.flush()
+                data = b"\x89PNG" + b"x" * 1000
+            for i in range(len(data)):
+                if stop.is_set():
+                    return
+                with contextlib.suppress(OSError):
+                    self.wfile.write(data[i : i + 1])
+                    self.wfile.flush()
+                time.sleep(0.1)
+
+        def log_message(self, *a):
+            pass
+
+    server = _server("127.0.0.1", Drip)
+    try:
+        start = time.monotonic()
+        with pytest.raises(InputError, match="took longer than 1s"):
+            urls.fetch_url(f"http://127.0.0.1:{server.server_address[1]}/x.png", 10**6, 1.0, True, "x")
+        assert time.monotonic() - start < 2.5
+    finally:
+        stop.set()
+        server.shutdown()
+
+
 def test_non_http_urls_and_bad_hosts(monkeypatch):
     with pytest.raises(InputError, match="is not an http"):
         urls.fetch_url("ftp://example.com/a.png", 10, 1.0, True, "x")

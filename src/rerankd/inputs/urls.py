@@ -9,9 +9,11 @@ the address that was checked (no second lookup a DNS-rebinding server could answ
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import ipaddress
 import socket
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -71,6 +73,7 @@ def _pinned_connection(cls: type, infos: list[tuple]):
             last: OSError | None = None
             for family, socktype, proto, _, sockaddr in infos:
                 sock = socket.socket(family, socktype, proto)
+                self.raw_sock = sock  # what fetch_url's deadline cuts (under TLS too)
                 sock.settimeout(self.timeout)
                 try:
                     sock.connect(sockaddr)
@@ -88,8 +91,18 @@ def _pinned_connection(cls: type, infos: list[tuple]):
     return Pinned
 
 
+def _cut(conn: http.client.HTTPConnection) -> None:
+    """End the connection's socket: a connect, handshake or read blocked on it returns at once."""
+    sock = getattr(conn, "raw_sock", None)
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+
+
 def fetch_url(url: str, max_bytes: int, timeout: float, allow_private: bool, param: str) -> bytes:
-    """GET url following at most MAX_REDIRECTS redirects, each target checked; at most max_bytes, within timeout."""
+    """GET url following at most MAX_REDIRECTS redirects, each target checked; at most max_bytes, within timeout
+    in all: a timer cuts the connection at the deadline, so a server that sends its head or body a byte at a time
+    (each read within the socket's timeout) holds a preparing thread no longer than that."""
     deadline = time.monotonic() + timeout
     for _ in range(MAX_REDIRECTS + 1):
         parts = urllib.parse.urlsplit(url)
@@ -105,6 +118,10 @@ def fetch_url(url: str, max_bytes: int, timeout: float, allow_private: bool, par
         if left <= 0:
             raise InputError(f"fetching {url} took longer than {timeout:g}s", param)
         conn = _pinned_connection(base, infos)(parts.hostname, port, timeout=left)
+        timed_out = threading.Event()
+        timer = threading.Timer(left, lambda conn=conn: (timed_out.set(), _cut(conn)))
+        timer.daemon = True
+        timer.start()
         try:
             path = parts.path or "/"
             if parts.query:
@@ -130,11 +147,16 @@ def fetch_url(url: str, max_bytes: int, timeout: float, allow_private: bool, par
                 if time.monotonic() > deadline:
                     raise InputError(f"fetching {url} took longer than {timeout:g}s", param)
                 chunks.append(chunk)
+            if timed_out.is_set():  # cut at the deadline: what arrived is not the whole image
+                raise InputError(f"fetching {url} took longer than {timeout:g}s", param)
             return b"".join(chunks)
         except InputError:
             raise
         except (OSError, http.client.HTTPException, ValueError) as e:
+            if timed_out.is_set():
+                raise InputError(f"fetching {url} took longer than {timeout:g}s", param) from None
             raise InputError(f"fetching {url} failed: {e or type(e).__name__}", param) from None
         finally:
+            timer.cancel()
             conn.close()
     raise InputError(f"fetching the image followed more than {MAX_REDIRECTS} redirects", param)
