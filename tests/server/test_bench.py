@@ -9,6 +9,7 @@ import random
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
@@ -84,9 +85,9 @@ SHAPES = {  # api -> (path, required body keys, the documents' key, response)
 
 
 @contextlib.contextmanager
-def stub(api: str, fail_every: int = 0, wrong_body: bool = False):
+def stub(api: str, fail_every: int = 0, wrong_body: bool = False, delay: float = 0.0):
     path, keys, docs_key, respond = SHAPES[api]
-    seen = {"n": 0, "bad": []}
+    seen = {"n": 0, "bad": [], "in_flight": 0, "most_in_flight": 0}
     lock = threading.Lock()
 
     class Handler(http.server.BaseHTTPRequestHandler):
@@ -114,6 +115,12 @@ def stub(api: str, fail_every: int = 0, wrong_body: bool = False):
                 return self._send(422, {"error": {"message": "; ".join(problems)}})
             if fail_every and n % fail_every == 0:
                 return self._send(503, {"error": {"message": f"overloaded, request {n}"}})
+            with lock:
+                seen["in_flight"] += 1
+                seen["most_in_flight"] = max(seen["most_in_flight"], seen["in_flight"])
+            time.sleep(delay)
+            with lock:
+                seen["in_flight"] -= 1
             self._send(200, {} if wrong_body else respond(len(docs)))
 
         def _send(self, status, obj):
@@ -142,7 +149,7 @@ def test_each_api_schema_against_a_stub(api, tmp_path):
         r = bench("--base-url", url, "--api", api, "--num-prompts", "5", "--docs-per-request", "3", "--random-input",
                   "10", "--max-concurrency", "2", "--output-file", str(out))  # fmt: skip
     assert r.returncode == 0, r.stderr + r.stdout
-    assert seen["bad"] == [] and seen["n"] == 5
+    assert seen["bad"] == [] and seen["n"] == 6  # one warm-up request, not counted
     res = json.loads(out.read_text())
     assert res["completed"] == 5 and res["failed"] == 0
 
@@ -151,7 +158,7 @@ def test_failures_are_counted_with_their_status_and_message(tmp_path):
     out = tmp_path / "out.json"
     with stub("rerankd", fail_every=3) as (url, _):
         r = bench("--base-url", url, "--num-prompts", "9", "--docs-per-request", "2", "--random-input", "8",
-                  "--max-concurrency", "1", "--output-file", str(out))  # fmt: skip
+                  "--max-concurrency", "1", "--warmup-requests", "0", "--output-file", str(out))  # fmt: skip
     assert r.returncode == 1  # failures make the exit code non-zero
     res = json.loads(out.read_text())
     assert res["completed"] == 6 and res["failed"] == 3 and res["completed"] + res["failed"] == 9
@@ -171,6 +178,33 @@ def test_a_wrong_response_shape_is_a_failure_and_no_server_is_status_0(tmp_path)
               "--output-file", str(out))  # fmt: skip
     res = json.loads(out.read_text())
     assert r.returncode == 1 and res["failures"]["0"]["count"] == 2 and "Connect" in res["failures"]["0"]["first_error"]
+
+
+def test_an_open_loop_counts_latency_from_each_scheduled_arrival(tmp_path):
+    """At a --request-rate, requests are not capped by default (an open loop), and where a cap makes them wait, the
+    wait is latency: 8 requests arriving at once-ish on a server that takes 0.2 s each, one at a time, cannot all be
+    answered within 0.3 s of their arrival (coordinated omission would report 0.2 s for every one)."""
+    out = tmp_path / "out.json"
+    with stub("rerankd", delay=0.2) as (url, seen):
+        r = bench("--base-url", url, "--num-prompts", "8", "--docs-per-request", "2", "--random-input", "8",
+                  "--request-rate", "1000", "--output-file", str(out))  # fmt: skip
+        assert r.returncode == 0, r.stderr + r.stdout
+        assert seen["most_in_flight"] >= 6  # not capped: all of them in flight together
+        res = json.loads(out.read_text())
+        assert res["settings"]["max_concurrency"] is None and res["latency_ms"]["p99"] < 600
+        r = bench("--base-url", url, "--num-prompts", "8", "--docs-per-request", "2", "--random-input", "8",
+                  "--request-rate", "1000", "--max-concurrency", "1", "--output-file", str(out))  # fmt: skip
+    res = json.loads(out.read_text())
+    assert res["latency_ms"]["p50"] > 600 and res["latency_ms"]["p99"] > 1400, res["latency_ms"]  # queued, counted
+
+
+def test_no_answer_at_all_is_null_latency_in_valid_json(tmp_path):
+    out = tmp_path / "out.json"
+    r = bench("--base-url", "http://127.0.0.1:1", "--num-prompts", "2", "--random-input", "8", "--timeout", "5",
+              "--output-file", str(out))  # fmt: skip
+    assert r.returncode == 1 and "NaN" not in out.read_text()
+    assert json.loads(out.read_text())["latency_ms"] == {"mean": None, "p50": None, "p90": None, "p99": None}
+    assert "latency ms mean/p50/p90/p99: n/a / n/a / n/a / n/a" in r.stdout
 
 
 def test_dataset_file_and_bad_options(tmp_path):

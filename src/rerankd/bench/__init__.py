@@ -24,6 +24,9 @@ BACKENDS = {"sglang": "sglang", "sglang-native": "sglang", "sglang-oai": "sglang
             "jina": "jina", "cohere": "cohere", "infinity": "infinity", "rerankd": "rerankd"}  # fmt: skip
 
 
+CLOSED_LOOP_CONCURRENCY = 32  # --max-concurrency's default without a --request-rate
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base-url", default=None, help=f"the server (default: {DEFAULT_URL})")
     p.add_argument("--host", default=None, help="with --port, the server as sglang.bench_serving names it")
@@ -54,8 +57,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "model's when it can be found locally, else an estimate)")  # fmt: skip
     p.add_argument("--top-n", type=int, default=None, help="top_n to request (default: all)")
     p.add_argument("--request-rate", type=float, default=float("inf"),
-                   help="requests per second, Poisson arrivals (default: inf, closed loop at --max-concurrency)")  # fmt: skip
-    p.add_argument("--max-concurrency", type=int, default=32, help="requests in flight at most (default 32)")
+                   help="requests per second, Poisson arrivals on a fixed schedule, each latency from its scheduled "
+                        "arrival (default: inf, closed loop at --max-concurrency)")  # fmt: skip
+    p.add_argument("--max-concurrency", type=int, default=None,
+                   help="requests in flight at most (default: 32 in a closed loop, none at a --request-rate)")  # fmt: skip
+    p.add_argument("--warmup-requests", type=int, default=1,
+                   help="requests sent one at a time before timing starts, not counted (default 1, as "
+                        "sglang.bench_serving's)")  # fmt: skip
     p.add_argument("--sweep-concurrency", default=None, help="run at several concurrencies, e.g. 1,4,16,64")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per request (default 600)")
     p.add_argument("--api-key", default=None, help="sent as 'Authorization: Bearer <key>' (default: $RERANKD_API_KEY)")
@@ -116,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     if args.image_docs and not api.images:
         raise SystemExit(f"--image-docs: the {api.name} API takes text documents only")
-    if args.num_prompts < 1 or args.docs_per_request < 1 or args.max_concurrency < 1:
+    if args.num_prompts < 1 or args.docs_per_request < 1 or (args.max_concurrency or 1) < 1:
         raise SystemExit("--num-prompts, --docs-per-request and --max-concurrency must be >= 1")
     try:
         w, h = (int(x) for x in args.image_size.lower().split("x"))
@@ -134,7 +142,10 @@ def run(args: argparse.Namespace) -> int:
             requests = file_workload(Path(args.dataset), args.num_prompts, counter)
         except (OSError, ValueError) as e:
             raise SystemExit(f"--dataset: {e}") from None
-    concurrencies = [args.max_concurrency]
+    if args.warmup_requests < 0:
+        raise SystemExit(f"--warmup-requests must be >= 0, got {args.warmup_requests}")
+    closed = args.request_rate == float("inf")
+    concurrencies = [args.max_concurrency if args.max_concurrency is not None or not closed else CLOSED_LOOP_CONCURRENCY]
     if args.sweep_concurrency:
         try:
             concurrencies = [int(c) for c in args.sweep_concurrency.split(",")]
@@ -146,13 +157,14 @@ def run(args: argparse.Namespace) -> int:
     settings["token_counts"] = counter.source
     sweep: list[dict[str, Any]] = []
     everything, total = [], 0.0
-    for c in concurrencies:
+    for n, c in enumerate(concurrencies):
+        label = f"concurrency {c}" if closed else f"{args.request_rate:g} requests/s" + (f", at most {c} in flight" if c else "")
         outcomes, duration = asyncio.run(
             drive(args.base_url, api, requests, model, args.top_n, c, args.request_rate, args.timeout, headers,
-                  args.seed, not args.no_progress, desc=f"concurrency {c}")  # fmt: skip
+                  args.seed, not args.no_progress, desc=label, warmup=args.warmup_requests if n == 0 else 0)  # fmt: skip
         )
         summary = summarize(outcomes, duration) | {"max_concurrency": c}
-        print(format_summary(summary, f"{api.name} at concurrency {c}"))
+        print(format_summary(summary, f"{api.name} at {label}"))
         sweep.append(summary)
         everything += outcomes
         total += duration

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import statistics
 import time
@@ -15,6 +16,8 @@ from tqdm.auto import tqdm
 from .apis import Api, BadResponse
 from .workload import Request
 
+log = logging.getLogger("rerankd.bench")
+
 
 @dataclass(frozen=True)
 class Outcome:
@@ -26,9 +29,12 @@ class Outcome:
     error: str | None = None
 
 
-async def _one(client: httpx.AsyncClient, api: Api, model: str | None, req: Request, top_n: int | None) -> Outcome:
+async def _one(client: httpx.AsyncClient, api: Api, model: str | None, req: Request, top_n: int | None,
+               arrival: float | None = None) -> Outcome:  # fmt: skip
+    """One request; its latency from `arrival` (an open loop's scheduled arrival: the time it waited for a slot
+    counts, no coordinated omission), else from its sending."""
     body = api.build(model, req.query, req.documents, top_n)
-    start = time.perf_counter()
+    start = time.perf_counter() if arrival is None else arrival
     try:
         resp = await client.post(api.path, json=body)
     except httpx.HTTPError as e:
@@ -69,29 +75,39 @@ async def drive(
     seed: int = 0,
     progress: bool = True,
     desc: str = "requests",
+    warmup: int = 0,
 ) -> tuple[list[Outcome], float]:
-    """Send every request; returns the outcomes and the wall time from the first send to the last answer."""
+    """Send every request; returns the outcomes and the wall time from the first send to the last answer. First,
+    `warmup` requests (the workload's first ones, in turn) are sent one at a time and not counted. At a finite
+    `request_rate`, arrivals follow a Poisson schedule fixed in advance (sleeps do not add up) and each latency counts
+    from its scheduled arrival."""
     limits = httpx.Limits(max_connections=max_concurrency or 1000, max_keepalive_connections=max_concurrency or 1000)
     rng = random.Random(seed)
     sem = asyncio.Semaphore(max_concurrency) if max_concurrency else None
     outcomes: list[Outcome | None] = [None] * len(requests)
+    open_loop = request_rate != float("inf")
     async with httpx.AsyncClient(base_url=base_url, timeout=timeout, limits=limits, headers=headers) as client:
+        for i in range(warmup):  # untimed: the server's first requests (allocations, lazy set-up) are not measured
+            warm = await _one(client, api, model, requests[i % len(requests)], top_n)
+            if not warm.ok:
+                log.warning("warm-up request %d failed (%s): %s", i + 1, warm.status or "no answer", warm.error)
         with tqdm(total=len(requests), desc=desc, unit="req", disable=not progress) as bar:
 
-            async def task(i: int) -> None:
+            async def task(i: int, arrival: float | None) -> None:
                 if sem is None:
-                    outcomes[i] = await _one(client, api, model, requests[i], top_n)
+                    outcomes[i] = await _one(client, api, model, requests[i], top_n, arrival)
                 else:
                     async with sem:
-                        outcomes[i] = await _one(client, api, model, requests[i], top_n)
+                        outcomes[i] = await _one(client, api, model, requests[i], top_n, arrival)
                 bar.update()
 
             start = time.perf_counter()
-            tasks = []
+            tasks, at = [], start
             for i in range(len(requests)):
-                tasks.append(asyncio.create_task(task(i)))
-                if request_rate != float("inf") and i < len(requests) - 1:
-                    await asyncio.sleep(rng.expovariate(request_rate))  # Poisson arrivals
+                if open_loop and i:
+                    at += rng.expovariate(request_rate)  # Poisson arrivals, each at its own scheduled time
+                    await asyncio.sleep(max(0.0, at - time.perf_counter()))
+                tasks.append(asyncio.create_task(task(i, at if open_loop else None)))
             await asyncio.gather(*tasks)
             duration = time.perf_counter() - start
     return outcomes, duration  # type: ignore[return-value]
@@ -116,6 +132,10 @@ def summarize(outcomes: list[Outcome], duration: float) -> dict[str, Any]:
             f = failures.setdefault(str(o.status), {"count": 0, "first_error": o.error})
             f["count"] += 1
     lat = [o.latency * 1000 for o in ok]
+    if not lat:  # nothing answered: no latency (null in the JSON, not NaN)
+        return {"completed": 0, "failed": len(outcomes), "failures": failures, "duration_s": duration,
+                "requests_per_s": 0.0, "pairs_per_s": 0.0, "input_tokens_per_s": 0.0,
+                "latency_ms": {"mean": None, "p50": None, "p90": None, "p99": None}}  # fmt: skip
     return {
         "completed": len(ok),
         "failed": len(outcomes) - len(ok),
@@ -125,7 +145,7 @@ def summarize(outcomes: list[Outcome], duration: float) -> dict[str, Any]:
         "pairs_per_s": sum(o.pairs for o in ok) / duration if duration > 0 else 0.0,
         "input_tokens_per_s": sum(o.tokens for o in ok) / duration if duration > 0 else 0.0,
         "latency_ms": {
-            "mean": statistics.fmean(lat) if lat else float("nan"),
+            "mean": statistics.fmean(lat),
             "p50": percentile(lat, 50),
             "p90": percentile(lat, 90),
             "p99": percentile(lat, 99),
@@ -142,7 +162,8 @@ def format_summary(s: dict[str, Any], title: str) -> str:
         f"requests/s:              {s['requests_per_s']:.2f}",
         f"pairs/s:                 {s['pairs_per_s']:.2f}",
         f"input tokens/s:          {s['input_tokens_per_s']:.1f}",
-        f"latency ms mean/p50/p90/p99: {lat['mean']:.1f} / {lat['p50']:.1f} / {lat['p90']:.1f} / {lat['p99']:.1f}",
+        "latency ms mean/p50/p90/p99: " + " / ".join("n/a" if lat[k] is None else f"{lat[k]:.1f}"
+                                                     for k in ("mean", "p50", "p90", "p99")),  # fmt: skip
     ]
     for status, f in sorted(s["failures"].items()):
         what = "no answer" if status == "0" else f"HTTP {status}"
