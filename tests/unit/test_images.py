@@ -176,6 +176,39 @@ def test_decoded_bytes_are_held_within_the_budget():
         load_image(encode(make_image(300, 200)), limits, "documents[0]")
 
 
+MEASURE = """
+import sys
+from rerankd.inputs.images import ImageLimits, decoded_bytes, load_image
+
+def status(key):  # kB
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(key))
+
+data = open(sys.argv[1], "rb").read()
+open("/proc/self/clear_refs", "w").write("5")  # the peak (VmHWM) starts again from what is in use now
+before = status("VmRSS:")
+img = load_image(data, ImageLimits(max_image_pixels=10**9), "x")
+print((status("VmHWM:") - before) * 1024 / decoded_bytes(*img.size, *sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize("mode,fmt", [("RGB", "PNG"), ("L", "PNG"), ("I;16", "PNG"), ("CMYK", "JPEG"), ("RGB", "WEBP")])
+def test_the_decode_budget_counts_what_decoding_really_takes(tmp_path, mode, fmt):
+    """--max-decoded-bytes bounds memory only if each decode is counted as Pillow stores it: a 2000 x 2000 image's
+    decode (in a fresh process) grows its peak memory by what decoded_bytes counts, within a few percent."""
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    path = tmp_path / f"img.{fmt.lower()}"
+    small = np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8)
+    Image.fromarray(small).resize((2000, 2000)).convert(mode).save(path, fmt)
+    out = subprocess.run([sys.executable, "-c", MEASURE, str(path), mode, fmt], capture_output=True, text=True,
+                         timeout=120)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert 0.85 < float(out.stdout) < 1.1, out.stdout  # peak growth / counted
+
+
 def test_the_decode_budget_is_first_come_first_served_and_held_through_preprocessing():
     """A large decode waiting for room is not overtaken by small ones arriving after it, and a decode's bytes stay
     counted until what is made of the image (its patches) is done."""

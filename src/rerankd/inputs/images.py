@@ -76,9 +76,15 @@ class DecodeBudget:
                 self._cond.notify_all()
 
 
-def decoded_bytes(width: int, height: int, mode: str) -> int:
-    """What decoding an image takes at once: its pixels in their own mode, and their RGB copy."""
-    return width * height * (Image.getmodebands(mode) * (2 if ";16" in mode else 4 if mode in ("I", "F") else 1) + 3)
+def decoded_bytes(width: int, height: int, mode: str, fmt: str | None = None) -> int:
+    """What decoding an image takes at once, as Pillow stores pixels: the image in its own mode (one byte a pixel
+    for 1 / L / P, two for 16-bit, four for I and F and for every mode of several bands, RGB included), its RGB copy
+    (four bytes a pixel), for I and F the 8-bit step between, and for WebP the decoder's own RGBA buffers (measured:
+    a 7000 x 7000 WebP peaked at 16 bytes a pixel)."""
+    own = 2 if ";16" in mode else 4 if mode in ("I", "F") or Image.getmodebands(mode) > 1 else 1
+    step = 1 if mode in ("I", "F") else 0
+    webp = 8 if fmt == "WEBP" else 0
+    return width * height * (own + 4 + step + webp)
 
 
 @dataclass(frozen=True)
@@ -188,7 +194,7 @@ def decode_image(data: bytes, limits: ImageLimits, param: str, then: Callable[[I
     except Exception as e:  # a header cut short or nonsense (Pillow raises OSError, SyntaxError, struct.error, ...)
         raise InputError(f"not a {'/'.join(ALLOWED_FORMATS)} image (corrupt header: {type(e).__name__})", param) from None
     _check_pixels(img.width, img.height, limits, param)
-    with limits.decode_budget.hold(decoded_bytes(img.width, img.height, img.mode), param):
+    with limits.decode_budget.hold(decoded_bytes(img.width, img.height, img.mode, img.format), param):
         try:
             img.load()
             img = ImageOps.exif_transpose(img)
