@@ -239,3 +239,31 @@ def test_the_decode_budget_is_first_come_first_served_and_held_through_preproces
         assert [f.result(10) for f in (first, big, late)] == [(50, 50), (100, 100), (50, 50)]
     assert order == ["small-1", "large", "small-2"], order
     assert budget.in_use == 0 and budget.peak <= large and small < large
+
+
+def test_a_file_swapped_after_the_check_for_a_fifo_or_a_link_out_is_refused(tmp_path, monkeypatch):
+    """_read_local opens what it checked without following links or blocking: a FIFO (which would block a plain
+    open forever) and a link pointing out of the folder (swapped in after the path was resolved: realpath is made
+    to miss it here) are refused at once."""
+    import os
+    import time
+
+    from rerankd.inputs import images
+    from rerankd.inputs.images import _read_local
+
+    folder, outside = tmp_path / "media", tmp_path / "secret.png"
+    folder.mkdir()
+    outside.write_bytes(encode(make_image(10, 10)))
+    os.mkfifo(folder / "pipe.png")
+    limits = ImageLimits(local_media_root=str(folder))
+    start = time.monotonic()
+    with pytest.raises(InputError, match="no readable image file at this path"):
+        _read_local(str(folder / "pipe.png"), limits, "documents[0].image")
+    assert time.monotonic() - start < 2
+    (folder / "link.png").symlink_to(outside)
+    monkeypatch.setattr(images.os.path, "realpath", lambda p: str(p))  # the link appears after the check
+    with pytest.raises(InputError, match="no readable image file at this path"):
+        _read_local(str(folder / "link.png"), limits, "documents[0].image")
+    monkeypatch.undo()
+    (folder / "ok.png").write_bytes(outside.read_bytes())
+    assert _read_local(str(folder / "ok.png"), limits, "x") == outside.read_bytes()

@@ -15,6 +15,7 @@ import io
 import math
 import os
 import re
+import stat
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -261,13 +262,21 @@ def _read_local(path: str, limits: ImageLimits, param: str) -> bytes:
         if os.path.commonpath([real, root]) != root:
             raise refused
     try:
-        size = os.path.getsize(real)
-        if size > limits.max_image_bytes:
-            raise InputError(f"image file is {size} bytes, over the limit of {limits.max_image_bytes}", param)
-        with open(real, "rb") as f:
-            return f.read(limits.max_image_bytes + 1)
+        # the resolved path opened without following a link and without blocking, then checked as opened: a file
+        # swapped for a link out of the folder or for a FIFO after the check above is refused, never waited on
+        fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError:
         raise refused from None
+    with os.fdopen(fd, "rb") as f:
+        try:
+            info = os.fstat(f.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                raise refused
+            if info.st_size > limits.max_image_bytes:
+                raise InputError(f"image file is {info.st_size} bytes, over the limit of {limits.max_image_bytes}", param)
+            return f.read(limits.max_image_bytes + 1)
+        except OSError:
+            raise refused from None
 
 
 def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
