@@ -328,7 +328,8 @@ def test_non_http_urls_and_bad_hosts(monkeypatch):
         urls.fetch_url("ftp://example.com/a.png", 10, 1.0, True, "x")
     with pytest.raises(InputError, match="cannot resolve image host"):
         urls.fetch_url("http://no-such-host.invalid/a.png", 10, 1.0, True, "x")
-    for addr in ("10.0.0.1", "169.254.169.254", "::1", "::ffff:127.0.0.1", "fd00::1", "0.0.0.0"):
+    for addr in ("10.0.0.1", "169.254.169.254", "::1", "::ffff:127.0.0.1", "fd00::1", "0.0.0.0", "224.0.0.1", "fec0::1",
+                 "ff02::1", "::ffff:239.1.1.1"):  # fmt: skip
         assert not urls.is_public(__import__("ipaddress").ip_address(addr)), addr
     assert urls.is_public(__import__("ipaddress").ip_address("8.8.8.8"))
 

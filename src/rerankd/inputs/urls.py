@@ -40,10 +40,13 @@ def embedded_ipv4(addr: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
 def is_public(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
     """A globally routable address; an IPv6 address that carries an IPv4 one (mapped, 6to4, Teredo, NAT64,
     IPv4-compatible or translated) is public only if that IPv4 address is too."""
+    site_local = isinstance(addr, ipaddress.IPv6Address) and addr.is_site_local
+    if addr.is_multicast or site_local:  # is_global says True for these on some Pythons (3.11: 224.0.0.0/4, fec0::/10)
+        return False
     if isinstance(addr, ipaddress.IPv6Address):
         inner = embedded_ipv4(addr)
         if inner:
-            return all(a.is_global for a in inner) and (addr.ipv4_mapped is not None or addr.is_global)
+            return all(is_public(a) for a in inner) and (addr.ipv4_mapped is not None or addr.is_global)
     return addr.is_global
 
 
