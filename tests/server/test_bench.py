@@ -219,3 +219,39 @@ def test_dataset_file_and_bad_options(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"query": "q"}\n')
     r = bench("--base-url", "http://127.0.0.1:1", "--dataset", str(tmp_path / "bad.jsonl"))
     assert r.returncode != 0 and "bad.jsonl:1: need a JSON object with 'query' and 'documents'" in r.stderr
+
+
+def test_timeout_bounds_a_whole_request_not_each_read(tmp_path):
+    """A server that trickles its answer (a byte every 0.2 s) never trips a per-read timeout; --timeout 1 ends
+    each request after 1 s in all, as a failure with no answer."""
+
+    class Trickle(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", "1000")
+            self.end_headers()
+            for _ in range(15):
+                try:
+                    self.wfile.write(b" ")
+                    self.wfile.flush()
+                except OSError:
+                    return
+                time.sleep(0.2)
+
+        def log_message(self, *a):
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Trickle)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    out = tmp_path / "out.json"
+    try:
+        r = bench("--base-url", f"http://127.0.0.1:{srv.server_address[1]}", "--model", "m", "--num-prompts", "2",
+                  "--random-input", "8", "--timeout", "1", "--warmup-requests", "0", "--output-file", str(out))  # fmt: skip
+    finally:
+        srv.shutdown()
+    res = json.loads(out.read_text())
+    assert r.returncode == 1 and res["failures"]["0"]["count"] == 2, res
+    assert res["failures"]["0"]["first_error"] == "no answer within 1s (--timeout)"
+    assert res["duration_s"] < 2.5

@@ -31,12 +31,16 @@ class Outcome:
 
 async def _one(client: httpx.AsyncClient, api: Api, model: str | None, req: Request, top_n: int | None,
                arrival: float | None = None) -> Outcome:  # fmt: skip
-    """One request; its latency from `arrival` (an open loop's scheduled arrival: the time it waited for a slot
-    counts, no coordinated omission), else from its sending."""
+    """One request, answered within the client's timeout in all (httpx's own is per phase: a server that trickles
+    its answer would never time out); its latency from `arrival` (an open loop's scheduled arrival: the time it
+    waited for a slot counts, no coordinated omission), else from its sending."""
     body = api.build(model, req.query, req.documents, top_n)
     start = time.perf_counter() if arrival is None else arrival
+    limit = client.timeout.read or None
     try:
-        resp = await client.post(api.path, json=body)
+        resp = await asyncio.wait_for(client.post(api.path, json=body), limit)
+    except asyncio.TimeoutError:
+        return Outcome(False, 0, time.perf_counter() - start, 0, 0, f"no answer within {limit:g}s (--timeout)")
     except httpx.HTTPError as e:
         return Outcome(False, 0, time.perf_counter() - start, 0, 0, f"{type(e).__name__}: {e}")
     latency = time.perf_counter() - start
