@@ -1,3 +1,5 @@
+import time
+
 import torch
 
 from rerankd.engine import plan_batches
@@ -22,3 +24,54 @@ def test_batches_respect_token_budget_and_sort_by_length():
 def test_max_pairs_caps_batches():
     batches = plan_batches([(i, seq(3)) for i in range(10)], max_batch_tokens=10_000, max_batch_pairs=4)
     assert [len(b.indices) for b in batches] == [4, 4, 2]
+
+
+class _Lengths:
+    """A backend whose document text is its sequence's length in tokens and whose score is that length: no model,
+    so batches are cut and ordered exactly as the scheduler decides."""
+
+    listwise = False
+
+    def __init__(self):
+        self.batches: list[list[int]] = []
+
+    def prepare(self, query, doc, lengths, where, images):
+        return [PreparedSequence(input_ids=torch.zeros(int(doc.text), dtype=torch.long))]
+
+    def forward(self, batch):
+        time.sleep(0.002)  # small requests pile up meanwhile, so the batches are full of them
+        self.batches.append([s.length for s in batch])
+        return torch.tensor([float(s.length) for s in batch])
+
+
+def test_a_large_request_keeps_its_share_while_small_ones_keep_coming():
+    """Fair queuing's clock advances with the service given: a request of ten 600-token pairs, a quantum ahead of
+    a stream of one-pair 50-token requests (40 outstanding at every moment: batches full of them), is scored at its
+    share instead of waiting for the stream to stop."""
+    import threading
+
+    from rerankd.engine import Scheduler
+    from rerankd.inputs import TextItem
+    from rerankd.models.base import LengthOptions, Where
+
+    backend = _Lengths()
+    scheduler = Scheduler(backend, max_batch_tokens=1000, max_batch_wait=0.002, prepare_workers=2)
+    lengths = LengthOptions(100_000, None)
+    done = []
+    big = scheduler.submit([(TextItem("q"), TextItem("600"))] * 10, lengths, [Where.for_document(i) for i in range(10)],
+                           streaming=True, on_pair_done=lambda: done.append(len(backend.batches)))  # fmt: skip
+    while len(done) < 2:  # the stream starts once the large request is under way, a quantum or so ahead
+        time.sleep(0.001)
+    slots = threading.Semaphore(40)
+    try:
+        while not big.future.done() and len(backend.batches) < 3000:
+            slots.acquire()
+            small = scheduler.submit([(TextItem("q"), TextItem("50"))], lengths, [Where.for_document(0)], streaming=True)
+            small.future.add_done_callback(lambda _: slots.release())
+        assert big.future.done(), f"after {len(backend.batches)} batches the large request had {len(done)} of 10 pairs"
+        # a pair every few batches; when the clock only followed the start of the job served, it waited 76 to 1,244
+        # batches between two pairs (in 8 runs)
+        gaps = [b - a for a, b in zip(done, done[1:])]
+        assert max(gaps) <= 60, done  # at most 41 jobs share the model: 600 tokens of its share in 25 batches
+    finally:
+        scheduler.close()

@@ -20,10 +20,12 @@ The library (`Reranker.compute_score`, `rerank`) calls it synchronously (`score_
     prepared in arrival order, but a large one, once that far ahead, lets the requests behind it through, holds no
     more prepared memory than that, and stops being prepared when it is past its deadline.
 * Fairness: the worker fills batches by fair queuing over the jobs with sequences waiting, in quanta of one batch's
-  tokens: each job's virtual time advances by the tokens it has had through the model, a newly waiting job starts
-  at the current virtual time, and jobs in the same quantum go in arrival order. A request of a few pairs is thus
-  scored within a batch or two of arriving however much a large request before it still has queued, while
-  requests that each fit a quantum keep arrival order (no interleaving that would finish them all late together).
+  tokens: each job's virtual time advances by the tokens it has had through the model, the virtual clock by each
+  waiting job's share of the tokens served (never back, never behind the job served), a newly waiting job starts
+  at the clock, and jobs in the same quantum go in arrival order. A request of a few pairs is thus
+  scored within a batch or two of arriving however much a large request before it still has queued, a large
+  request keeps its share however many small ones keep arriving, and requests that each fit a quantum keep arrival
+  order (no interleaving that would finish them all late together).
   A batch holds at most `max_batch_tokens` tokens, image tokens included (a longer sequence goes alone). A pair's
   score never depends on its batch (fp32; see README for int8).
 * A unit owns one or more slots, a slot being one score the caller asked for (a pair); a sequence yields one
@@ -321,7 +323,7 @@ class Scheduler:
         self._cond = threading.Condition()  # an RLock: bookkeeping under it may call bookkeeping
         self._ready: dict[Job, deque[_Entry]] = {}  # the jobs with sequences waiting, each's in order
         self._ready_tokens = 0
-        self._vclock = 0  # fair queuing's virtual time: the start of the last job served
+        self._vclock = 0  # fair queuing's virtual time: each waiting job's share of the tokens served so far
         self._arrivals = 0
         self._streams: deque[Job] = deque()  # streaming jobs, in arrival order, while they have units to prepare
         self._pulls = 0  # preparer turns (_pull) queued
@@ -673,12 +675,17 @@ class Scheduler:
     def _pop(self, job: Job) -> _Entry:
         """Under the lock: the job's next waiting sequence leaves the queue; its virtual time advances."""
         queue = self._ready[job]
+        waiting = len(self._ready)  # the jobs sharing the model now, this one included
         e = queue.popleft()
         if not queue:
             del self._ready[job]
         self._ready_tokens -= e.seq.length
         job.waiting_tokens -= e.seq.length
-        self._vclock = job.vtime
+        # the virtual clock never goes back and advances with the service given, each waiting job's share of it (fair
+        # queuing's clock): when it only followed the start of the job served, a stream of small requests, each
+        # starting at it and done within one quantum, held it still, and a large request a quantum ahead waited
+        # for as long as they kept coming
+        self._vclock = max(self._vclock + -(-e.seq.length // waiting), job.vtime)
         job.vtime += e.seq.length
         return e
 
