@@ -22,8 +22,8 @@ class FakeListwise:
 
     listwise = True
 
-    def __init__(self, combine_fails: bool = False, combine_drops: bool = False):
-        self.combine_fails, self.combine_drops = combine_fails, combine_drops
+    def __init__(self, combine_fails: bool = False, combine_drops: bool = False, combine_strays: bool = False):
+        self.combine_fails, self.combine_drops, self.combine_strays = combine_fails, combine_drops, combine_strays
         self.forwards: list[int] = []
 
     def prepare_list(self, query, docs, lengths, wheres, images):
@@ -46,6 +46,8 @@ class FakeListwise:
         if self.combine_fails:
             raise RuntimeError("combine broke")
         scored = [(slot, float(out[k] + out[-1]), None) for seq, out in outputs for k, slot in enumerate(seq.slots)]
+        if self.combine_strays:  # a slot the list does not have
+            return [*scored, (len(scored) + 5, 0.0, None)]
         return scored[1:] if self.combine_drops else scored
 
 
@@ -107,6 +109,14 @@ def test_a_cancelled_list_is_dropped():
 def test_a_backend_that_leaves_a_pair_unscored_fails_the_call_instead_of_answering_a_hole():
     scheduler = Scheduler(FakeListwise(combine_drops=True), max_batch_tokens=100)
     with pytest.raises(WorkerError, match=r"the backend gave no score for pairs \[0\]"):
+        scheduler.score_sync(pairs_of([("1", "2"), ("1", "3")]), LENGTHS, [Where.for_pair(0), Where.for_pair(1)])
+    assert scheduler.alive and scheduler.queued_pairs == 0
+    scheduler.close()
+
+
+def test_a_backend_that_names_a_slot_the_list_lacks_fails_the_call_and_the_worker_lives_on():
+    scheduler = Scheduler(FakeListwise(combine_strays=True), max_batch_tokens=100)
+    with pytest.raises(WorkerError, match="combining a list's scores: IndexError"):
         scheduler.score_sync(pairs_of([("1", "2"), ("1", "3")]), LENGTHS, [Where.for_pair(0), Where.for_pair(1)])
     assert scheduler.alive and scheduler.queued_pairs == 0
     scheduler.close()

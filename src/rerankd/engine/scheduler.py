@@ -769,14 +769,13 @@ class Scheduler:
         slots = job.unit_slots[u]
         outputs = job.unit_outputs.pop(u, None)
         if outputs is not None:
-            try:
-                scored = self.backend.combine(outputs)
+            try:  # what combine gives is placed under the same guard: a backend bug fails this job, not the worker
+                for r, logit, window in self.backend.combine(outputs):
+                    job.results[slots[r]] = keep_best(job.results[slots[r]], logit, window)
             except Exception as e:
                 log.exception("combining the scores of %s failed", job.wheres[slots[0]].pair)
                 self._resolve(job, error=_failure("the model failed combining a list's scores", e))
                 return
-            for r, logit, window in scored:
-                job.results[slots[r]] = keep_best(job.results[slots[r]], logit, window)
         unscored = [i for i in slots if job.results[i] is None]
         if unscored:  # a backend bug; the caller must not get a hole where a score should be
             failure = RuntimeError(f"the backend gave no score for pairs {unscored[:8]}")
