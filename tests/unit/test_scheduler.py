@@ -75,3 +75,40 @@ def test_a_large_request_keeps_its_share_while_small_ones_keep_coming():
         assert max(gaps) <= 60, done  # at most 41 jobs share the model: 600 tokens of its share in 25 batches
     finally:
         scheduler.close()
+
+
+def test_a_request_that_makes_the_forward_fail_fails_alone():
+    """A forward of two requests' sequences raises because of one of them: each is run again alone, the other one
+    gets its scores and only the culprit fails; the worker lives on."""
+    import asyncio
+
+    from rerankd.engine import Scheduler, WorkerError
+    from rerankd.inputs import TextItem
+    from rerankd.models.base import LengthOptions, Where
+
+    class Poisoned(_Lengths):
+        tried: list[list[int]] = []
+
+        def forward(self, batch):
+            self.tried.append(sorted(s.length for s in batch))
+            if any(s.length == 13 for s in batch):
+                raise RuntimeError("a 13-token sequence breaks this model")
+            return super().forward(batch)
+
+    backend = Poisoned()
+    scheduler = Scheduler(backend, max_batch_tokens=1000, max_batch_wait=0.2, prepare_workers=2)
+    lengths = LengthOptions(100_000, None)
+
+    async def both():
+        good = scheduler.score([(TextItem("q"), TextItem(n)) for n in ("7", "9")], lengths,
+                               [Where.for_document(i) for i in range(2)], None)  # fmt: skip
+        bad = scheduler.score([(TextItem("q"), TextItem(n)) for n in ("5", "13")], lengths,
+                              [Where.for_document(i) for i in range(2)], None)  # fmt: skip
+        return await asyncio.gather(good, bad, return_exceptions=True)
+
+    good, bad = asyncio.run(both())
+    assert [r.logit for r in good.results] == [7.0, 9.0]
+    assert isinstance(bad, WorkerError) and "13-token" in str(bad.__cause__)
+    assert scheduler.alive and scheduler.queued_pairs == 0
+    assert backend.tried[0] == [5, 7, 9, 13] and sorted(backend.tried[1:]) == [[5, 13], [7, 9]]  # shared, then alone
+    scheduler.close()

@@ -37,10 +37,12 @@ The library (`Reranker.compute_score`, `rerank`) calls it synchronously (`score_
   scored, `Backend.combine` turns their outputs into the slots' scores (v3 merges its blocks' query vectors).
 * Admission: at most `max_queue_pairs` pairs waiting or running (None: no limit, the library's); beyond it
   `Overloaded` is raised at once. A cancelled job (deadline, client gone, Ctrl-C) is skipped by the preparers and
-  dropped by the worker before it reaches the model. A forward that raises fails the jobs of that batch with
-  `WorkerError` (the model's exception as its __cause__); preparing a pair that raises something other than
-  InputError fails its job the same way; if the worker thread itself dies, every pending job fails and `alive`
-  turns false. Nothing ever leaves a caller waiting.
+  dropped by the worker before it reaches the model. A forward of several jobs' sequences that raises is run
+  again one job at a time, and a job whose own forward raises fails with `WorkerError` (the model's exception as
+  its __cause__), so one request's bad sequence does not fail its batch mates (a device fault fails them all and
+  the worker); preparing a pair that raises something other than InputError fails its job the same way; if the
+  worker thread itself dies, every pending job fails and `alive` turns false. Nothing ever leaves a caller
+  waiting.
 """
 
 from __future__ import annotations
@@ -689,14 +691,15 @@ class Scheduler:
         job.vtime += e.seq.length
         return e
 
-    def _launch(self, batch: list[_Entry]) -> _Flight | None:
+    def _launch(self, batch: list[_Entry], retry: bool = False) -> _Flight | None:
         """Run the backend's forward on the batch's live sequences (on CUDA: queue it on the GPU); None when none
-        is left, when it stopped early or when it failed (its jobs are then failed)."""
+        is left, when it stopped early or when it failed. A batch of several requests that fails (not the device)
+        is run again one request at a time, so that one request's bad sequence fails that request alone."""
         batch = [e for e in batch if not e.job.done]
         if not batch:
             return None
         start = time.monotonic()
-        for e in batch:
+        for e in batch if not retry else ():
             self.observer.queue_wait(start - e.enqueued)
         jobs = list({id(e.job): e.job for e in batch}.values())
         try:
@@ -707,6 +710,14 @@ class Scheduler:
                      time.monotonic() - start)  # fmt: skip
             return None
         except Exception as e:
+            if len(jobs) > 1 and not device_fault(e):
+                log.warning("a forward of %d sequences of %d requests failed (%s: %s); running each request alone",
+                            len(batch), len(jobs), type(e).__name__, e)  # fmt: skip
+                for job in jobs:
+                    alone = self._launch([x for x in batch if x.job is job], retry=True)
+                    if alone is not None:
+                        self._finish(alone)
+                return None
             self._batch_failed(batch, jobs, e)
             return None
         copied = None
