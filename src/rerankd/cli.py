@@ -62,7 +62,8 @@ def _read_documents(args: argparse.Namespace) -> list:
             try:
                 docs.append(json.loads(line))
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not a JSON value ({e}); each line must be a string or an object") from None
+                raise ValueError(f"{path}:{n}: not a JSON value ({e}); each line must be a string or an "
+                                 "object") from None  # fmt: skip
     if not docs:
         raise ValueError("no documents: pass them as arguments or with --documents-file")
     return docs

@@ -144,8 +144,8 @@ def create_app(
         documents = body.document_list()
         _check_count(len(documents), options)
         max_length, max_query_length, max_doc_length, long_documents = body.lengths()
-        lengths = _lengths(reranker, options, max_length, max_query_length, max_doc_length, long_documents, body.overlap,
-                           body.instruction)  # fmt: skip
+        lengths = _lengths(reranker, options, max_length, max_query_length, max_doc_length, long_documents,
+                           body.overlap, body.instruction)  # fmt: skip
         query = _item(body.query, "query", reranker)
         docs = [_item(d, f"documents[{i}]", reranker, body.rank_fields) for i, d in enumerate(documents)]
         scored, tokens = await _score(request, state, [(query, d) for d in docs], lengths)
@@ -174,10 +174,11 @@ def create_app(
         lengths = _lengths(reranker, options, None, RERANK_DEFAULTS.max_query_length, None,
                            "truncate" if body.truncate else RERANK_DEFAULTS.long_documents, RERANK_DEFAULTS.overlap)  # fmt: skip
         query = _item(body.query, "query", reranker)
-        scored, _ = await _score(request, state, [(query, _item(t, f"texts[{i}]", reranker)) for i, t in enumerate(body.texts)],
-                                 lengths)  # fmt: skip
+        texts = [(query, _item(t, f"texts[{i}]", reranker)) for i, t in enumerate(body.texts)]
+        scored, _ = await _score(request, state, texts, lengths)
         scores = activate([s.logit for s in scored], None if body.raw_scores else activation)
-        return [TEIResult(index=r["index"], score=r["relevance_score"], **({"text": body.texts[r["index"]]} if body.return_text else {}))
+        return [TEIResult(index=r["index"], score=r["relevance_score"],
+                          **({"text": body.texts[r["index"]]} if body.return_text else {}))
                 for r in rerank_results(scores, [None] * len(scores), None, None)]  # fmt: skip
 
     @app.post("/v2/rerank", response_model=CohereResponse, response_model_exclude_none=True)

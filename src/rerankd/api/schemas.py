@@ -15,6 +15,7 @@ from ..config import COHERE_MAX_TOKENS_PER_DOC, RERANK_DEFAULTS, LongDocuments, 
 from ..errors import InputError
 
 _DOCS = field_docs(ScoreOptions)
+ACTIVATION_NAMES = AliasChoices("use_activation", "activation", "softmax")  # vLLM's, the newest first
 
 
 class DocumentObject(BaseModel):
@@ -96,7 +97,7 @@ Document = Annotated[
 # a rerank request's documents: a list of them, or vLLM's one string or one {"content": [...]}
 Documents = Annotated[
     Annotated[list[Document], Tag("List")] | Annotated[str, Tag("Str")] | Annotated[ContentDocument, Tag("Content")],
-    Discriminator(lambda v: "List" if _shape_of(v) == "Object" else _shape_of(v)),  # an object or number: "a valid list"
+    Discriminator(lambda v: "List" if _shape_of(v) == "Object" else _shape_of(v)),  # others: "a valid list"
 ]
 
 
@@ -139,7 +140,7 @@ class RerankRequest(Request):
     top_n: int | None = Field(None, strict=True, ge=0, description="Return the best N results (default, or 0 as vLLM "
                               "sends it: all).")  # fmt: skip
     return_documents: bool = Field(True, strict=True, description="Echo each document in its result.")
-    use_activation: bool | None = Field(None, strict=True, validation_alias=AliasChoices("use_activation", "activation", "softmax"),
+    use_activation: bool | None = Field(None, strict=True, validation_alias=ACTIVATION_NAMES,
                                         description="vLLM's: false gives the relevance logits (also read as "
                                         "'activation' and 'softmax').")  # fmt: skip
     raw_scores: bool = Field(False, strict=True, description="Infinity's: the relevance logits instead of scores.")
@@ -178,7 +179,8 @@ class RerankRequest(Request):
         return max_length, query, self.max_doc_length, long_documents
 
 
-def truncated(max_length: int | None, truncate_prompt_tokens: int | None, long_documents: str) -> tuple[int | None, str]:
+def truncated(max_length: int | None, truncate_prompt_tokens: int | None,
+              long_documents: str) -> tuple[int | None, str]:  # fmt: skip
     """max_length and long_documents where vLLM's truncate_prompt_tokens is given: pairs cut to it (-1: to the
     model's limit)."""
     if truncate_prompt_tokens is None:
@@ -196,7 +198,7 @@ class ScoreRequest(Request):
     model: str | None = None
     queries: ScoreInputs = Field(validation_alias=AliasChoices("queries", "text_1", "data_1"))
     documents: ScoreInputs = Field(validation_alias=AliasChoices("documents", "items", "text_2", "data_2"))
-    use_activation: bool | None = Field(None, strict=True, validation_alias=AliasChoices("use_activation", "activation", "softmax"),
+    use_activation: bool | None = Field(None, strict=True, validation_alias=ACTIVATION_NAMES,
                                         description="false: the relevance logits.")  # fmt: skip
     truncate_prompt_tokens: int | None = Field(None, strict=True, ge=-1, description="Cut each pair to this many "
                                                "tokens (-1: the model's limit) instead of scoring windows.")  # fmt: skip

@@ -145,7 +145,8 @@ def run(args: argparse.Namespace) -> int:
     if args.warmup_requests < 0:
         raise SystemExit(f"--warmup-requests must be >= 0, got {args.warmup_requests}")
     closed = args.request_rate == float("inf")
-    concurrencies = [args.max_concurrency if args.max_concurrency is not None or not closed else CLOSED_LOOP_CONCURRENCY]
+    default = CLOSED_LOOP_CONCURRENCY if closed else None
+    concurrencies = [args.max_concurrency if args.max_concurrency is not None else default]
     if args.sweep_concurrency:
         try:
             concurrencies = [int(c) for c in args.sweep_concurrency.split(",")]
@@ -158,7 +159,8 @@ def run(args: argparse.Namespace) -> int:
     sweep: list[dict[str, Any]] = []
     everything, total = [], 0.0
     for n, c in enumerate(concurrencies):
-        label = f"concurrency {c}" if closed else f"{args.request_rate:g} requests/s" + (f", at most {c} in flight" if c else "")
+        label = f"concurrency {c}" if closed else f"{args.request_rate:g} requests/s"
+        label += f", at most {c} in flight" if c and not closed else ""
         outcomes, duration = asyncio.run(
             drive(args.base_url, api, requests, model, args.top_n, c, args.request_rate, args.timeout, headers,
                   args.seed, not args.no_progress, desc=label, warmup=args.warmup_requests if n == 0 else 0)  # fmt: skip

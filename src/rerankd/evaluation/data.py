@@ -152,9 +152,10 @@ def read_qrels(path: str | Path, known: Known | None = None) -> Qrels:
     if not qrels:
         raise EvalDataError(f"{path}: no judgements")
     if missing:
+        shown = ", ".join(map(repr, missing[:3])) + (", ..." if len(missing) > 3 else "")
+        corpus = known["corpus-id"][1]  # type: ignore[index]
         log.warning("%s: %d judgements name documents that %s does not hold (%s): kept as relevant documents no "
-                    "system can retrieve, as BEIR counts them", path, len(missing), known["corpus-id"][1],  # type: ignore[index]
-                    ", ".join(map(repr, missing[:3])) + (", ..." if len(missing) > 3 else ""))  # fmt: skip
+                    "system can retrieve, as BEIR counts them", path, len(missing), corpus, shown)  # fmt: skip
     return qrels
 
 

@@ -273,7 +273,8 @@ def _read_local(path: str, limits: ImageLimits, param: str) -> bytes:
             if not stat.S_ISREG(info.st_mode):
                 raise refused
             if info.st_size > limits.max_image_bytes:
-                raise InputError(f"image file is {info.st_size} bytes, over the limit of {limits.max_image_bytes}", param)
+                raise InputError(f"image file is {info.st_size} bytes, over the limit of {limits.max_image_bytes}",
+                                 param)  # fmt: skip
             return f.read(limits.max_image_bytes + 1)
         except OSError:
             raise refused from None

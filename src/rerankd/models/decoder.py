@@ -61,7 +61,7 @@ class TextConfig:
         if d.get("rope_scaling"):
             raise ValueError(f"rope_scaling {d['rope_scaling']} is not supported (plain RoPE only)")
         rope_type = (d.get("rope_parameters") or {}).get("rope_type", "default")
-        if rope_type != "default":  # transformers 5 writes plain RoPE as rope_parameters {rope_type: default, rope_theta}
+        if rope_type != "default":  # transformers 5 writes plain RoPE as {rope_type: default, rope_theta}
             raise ValueError(f"rope_parameters {d['rope_parameters']} are not supported (plain RoPE only)")
         windowed = sorted({t for t in d.get("layer_types") or [] if t != "full_attention"})
         if windowed:
