@@ -249,7 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_rerank)
     RERANK_PARSER[:] = [p]
 
-    p = sub.add_parser("serve", help="serve /v1/rerank (Jina, vLLM), /v2/rerank (Cohere), /health, /metrics over HTTP")
+    p = sub.add_parser("serve", help="serve /v1/rerank (Jina, vLLM), /v2/rerank (Cohere), /score (vLLM), /health, "
+                       "/metrics over HTTP")  # fmt: skip
     p.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
     _add_options(p, ServeOptions, "server")
     _add_options(p, LoadOptions, "model loading")

@@ -126,7 +126,7 @@ def create_app(
 
     app = FastAPI(
         title="rerankd",
-        description="Reranking server: Jina / vLLM `/v1/rerank`, Cohere `/v2/rerank`.",
+        description="Reranking server: Jina / vLLM `/v1/rerank`, Cohere `/v2/rerank`, vLLM `/score`.",
         version=_version(),
         lifespan=lifespan,
         responses={s: {"model": ErrorResponse} for s in (400, 401, 404, 408, 413, 422, 429, 500, 503, 504)},
