@@ -8,7 +8,6 @@ from .errors import ModelLoadError
 
 # what a reranker checkpoint needs; skips large files it never reads (other formats, onnx exports, images)
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.npz"]
-PICKLE_PATTERNS = ["pytorch_model*.bin"]  # fetched only for a repo without safetensors (rerankd.weights.weight_files)
 
 
 def resolve_model(name_or_path: str | Path, revision: str | None = None) -> Path:
@@ -100,11 +99,13 @@ def resolve_model_dir(name_or_path: str | Path, revision: str | None = None, ggu
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
 
+    from .weights import PICKLES, SAFETENSORS
+
     try:
         patterns = HUB_PATTERNS + (gguf_tag_patterns(gguf_tag) if gguf_tag is not None else [])
         directory = Path(snapshot_download(name, revision=revision, allow_patterns=patterns))
-        if gguf_tag is None and not any(directory.glob("*.safetensors")):  # an older checkpoint: PyTorch pickles
-            directory = Path(snapshot_download(name, revision=revision, allow_patterns=PICKLE_PATTERNS))
+        if gguf_tag is None and not any(directory.glob(SAFETENSORS)):  # an older checkpoint: PyTorch pickles
+            directory = Path(snapshot_download(name, revision=revision, allow_patterns=[PICKLES]))
         return directory
     except LocalEntryNotFoundError:
         command = f"huggingface-cli download {name}" + (f" --revision {revision}" if revision else "")

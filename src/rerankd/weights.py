@@ -48,8 +48,9 @@ class Part:
 Renames = list[tuple[str, "str | Part | None"]]
 
 
+SAFETENSORS, PICKLES = "*.safetensors", "pytorch_model*.bin"  # the weight files' names (hub.py fetches by them too)
 # (index file, file pattern) of each weights format, in the order of preference
-WEIGHT_FORMATS = [("model.safetensors.index.json", "*.safetensors"), ("pytorch_model.bin.index.json", "pytorch_model*.bin")]
+WEIGHT_FORMATS = [("model.safetensors.index.json", SAFETENSORS), ("pytorch_model.bin.index.json", PICKLES)]
 
 
 def weight_files(directory: Path) -> list[Path]:
