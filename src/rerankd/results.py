@@ -4,6 +4,7 @@ and the list of pairs that could not be scored."""
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -72,15 +73,25 @@ def describe_errors(errors: Mapping[int, InputError], total: int, noun: str, sho
     return f"{len(items)} of {total} {noun} could not be scored: {listed}{more}"
 
 
+def usage(tokens: int) -> dict[str, int]:
+    """The `usage` of an answer, as Jina and vLLM count it: every token is a prompt token."""
+    return {"total_tokens": tokens, "prompt_tokens": tokens}
+
+
 def jina_response(model: str, results: list[dict[str, Any]], tokens: int) -> dict[str, Any]:
     """Jina's and vLLM's /v1/rerank body (results from rerank_results)."""
-    return {"id": f"rerank-{uuid.uuid4().hex}", "model": model,
-            "usage": {"total_tokens": tokens, "prompt_tokens": tokens}, "results": results}  # fmt: skip
+    return {"id": f"rerank-{uuid.uuid4().hex}", "model": model, "usage": usage(tokens), "results": results}
 
 
 def cohere_response(model: str, results: list[dict[str, Any]], tokens: int) -> dict[str, Any]:
     """Cohere v2's /v2/rerank body (results from rerank_results, documents echoed as {"text"} or not at all), with
     vLLM's `model` and `usage` (its /v2/rerank answers so)."""
     meta = {"api_version": {"version": "2"}, "billed_units": {"search_units": 1}, "tokens": {"input_tokens": tokens}}
-    return {"id": str(uuid.uuid4()), "results": results, "meta": meta, "model": model,
-            "usage": {"total_tokens": tokens, "prompt_tokens": tokens}}  # fmt: skip
+    return {"id": str(uuid.uuid4()), "results": results, "meta": meta, "model": model, "usage": usage(tokens)}
+
+
+def score_response(model: str, scores: Sequence[float], tokens: int) -> dict[str, Any]:
+    """vLLM's /score body: one score a pair, in the order of the pairs."""
+    return {"id": f"score-{uuid.uuid4().hex}", "object": "list", "created": int(time.time()), "model": model,
+            "data": [{"index": i, "object": "score", "score": x} for i, x in enumerate(scores)],
+            "usage": usage(tokens)}  # fmt: skip

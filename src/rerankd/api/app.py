@@ -16,7 +16,6 @@ import importlib.resources
 import logging
 import re
 import time
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,7 +34,7 @@ from ..inputs.items import valid_text
 from ..inputs.images import ImagePolicy
 from ..models.base import LengthOptions, Where
 from ..reranker import Reranker
-from ..results import activate, cohere_response, describe_errors, jina_response, rerank_results
+from ..results import activate, cohere_response, describe_errors, jina_response, rerank_results, score_response
 from .errors import error_body, send_error
 from .metrics import Metrics
 from .schemas import (
@@ -53,6 +52,7 @@ from .schemas import (
     TEIResult,
     VllmOrTeiRequest,
     content_parts,
+    pair_up,
     score_inputs,
     truncated,
 )
@@ -206,7 +206,7 @@ def create_app(
         state.check_model(body.model)
         queries, documents = score_inputs(body.queries), score_inputs(body.documents)
         try:
-            pairs = body.pairs()
+            pairs = pair_up(len(queries), len(documents))
         except ValueError as e:
             raise ApiError(400, str(e), "documents") from None
         _check_count(len(pairs), options)
@@ -217,9 +217,7 @@ def create_app(
         doc_items = [_item(d, f"documents[{i}]", reranker) for i, d in enumerate(documents)]
         scored, tokens = await _score(request, state, [(query_items[q], doc_items[d]) for q, d in pairs], lengths)
         scores = activate([s.logit for s in scored], None if body.use_activation is False else activation)
-        return ScoreResponse(id=f"score-{uuid.uuid4().hex}", created=int(time.time()), model=state.model_name,
-                             data=[{"index": i, "score": x} for i, x in enumerate(scores)],
-                             usage={"prompt_tokens": tokens, "total_tokens": tokens})  # fmt: skip
+        return ScoreResponse.model_validate(score_response(state.model_name, scores, tokens))
 
     @app.get("/health")
     async def health() -> JSONResponse:

@@ -203,16 +203,16 @@ class ScoreRequest(Request):
     truncate_prompt_tokens: int | None = Field(None, strict=True, ge=-1, description="Cut each pair to this many "
                                                "tokens (-1: the model's limit) instead of scoring windows.")  # fmt: skip
 
-    def pairs(self) -> list[tuple[int, int]]:
-        """(query index, document index) of each pair, in order; ValueError unless 1:1, 1:N or N:N."""
-        nq, nd = len(score_inputs(self.queries)), len(score_inputs(self.documents))
-        if not nq or not nd:
-            raise ValueError("queries and documents must each hold at least one input")
-        if nq == 1:
-            return [(0, i) for i in range(nd)]
-        if nq != nd:
-            raise ValueError(f"{nq} queries and {nd} documents: pair them 1:1, 1:N or N:N")
-        return [(i, i) for i in range(nd)]
+
+def pair_up(nq: int, nd: int) -> list[tuple[int, int]]:
+    """(query index, document index) of each pair of a score request, in order; ValueError unless 1:1, 1:N or N:N."""
+    if not nq or not nd:
+        raise ValueError("queries and documents must each hold at least one input")
+    if nq == 1:
+        return [(0, i) for i in range(nd)]
+    if nq != nd:
+        raise ValueError(f"{nq} queries and {nd} documents: pair them 1:1, 1:N or N:N")
+    return [(i, i) for i in range(nd)]
 
 
 def score_inputs(value: ScoreInputs) -> list[str | ContentDocument]:
