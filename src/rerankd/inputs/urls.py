@@ -40,10 +40,11 @@ def embedded_ipv4(addr: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
 def is_public(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
     """A globally routable address; an IPv6 address that carries an IPv4 one (mapped, 6to4, Teredo, NAT64,
     IPv4-compatible or translated) is public only if that IPv4 address is too."""
-    site_local = isinstance(addr, ipaddress.IPv6Address) and addr.is_site_local
-    if addr.is_multicast or site_local:  # is_global says True for these on some Pythons (3.11: 224.0.0.0/4, fec0::/10)
+    if addr.is_multicast:  # is_global says True for it on some Pythons (3.11: 224.0.0.0/4), and for fec0::/10
         return False
     if isinstance(addr, ipaddress.IPv6Address):
+        if addr.is_site_local:
+            return False
         inner = embedded_ipv4(addr)
         if inner:
             return all(is_public(a) for a in inner) and (addr.ipv4_mapped is not None or addr.is_global)
@@ -107,6 +108,10 @@ def fetch_url(url: str, max_bytes: int, timeout: float, allow_private: bool, par
     in all: a timer cuts the connection at the deadline, so a server that sends its head or body a byte at a time
     (each read within the socket's timeout) holds a preparing thread no longer than that."""
     deadline = time.monotonic() + timeout
+
+    def too_slow() -> InputError:  # of the URL being fetched now (a redirect's target)
+        return InputError(f"fetching {url} took longer than {timeout:g}s", param)
+
     for _ in range(MAX_REDIRECTS + 1):
         parts = urllib.parse.urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -119,7 +124,7 @@ def fetch_url(url: str, max_bytes: int, timeout: float, allow_private: bool, par
         base = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
         left = deadline - time.monotonic()
         if left <= 0:
-            raise InputError(f"fetching {url} took longer than {timeout:g}s", param)
+            raise too_slow()
         conn = _pinned_connection(base, infos)(parts.hostname, port, timeout=left)
         timed_out = threading.Event()
         timer = threading.Timer(left, lambda conn=conn: (timed_out.set(), _cut(conn)))
@@ -147,17 +152,15 @@ def fetch_url(url: str, max_bytes: int, timeout: float, allow_private: bool, par
                 total += len(chunk)
                 if total > max_bytes:
                     raise InputError(f"image at {url} is over the limit of {max_bytes} bytes", param)
-                if time.monotonic() > deadline:
-                    raise InputError(f"fetching {url} took longer than {timeout:g}s", param)
                 chunks.append(chunk)
-            if timed_out.is_set():  # cut at the deadline: what arrived is not the whole image
-                raise InputError(f"fetching {url} took longer than {timeout:g}s", param)
+            if timed_out.is_set() or time.monotonic() > deadline:  # cut there: what arrived is not the whole image
+                raise too_slow()
             return b"".join(chunks)
         except InputError:
             raise
         except (OSError, http.client.HTTPException, ValueError) as e:
             if timed_out.is_set():
-                raise InputError(f"fetching {url} took longer than {timeout:g}s", param) from None
+                raise too_slow() from None
             raise InputError(f"fetching {url} failed: {e or type(e).__name__}", param) from None
         finally:
             timer.cancel()
