@@ -255,3 +255,8 @@ def test_timeout_bounds_a_whole_request_not_each_read(tmp_path):
     assert r.returncode == 1 and res["failures"]["0"]["count"] == 2, res
     assert res["failures"]["0"]["first_error"] == "no answer within 1s (--timeout)"
     assert res["duration_s"] < 2.5
+
+
+def test_a_concurrency_below_one_is_refused():
+    r = bench("--base-url", "http://127.0.0.1:1", "--max-concurrency", "0")
+    assert r.returncode != 0 and "--max-concurrency must be >= 1" in r.stderr

@@ -124,7 +124,8 @@ def run(args: argparse.Namespace) -> int:
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     if args.image_docs and not api.images:
         raise SystemExit(f"--image-docs: the {api.name} API takes text documents only")
-    if args.num_prompts < 1 or args.docs_per_request < 1 or (args.max_concurrency or 1) < 1:
+    capped = args.max_concurrency is not None
+    if args.num_prompts < 1 or args.docs_per_request < 1 or (capped and args.max_concurrency < 1):
         raise SystemExit("--num-prompts, --docs-per-request and --max-concurrency must be >= 1")
     try:
         w, h = (int(x) for x in args.image_size.lower().split("x"))
