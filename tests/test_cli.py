@@ -20,6 +20,13 @@ def test_make_tiny_model_then_rerank(tmp_path):
     out = run("make-tiny-model", "jina-reranker-m0", str(d), "--seed", "1")
     assert out.returncode == 0, out.stderr
     assert (d / "config.json").is_file() and (d / "model.safetensors").is_file()
+    written = (d / "model.safetensors").read_bytes()
+    out = run("make-tiny-model", "jina-reranker-v2", str(d))  # over a checkpoint: refused, nothing written
+    assert out.returncode == 2 and f"{d} is not empty" in out.stderr and "--force" in out.stderr, out.stderr
+    assert (d / "model.safetensors").read_bytes() == written and "JinaVLForRanking" in (d / "config.json").read_text()
+    out = run("make-tiny-model", "jina-reranker-m0", str(d), "--seed", "1", "--force")
+    assert out.returncode == 0, out.stderr
+    assert (d / "model.safetensors").read_bytes() == written  # the same seed writes the same weights
     docs_file = tmp_path / "docs.jsonl"
     docs_file.write_text('"from the file"\n{"text": "an object"}\n')
     # documents before and after options, as people type them

@@ -191,6 +191,11 @@ def cmd_make_tiny_model(args: argparse.Namespace) -> int:
     from .tiny import make_tiny_checkpoint
 
     extra = {} if args.naming is None else {"naming": args.naming}
+    target = Path(args.path)
+    if not args.force and target.is_dir() and any(target.iterdir()):
+        print(f"rerankd: error: {args.path} is not empty; a random checkpoint written there would overwrite or mix with "
+              "its files: give an empty or new folder, or --force to write into it anyway", file=sys.stderr)  # fmt: skip
+        return 2
     try:
         path = make_tiny_checkpoint(args.kind, args.path, seed=args.seed, **extra)
     except ValueError as e:
@@ -282,6 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--naming", choices=["jina", "hf"], default=None,
                    help="jina-reranker-v2 only: Jina's flash-implementation weight names (jina, the real "
                    "checkpoint's) or standard Hugging Face names (hf)")  # fmt: skip
+    p.add_argument("--force", action="store_true", help="write into a folder that is not empty (its files of the "
+                   "same names are replaced, others are left)")  # fmt: skip
     p.set_defaults(func=cmd_make_tiny_model)
     return parser
 
