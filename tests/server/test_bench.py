@@ -44,6 +44,9 @@ def test_against_a_live_server(server, tmp_path, m0_dir):
     assert res["pairs_per_s"] == pytest.approx(4 * res["requests_per_s"], rel=1e-9)
     assert res["requests_per_s"] == pytest.approx(12 / res["duration_s"], rel=1e-9)
     assert res["input_tokens_per_s"] > res["pairs_per_s"] * 12
+    # the server's own count adds m0's prompt around each pair to the documents' and queries' text
+    assert res["server_tokens_per_s"] > res["input_tokens_per_s"]
+    assert "server-counted tokens/s:" in r.stdout
     lat = res["latency_ms"]
     assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"] and lat["mean"] > 0
     assert res["settings"]["num_prompts"] == 12 and res["settings"]["model_sent"] == "jinaai/jina-reranker-m0"
@@ -60,6 +63,8 @@ def test_sweep_with_plot_and_images(server, tmp_path):
     assert [s["max_concurrency"] for s in res["sweep"]] == [1, 3]
     for s in res["sweep"]:
         assert s["completed"] == 6 and s["pairs_per_s"] == pytest.approx(3 * s["requests_per_s"], rel=1e-9)
+        # the client counts text only; the server counts each image's tokens too (a 32x32 image: at least 4)
+        assert s["server_tokens_per_s"] > s["input_tokens_per_s"] + 4 * s["requests_per_s"]
     assert res["completed"] == 12 and res["failed"] == 0
     assert png.read_bytes().startswith(b"\x89PNG")
 
@@ -152,6 +157,7 @@ def test_each_api_schema_against_a_stub(api, tmp_path):
     assert seen["bad"] == [] and seen["n"] == 6  # one warm-up request, not counted
     res = json.loads(out.read_text())
     assert res["completed"] == 5 and res["failed"] == 0
+    assert res["server_tokens_per_s"] is None  # the stubs' answers carry no usage
 
 
 def test_failures_are_counted_with_their_status_and_message(tmp_path):

@@ -27,6 +27,16 @@ class Outcome:
     pairs: int
     tokens: int
     error: str | None = None
+    server_tokens: int | None = None  # the answer's own count (usage.total_tokens), where the API gives one
+
+
+def server_tokens(body: Any) -> int | None:
+    """The tokens the server says it put through the model: `usage.total_tokens` (rerankd, Jina, vLLM, Infinity;
+    rerankd's counts image tokens, windows and the prompt around each pair too); None where the answer has none
+    (TEI, SGLang's bare list, Cohere's billed search units)."""
+    usage = body.get("usage") if isinstance(body, dict) else None
+    total = usage.get("total_tokens") if isinstance(usage, dict) else None
+    return total if isinstance(total, int) and not isinstance(total, bool) and total >= 0 else None
 
 
 async def _one(client: httpx.AsyncClient, api: Api, model: str | None, req: Request, top_n: int | None,
@@ -47,13 +57,15 @@ async def _one(client: httpx.AsyncClient, api: Api, model: str | None, req: Requ
     if resp.status_code // 100 != 2:
         return Outcome(False, resp.status_code, latency, 0, 0, _error_text(resp))
     try:
-        n = len(api.scores(resp.json()))
+        body = resp.json()
+        n = len(api.scores(body))
     except (ValueError, BadResponse) as e:
         return Outcome(False, resp.status_code, latency, 0, 0, f"unexpected response body: {e}")
     expected = min(len(req.documents), top_n or len(req.documents))
     if n != expected:
         return Outcome(False, resp.status_code, latency, 0, 0, f"{n} results for {expected} expected")
-    return Outcome(True, resp.status_code, latency, len(req.documents), req.input_tokens)
+    return Outcome(True, resp.status_code, latency, len(req.documents), req.input_tokens,
+                   server_tokens=server_tokens(body))  # fmt: skip
 
 
 def _error_text(resp: httpx.Response) -> str:
@@ -138,7 +150,7 @@ def summarize(outcomes: list[Outcome], duration: float) -> dict[str, Any]:
     lat = [o.latency * 1000 for o in ok]
     if not lat:  # nothing answered: no latency (null in the JSON, not NaN)
         return {"completed": 0, "failed": len(outcomes), "failures": failures, "duration_s": duration,
-                "requests_per_s": 0.0, "pairs_per_s": 0.0, "input_tokens_per_s": 0.0,
+                "requests_per_s": 0.0, "pairs_per_s": 0.0, "input_tokens_per_s": 0.0, "server_tokens_per_s": None,
                 "latency_ms": {"mean": None, "p50": None, "p90": None, "p99": None}}  # fmt: skip
     return {
         "completed": len(ok),
@@ -148,6 +160,9 @@ def summarize(outcomes: list[Outcome], duration: float) -> dict[str, Any]:
         "requests_per_s": len(ok) / duration if duration > 0 else 0.0,
         "pairs_per_s": sum(o.pairs for o in ok) / duration if duration > 0 else 0.0,
         "input_tokens_per_s": sum(o.tokens for o in ok) / duration if duration > 0 else 0.0,
+        # null unless every answer counted its tokens (a partial sum would pass for a rate)
+        "server_tokens_per_s": (sum(o.server_tokens for o in ok) / duration if duration > 0 else 0.0)
+        if all(o.server_tokens is not None for o in ok) else None,
         "latency_ms": {
             "mean": statistics.fmean(lat),
             "p50": percentile(lat, 50),
@@ -166,6 +181,8 @@ def format_summary(s: dict[str, Any], title: str) -> str:
         f"requests/s:              {s['requests_per_s']:.2f}",
         f"pairs/s:                 {s['pairs_per_s']:.2f}",
         f"input tokens/s:          {s['input_tokens_per_s']:.1f}",
+        *([] if s.get("server_tokens_per_s") is None else
+          [f"server-counted tokens/s: {s['server_tokens_per_s']:.1f}"]),  # fmt: skip
         "latency ms mean/p50/p90/p99: " + " / ".join("n/a" if lat[k] is None else f"{lat[k]:.1f}"
                                                      for k in ("mean", "p50", "p90", "p99")),  # fmt: skip
     ]
