@@ -175,6 +175,9 @@ class ServeOptions:
     """Folder beneath which clients may name local image files (default: none allowed)."""
     api_key: str | None = None
     """Require `Authorization: Bearer <key>` on every route but /health and the playground page (default: $RERANKD_API_KEY if set)."""
+    v1_rerank_response: Literal["jina", "sglang"] = "jina"
+    """What POST /v1/rerank answers: Jina's object (`results`, `usage`; vLLM's too), or SGLang's bare list of
+    {"score", "document", "index"}, best first, for clients written against SGLang (one route cannot give both)."""
     skip_warmup: bool = False
     """Skip the warm-up forward pass at start-up."""
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"

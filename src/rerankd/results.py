@@ -83,6 +83,13 @@ def jina_response(model: str, results: list[dict[str, Any]], tokens: int) -> dic
     return {"id": f"rerank-{uuid.uuid4().hex}", "model": model, "usage": usage(tokens), "results": results}
 
 
+def sglang_response(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """SGLang's /v1/rerank body: a bare list of {"score", "document"?, "index"}, best first (results from
+    rerank_results; a window is not part of its shape)."""
+    return [{"score": r["relevance_score"], **({"document": r["document"]} if "document" in r else {}),
+             "index": r["index"]} for r in results]  # fmt: skip
+
+
 def cohere_response(model: str, results: list[dict[str, Any]], tokens: int) -> dict[str, Any]:
     """Cohere v2's /v2/rerank body (results from rerank_results, documents echoed as {"text"} or not at all), with
     vLLM's `model` and `usage` (its /v2/rerank answers so)."""

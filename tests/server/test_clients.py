@@ -192,3 +192,29 @@ def test_bench_reads_sglangs_flag_spellings():
     args = p.parse_args(["--base-url", "http://h:1", "--port", "2"])
     resolve_server(args)
     assert args.base_url == "http://h:1" and args.api == "rerankd"  # --base-url wins, as in sglang.bench_serving
+
+
+def test_sglangs_answer_on_v1_rerank_when_asked(m0_dir, m0):
+    s = Server(m0_dir, "--v1-rerank-response", "sglang")
+    try:
+        # SGLang's documented client: iterate the answer, read item['score'] and item['document']
+        status, body, _ = s.post("/v1/rerank", {"query": "capital", "documents": DOCS, "instruct": None})
+        assert status == 200 and isinstance(body, list), body
+        want = m0.rerank("capital", DOCS)
+        assert [item["index"] for item in body] == [r["index"] for r in want]  # best first
+        assert_close([item["score"] for item in body], [r["relevance_score"] for r in want], 1e-5)
+        assert [item["document"] for item in body] == [DOCS[r["index"]] for r in want]
+        assert all(set(item) == {"score", "document", "index"} for item in body)  # no window: not SGLang's shape
+        status, body, _ = s.post("/v1/rerank", {"query": "capital", "documents": DOCS, "top_n": 2,
+                                                "return_documents": False})  # fmt: skip
+        assert status == 200 and [set(item) for item in body] == [{"score", "index"}] * 2, body
+        parts = [[{"type": "text", "text": "gold rush merchants"}], {"text": "an object", "id": 7}]
+        status, body, _ = s.post("/v1/rerank", {"query": "capital", "documents": parts})
+        assert status == 200 and {item["index"]: item["document"] for item in body} == \
+            {0: "gold rush merchants", 1: {"text": "an object", "id": 7}}, body  # fmt: skip
+        status, body, _ = s.post("/rerank", {"query": "capital", "documents": DOCS})  # vLLM's route keeps its shape
+        assert status == 200 and len(body["results"]) == 3, body
+        status, body, _ = s.post("/v1/rerank", {"query": "q", "documents": 5})  # errors keep the error shape
+        assert status == 422 and body["error"]["param"] == "documents", body
+    finally:
+        assert s.stop() == 0

@@ -34,7 +34,9 @@ from ..inputs.items import valid_text
 from ..inputs.images import ImagePolicy
 from ..models.base import LengthOptions, Where
 from ..reranker import Reranker
-from ..results import activate, cohere_response, describe_errors, jina_response, rerank_results, score_response
+from ..results import (
+    activate, cohere_response, describe_errors, jina_response, rerank_results, score_response, sglang_response,
+)
 from .errors import error_body, send_error
 from .metrics import Metrics
 from .schemas import (
@@ -137,9 +139,12 @@ def create_app(
     # exclude_unset: a result without a document or window leaves the key out, while a document's own null fields
     # are echoed as sent
     @app.post("/v1/rerank", response_model=RerankResponse, response_model_exclude_unset=True)
-    async def rerank(body: RerankRequest, request: Request) -> RerankResponse:
+    async def rerank_v1(body: RerankRequest, request: Request) -> RerankResponse:
         """Rerank documents (text or images) against a query: Jina's and vLLM's request and response (Cohere v1's
-        and SGLang's requests too)."""
+        and SGLang's requests too; SGLang's response with --v1-rerank-response sglang)."""
+        return await rerank(body, request, sglang=options.v1_rerank_response == "sglang")
+
+    async def rerank(body: RerankRequest, request: Request, sglang: bool = False):
         state.check_model(body.model)
         documents = body.document_list()
         _check_count(len(documents), options)
@@ -159,9 +164,19 @@ def create_app(
                 return DocumentObject(multi_modal=[p.model_dump(exclude_none=True) for p in parts])
             return DocumentObject(text=d) if isinstance(d, str) else d
 
+        def echo_sglang(i: int) -> Any:  # SGLang echoes a document's text; other documents as sent
+            d = documents[i]
+            parts = content_parts(d)
+            if parts is not None:
+                return parts[0].text if len(parts) == 1 and parts[0].type == "text" else \
+                    [p.model_dump(exclude_none=True) for p in parts]  # fmt: skip
+            return d if isinstance(d, str) else d.model_dump(exclude_unset=True)
+
         scores = activate([s.logit for s in scored], None if body.raw else activation)
         results = rerank_results(scores, [s.window for s in scored], body.top_n or None,
-                                 echo if body.return_documents else None)  # fmt: skip
+                                 (echo_sglang if sglang else echo) if body.return_documents else None)  # fmt: skip
+        if sglang:
+            return JSONResponse(sglang_response(results))
         return RerankResponse.model_validate(jina_response(state.model_name, results, tokens))
 
     @app.post("/rerank", response_model=RerankResponse | list[TEIResult], response_model_exclude_unset=True)
