@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from safetensors.torch import load_file, save_file
 
@@ -43,6 +44,13 @@ def test_ties_are_broken_by_index(m0):
 def test_single_pair_tuple_and_empty_query(m0):
     assert len(m0.compute_score(("", "a document"))) == 1
     assert m0.compute_score([]) == []
+    # one pair as a list of two (FlagEmbedding's and the model cards' compute_score take it so), numpy rows of pairs
+    # (sentence-transformers takes them), documents from a generator
+    pairs = [["capital", "Paris"], ["capital", "gold rush"]]
+    want = m0.compute_score(pairs)
+    assert m0.compute_score(pairs[0]) == [want[0]] and m0.compute_score(tuple(pairs[1])) == [want[1]]
+    assert m0.compute_score(np.array(pairs)) == want
+    assert m0.rerank("capital", (p[1] for p in pairs)) == m0.rerank("capital", [p[1] for p in pairs])
 
 
 def test_bad_pairs_are_named_and_the_others_still_scored(m0):

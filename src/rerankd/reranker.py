@@ -9,6 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -26,6 +27,10 @@ from .results import activate, check_activation, check_top_n, rerank_results
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
+
+
+# what a (query, document) pair may come as: also a row of a numpy array of pairs (sentence-transformers takes those)
+PAIR_TYPES = (list, tuple, np.ndarray)
 
 
 class _Default:
@@ -253,8 +258,8 @@ class Reranker:
         A listwise model (jina-reranker-v3) scores the pairs of each distinct query together, as one list in
         input order.
         """
-        if isinstance(pairs, tuple) and len(pairs) == 2 and not isinstance(pairs[0], (list, tuple)):
-            pairs = [pairs]
+        if isinstance(pairs, (list, tuple)) and len(pairs) == 2 and not isinstance(pairs[0], PAIR_TYPES):
+            pairs = [pairs]  # one pair, as the model cards' and FlagEmbedding's compute_score take it
         lengths = self.length_options(
             max_length, max_query_length, max_doc_length, long_documents, overlap,
             self.backend.compute_score_max_query_length, instruction,
@@ -264,7 +269,7 @@ class Reranker:
         early: dict[int, InputError] = {}
         for i, pair in enumerate(pairs):
             try:
-                if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+                if not isinstance(pair, PAIR_TYPES) or len(pair) != 2:
                     raise InputError("a pair must be a (query, document) list or tuple of two items", f"pairs[{i}]")
                 q = parse_item(pair[0], query_type, f"pairs[{i}].query")
                 d = parse_item(pair[1], doc_type, f"pairs[{i}].document")
@@ -311,6 +316,7 @@ class Reranker:
         if isinstance(documents, (str, bytes, bytearray, dict)):
             raise TypeError(f"rerank: documents must be a list of documents, got a {type(documents).__name__}; for one "
                             "document pass [document]")  # fmt: skip
+        documents = list(documents)  # a generator or other iterable, read once (results echo from it)
         lengths = self.length_options(max_length, max_query_length, max_doc_length, long_documents, overlap, None,
                                       instruction)  # fmt: skip
         q = self.check_supported(parse_item(query, query_type, "query"), "query")

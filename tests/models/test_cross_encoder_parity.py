@@ -226,9 +226,12 @@ def test_a_multi_label_classifier_is_refused(v2_dir, tmp_path):
 
 
 def test_max_length_beyond_the_position_table_is_an_error(v2_dir):
+    """Refused once, before any pair is prepared (it was one error per pair), as for m0 and Qwen3."""
     rr = Reranker.from_pretrained(v2_dir, show_progress=False)
-    with pytest.raises(PairErrors, match=r"max_length=2000 is more than this model's 1024 positions"):
-        rr.compute_score([["q", "d"]], max_length=2000)
+    for call in (lambda: rr.compute_score([["q", "d"]] * 3, max_length=2000),
+                 lambda: rr.rerank("q", ["d"], max_length=2000)):  # fmt: skip
+        with pytest.raises(ValueError, match=r"^max_length: 2000 is more than this model's 1024 positions; lower it$"):
+            call()
 
 
 def test_a_truncated_weights_file_is_a_load_error(v2_dir, tmp_path):

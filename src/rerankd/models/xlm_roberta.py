@@ -32,7 +32,7 @@ from ..inputs import Item
 from ..inputs.images import ImagePolicy
 from ..weights import Part, Renames, tensor_names
 from .base import (PREFIX_CHARS_PER_TOKEN, LengthOptions, PreparedSequence, ReleasingTokenizer, TorchTextBackend, Where,
-                   between_layers, build_module, load_tokenizer, packed, text_prefix)
+                   between_layers, build_module, check_positions, load_tokenizer, packed, text_prefix)
 from . import cpu_kernels
 from .layers import (Packing, linear, product, row_attention, rowwise, to_device, use_cpu_gemm,
                      varlen_attention)
@@ -347,6 +347,9 @@ class CrossEncoderBackend(TorchTextBackend):
 
     # ------------------------------------------------------------------ preparation (thread-safe, no model compute)
 
+    def check(self, lengths: LengthOptions) -> None:
+        check_positions(lengths, self.cfg.max_tokens)
+
     def _truncating_tokenizer(self, max_length: int) -> ReleasingTokenizer:
         """A copy of the tokenizer that truncates pairs longest-first to max_length, as transformers does.
 
@@ -369,12 +372,7 @@ class CrossEncoderBackend(TorchTextBackend):
         self, query: Item, doc: Item, lengths: LengthOptions, where: Where, images: ImagePolicy | None = None
     ) -> list[PreparedSequence]:
         q_text, d_text = self.text(query, where.query), self.text(doc, where.document)
-        max_length = lengths.max_length
-        if max_length > self.cfg.max_tokens:
-            raise InputError(
-                f"max_length={max_length} is more than this model's {self.cfg.max_tokens} positions; lower it",
-                where.pair,
-            )
+        max_length = lengths.max_length  # within the positions (check)
         if max_length < self.pair_specials + 2:
             raise InputError(f"max_length={max_length} leaves no room for text; raise it", where.pair)
         if lengths.long_documents == "truncate" and lengths.max_query_length is None and lengths.max_doc_length is None:
