@@ -13,6 +13,7 @@ import dataclasses
 import json
 import sys
 import typing
+from collections.abc import Callable
 from pathlib import Path
 
 from .config import DEFAULT_MODEL, LoadOptions, RayOptions, ScoreOptions, ServeOptions, field_docs
@@ -125,7 +126,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     log.info("serving %s on http://%s:%d (auth %s)", " / ".join(map(repr, names)), serve.host, serve.port,
              "on" if serve.api_key else "off")  # fmt: skip
-    server = _graceful_server_class()(uvicorn.Config(
+    scheduler = app.state.rerankd.scheduler
+    died = lambda: scheduler.down_reason if scheduler.error is not None else None  # noqa: E731
+    server = _graceful_server_class(died)(uvicorn.Config(
         app, host=serve.host, port=serve.port, log_level=serve.log_level,
         http=guarded_protocol(cap, serve.header_timeout), backlog=backlog,  # type: ignore[arg-type]
         timeout_keep_alive=serve.keep_alive_timeout,
@@ -133,7 +136,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=serve.drain_seconds,  # type: ignore[arg-type]
     ))  # fmt: skip
     server.run()  # SIGTERM / SIGINT: stop accepting, finish the requests in flight, then return
-    return 0 if server.started else 1
+    return 0 if server.started and server.worker_down is None else 1
 
 
 def _serve_on_ray(args: argparse.Namespace, serve: ServeOptions, names: tuple[str, ...]) -> int:
@@ -156,8 +159,9 @@ def _serve_on_ray(args: argparse.Namespace, serve: ServeOptions, names: tuple[st
         return 2
 
 
-def _graceful_server_class():
+def _graceful_server_class(worker_down: Callable[[], str | None] | None = None):
     import asyncio
+    import logging
 
     import uvicorn
 
@@ -165,8 +169,22 @@ def _graceful_server_class():
 
     class GracefulServer(uvicorn.Server):
         """uvicorn's server, except that a SIGTERM after a graceful shutdown ends the process with 0 (uvicorn
-        re-raises the signal, which makes the exit status -15 and looks like a crash to supervisors), and that
-        running out of descriptors on accept is one warning a minute (`quiet_accept_errors`)."""
+        re-raises the signal, which makes the exit status -15 and looks like a crash to supervisors), that
+        running out of descriptors on accept is one warning a minute (`quiet_accept_errors`), and that a model
+        worker that died (`worker_down` gives the reason; a sticky CUDA fault, a bug) stops the server, exit status
+        1, so that its supervisor (Kubernetes, systemd, Docker's restart policy) starts a new one: every request
+        would get 503 until then."""
+
+        worker_down: str | None = None  # why the server stopped on its own
+
+        async def on_tick(self, counter: int) -> bool:
+            if worker_down is not None and self.worker_down is None and counter % 5 == 0:  # every 0.5 s
+                self.worker_down = worker_down()
+                if self.worker_down is not None:
+                    logging.getLogger("rerankd.serve").error("%s: stopping the server (exit status 1) for its "
+                                                             "supervisor to restart it", self.worker_down)  # fmt: skip
+                    return True
+            return await super().on_tick(counter)
 
         @contextlib.contextmanager
         def capture_signals(self):

@@ -6,6 +6,7 @@ import base64
 import contextlib
 import http.server
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -447,3 +448,23 @@ def test_fuzzed_requests_never_get_5xx(server):
 
     check()
     assert server.get("/health")[0] == 200
+
+
+def test_a_dead_model_worker_stops_the_server_with_exit_status_1(m0_dir, tmp_path):
+    """A sticky device fault kills the worker: every request would get 503 from then on, so the server stops (exit
+    status 1) for its supervisor to restart it. The fault is injected by a sitecustomize module in the server's
+    process: its model's forward raises CUDA's illegal-address error."""
+    (tmp_path / "sitecustomize.py").write_text(
+        "from rerankd.models import jina_m0\n"
+        "def forward(self, batch):\n"
+        "    raise RuntimeError('CUDA error: an illegal memory access was encountered')\n"
+        "jina_m0.JinaM0Backend.forward = forward\n"
+    )  # fmt: skip
+    s = Server(m0_dir, "--skip-warmup", env={"PYTHONPATH": f"{tmp_path}:{os.environ.get('PYTHONPATH', '')}"})
+    try:
+        status, body, _ = s.post("/v1/rerank", {"query": "q", "documents": ["d"]})
+        assert status in (500, 503) and "illegal memory access" in body["error"]["message"], body
+        assert s.proc.wait(30) == 1
+    finally:
+        s.stop()
+    assert "the model worker is not running" in s.output and "for its supervisor to restart it" in s.output, s.output
