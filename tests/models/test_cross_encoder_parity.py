@@ -49,6 +49,9 @@ PAIRS = [
     ["one token", "a"],
     ["数据提取", "数据提取么?为什么不用正则啊,你用正则不就全解决了么?"],
     ["newlines\nand  spaces", "line one\n\nline   two\ttab 🙂"],
+    # special tokens' text: a literal <pad> is the pad id, which RoBERTa's positions skip
+    ["<pad> query [PAD]", "a <pad> b </s> c [SEP] d"],
+    ["q", "<pad>"],
 ] + [[text_of(6, i), text_of(n, 100 + i)] for i, n in enumerate([2, 30, 90, 200, 380, 700])]
 # pairs over max_length, truncated longest-first: a long document, and a long query with a long document
 PAIRS += [[text_of(8, 7), text_of(1500, 8)], [text_of(600, 9), text_of(900, 10)]]

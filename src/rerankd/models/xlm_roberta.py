@@ -418,7 +418,13 @@ class CrossEncoderBackend(TorchTextBackend):
 
     def _sequence(self, ids: list[int], type_ids: list[int]) -> PreparedSequence:
         input_ids = torch.tensor(ids, dtype=torch.long)
-        positions = torch.arange(self.cfg.position_offset, self.cfg.position_offset + len(ids))
+        if self.cfg.position_offset:  # RoBERTa's create_position_ids_from_input_ids, as Jina's code also numbers them
+            # a literal "<pad>" in the text is the pad id: it takes position padding_idx and later tokens count on
+            # without it (a plain run shifted every later position by one: scores 0.01-0.14 off)
+            real = input_ids.ne(self.cfg.position_offset - 1)
+            positions = torch.cumsum(real, 0) * real + (self.cfg.position_offset - 1)
+        else:
+            positions = torch.arange(len(ids))
         types = torch.tensor(type_ids, dtype=torch.long) if self.cfg.type_vocab_size > 1 else None
         return PreparedSequence(input_ids=input_ids, positions=positions, token_types=types)
 
