@@ -196,7 +196,8 @@ class ReferenceQwen3Reranker:
         self.suffix_tokens = self.tokenizer.encode(self.SUFFIX, add_special_tokens=False)
 
     def format_instruction(self, instruction: str | None, query: str, doc: str) -> str:
-        return f"<Instruct>: {instruction or self.TASK}\n<Query>: {query}\n<Document>: {doc}"
+        # the model card's rule: only a missing instruction is the default ("" is an empty one)
+        return f"<Instruct>: {self.TASK if instruction is None else instruction}\n<Query>: {query}\n<Document>: {doc}"
 
     @torch.inference_mode()
     def compute_score(self, pairs, instruction: str | None = None, max_length: int = 8192, batch_size: int = 16,

@@ -71,6 +71,8 @@ def test_instruction_and_truncation_follow_the_reference(variant):
     custom = rr.compute_score(PAIRS, instruction="Find the document that is written in German")
     assert_close(custom, ref.compute_score(PAIRS, instruction="Find the document that is written in German"), TOL)
     assert np.max(np.abs(np.array(custom) - rr.compute_score(PAIRS))) > 1e-3  # the instruction reaches the model
+    # an empty instruction is empty, not the default (the model card tests `instruction is None`)
+    assert_close(rr.compute_score(PAIRS, instruction=""), ref.compute_score(PAIRS, instruction=""), TOL)
     # a short max_length cuts the body from its end, the query too when the document is shorter than the cut
     template = len(rr.backend.prefix) + len(rr.backend.suffix)
     for max_length in (template + 30, template + 8):
