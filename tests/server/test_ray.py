@@ -102,7 +102,12 @@ def test_the_apps_own_answers_pass_through_the_proxy(on_ray):
     status, body, _ = on_ray.get("/health")
     assert status == 200 and body["status"] == "ok"
     status, text, headers = on_ray.get("/metrics")
-    assert status == 200 and "rerankd_requests_total" in text and headers.get("x-rerankd-replica")
+    replica = headers.get("x-rerankd-replica")
+    assert status == 200 and replica, headers
+    # every series names the replica that answered the scrape (each replica's counters stay apart)
+    for series in ("rerankd_queue_pairs", "rerankd_pairs_total"):
+        assert f'{series}{{replica="{replica}"}}' in text, text
+    assert all('replica="' in ln for ln in text.splitlines() if ln.startswith("rerankd_requests_total{")), text
 
 
 def test_requests_spread_over_both_replicas_and_backpressure_stays_visible(on_ray):

@@ -351,7 +351,12 @@ def test_health_models_metrics_openapi(server):
     assert metrics["rerankd_pairs_total"] >= 3 and metrics["rerankd_tokens_total"] > 10
     assert metrics["rerankd_batch_sequences_count"] >= 1 and metrics["rerankd_batch_tokens_sum"] > 10
     assert metrics["rerankd_queue_wait_seconds_count"] >= 3 and metrics["rerankd_model_seconds_count"] >= 1
-    assert "rerankd_queue_pairs" in metrics and "rerankd_request_seconds_count" in text
+    assert "rerankd_queue_pairs" in metrics
+    # the time of answers apart from that of refusals; the process's own memory and descriptors
+    assert metrics['rerankd_request_seconds_count{route="/v1/rerank",status="200"}'] >= 1
+    assert metrics['rerankd_request_seconds_count{route="/v1/rerank",status="422"}'] >= 1
+    assert metrics["process_resident_memory_bytes"] > 1e6
+    assert 0 < metrics["process_open_fds"] < metrics["process_max_fds"]
     status, spec, _ = server.get("/openapi.json")
     assert status == 200 and {"/v1/rerank", "/v2/rerank", "/health"} <= set(spec["paths"])
     assert server.get("/docs")[0] == 200

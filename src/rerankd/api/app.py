@@ -106,7 +106,7 @@ def create_app(
     names = (model_name,) if isinstance(model_name, str) else tuple(model_name)
     if not names:
         raise ValueError("create_app: give at least one model name")
-    metrics = metrics or Metrics()
+    metrics = metrics or Metrics(replica)
     scheduler = Scheduler(
         reranker.backend,
         max_batch_tokens=reranker.max_batch_tokens,
@@ -628,5 +628,4 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, recording_send)
         finally:
-            self.metrics.requests.labels(route, str(status[0])).inc()
-            self.metrics.request_seconds.labels(route).observe(time.monotonic() - start)
+            self.metrics.request(route, status[0], time.monotonic() - start)
