@@ -110,3 +110,20 @@ def test_decoder_rerankers_from_the_cli_with_an_instruction(tmp_path):
     out = run("rerank", "--model", str(tmp_path / "jina-reranker-v3"), "--query", "q", "d", "--raw-scores",
               "--no-show-progress")  # fmt: skip
     assert out.returncode == 0 and -1 <= json.loads(out.stdout)["results"][0]["relevance_score"] <= 1
+
+
+def test_serve_draws_no_loading_bar_into_a_log(m0_dir):
+    """stderr not a terminal (a supervisor's log): no progress bar redrawn with carriage returns. The port is taken,
+    so the server stops right after loading."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        quiet = run("serve", "--model", str(m0_dir), "--port", port, "--skip-warmup")
+        drawn = run("serve", "--model", str(m0_dir), "--port", port, "--skip-warmup", "--show-progress")
+    assert quiet.returncode != 0 and "address already in use" in quiet.stderr.lower(), quiet.stderr
+    bar = f"loading {m0_dir.name}:"  # tqdm's description (the log's own line names the whole path)
+    assert bar not in quiet.stderr and "\r" not in quiet.stderr, quiet.stderr
+    assert bar in drawn.stderr, drawn.stderr

@@ -111,6 +111,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"rerankd: error: {e}", file=sys.stderr)
         return 2
     names = tuple(serve.served_model_name or (args.model,))
+    if args.show_progress is None:  # a supervisor's log gets no bar redrawn with carriage returns
+        args.show_progress = sys.stderr.isatty()
     if args.ray:
         return _serve_on_ray(args, serve, names)
     try:
@@ -278,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_options(p, ServeOptions, "server")
     _add_options(p, LoadOptions, "model loading")
     _add_options(p, RayOptions, "scale-out on Ray Serve (rerankd[ray])")
-    p.set_defaults(func=cmd_serve)
+    p.set_defaults(func=cmd_serve, show_progress=None)  # None: the loading bar on a terminal only, not in logs
 
     p = sub.add_parser("bench", help="load-test a rerank server (rerankd, Jina, Cohere, vLLM, TEI, SGLang, Infinity)")
     from .bench import add_arguments
