@@ -131,7 +131,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     scheduler = app.state.rerankd.scheduler
     died = lambda: scheduler.down_reason if scheduler.error is not None else None  # noqa: E731
     server = _graceful_server_class(died)(uvicorn.Config(
-        app, host=serve.host, port=serve.port, log_level=serve.log_level,
+        app, host=serve.host, port=serve.port, log_level=serve.log_level, access_log=False,  # rerankd.access's
         http=guarded_protocol(cap, serve.header_timeout), backlog=backlog,  # type: ignore[arg-type]
         timeout_keep_alive=serve.keep_alive_timeout,
         # a backstop: slow clients are already bounded by the header, body and request timeouts

@@ -6,6 +6,7 @@ import base64
 import contextlib
 import http.server
 import json
+import re
 import os
 import signal
 import socket
@@ -473,3 +474,28 @@ def test_a_dead_model_worker_stops_the_server_with_exit_status_1(m0_dir, tmp_pat
     finally:
         s.stop()
     assert "the model worker is not running" in s.output and "for its supervisor to restart it" in s.output, s.output
+
+
+def test_access_log_lines_and_the_request_id(m0_dir):
+    """One rerankd.access line a request (client, method, route, status, seconds, pairs and tokens, the client's
+    X-Request-Id), the id echoed; probes that answer fine only at DEBUG; no uvicorn access line besides."""
+    s = Server(m0_dir, "--skip-warmup", "--log-level", "info")
+    try:
+        status, body, headers = s.post("/v1/rerank", {"query": "q", "documents": ["a", "b"]},
+                                       headers={"X-Request-Id": "trace-42"})  # fmt: skip
+        assert status == 200 and {k.lower(): v for k, v in headers.items()}["x-request-id"] == "trace-42"
+        status, _, headers = s.post("/v1/rerank", {"query": "q"}, headers={"X-Request-Id": "bad id forged"})
+        assert status == 422 and "x-request-id" not in {k.lower() for k in headers}  # not echoed, not logged
+        assert s.get("/health")[0] == 200
+        tokens = body["usage"]["total_tokens"]
+        deadline = time.monotonic() + 10
+        while "422" not in s.output and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        assert s.stop() == 0
+    lines = [ln for ln in s.output.splitlines() if "rerankd.access" in ln]
+    assert len(lines) == 2, s.output
+    assert re.search(rf'rerankd\.access: 127\.0\.0\.1:\d+ "POST /v1/rerank" 200 \d+\.\d{{3}}s pairs=2 tokens={tokens} '
+                     r'request_id=trace-42$', lines[0]), lines[0]  # fmt: skip
+    assert re.search(r'"POST /v1/rerank" 422 \d+\.\d{3}s$', lines[1]), lines[1]
+    assert "forged" not in s.output and "GET /health" not in s.output and '"POST /v1/rerank HTTP/1.1"' not in s.output

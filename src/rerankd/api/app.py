@@ -393,6 +393,7 @@ async def _score(request: Request, state: ServerState, pairs: Sequence[tuple[Ite
         raise ApiError(400, describe_errors(errors, len(pairs), "documents", 5, None), errors[min(errors)].param)
     state.metrics.pairs.inc(len(pairs))
     state.metrics.tokens.inc(outcome.tokens)
+    request.state.scored = (len(pairs), outcome.tokens)  # for the access log line
     return outcome.results, outcome.tokens
 
 
@@ -603,8 +604,15 @@ def json_shape(body: bytes, max_values: int, max_depth: int) -> str | None:
     return None
 
 
+access_log = logging.getLogger("rerankd.access")
+PROBE_ROUTES = ("/health", "/metrics")  # answered at DEBUG when fine: a probe every few seconds would flood INFO
+_REQUEST_ID = re.compile(rb"[\x21-\x7e]{1,128}")  # a client's X-Request-Id echoed and logged: printable, no spaces
+
+
 class MetricsMiddleware:
-    """Requests by route and status, and their time; the replica that answered, as a header, when there is one."""
+    """Each request's metrics (by route and status, and its time) and its access log line (rerankd.access: client,
+    method, path, status, seconds, pairs and tokens scored, the client's X-Request-Id), the X-Request-Id echoed, and
+    the replica that answered as a header, when there is one."""
 
     def __init__(self, app, metrics: Metrics, replica: str | None = None):
         self.app = app
@@ -617,15 +625,26 @@ class MetricsMiddleware:
         route = scope["path"] if scope["path"] in ROUTES else "other"
         status = [500]
         start = time.monotonic()
+        request_id = next((v for k, v in scope["headers"] if k == b"x-request-id" and _REQUEST_ID.fullmatch(v)), None)
+        extra = [h for h in (self.replica, request_id and (b"x-request-id", request_id)) if h]
 
         async def recording_send(message):
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
-                if self.replica:
-                    message = {**message, "headers": [*message.get("headers", []), self.replica]}
+                if extra:
+                    message = {**message, "headers": [*message.get("headers", []), *extra]}
             await send(message)
 
         try:
             await self.app(scope, receive, recording_send)
         finally:
-            self.metrics.request(route, status[0], time.monotonic() - start)
+            seconds = time.monotonic() - start
+            self.metrics.request(route, status[0], seconds)
+            level = logging.DEBUG if route in PROBE_ROUTES and status[0] < 400 else logging.INFO
+            if access_log.isEnabledFor(level):
+                client = scope.get("client")
+                scored = scope.get("state", {}).get("scored")  # (pairs, tokens), set by _score
+                access_log.log(level, "%s \"%s %s\" %d %.3fs%s%s", f"{client[0]}:{client[1]}" if client else "-",
+                               scope["method"], route if route != "other" else "(other)", status[0], seconds,
+                               f" pairs={scored[0]} tokens={scored[1]}" if scored else "",
+                               f" request_id={request_id.decode()}" if request_id else "")  # fmt: skip
