@@ -352,7 +352,8 @@ def test_health_models_metrics_openapi(server):
     assert metrics["rerankd_pairs_total"] >= 3 and metrics["rerankd_tokens_total"] > 10
     assert metrics["rerankd_batch_sequences_count"] >= 1 and metrics["rerankd_batch_tokens_sum"] > 10
     assert metrics["rerankd_queue_wait_seconds_count"] >= 3 and metrics["rerankd_model_seconds_count"] >= 1
-    assert "rerankd_queue_pairs" in metrics
+    assert "rerankd_queue_pairs" in metrics and metrics["rerankd_worker_up"] == 1.0
+    assert metrics["rerankd_queue_tokens"] == 0.0  # all answered: nothing admitted is left
     # the time of answers apart from that of refusals; the process's own memory and descriptors
     assert metrics['rerankd_request_seconds_count{route="/v1/rerank",status="200"}'] >= 1
     assert metrics['rerankd_request_seconds_count{route="/v1/rerank",status="422"}'] >= 1

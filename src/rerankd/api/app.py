@@ -117,6 +117,7 @@ def create_app(
         max_request_tokens=options.max_request_tokens,
         max_queue_tokens=options.max_queue_tokens,
     )
+    metrics.watch(scheduler)
     images = ImagePolicy(options.allow_private_urls, options.allowed_local_media_path)
     activation = reranker.backend.score_activation  # what makes an output a relevance_score (v3: none)
     state = ServerState(reranker, scheduler, metrics, options, names, images, source)

@@ -40,6 +40,14 @@ class Metrics:
         self.queue_wait_seconds = one(Histogram, "rerankd_queue_wait_seconds",
                                       "Time a prepared sequence waits for its batch", buckets=TIME_BUCKETS)  # fmt: skip
         self.model_seconds = one(Histogram, "rerankd_model_seconds", "Time of one forward batch", buckets=TIME_BUCKETS)
+        self.queue_tokens = one(Gauge, "rerankd_queue_tokens", "Tokens of work admitted and not answered (bounds until "
+                                "prepared), against --max-queue-tokens")  # fmt: skip
+        self.worker_up = one(Gauge, "rerankd_worker_up", "1 while the model worker runs, 0 once it stopped or died")
+
+    def watch(self, scheduler) -> None:
+        """Read the scheduler's token queue and worker state at each scrape."""
+        self.queue_tokens.set_function(lambda: scheduler.queued_tokens)
+        self.worker_up.set_function(lambda: 1.0 if scheduler.alive else 0.0)
 
     def request(self, route: str, status: int, seconds: float) -> None:
         """One HTTP request answered."""

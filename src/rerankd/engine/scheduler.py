@@ -351,6 +351,11 @@ class Scheduler:
     def queued_pairs(self) -> int:
         return self._admitted
 
+    @property
+    def queued_tokens(self) -> int:
+        """Tokens of the jobs admitted and not answered: each unit's bound until it is prepared, then its tokens."""
+        return self._admitted_tokens
+
     # ------------------------------------------------------------------------------------------ the callers' side
 
     def submit(
