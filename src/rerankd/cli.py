@@ -128,11 +128,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     log.info("serving %s on http://%s:%d (auth %s)", " / ".join(map(repr, names)), serve.host, serve.port,
              "on" if serve.api_key else "off")  # fmt: skip
-    scheduler = app.state.rerankd.scheduler
+    scheduler, metrics = app.state.rerankd.scheduler, app.state.rerankd.metrics
     died = lambda: scheduler.down_reason if scheduler.error is not None else None  # noqa: E731
     server = _graceful_server_class(died)(uvicorn.Config(
         app, host=serve.host, port=serve.port, log_level=serve.log_level, access_log=False,  # rerankd.access's
-        http=guarded_protocol(cap, serve.header_timeout), backlog=backlog,  # type: ignore[arg-type]
+        http=guarded_protocol(cap, serve.header_timeout, metrics.connection_closed),  # type: ignore[arg-type]
+        backlog=backlog,
         timeout_keep_alive=serve.keep_alive_timeout,
         # a backstop: slow clients are already bounded by the header, body and request timeouts
         timeout_graceful_shutdown=serve.drain_seconds,  # type: ignore[arg-type]

@@ -59,6 +59,28 @@ def test_image_documents_sizes_and_aspect_ratios(m0, m0_ref):
     assert np.std(ours) > 0.02, ours
 
 
+def test_an_exif_rotated_photo_scores_alike_in_every_form(m0, m0_ref):
+    """A phone's JPEG with an EXIF orientation: the reference (transformers' load_image) turns it upright whatever
+    the source, a PIL image too; so does rerankd. A data URI without ';base64' is read as the reference reads it."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees
+    buf = io.BytesIO()
+    make_image(120, 80).save(buf, format="JPEG", exif=exif)
+    jpeg = buf.getvalue()
+    b64 = base64.b64encode(jpeg).decode()
+    forms = [Image.open(io.BytesIO(jpeg)), jpeg, b64, f"data:image/jpeg;base64,{b64}", f"data:image/jpeg,{b64}"]
+    ours = m0.compute_score([["slm markdown", f] for f in forms], max_length=2048, doc_type="image")
+    ref = m0_ref.compute_score([["slm markdown", Image.open(io.BytesIO(jpeg))]], max_length=2048, doc_type="image")
+    assert_close(ours, ref * len(forms), TOL)
+    upright_unrotated = make_image(120, 80)  # the pixels as stored, not turned: another score
+    assert abs(m0.compute_score([["slm markdown", upright_unrotated]], doc_type="image")[0] - ref[0]) > 1e-3
+
+
 def test_image_query_text_documents(m0, m0_ref):
     q = data_uri(IMAGES[2])
     pairs = [[q, d] for d in TEXT_DOCS[:6]]

@@ -62,10 +62,12 @@ def strict_server(m0_dir):
 
 
 def test_a_silent_connection_is_closed_after_the_header_timeout(strict_server):
+    before = closed_connections(strict_server, "head_timeout")
     with connect(strict_server) as sock:
         start = time.monotonic()
         closed, _ = closed_within(sock, 5)
         assert closed and 0.8 < time.monotonic() - start < 3
+    assert closed_connections(strict_server, "head_timeout") >= before + 1
 
 
 def test_a_trickled_head_is_cut_off_however_it_trickles(strict_server):
@@ -94,6 +96,7 @@ def test_a_slow_body_gets_408_and_the_connection_closes(strict_server):
 
 def test_idle_sockets_cannot_lock_clients_out(strict_server):
     """40 silent sockets against a cap of 16: the idle ones are closed to make room and requests are served."""
+    before = closed_connections(strict_server, "idle_evicted") + closed_connections(strict_server, "head_timeout")
     socks = [connect(strict_server) for _ in range(40)]
     try:
         for _ in range(3):
@@ -103,6 +106,16 @@ def test_idle_sockets_cannot_lock_clients_out(strict_server):
     finally:
         for s in socks:
             s.close()
+    # closed before any request reached the app, counted on their own (the request metrics never see them): at most
+    # 16 of the 40 were still open at the end, each other one was evicted or timed out
+    after = closed_connections(strict_server, "idle_evicted") + closed_connections(strict_server, "head_timeout")
+    assert after - before >= 40 - 16 and closed_connections(strict_server, "idle_evicted") >= 1
+
+
+def closed_connections(server: Server, reason: str) -> float:
+    text = server.get("/metrics")[1]
+    series = f'rerankd_connections_closed_total{{reason="{reason}"}} '
+    return float(next((ln.split()[-1] for ln in text.splitlines() if ln.startswith(series)), 0))
 
 
 def test_the_cap_stays_below_the_open_files_limit(m0_dir):

@@ -28,6 +28,7 @@ import logging
 import os
 import resource
 import time
+from collections.abc import Callable
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
@@ -108,9 +109,13 @@ def quiet_accept_errors(loop: asyncio.AbstractEventLoop, every: float = 60.0) ->
     loop.set_exception_handler(handler)
 
 
-def guarded_protocol(max_connections: int, header_timeout: float) -> type[H11Protocol]:
-    """uvicorn's h11 protocol with a deadline on request heads and a cap on open connections (module docstring)."""
+def guarded_protocol(max_connections: int, header_timeout: float,
+                     closed: Callable[[str], None] | None = None) -> type[H11Protocol]:  # fmt: skip
+    """uvicorn's h11 protocol with a deadline on request heads and a cap on open connections (module docstring).
+    `closed(reason)` counts each connection it closes: "idle_evicted" (the cap reached), "refused" (the cap reached,
+    none idle: a 503) or "head_timeout"; these never reach the app, nor its request metrics."""
     evicted, refused, timed_out = Every(), Every(), Every()
+    count = closed or (lambda reason: None)
 
     class GuardedH11Protocol(H11Protocol):
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -149,12 +154,14 @@ def guarded_protocol(max_connections: int, header_timeout: float) -> type[H11Pro
             if not idle:
                 return False
             oldest = min(idle, key=lambda c: c.waiting_since)
+            count("idle_evicted")
             evicted.log(logging.INFO, "connection cap (%d) reached: closing the connection idle longest",
                         max_connections)
             oldest._close()
             return True
 
         def _refuse(self) -> None:
+            count("refused")
             refused.log(logging.WARNING, "connection cap (%d) reached and every connection is busy: refusing one",
                         max_connections)
             message = f"the server has {max_connections} connections open (--max-connections), all busy; retry later"
@@ -176,6 +183,7 @@ def guarded_protocol(max_connections: int, header_timeout: float) -> type[H11Pro
         def _head_timed_out(self) -> None:
             self.head_timer = None
             if self.idle and not self.transport.is_closing():
+                count("head_timeout")
                 timed_out.log(logging.INFO, "closing a connection whose request head did not arrive within %.0f s",
                               header_timeout)
                 self._close()

@@ -43,6 +43,12 @@ class Metrics:
         self.queue_tokens = one(Gauge, "rerankd_queue_tokens", "Tokens of work admitted and not answered (bounds until "
                                 "prepared), against --max-queue-tokens")  # fmt: skip
         self.worker_up = one(Gauge, "rerankd_worker_up", "1 while the model worker runs, 0 once it stopped or died")
+        self.connections_closed = Counter("rerankd_connections_closed", "Connections the server closed before a "
+                                          "request reached it: idle_evicted and refused (503) at --max-connections, "
+                                          "head_timeout (--header-timeout)", ["reason", *extra], registry=r)  # fmt: skip
+
+    def connection_closed(self, reason: str) -> None:
+        self.connections_closed.labels(reason, *self._replica).inc()
 
     def watch(self, scheduler) -> None:
         """Read the scheduler's token queue and worker state at each scrape."""

@@ -147,8 +147,10 @@ def load_image(source: object, limits: ImageLimits, param: str, then: Callable[[
     of that image, computed while its decoded bytes are still counted against the decode budget (preprocessing)."""
     if isinstance(source, Image.Image):
         _check_pixels(source.width, source.height, limits, param)
-        # a PIL image is used as given, as the reference does (no EXIF rotation)
-        img = source if source.mode == "RGB" else source.convert("RGB")
+        # turned upright by its EXIF orientation, then RGB, as the reference's transformers.image_utils.load_image
+        # does with every source, PIL images included (a phone's photo read with Image.open is sideways until then)
+        img = ImageOps.exif_transpose(source)
+        img = img if img.mode == "RGB" else img.convert("RGB")
         return img if then is None else then(img)
     data = read_image_bytes(source, limits, param)
     return decode_image(data, limits, param, then)
@@ -162,8 +164,9 @@ def read_image_bytes(source: object, limits: ImageLimits, param: str) -> bytes:
         if s.startswith(("http://", "https://")):
             data = _fetch(s, limits, param)
         elif s.startswith("data:"):
+            # ';base64' may be left out: the reference decodes what follows the comma as base64 either way
             head, sep, payload = s.partition(",")
-            if not sep or ";base64" not in head or not head[5:].startswith("image/"):
+            if not sep or not head[5:].startswith("image/"):
                 raise InputError("a data URI must look like 'data:image/<format>;base64,<data>'", param)
             data = _b64decode(payload, limits, param)
         elif len(s) < 4096 and _local_file(s, limits):
