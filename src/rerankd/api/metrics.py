@@ -11,8 +11,8 @@ TOKEN_BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536,
 
 class Metrics:
     """The server's metrics, and the process's own (memory, CPU, open descriptors against their limit). `replica`
-    (a Ray Serve replica's id) labels every series: a scrape through Ray's proxy reaches one replica or another, and
-    without the label their counters would read as one counter that keeps resetting."""
+    (a Ray Serve replica's id) labels every rerankd series: a scrape through Ray's proxy reaches one replica or
+    another, and without the label their counters would read as one counter that keeps resetting."""
 
     def __init__(self, replica: str | None = None) -> None:
         self.registry = CollectorRegistry()

@@ -142,6 +142,9 @@ class PreparedImage:
         return t * h * w // merge_size**2
 
 
+ORIENTATION = 0x0112  # the EXIF tag
+
+
 def load_image(source: object, limits: ImageLimits, param: str, then: Callable[[Image.Image], object] | None = None):
     """Any accepted source -> a decoded RGB PIL image, or InputError naming `param`; with `then`, what `then` makes
     of that image, computed while its decoded bytes are still counted against the decode budget (preprocessing)."""
@@ -149,7 +152,7 @@ def load_image(source: object, limits: ImageLimits, param: str, then: Callable[[
         _check_pixels(source.width, source.height, limits, param)
         # turned upright by its EXIF orientation, then RGB, as the reference's transformers.image_utils.load_image
         # does with every source, PIL images included (a phone's photo read with Image.open is sideways until then)
-        img = ImageOps.exif_transpose(source)
+        img = ImageOps.exif_transpose(source) if source.getexif().get(ORIENTATION, 1) != 1 else source  # (no copy)
         img = img if img.mode == "RGB" else img.convert("RGB")
         return img if then is None else then(img)
     data = read_image_bytes(source, limits, param)
