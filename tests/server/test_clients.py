@@ -68,6 +68,10 @@ def test_every_served_name_is_answered_as_the_model(named):
         assert status == 200 and body["model"] == "jinaai/jina-reranker-m0", body
     status, body, _ = named.get("/v1/models")
     assert [m["id"] for m in body["data"]] == ["jinaai/jina-reranker-m0", "rerank-v3.5", "jina-reranker-v1-base-en"]
+    # Infinity's clients send "default/not-specified" when no model is named: the served one, as vLLM's ""
+    for name in ("default/not-specified", ""):
+        status, body, _ = named.post("/rerank", {"model": name, "query": "q", "documents": ["a"]})
+        assert status == 200 and body["model"] == "jinaai/jina-reranker-m0", body
 
 
 def test_openapi_describes_every_route_with_nullable_fields(named):

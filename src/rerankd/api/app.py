@@ -75,6 +75,9 @@ class ApiError(Exception):
         self.status, self.message, self.param, self.headers = status, message, param, headers
 
 
+UNNAMED_MODEL = "default/not-specified"  # what Infinity's clients send when none is named: the served model
+
+
 @dataclass
 class ServerState:
     reranker: Reranker
@@ -91,7 +94,7 @@ class ServerState:
         return self.names[0]
 
     def check_model(self, name: str | None) -> None:
-        if name and name not in self.names:  # "" is the served model, as vLLM reads it
+        if name and name not in self.names and name != UNNAMED_MODEL:  # "" is the served model too, as vLLM reads it
             raise ApiError(404, f"model {name!r} is not served here; served: {list(self.names)!r}", "model")
 
 
