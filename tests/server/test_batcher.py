@@ -20,7 +20,7 @@ from rerankd.inputs import urls
 from rerankd.models.base import LengthOptions, Where
 from rerankd.reranker import Reranker
 
-from ..conftest import encode, make_image
+from ..conftest import data_uri, encode, make_image
 
 LENGTHS = LengthOptions(1024, 512)
 
@@ -208,10 +208,18 @@ def test_overload_gives_429_with_retry_after(m0):
         while app.state.rerankd.scheduler.queued_pairs == 0 and time.monotonic() < deadline:
             time.sleep(0.01)
         r = client.post("/v1/rerank", json={"query": "q", "documents": ["d"]})
+        # an image query is not even decoded when the queue would refuse its request
+        decoded = []
+        backend.prepare_query = lambda *a: decoded.append(a) or backend.inner.prepare_query(*a)
+        image_query = client.post("/v1/rerank", json={"query": {"image": data_uri(make_image(40, 30))},
+                                                      "documents": ["d"]})  # fmt: skip
         t.join()
         assert r.status_code == 429 and r.headers["Retry-After"] == "1"
         assert "the limit is 3" in r.json()["error"]["message"] and r.json()["error"]["type"] == "rate_limit_error"
+        assert image_query.status_code == 429 and decoded == [], image_query.json()
         assert results["big"].status_code == 200
+        assert client.post("/v1/rerank", json={"query": {"image": data_uri(make_image(40, 30))},
+                                               "documents": ["d"]}).status_code == 200 and len(decoded) == 1  # fmt: skip
 
 
 def test_text_only_models_refuse_images_with_400(tmp_path):

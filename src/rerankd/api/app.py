@@ -358,6 +358,8 @@ async def _score(request: Request, state: ServerState, pairs: Sequence[tuple[Ite
 
     async def work():
         prepared: dict[int, Item] = {}  # each image query decoded once for all its documents, off the event loop
+        if any(isinstance(query, ImageItem) for query, _ in pairs):
+            scheduler.check_admission(pairs, lengths)  # not decoded at all when the queue would refuse the request
         for query, _ in pairs:
             if isinstance(query, ImageItem) and id(query) not in prepared:
                 prepared[id(query)] = await loop.run_in_executor(scheduler.pool, state.reranker.backend.prepare_query,

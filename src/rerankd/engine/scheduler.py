@@ -381,22 +381,8 @@ class Scheduler:
         if self.max_queue_tokens is not None:
             job.unit_bounds = self._bounds(job)
         with self._cond:
-            if not self.alive:
-                raise WorkerError(self.down_reason)
-            if self.max_queue_pairs is not None and self._admitted and self._admitted + n > self.max_queue_pairs:
-                raise Overloaded(
-                    f"the server is busy: {self._admitted} pairs queued, this request adds {n}, the limit is "
-                    f"{self.max_queue_pairs}; retry later",
-                    retry_after=1.0,
-                )
             bound = sum(job.unit_bounds)
-            if self.max_queue_tokens is not None and self._admitted_tokens and \
-                    self._admitted_tokens + bound > self.max_queue_tokens:  # fmt: skip
-                raise Overloaded(
-                    f"the server is busy: {self._admitted_tokens} tokens of work queued, this request adds up to "
-                    f"{bound}, the limit is {self.max_queue_tokens} (--max-queue-tokens); retry later",
-                    retry_after=1.0,
-                )
+            self._refuse_if_full(n, bound)
             self._admitted += n
             self._admitted_tokens += bound
             job.charged = bound
@@ -409,6 +395,34 @@ class Scheduler:
             for w in range(min(2, job.windows)):
                 self._submit_window(job, w)
         return job
+
+    def check_admission(self, pairs: Sequence[tuple[Item, Item]], lengths: LengthOptions) -> None:
+        """Raise Overloaded (or WorkerError) now where `submit` would refuse these pairs now: a caller with work to do
+        before it submits (an image query to decode) is spared that work on a full queue. `submit` checks again."""
+        job = Job(pairs, lengths, (), None, True, None, None)
+        job.unit_slots = group_units(pairs, self.listwise)
+        bound = sum(self._bounds(job)) if self.max_queue_tokens is not None else 0
+        with self._cond:
+            self._refuse_if_full(len(pairs), bound)
+
+    def _refuse_if_full(self, n: int, bound: int) -> None:
+        """Under the lock: WorkerError when the worker is down, Overloaded when n more pairs of at most `bound`
+        tokens would pass a queue limit (an idle server admits anything)."""
+        if not self.alive:
+            raise WorkerError(self.down_reason)
+        if self.max_queue_pairs is not None and self._admitted and self._admitted + n > self.max_queue_pairs:
+            raise Overloaded(
+                f"the server is busy: {self._admitted} pairs queued, this request adds {n}, the limit is "
+                f"{self.max_queue_pairs}; retry later",
+                retry_after=1.0,
+            )
+        if self.max_queue_tokens is not None and self._admitted_tokens and \
+                self._admitted_tokens + bound > self.max_queue_tokens:  # fmt: skip
+            raise Overloaded(
+                f"the server is busy: {self._admitted_tokens} tokens of work queued, this request adds up to "
+                f"{bound}, the limit is {self.max_queue_tokens} (--max-queue-tokens); retry later",
+                retry_after=1.0,
+            )
 
     def _bounds(self, job: Job) -> list[int]:
         """Each unit's windows.tokens_bound: the most tokens it may put through the model (a query measured once)."""
