@@ -264,8 +264,32 @@ def test_token_spans_match_the_hugging_face_tokenizer(m0, gguf_models):
 
 def test_nfc_map_keeps_positions_in_the_original_text():
     normalized, at = nfc_with_map("cafe\u0301!")
-    assert normalized == "caf\u00e9!" and at == [0, 1, 2, 3, 5, 6]
+    assert normalized == "caf\u00e9!" and at == ([0, 1, 2, 3, 5], [0, 1, 2, 3, 5, 6])
     assert nfc_with_map("already NFC") == ("already NFC", None)
+    # Tamil's two-part vowel composes across clusters: one group, and the text after it keeps exact positions
+    normalized, (begins, ends) = nfc_with_map("\u0bc6\u0bbe x")
+    assert normalized == "\u0bca x" and begins == [0, 2, 3] and ends == [0, 2, 3, 4]
+
+
+def test_spans_of_text_that_nfc_changes_cover_the_references(gguf_models, m0):
+    """Token and window spans on text that NFC changes: the torch engine's (Hugging Face's alignments), or wider where
+    a token begins or ends inside a group that NFC changed; never cut short or empty (before, a composition across
+    clusters made every span of the text proportional, and a token ending inside a long cluster got (0, 0))."""
+    texts = ["\u0bc6\u0bbe " + "cafe\u0301 " * 60 + "gold rush merchants " * 20,  # composition across clusters
+             "a" + "\u0301" * 200 + " tail", "\u0958" * 60, "x\u0344y " * 30]  # fmt: skip
+    for text in texts:
+        ours = gguf_models["f32"].backend.tokenizer.encode(text).offsets
+        ref = m0.backend.tokenizer.encode(text).offsets
+        assert len(ours) == len(ref), text
+        assert all(a[0] <= b[0] and b[1] <= a[1] <= len(text) and a[0] < a[1] for a, b in zip(ours, ref)), text
+    lengths = LengthOptions(64, 16, None, "chunk", 8)
+    for text in texts:  # every window of a chunked document: the same tokens, a span covering the torch engine's
+        got = [s.window for s in gguf_models["f32"].backend.prepare(TextItem("q"), TextItem(text), lengths,
+                                                                     Where.for_pair(0))]  # fmt: skip
+        want = [s.window for s in m0.backend.prepare(TextItem("q"), TextItem(text), lengths, Where.for_pair(0))]
+        assert len(got) == len(want) > 1, text
+        assert all(w.start - 2 <= g.start <= w.start and w.end <= g.end <= w.end + 2 for g, w in zip(got, want)), \
+            (text, got, want)  # fmt: skip
 
 
 def test_served_over_http(ggufs):

@@ -53,7 +53,8 @@ class _Encoding:
     """What M0Prompts reads of a tokenizers.Encoding: ids, and (computed on first use: only document windows need
     them) each token's character span in the original text."""
 
-    def __init__(self, ids: list[int], tokenizer: "LlamaTokenizer", data: bytes, original_at: list[int] | None):
+    def __init__(self, ids: list[int], tokenizer: "LlamaTokenizer", data: bytes,
+                 original_at: tuple[list[int], list[int]] | None):  # fmt: skip
         self.ids = ids
         self._tokenizer = tokenizer
         self._data = data
@@ -69,7 +70,9 @@ class _Encoding:
         for t in self.ids:  # the pieces concatenate to the text's bytes (byte-level BPE)
             end = min(pos + len(self._tokenizer.piece(t)), len(data))
             start, stop = floor[min(pos, len(data))], ceil[end]
-            out.append((start, stop) if at is None else (at[start], at[stop]))
+            if at is not None:  # back to the text before NFC
+                start, stop = (at[0][start] if start < len(at[0]) else at[1][-1]), at[1][stop]
+            out.append((start, stop))
             pos = end
         return out
 
@@ -127,29 +130,58 @@ def load_vocab_tokenizer(path: Path) -> LlamaTokenizer:
     return LlamaTokenizer(llama_cpp.llama_model_get_vocab(llm.model), owner=llm)
 
 
-def nfc_with_map(text: str) -> tuple[str, list[int] | None]:
-    """NFC `text` and, when normalizing changed it, the original character position of each position
-    0..len(normalized) (None when it is unchanged: the common case, checked fast).
+def nfc_with_map(text: str) -> tuple[str, tuple[list[int], list[int]] | None]:
+    """NFC `text` and, when normalizing changed it, where its characters came from in `text`: for each normalized
+    character the original position it starts at, and for each normalized boundary 0..len(normalized) the original
+    position a span ending there ends at (None when the text is unchanged: the common case, checked fast).
 
     Composition happens within a cluster (a character of combining class 0 and the marks after it; Hangul vowel
-    and final jamo join the syllable before), so clusters are normalized one by one and keep their start.
+    and final jamo join the syllable before), or across two of them (Tamil's and other Indic two-part vowels, whose
+    parts both have class 0): clusters are normalized one by one, adjacent ones together where that composes them.
+    Within a group, what normalizing left as it was at either end maps character by character, and what it changed
+    maps as a whole: a span reaching into that covers all of it (as wide as Hugging Face's alignments, or wider, never
+    cut short).
     """
     if unicodedata.is_normalized("NFC", text):
         return text, None
     starts = [i for i, c in enumerate(text) if i == 0 or (unicodedata.combining(c) == 0 and not 0x1160 <= ord(c) <= 0x11FF)]
     starts.append(len(text))
-    pieces: list[str] = []
-    at: list[int] = []
+    groups: list[tuple[int, int, str]] = []  # (original start, original end, normalized)
     for a, b in zip(starts, starts[1:]):
         piece = unicodedata.normalize("NFC", text[a:b])
-        pieces.append(piece)
-        at.extend([a] * len(piece))
-    normalized = "".join(pieces)
-    if normalized != unicodedata.normalize("NFC", text):  # a composition across clusters: spans approximate
+        if groups:
+            pa, _, pn = groups[-1]
+            joined = unicodedata.normalize("NFC", text[pa:b])
+            if joined != pn + piece:  # the two compose: one group
+                groups[-1] = (pa, b, joined)
+                continue
+        groups.append((a, b, piece))
+    normalized = "".join(g[2] for g in groups)
+    begins: list[int] = []
+    ends = [0]
+    for a, b, piece in groups:
+        # what NFC left alone at either end of the group maps character by character; the middle it changed, whole
+        orig = text[a:b]
+        p = 0
+        while p < min(len(piece), len(orig)) and piece[p] == orig[p]:
+            p += 1
+        q = 0
+        while q < min(len(piece), len(orig)) - p and piece[-1 - q] == orig[-1 - q]:
+            q += 1
+        for k in range(len(piece)):
+            if k < p or k >= len(piece) - q:
+                j = k if k < p else len(orig) - (len(piece) - k)
+                begins.append(a + j)
+                ends.append(a + j + 1)
+            else:
+                begins.append(a + p)
+                ends.append(b - q)
+    ends[-1] = len(text)
+    if normalized != unicodedata.normalize("NFC", text):  # not seen: spans proportional rather than wrong
         normalized = unicodedata.normalize("NFC", text)
-        at = [i * len(text) // max(len(normalized), 1) for i in range(len(normalized))]
-    at.append(len(text))
-    return normalized, at
+        begins = [i * len(text) // max(len(normalized), 1) for i in range(len(normalized))]
+        ends = [i * len(text) // max(len(normalized), 1) for i in range(len(normalized) + 1)]
+    return normalized, (begins, ends)
 
 
 def _char_offsets(data: bytes) -> tuple[list[int], list[int]]:
