@@ -144,7 +144,8 @@ def nfc_with_map(text: str) -> tuple[str, tuple[list[int], list[int]] | None]:
     """
     if unicodedata.is_normalized("NFC", text):
         return text, None
-    starts = [i for i, c in enumerate(text) if i == 0 or (unicodedata.combining(c) == 0 and not 0x1160 <= ord(c) <= 0x11FF)]
+    starts = [i for i, c in enumerate(text)
+              if i == 0 or (unicodedata.combining(c) == 0 and not 0x1160 <= ord(c) <= 0x11FF)]  # fmt: skip
     starts.append(len(text))
     groups: list[tuple[int, int, str]] = []  # (original start, original end, normalized)
     for a, b in zip(starts, starts[1:]):
