@@ -94,6 +94,23 @@ def test_a_slow_body_gets_408_and_the_connection_closes(strict_server):
     assert "--body-timeout" in body["error"]["message"]
 
 
+def test_a_client_that_hangs_up_mid_body_is_no_server_error(strict_server):
+    """Counted as 499 (the client went away), as a hang-up during scoring is, not as a 500."""
+    def count(status: str) -> float:
+        series = f'rerankd_requests_total{{route="/v1/rerank",status="{status}"}} '
+        text = strict_server.get("/metrics")[1]
+        return float(next((ln.split()[-1] for ln in text.splitlines() if ln.startswith(series)), 0))
+
+    before = count("499"), count("500")
+    with connect(strict_server) as sock:
+        sock.sendall(head(len(REQUEST)) + REQUEST[:5])
+        time.sleep(0.2)
+    deadline = time.monotonic() + 5
+    while count("499") == before[0] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert (count("499"), count("500")) == (before[0] + 1, before[1])
+
+
 def test_idle_sockets_cannot_lock_clients_out(strict_server):
     """40 silent sockets against a cap of 16: the idle ones are closed to make room and requests are served."""
     before = closed_connections(strict_server, "idle_evicted") + closed_connections(strict_server, "head_timeout")

@@ -629,20 +629,30 @@ class MetricsMiddleware:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         route = scope["path"] if scope["path"] in ROUTES else "other"
-        status = [500]
+        status = [500]  # if no answer starts: a server error, unless the client went away first (499)
         start = time.monotonic()
         request_id = next((v for k, v in scope["headers"] if k == b"x-request-id" and _REQUEST_ID.fullmatch(v)), None)
         extra = [h for h in (self.replica, request_id and (b"x-request-id", request_id)) if h]
 
+        answered = False
+
         async def recording_send(message):
+            nonlocal answered
             if message["type"] == "http.response.start":
+                answered = True
                 status[0] = message["status"]
                 if extra:
                     message = {**message, "headers": [*message.get("headers", []), *extra]}
             await send(message)
 
+        async def watching_receive():  # a client that hangs up while sending its body is no server error
+            message = await receive()
+            if message["type"] == "http.disconnect" and not answered:
+                status[0] = CLIENT_CLOSED
+            return message
+
         try:
-            await self.app(scope, receive, recording_send)
+            await self.app(scope, watching_receive, recording_send)
         finally:
             seconds = time.monotonic() - start
             self.metrics.request(route, status[0], seconds)
