@@ -49,7 +49,7 @@ def test_single_pair_tuple_and_empty_query(m0):
     pairs = [["capital", "Paris"], ["capital", "gold rush"]]
     want = m0.compute_score(pairs)
     assert m0.compute_score(pairs[0]) == [want[0]] and m0.compute_score(tuple(pairs[1])) == [want[1]]
-    assert m0.compute_score(np.array(pairs)) == want
+    assert m0.compute_score(np.array(pairs)) == want and m0.compute_score(np.array(pairs[0])) == [want[0]]
     assert m0.rerank("capital", (p[1] for p in pairs)) == m0.rerank("capital", [p[1] for p in pairs])
 
 

@@ -112,7 +112,8 @@ class LoadOptions:
     computed once per batch, not once per sequence. Exact: in a causal decoder a prefix's states do not depend on
     what follows it."""
     show_progress: bool = True
-    """Show progress bars while loading weights."""
+    """Show progress bars while loading weights (`rerankd serve`: only when its stderr is a terminal, not into a
+    log, unless --show-progress)."""
 
     def __post_init__(self) -> None:
         for name in ("max_batch_tokens", "preprocess_workers", "num_threads", "min_pixels", "max_pixels"):

@@ -258,8 +258,8 @@ class Reranker:
         A listwise model (jina-reranker-v3) scores the pairs of each distinct query together, as one list in
         input order.
         """
-        if isinstance(pairs, (list, tuple)) and len(pairs) == 2 and not isinstance(pairs[0], PAIR_TYPES):
-            pairs = [pairs]  # one pair, as the model cards' and FlagEmbedding's compute_score take it
+        if isinstance(pairs, PAIR_TYPES) and len(pairs) == 2 and not isinstance(pairs[0], PAIR_TYPES):
+            pairs = [pairs]  # one pair, as the model cards', FlagEmbedding's and sentence-transformers' calls take it
         lengths = self.length_options(
             max_length, max_query_length, max_doc_length, long_documents, overlap,
             self.backend.compute_score_max_query_length, instruction,
@@ -270,7 +270,8 @@ class Reranker:
         for i, pair in enumerate(pairs):
             try:
                 if not isinstance(pair, PAIR_TYPES) or len(pair) != 2:
-                    raise InputError("a pair must be a (query, document) list or tuple of two items", f"pairs[{i}]")
+                    raise InputError("a pair must be a (query, document) list, tuple or numpy row of two items",
+                                     f"pairs[{i}]")  # fmt: skip
                 q = parse_item(pair[0], query_type, f"pairs[{i}].query")
                 d = parse_item(pair[1], doc_type, f"pairs[{i}].document")
                 self.check_supported(q, f"pairs[{i}].query")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import http.server
+import json
 import threading
 import time
 
@@ -356,3 +357,37 @@ def test_the_server_refuses_a_redirect_to_a_private_address(m0, monkeypatch):
     # the server's policy travels with its calls; the same loaded model still trusts the library's caller
     with image_and_redirect_servers() as (redirector, target):
         assert len(m0.rerank("q", [{"image": target}])) == 1
+
+
+def test_a_request_cancelled_as_ray_serve_cancels_it_counts_as_499(m0):
+    """Ray Serve cancels a request whose client went away (the app sees no http.disconnect): that is the client
+    closing (499), in the metrics and the access log, not a server error (500)."""
+    from prometheus_client import generate_latest
+
+    app = create(m0, m0.backend)
+    body = json.dumps({"query": "q", "documents": ["a", "b"]}).encode()
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/v1/rerank", "raw_path": b"/v1/rerank", "query_string": b"", "root_path": "",
+             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 2)}  # fmt: skip
+    parts = [{"type": "http.request", "body": body[:5], "more_body": True}]
+
+    async def receive():
+        if parts:
+            return parts.pop()
+        await asyncio.sleep(3600)  # the rest of the body never comes
+
+    async def send(message):
+        raise AssertionError(f"nothing is answered to a cancelled request: {message}")
+
+    async def cancelled():
+        task = asyncio.ensure_future(app(scope, receive, send))
+        await asyncio.sleep(0.2)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(cancelled())
+    text = generate_latest(app.state.rerankd.metrics.registry).decode()
+    assert 'rerankd_requests_total{route="/v1/rerank",status="499"} 1.0' in text, text
+    assert 'status="500"' not in text

@@ -653,6 +653,10 @@ class MetricsMiddleware:
 
         try:
             await self.app(scope, watching_receive, recording_send)
+        except asyncio.CancelledError:  # Ray Serve cancels a request whose client went away (no http.disconnect)
+            if not answered:
+                status[0] = CLIENT_CLOSED
+            raise
         finally:
             seconds = time.monotonic() - start
             self.metrics.request(route, status[0], seconds)
