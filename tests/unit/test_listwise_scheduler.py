@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 import torch
@@ -120,3 +121,34 @@ def test_a_backend_that_names_a_slot_the_list_lacks_fails_the_call_and_the_worke
         scheduler.score_sync(pairs_of([("1", "2"), ("1", "3")]), LENGTHS, [Where.for_pair(0), Where.for_pair(1)])
     assert scheduler.alive and scheduler.queued_pairs == 0
     scheduler.close()
+
+
+def test_a_list_being_prepared_stops_once_its_request_is_answered():
+    """A list of long documents takes seconds to prepare (jina-reranker-v3 tokenizes each): once its job is answered
+    (a deadline's 504, a cancel) the preparation stops at the next document instead of running on and delaying the
+    requests after it (a soak run saw a probe wait 35 s behind lists already answered with 504)."""
+    from rerankd.models.base import between_layers
+
+    seen = []
+
+    class SlowList(FakeListwise):
+        def prepare_list(self, query, docs, lengths, wheres, images):
+            for d in docs:
+                between_layers()
+                seen.append(d.text)
+                time.sleep(0.05)
+            return super().prepare_list(query, docs, lengths, wheres, images)
+
+    sched = Scheduler(SlowList(), max_batch_tokens=1024, max_batch_wait=0.0)
+    try:
+        wheres = [Where.for_document(i) for i in range(60)]
+        job = sched.submit(pairs_of([("1", str(i)) for i in range(60)]), LENGTHS, wheres)
+        time.sleep(0.3)
+        sched.cancel(job)
+        at_cancel = len(seen)
+        time.sleep(1.0)  # another 20 documents' time
+        assert 0 < at_cancel and len(seen) <= at_cancel + 1, (at_cancel, len(seen))  # stopped at the next document
+        out = sched.score_sync(pairs_of([("1", "2"), ("1", "3")]), LENGTHS, [Where.for_document(i) for i in range(2)])
+        assert [r.logit for r in out.results] == [3.0, 4.0]
+    finally:
+        sched.close()

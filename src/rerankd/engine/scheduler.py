@@ -545,12 +545,15 @@ class Scheduler:
             if self.listwise:
                 query = job.pairs[slots[0]][0]
                 docs = [job.pairs[i][1] for i in slots]
-                seqs, bad = self.backend.prepare_list(query, docs, job.lengths, [job.wheres[i] for i in slots],
-                                                      job.images)  # fmt: skip
+                with interruptible(lambda: job.done):  # answered (deadline, cancel): its list's preparation stops
+                    seqs, bad = self.backend.prepare_list(query, docs, job.lengths, [job.wheres[i] for i in slots],
+                                                          job.images)  # fmt: skip
                 errors = {slots[r]: e for r, e in bad.items()}
             else:
                 q, d = job.pairs[slots[0]]
                 seqs = self.backend.prepare(q, d, job.lengths, where, job.images)
+        except Interrupted:  # the job was answered while its list was prepared: nothing left to do
+            return
         except InputError as e:  # the whole unit failed; each of a list's pairs is named as itself
             seqs = []
             errors = {i: e if len(slots) == 1 else

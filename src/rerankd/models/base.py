@@ -322,7 +322,8 @@ def interruptible(stop: Callable[[], bool]):
 
 
 def between_layers() -> None:
-    """What a layer loop calls between layers: raises Interrupted when the forward it is in is no longer wanted."""
+    """What a layer loop calls between layers, and a long preparation between documents (a listwise model's list):
+    raises Interrupted when the work it is in is no longer wanted."""
     stop = getattr(_interrupt, "stop", None)
     if stop is not None and stop():
         raise Interrupted

@@ -32,7 +32,7 @@ from ..errors import InputError
 from ..inputs import Item
 from ..inputs.images import ImagePolicy
 from ..weights import Renames
-from .base import LengthOptions, PreparedSequence, Where, Window, cut_text, token_id
+from .base import LengthOptions, PreparedSequence, Where, Window, between_layers, cut_text, token_id
 from .decoder import TextConfig, TextModel
 from .layers import Packing, use_cpu_gemm
 from .qwen3_reranker import Qwen3Backend
@@ -164,6 +164,7 @@ class JinaV3Backend(Qwen3Backend):
         errors: dict[int, InputError] = {}
         passages: list[Passage] = []
         for i, (doc, w) in enumerate(zip(docs, wheres)):
+            between_layers()  # a list of long documents takes seconds: it stops once nobody waits for it
             try:
                 passages += self._passages(i, self.text(doc, w.document), max_doc, lengths, w)
             except InputError as e:
