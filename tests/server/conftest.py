@@ -67,6 +67,11 @@ class Server:
     def get(self, path: str, headers: dict | None = None) -> tuple[int, dict | str, dict]:
         return _send(urllib.request.Request(self.url + path, headers=headers or {}), 30)
 
+    def metric(self, series: str) -> float:
+        """The value /metrics gives one series (its name and labels as written there), 0 when it is not there."""
+        text = self.get("/metrics")[1]
+        return float(next((ln.split()[-1] for ln in text.splitlines() if ln.startswith(series + " ")), 0))
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)

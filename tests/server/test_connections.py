@@ -97,9 +97,7 @@ def test_a_slow_body_gets_408_and_the_connection_closes(strict_server):
 def test_a_client_that_hangs_up_mid_body_is_no_server_error(strict_server):
     """Counted as 499 (the client went away), as a hang-up during scoring is, not as a 500."""
     def count(status: str) -> float:
-        series = f'rerankd_requests_total{{route="/v1/rerank",status="{status}"}} '
-        text = strict_server.get("/metrics")[1]
-        return float(next((ln.split()[-1] for ln in text.splitlines() if ln.startswith(series)), 0))
+        return strict_server.metric(f'rerankd_requests_total{{route="/v1/rerank",status="{status}"}}')
 
     before = count("499"), count("500")
     with connect(strict_server) as sock:
@@ -130,9 +128,7 @@ def test_idle_sockets_cannot_lock_clients_out(strict_server):
 
 
 def closed_connections(server: Server, reason: str) -> float:
-    text = server.get("/metrics")[1]
-    series = f'rerankd_connections_closed_total{{reason="{reason}"}} '
-    return float(next((ln.split()[-1] for ln in text.splitlines() if ln.startswith(series)), 0))
+    return server.metric(f'rerankd_connections_closed_total{{reason="{reason}"}}')
 
 
 def test_the_cap_stays_below_the_open_files_limit(m0_dir):

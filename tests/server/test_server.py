@@ -365,8 +365,7 @@ def test_health_models_metrics_openapi(server):
 
 
 def queued_pairs(s: Server) -> float:
-    text = s.get("/metrics")[1]
-    return float(next(ln for ln in text.splitlines() if ln.startswith("rerankd_queue_pairs ")).split()[-1])
+    return s.metric("rerankd_queue_pairs")
 
 
 def test_sigterm_finishes_requests_in_flight_and_exits_0(m0_dir):
