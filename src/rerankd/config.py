@@ -102,10 +102,10 @@ class LoadOptions:
     """Element-wise work between the products: in the Qwen2 / Qwen3 decoders (m0, Qwen3-Reranker, v3) RMSNorm with
     its residual add, rotary embedding and the SiLU-gated product; in m0's vision tower the residual add + LayerNorm,
     rotary embedding and quick GELU; in the cross-encoders GELU and the residual add + LayerNorm, each product's bias
-    added in them. 'auto' (rerankd's AVX-512 CPU kernels, one pass each where torch's ops take two to five, where
-    they run: fp32 (or cpu_bf16 'upcast') on an x86 CPU with AVX-512 and a C++ compiler; else torch's ops), 'avx512'
-    (an error where they cannot run), or 'torch'. A loaded Reranker's options say which one runs ('none' for a
-    GGUF)."""
+    added in them (in fp32). 'auto' (rerankd's AVX-512 CPU kernels, one pass each where torch's ops take two to five,
+    where they run: fp32 or bf16 (either cpu_bf16) on an x86 CPU with AVX-512 and a C++ compiler; in bf16 arithmetic
+    they round what the bf16 torch ops round; else torch's ops), 'avx512' (an error where they cannot run), or
+    'torch'. A loaded Reranker's options say which one runs ('none' for a GGUF)."""
     share_prefixes: bool = True
     """Qwen3-Reranker on the CPU (the avx512 attention kernel or the SDPA loop): the prompt prefix that sequences of a
     batch begin with alike (the system prompt and instruction; with the query, for the documents of one query) is

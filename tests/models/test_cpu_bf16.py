@@ -12,11 +12,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from rerankd import Reranker
-from rerankd.models import layers
+from rerankd.models import cpu_kernels, layers
 from rerankd.models.layers import UpcastEmbedding, UpcastLinear, cpu_bf16
 from rerankd.tiny import make_tiny_checkpoint
 
-from ..conftest import assert_close
+from ..conftest import assert_close, make_image
 
 CPU = torch.device("cpu")
 KINDS = ["jina-reranker-v2", "jina-reranker-m0", "qwen3-reranker", "jina-reranker-v3"]
@@ -24,6 +24,7 @@ PAIRS = [["what is a panda?", "The giant panda is a bear native to south central
          ["what is a panda?", "Pandas is a Python library for data frames. " * 6],
          ["solar power", "Photovoltaic cells turn sunlight into electricity."]]  # fmt: skip
 NATIVE_BOUND = 0.05  # bf16 arithmetic against fp32 on the same weights (docs/benchmarks.md: bf16 on the CPU)
+KERNELS_BOUND = 0.01  # bf16 on the element-wise kernels against bf16 on torch's ops: a value rounded the other way
 
 
 def load(path, **options) -> Reranker:
@@ -60,6 +61,22 @@ def test_native_computes_in_bf16_within_the_bound(checkpoint):
     got = rr.compute_score(PAIRS)
     assert_close(got, fp32, NATIVE_BOUND)
     assert got != fp32  # really bf16 arithmetic
+
+
+def test_native_on_the_cpu_kernels_gives_the_torch_ops_scores(checkpoint):
+    """bf16 arithmetic with the element-wise work on rerankd's CPU kernels (the default where they build) and on
+    torch's ops: the kernels round what the ops round, so the scores differ by bf16's noise alone (a norm's sum taken
+    in another order can round a value the other way); m0 with an image, for the vision tower's."""
+    if cpu_kernels.unavailable() is not None:
+        pytest.skip(f"rerankd's CPU kernels cannot run here: {cpu_kernels.unavailable()}")
+    path, _ = checkpoint
+    kernels = load(path, dtype="bfloat16", cpu_bf16="native")
+    ops = load(path, dtype="bfloat16", cpu_bf16="native", cpu_elementwise="torch")
+    assert (kernels.options.cpu_elementwise, ops.options.cpu_elementwise) == ("avx512", "torch")
+    assert {m.elementwise for m in kernels.backend.model.modules() if hasattr(m, "elementwise")} == {"avx512"}
+    pairs = PAIRS + ([["what is in the picture?", make_image(96, 64, seed=1)]] if "m0" in path.name else [])
+    got, want = kernels.compute_score(pairs), ops.compute_score(pairs)
+    assert_close(got, want, KERNELS_BOUND)
 
 
 def test_upcast_rounds_an_fp32_checkpoint_to_bf16(tmp_path):

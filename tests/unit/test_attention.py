@@ -210,7 +210,7 @@ def test_the_avx512_kernel_takes_many_keys_in_blocks(monkeypatch, shape):
 def test_the_avx512_kernel_refuses_what_it_cannot_read():
     q, k, v = qkv(*SHAPES["gqa"])
     pack = packing(LENGTHS, CPU, "avx512")
-    with pytest.raises(TypeError, match="takes float32 CPU tensors; got torch.bfloat16"):
+    with pytest.raises(TypeError, match="takes float32 CPU tensors, all of one dtype; got torch.bfloat16 on cpu"):
         cpu_kernels.attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), pack.cpu_full, causal=True)
 
 

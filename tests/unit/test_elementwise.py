@@ -1,8 +1,10 @@
 """The element-wise CPU kernels (models/cpu_kernels.cpp: RMSNorm with its residual add, rotary embedding, SiLU-gated
-product; bias + GELU or quick GELU, bias + residual add + LayerNorm) equal torch's ops they replace, and `cpu_elementwise` picks
-them where they run and says so."""
+product; bias + GELU or quick GELU, bias + residual add + LayerNorm) equal torch's ops they replace, in fp32 and in
+bf16, and `cpu_elementwise` picks them where they run and says so."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -119,11 +121,74 @@ def test_layer_norm_equals_torchs(dim):
     torch.testing.assert_close(normed, norm(residual + x), rtol=2e-6, atol=2e-6)
 
 
+def assert_bf16_ops(got: torch.Tensor, want: torch.Tensor, statistics: bool = False) -> None:
+    """A kernel's bf16 result is the bf16 torch ops' own, bit for bit; statistics (a norm's, summed in another order
+    than torch sums them): a value may round the other way, one bf16 step (at most 2^-7 of it) off, in 1 of 1,000."""
+    assert got.dtype == want.dtype == torch.bfloat16
+    if not statistics:
+        assert torch.equal(got, want), f"{(got != want).sum().item()} of {got.numel()} differ"
+        return
+    off = got != want
+    assert off.sum().item() <= got.numel() / 1000, f"{off.sum().item()} of {got.numel()} differ"
+    torch.testing.assert_close(got[off].float(), want[off].float(), rtol=2**-7, atol=0)
+
+
+@needs_avx512
+@pytest.mark.parametrize("dim", [24, 512, 1536])
+def test_bf16_kernels_equal_the_bf16_models_torch_ops(dim):
+    """In a model computing in bf16 (cpu_bf16='native' on CPUs with bf16 instructions) each kernel rounds what the
+    torch ops it replaces round: their results are the same bf16 values."""
+    bf = torch.bfloat16
+    x, delta = randn(37, dim + 8, scale=3.0).to(bf)[:, 4 : 4 + dim], randn(37, dim, seed=2).to(bf)
+    norm = torch_norm(dim).to(bf)
+    total, normed = cpu_kernels.rms_norm(x, norm.weight, norm.eps, add=delta)
+    assert_bf16_ops(total, x + delta)
+    assert_bf16_ops(normed, norm(x + delta), statistics=True)
+    assert_bf16_ops(cpu_kernels.rms_norm(x, norm.weight, norm.eps), norm(x), statistics=True)
+
+    heads = randn(37, 4, 64, seed=3, scale=2.0).to(bf)
+    cos, sin = randn(37, 64, seed=4).to(bf), randn(37, 64, seed=5).to(bf)  # a bf16 decoder's, rounded once
+    assert_bf16_ops(cpu_kernels.rotary_(heads.clone(), cos, sin), apply_rotary(heads, cos, sin))
+
+    gate, up = randn(29, dim, seed=6, scale=4.0).to(bf), randn(29, dim, seed=7).to(bf)
+    assert_bf16_ops(cpu_kernels.silu_mul_(gate.clone(), up), F.silu(gate) * up)
+
+    h = randn(31, dim, seed=8, scale=1.5).clamp(min=-3.0).to(bf)  # where torch's float GELU is accurate (below)
+    assert_bf16_ops(cpu_kernels.bias_gelu_(h.clone(), None), F.gelu(h))
+    assert_bf16_ops(cpu_kernels.bias_gelu_(h.clone(), None, quick=True), h * torch.sigmoid(1.702 * h))
+
+    ln = torch.nn.LayerNorm(dim, eps=1e-5).to(bf)
+    ln.weight.data, ln.bias.data = randn(dim, seed=9).to(bf), randn(dim, seed=10).to(bf)
+    residual = (randn(31, dim, seed=11, scale=4.0) + 3.0).to(bf)
+    with torch.no_grad():
+        want = ln(residual + h)
+    assert_bf16_ops(cpu_kernels.layer_norm(h, ln, residual=residual), want, statistics=True)
+    total, normed = cpu_kernels.layer_norm(h, ln, residual=residual, keep_sum=True)
+    assert_bf16_ops(total, residual + h)
+    assert_bf16_ops(normed, want, statistics=True)
+
+
+@needs_avx512
+def test_bf16_gelu_tail_and_specials():
+    """Far below zero torch's bf16 GELU loses 1 + erf(z) to cancellation in float (gelu(-8) = 0); the kernel's stays
+    within bf16's rounding of the exact value there. Zeros, NaN and infinities as torch's float64 GELU has them (its
+    vectorized float GELU makes gelu(inf) NaN)."""
+    x = torch.tensor([[-3.5, -5.0, -8.0, -12.0, 0.0, -0.0, 1e-20, float("inf"), float("-inf"), float("nan")]])
+    got = cpu_kernels.bias_gelu_(x.bfloat16(), None)[0]
+    x = x[0]
+    exact = [v * 0.5 * math.erfc(-v / math.sqrt(2)) for v in x[:4].bfloat16().double().tolist()]
+    torch.testing.assert_close(got[:4].double(), torch.tensor(exact, dtype=torch.float64), rtol=8e-3, atol=0)
+    torch.testing.assert_close(got[4:], F.gelu(x[4:].double()).bfloat16(), equal_nan=True)
+
+
 @needs_avx512
 def test_kernels_refuse_what_they_do_not_take():
     x = randn(4, 32)
-    with pytest.raises(TypeError, match="rms_norm kernel takes float32 CPU tensors; got torch.bfloat16"):
-        cpu_kernels.rms_norm(x.bfloat16(), torch.ones(32), 1e-6)
+    with pytest.raises(TypeError, match="rms_norm kernel takes float32 or bfloat16 CPU tensors, all of one dtype; got "
+                                        "torch.float16 on cpu, torch.float16 on cpu"):  # fmt: skip
+        cpu_kernels.rms_norm(x.half(), torch.ones(32).half(), 1e-6)
+    with pytest.raises(TypeError, match="all of one dtype; got torch.bfloat16 on cpu, torch.float32 on cpu"):
+        cpu_kernels.rms_norm(x.bfloat16(), torch.ones(32), 1e-6)  # a bf16 model's norm has a bf16 weight
     with pytest.raises(ValueError, match=r"weight must be a contiguous \[32\]"):
         cpu_kernels.rms_norm(x, torch.ones(16), 1e-6)
     with pytest.raises(ValueError, match="contiguous rows"):
@@ -141,11 +206,11 @@ def test_kernels_refuse_what_they_do_not_take():
 def test_the_choice_is_made_once_and_named(monkeypatch):
     available = cpu_kernels.unavailable() is None
     assert cpu_elementwise(CPU, torch.float32, "auto") == ("avx512" if available else "torch")
-    for dtype in (torch.bfloat16, torch.float16):  # these compute in their own dtype: torch's ops
-        assert cpu_elementwise(CPU, dtype, "auto") == "torch"
-        with pytest.raises(ValueError, match=r"cpu_elementwise='avx512' cannot run here: they compute in float32 on "
-                                             r"the CPU, and this model runs (bfloat16|float16) on cpu"):
-            cpu_elementwise(CPU, dtype, "avx512")
+    assert cpu_elementwise(CPU, torch.bfloat16, "auto") == ("avx512" if available else "torch")
+    assert cpu_elementwise(CPU, torch.float16, "auto") == "torch"
+    with pytest.raises(ValueError, match=r"cpu_elementwise='avx512' cannot run here: they compute in float32 or "
+                                         r"bfloat16 on the CPU, and this model runs float16 on cpu"):  # fmt: skip
+        cpu_elementwise(CPU, torch.float16, "avx512")
     assert cpu_elementwise(torch.device("cuda"), torch.float32, "auto") == "torch"
     assert cpu_elementwise(CPU, torch.float32, "torch") == "torch"
     with pytest.raises(ValueError, match="cpu_elementwise must be one of auto, avx512, torch; got 'fused'"):

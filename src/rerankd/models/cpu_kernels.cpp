@@ -1,6 +1,7 @@
-// rerankd's CPU kernels for x86 CPUs with AVX-512, fp32 (built and loaded by cpu_kernels.py): the packed attention
-// below, and at the end of the file the element-wise work of the decoder layers (RMSNorm with its residual add,
-// rotary embedding, SiLU-gated product) and of the cross-encoder layers (bias + GELU, bias + residual + LayerNorm).
+// rerankd's CPU kernels for x86 CPUs with AVX-512 (built and loaded by cpu_kernels.py): the packed attention below, in
+// fp32, and at the end of the file the element-wise work of the decoder layers (RMSNorm with its residual add, rotary
+// embedding, SiLU-gated product) and of the cross-encoder layers (bias + GELU, bias + residual + LayerNorm), in fp32
+// or bf16.
 //
 // Packed attention: softmax(q k^T * scale) v within each packed sequence, for all sequences and heads of a batch in one
 // call. Why: torch's CPU flash kernel, called once per sequence, runs short sequences (tens to hundreds of tokens, what
@@ -350,40 +351,72 @@ extern "C" int rerankd_attention(const float* q, const float* k, const float* v,
 
 // ------------------------------------------------------------------------------------------------- element-wise
 // Each is one pass over its rows, OpenMP over rows, in the order of the torch ops it replaces (the build turns off
-// FMA contraction, so that a product and a sum round as torch's separate ops do); row strides in floats, each row's
-// elements contiguous. Only the sum inside RMSNorm is taken in another order (lanes, then across them).
+// FMA contraction, so that a product and a sum round as torch's separate ops do); row strides in elements, each row's
+// elements contiguous. Only the sums inside the norms are taken in another order (lanes, then across them).
+// Every tensor of a call is fp32 (bf16 = 0) or every one bf16 (bf16 = 1: a model computing in bf16). In bf16 the
+// arithmetic is fp32 and each result that a torch op of the bf16 model rounds to bf16 is rounded here too, to nearest
+// even as torch rounds (`rnd`): the kernel returns what the torch ops it replaces return, up to their fp32 math.
+
+namespace {
+
+inline __m512 load(const void* p, int64_t i, __mmask16 m, bool bf16) {
+  if (!bf16) return _mm512_maskz_loadu_ps(m, (const float*)p + i);
+  const __m256i h = _mm256_maskz_loadu_epi16(m, (const uint16_t*)p + i);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+// x's bits rounded to bf16 (in the upper 16 bits), to nearest even; a NaN becomes bf16's quiet NaN, as in c10
+inline __m512i bf16_bits(__m512 x) {
+  const __m512i u = _mm512_castps_si512(x);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  const __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
+  return _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC00000));
+}
+
+// x rounded to bf16 when bf16 (a torch op's result in a bf16 model), else x
+inline __m512 rnd(__m512 x, bool bf16) {
+  return bf16 ? _mm512_castsi512_ps(_mm512_and_si512(bf16_bits(x), _mm512_set1_epi32((int)0xFFFF0000u))) : x;
+}
+
+inline void store(void* p, int64_t i, __mmask16 m, __m512 x, bool bf16) {
+  if (!bf16) {
+    _mm512_mask_storeu_ps((float*)p + i, m, x);
+  } else {
+    _mm256_mask_storeu_epi16((uint16_t*)p + i, m, _mm512_cvtepi32_epi16(_mm512_srli_epi32(bf16_bits(x), 16)));
+  }
+}
+
+}  // namespace
 
 // RMSNorm as Qwen2 computes it: out[r] = weight * (s * (1 / sqrt(sum(s^2) / dim + eps))) with s = x[r] + add[r]
-// (add may be null: s = x[r]); s is written to sum[r] when sum is not null. out may be x (in place).
-extern "C" int rerankd_rms_norm(const float* x, int64_t x_stride, const float* add, int64_t add_stride, float* sum,
-                                int64_t sum_stride, float* out, int64_t out_stride, const float* weight, int64_t rows,
-                                int64_t dim, float eps, int threads) {
+// (add may be null: s = x[r]); s is written to sum[r] when sum is not null. out may be x (in place). In bf16: s, the
+// normalized row and the product with the weight are each rounded, as the bf16 model's three torch ops round them.
+extern "C" int rerankd_rms_norm(const void* x, int64_t x_stride, const void* add, int64_t add_stride, void* sum,
+                                int64_t sum_stride, void* out, int64_t out_stride, const void* weight, int64_t rows,
+                                int64_t dim, float eps, int bf16, int threads) {
   if (dim <= 0 || threads <= 0) return 1;
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int64_t r = 0; r < rows; ++r) {
-    const float* xr = x + r * x_stride;
-    const float* ar = add ? add + r * add_stride : nullptr;
-    float* sr = sum ? sum + r * sum_stride : nullptr;
     __m512 acc = _mm512_setzero_ps();
     for (int64_t j = 0; j < dim; j += 16) {
       const __mmask16 m = first_n(dim - j);
-      __m512 s = _mm512_maskz_loadu_ps(m, xr + j);
-      if (ar) s = _mm512_add_ps(s, _mm512_maskz_loadu_ps(m, ar + j));
-      if (sr) _mm512_mask_storeu_ps(sr + j, m, s);
+      __m512 s = load(x, r * x_stride + j, m, bf16);
+      if (add) s = rnd(_mm512_add_ps(s, load(add, r * add_stride + j, m, bf16)), bf16);
+      if (sum) store(sum, r * sum_stride + j, m, s, bf16);
       acc = _mm512_add_ps(acc, _mm512_mul_ps(s, s));
     }
     const __m512 inv = _mm512_set1_ps(1.0f / sqrtf(_mm512_reduce_add_ps(acc) / (float)dim + eps));
-    float* o = out + r * out_stride;
     for (int64_t j = 0; j < dim; j += 16) {
       const __mmask16 m = first_n(dim - j);
       __m512 s;
-      if (sr) {
-        s = _mm512_maskz_loadu_ps(m, sr + j);
+      if (sum) {
+        s = load(sum, r * sum_stride + j, m, bf16);
       } else {
-        s = _mm512_maskz_loadu_ps(m, xr + j);
-        if (ar) s = _mm512_add_ps(s, _mm512_maskz_loadu_ps(m, ar + j));
+        s = load(x, r * x_stride + j, m, bf16);
+        if (add) s = rnd(_mm512_add_ps(s, load(add, r * add_stride + j, m, bf16)), bf16);
       }
-      _mm512_mask_storeu_ps(o + j, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, weight + j), _mm512_mul_ps(s, inv)));
+      const __m512 n = rnd(_mm512_mul_ps(s, inv), bf16);
+      store(out, r * out_stride + j, m, _mm512_mul_ps(load(weight, j, m, bf16), n), bf16);
     }
   }
   return 0;
@@ -391,45 +424,44 @@ extern "C" int rerankd_rms_norm(const float* x, int64_t x_stride, const float* a
 
 // Rotary embedding in place: x[r, h] = x * cos[r] + rotate_half(x) * sin[r] for `heads` heads of head_dim D (even),
 // rotate_half(x) = (-x[D/2:], x[:D/2]); heads at x + r * x_stride + h * D; cos, sin [rows, D] at row stride cs_stride.
-extern "C" int rerankd_rotary(float* x, int64_t x_stride, int64_t rows, int64_t heads, int64_t D, const float* cos,
-                              const float* sin, int64_t cs_stride, int threads) {
+// In bf16 the two products and their sum are each rounded.
+extern "C" int rerankd_rotary(void* x, int64_t x_stride, int64_t rows, int64_t heads, int64_t D, const void* cos,
+                              const void* sin, int64_t cs_stride, int bf16, int threads) {
   if (D <= 0 || D % 2 != 0 || threads <= 0) return 1;
   const int64_t half = D / 2;
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int64_t r = 0; r < rows; ++r) {
-    const float* c = cos + r * cs_stride;
-    const float* s = sin + r * cs_stride;
+    const int64_t cs = r * cs_stride;
     for (int64_t h = 0; h < heads; ++h) {
-      float* p = x + r * x_stride + h * D;
+      const int64_t p = r * x_stride + h * D;
       for (int64_t j = 0; j < half; j += 16) {
         const __mmask16 m = first_n(half - j);
-        const __m512 x1 = _mm512_maskz_loadu_ps(m, p + j), x2 = _mm512_maskz_loadu_ps(m, p + half + j);
-        const __m512 lo = _mm512_sub_ps(_mm512_mul_ps(x1, _mm512_maskz_loadu_ps(m, c + j)),
-                                        _mm512_mul_ps(x2, _mm512_maskz_loadu_ps(m, s + j)));
-        const __m512 hi = _mm512_add_ps(_mm512_mul_ps(x2, _mm512_maskz_loadu_ps(m, c + half + j)),
-                                        _mm512_mul_ps(x1, _mm512_maskz_loadu_ps(m, s + half + j)));
-        _mm512_mask_storeu_ps(p + j, m, lo);
-        _mm512_mask_storeu_ps(p + half + j, m, hi);
+        const __m512 x1 = load(x, p + j, m, bf16), x2 = load(x, p + half + j, m, bf16);
+        const __m512 lo = _mm512_sub_ps(rnd(_mm512_mul_ps(x1, load(cos, cs + j, m, bf16)), bf16),
+                                        rnd(_mm512_mul_ps(x2, load(sin, cs + j, m, bf16)), bf16));
+        const __m512 hi = _mm512_add_ps(rnd(_mm512_mul_ps(x2, load(cos, cs + half + j, m, bf16)), bf16),
+                                        rnd(_mm512_mul_ps(x1, load(sin, cs + half + j, m, bf16)), bf16));
+        store(x, p + j, m, lo, bf16);
+        store(x, p + half + j, m, hi, bf16);
       }
     }
   }
   return 0;
 }
 
-// The SiLU-gated product of a gated MLP: out[r] = silu(gate[r]) * up[r], silu(a) = a / (1 + exp(-a)) as torch has it.
-// out may be gate or up (in place).
-extern "C" int rerankd_silu_mul(const float* gate, int64_t gate_stride, const float* up, int64_t up_stride, float* out,
-                                int64_t out_stride, int64_t rows, int64_t dim, int threads) {
+// The SiLU-gated product of a gated MLP: out[r] = silu(gate[r]) * up[r], silu(a) = a / (1 + exp(-a)) as torch has it
+// (in bf16, rounded before the product). out may be gate or up (in place).
+extern "C" int rerankd_silu_mul(const void* gate, int64_t gate_stride, const void* up, int64_t up_stride, void* out,
+                                int64_t out_stride, int64_t rows, int64_t dim, int bf16, int threads) {
   if (dim <= 0 || threads <= 0) return 1;
   const __m512 one = _mm512_set1_ps(1.0f);
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t j = 0; j < dim; j += 16) {
       const __mmask16 m = first_n(dim - j);
-      const __m512 a = _mm512_maskz_loadu_ps(m, gate + r * gate_stride + j);
+      const __m512 a = load(gate, r * gate_stride + j, m, bf16);
       const __m512 silu = _mm512_div_ps(a, _mm512_add_ps(one, exp512(_mm512_sub_ps(_mm512_setzero_ps(), a))));
-      _mm512_mask_storeu_ps(out + r * out_stride + j, m,
-                            _mm512_mul_ps(silu, _mm512_maskz_loadu_ps(m, up + r * up_stride + j)));
+      store(out, r * out_stride + j, m, _mm512_mul_ps(rnd(silu, bf16), load(up, r * up_stride + j, m, bf16)), bf16);
     }
   }
   return 0;
@@ -455,27 +487,27 @@ inline __m512 one_plus_erf512(__m512 z) {
 
 // The bias and GELU of an MLP's first product, in place: x[r] = gelu(x[r] + bias); bias may be null (already
 // added). quick 0: gelu(a) = a * 0.5 * (1 + erf(a / sqrt(2))) as torch has it (approximate="none"); quick 1: Qwen2-VL's
-// quick_gelu, a * sigmoid(1.702 * a) with sigmoid(t) = 1 / (1 + exp(-t)).
-extern "C" int rerankd_bias_gelu(float* x, int64_t x_stride, const float* bias, int64_t rows, int64_t dim, int quick,
-                                 int threads) {
+// quick_gelu, a * sigmoid(1.702 * a) with sigmoid(t) = 1 / (1 + exp(-t)). In bf16 the sum with the bias, GELU's
+// result, and quick GELU's 1.702 * a, sigmoid and product are each rounded, as the bf16 model's torch ops round them.
+extern "C" int rerankd_bias_gelu(void* x, int64_t x_stride, const void* bias, int64_t rows, int64_t dim, int quick,
+                                 int bf16, int threads) {
   if (dim <= 0 || threads <= 0) return 1;
   const __m512 half = _mm512_set1_ps(0.5f), alpha = _mm512_set1_ps(0.70710678118654752f);
   const __m512 one = _mm512_set1_ps(1.0f), k = _mm512_set1_ps(1.702f);
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int64_t r = 0; r < rows; ++r) {
-    float* p = x + r * x_stride;
     for (int64_t j = 0; j < dim; j += 16) {
       const __mmask16 m = first_n(dim - j);
-      __m512 a = _mm512_maskz_loadu_ps(m, p + j);
-      if (bias) a = _mm512_add_ps(a, _mm512_maskz_loadu_ps(m, bias + j));
+      __m512 a = load(x, r * x_stride + j, m, bf16);
+      if (bias) a = rnd(_mm512_add_ps(a, load(bias, j, m, bf16)), bf16);
       __m512 g;
       if (quick) {
-        const __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(k, a)));
-        g = _mm512_mul_ps(a, _mm512_div_ps(one, _mm512_add_ps(one, e)));
+        const __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), rnd(_mm512_mul_ps(k, a), bf16)));
+        g = _mm512_mul_ps(a, rnd(_mm512_div_ps(one, _mm512_add_ps(one, e)), bf16));
       } else {
         g = _mm512_mul_ps(_mm512_mul_ps(a, half), one_plus_erf512(_mm512_mul_ps(a, alpha)));
       }
-      _mm512_mask_storeu_ps(p + j, m, g);
+      store(x, r * x_stride + j, m, g, bf16);
     }
   }
   return 0;
@@ -483,25 +515,24 @@ extern "C" int rerankd_bias_gelu(float* x, int64_t x_stride, const float* bias, 
 
 // LayerNorm of a residual sum: out[r] = LayerNorm(s) * gamma + beta with s = residual[r] + (x[r] + bias), statistics
 // over the row in two passes (mean, then the mean square of the deviations); bias and residual may be null. s is
-// written to sum[r] when sum is not null (a pre-norm block's residual stream). out may be x.
-extern "C" int rerankd_layer_norm(const float* x, int64_t x_stride, const float* bias, const float* residual,
-                                  int64_t residual_stride, const float* gamma, const float* beta, float* sum,
-                                  int64_t sum_stride, float* out, int64_t out_stride, int64_t rows, int64_t dim,
-                                  float eps, int threads) {
+// written to sum[r] when sum is not null (a pre-norm block's residual stream). out may be x. In bf16 each of the two
+// sums is rounded, and the norm's result once, as torch's bf16 LayerNorm computes in fp32 and rounds at the end.
+extern "C" int rerankd_layer_norm(const void* x, int64_t x_stride, const void* bias, const void* residual,
+                                  int64_t residual_stride, const void* gamma, const void* beta, void* sum,
+                                  int64_t sum_stride, void* out, int64_t out_stride, int64_t rows, int64_t dim,
+                                  float eps, int bf16, int threads) {
   if (dim <= 0 || threads <= 0) return 1;
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int64_t r = 0; r < rows; ++r) {
-    const float* xr = x + r * x_stride;
-    const float* res = residual ? residual + r * residual_stride : nullptr;
-    float* o = out + r * out_stride;
+    const int64_t o = r * out_stride;
     __m512 acc = _mm512_setzero_ps();
-    for (int64_t j = 0; j < dim; j += 16) {  // the sum, kept in out
+    for (int64_t j = 0; j < dim; j += 16) {  // the sum, kept in out (exactly: in bf16 it is rounded already)
       const __mmask16 m = first_n(dim - j);
-      __m512 s = _mm512_maskz_loadu_ps(m, xr + j);
-      if (bias) s = _mm512_add_ps(s, _mm512_maskz_loadu_ps(m, bias + j));
-      if (res) s = _mm512_add_ps(_mm512_maskz_loadu_ps(m, res + j), s);
-      _mm512_mask_storeu_ps(o + j, m, s);
-      if (sum) _mm512_mask_storeu_ps(sum + r * sum_stride + j, m, s);
+      __m512 s = load(x, r * x_stride + j, m, bf16);
+      if (bias) s = rnd(_mm512_add_ps(s, load(bias, j, m, bf16)), bf16);
+      if (residual) s = rnd(_mm512_add_ps(load(residual, r * residual_stride + j, m, bf16), s), bf16);
+      store(out, o + j, m, s, bf16);
+      if (sum) store(sum, r * sum_stride + j, m, s, bf16);
       acc = _mm512_add_ps(acc, s);
     }
     const float mean = _mm512_reduce_add_ps(acc) / (float)dim;
@@ -509,16 +540,15 @@ extern "C" int rerankd_layer_norm(const float* x, int64_t x_stride, const float*
     acc = _mm512_setzero_ps();
     for (int64_t j = 0; j < dim; j += 16) {
       const __mmask16 m = first_n(dim - j);
-      const __m512 d = _mm512_maskz_sub_ps(m, _mm512_maskz_loadu_ps(m, o + j), mv);
+      const __m512 d = _mm512_maskz_sub_ps(m, load(out, o + j, m, bf16), mv);
       acc = _mm512_add_ps(acc, _mm512_mul_ps(d, d));
     }
     const float rstd = 1.0f / sqrtf(_mm512_reduce_add_ps(acc) / (float)dim + eps);
     const __m512 scale = _mm512_set1_ps(rstd), shift = _mm512_set1_ps(-mean * rstd);
     for (int64_t j = 0; j < dim; j += 16) {
       const __mmask16 m = first_n(dim - j);
-      const __m512 n = _mm512_add_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, o + j), scale), shift);
-      _mm512_mask_storeu_ps(o + j, m, _mm512_add_ps(_mm512_mul_ps(n, _mm512_maskz_loadu_ps(m, gamma + j)),
-                                                    _mm512_maskz_loadu_ps(m, beta + j)));
+      const __m512 n = _mm512_add_ps(_mm512_mul_ps(load(out, o + j, m, bf16), scale), shift);
+      store(out, o + j, m, _mm512_add_ps(_mm512_mul_ps(n, load(gamma, j, m, bf16)), load(beta, j, m, bf16)), bf16);
     }
   }
   return 0;

@@ -1,6 +1,6 @@
-"""rerankd's CPU kernels for x86 CPUs with AVX-512, in fp32 (`cpu_kernels.cpp`):
+"""rerankd's CPU kernels for x86 CPUs with AVX-512 (`cpu_kernels.cpp`):
 
-* `attention`: every sequence and head of a packed batch in one call, where the SDPA loop calls torch's flash kernel
+* `attention` (fp32): every sequence and head of a packed batch in one call, where the SDPA loop calls torch's flash kernel
   once per sequence. On the short sequences that rerankers see it runs 1.5-3x the loop's speed
   (benchmarks/bench_cpu_attention.py); a sequence with more than KEY_BLOCK keys takes them a block at a time with an
   online softmax, as flash attention does, and stayed ahead of torch's kernel at every length measured (up to
@@ -11,7 +11,8 @@
   (docs/benchmarks.md).
 * `bias_gelu_`, `layer_norm`: a cross-encoder layer's, with each product's bias added in the pass after it (GELU;
   the residual add and LayerNorm) instead of in a pass of its own; and the vision tower's (quick GELU; the residual
-  add and the pre-norm LayerNorm, which keeps the sum).
+  add and the pre-norm LayerNorm, which keeps the sum). These take fp32 or bf16 tensors; in bf16 they round each
+  result that the bf16 model's torch ops round, so they return what those ops return, up to fp32 arithmetic.
 
 The library is compiled once per machine with the system's C++ compiler ($CXX, else c++ or g++; OpenMP from the
 same libgomp that torch loads) into $XDG_CACHE_HOME/rerankd (~/.cache/rerankd), named by a hash of the source,
@@ -51,13 +52,15 @@ _ARGS = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 6 + [ctypes.c_void_p] * 5 + [
 _FAILURES = {1: "bad head counts, head_dim or key block", 2: "a causal query row past its sequence's keys",
              3: "out of memory for the per-thread buffers"}  # fmt: skip
 _P, _I = ctypes.c_void_p, ctypes.c_int64
-_ELEMENTWISE = {  # name: argument types (all return 0, or 1 for a bad size)
-    "rerankd_rms_norm": [_P, _I, _P, _I, _P, _I, _P, _I, _P, _I, _I, ctypes.c_float, ctypes.c_int],
-    "rerankd_rotary": [_P, _I, _I, _I, _I, _P, _P, _I, ctypes.c_int],
-    "rerankd_silu_mul": [_P, _I, _P, _I, _P, _I, _I, _I, ctypes.c_int],
-    "rerankd_bias_gelu": [_P, _I, _P, _I, _I, ctypes.c_int, ctypes.c_int],
-    "rerankd_layer_norm": [_P, _I, _P, _P, _I, _P, _P, _P, _I, _P, _I, _I, _I, ctypes.c_float, ctypes.c_int],
+_C = ctypes.c_int
+_ELEMENTWISE = {  # name: argument types, the last two (bf16, threads) (all return 0, or 1 for a bad size)
+    "rerankd_rms_norm": [_P, _I, _P, _I, _P, _I, _P, _I, _P, _I, _I, ctypes.c_float, _C, _C],
+    "rerankd_rotary": [_P, _I, _I, _I, _I, _P, _P, _I, _C, _C],
+    "rerankd_silu_mul": [_P, _I, _P, _I, _P, _I, _I, _I, _C, _C],
+    "rerankd_bias_gelu": [_P, _I, _P, _I, _I, _C, _C, _C],
+    "rerankd_layer_norm": [_P, _I, _P, _P, _I, _P, _P, _P, _I, _P, _I, _I, _I, ctypes.c_float, _C, _C],
 }
+ELEMENTWISE_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def _compiler() -> str | None:
@@ -159,14 +162,17 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans: torch.Te
     return out
 
 
-def _loaded(kernel: str, *tensors: torch.Tensor) -> ctypes.CDLL:
-    """The library, after checking that `tensors` are what its kernels take (fp32 on the CPU)."""
+def _loaded(kernel: str, *tensors: torch.Tensor, dtypes: tuple[torch.dtype, ...] = (torch.float32,)) -> ctypes.CDLL:
+    """The library, after checking that `tensors` are what its kernels take: CPU tensors of one of `dtypes`, all of
+    the same dtype."""
     lib = _library()
     if isinstance(lib, str):
         raise RuntimeError(f"rerankd's CPU kernels are not available: {lib}")
     for t in tensors:
-        if t.dtype != torch.float32 or t.device.type != "cpu":
-            raise TypeError(f"rerankd's CPU {kernel} kernel takes float32 CPU tensors; got {t.dtype} on {t.device}")
+        if t.dtype not in dtypes or t.dtype != tensors[0].dtype or t.device.type != "cpu":
+            kinds = " or ".join(str(d).removeprefix("torch.") for d in dtypes)
+            got = ", ".join(f"{x.dtype} on {x.device}" for x in tensors)
+            raise TypeError(f"rerankd's CPU {kernel} kernel takes {kinds} CPU tensors, all of one dtype; got {got}")
     return lib
 
 
@@ -180,12 +186,12 @@ def _matrix(t: torch.Tensor, name: str, like: torch.Tensor | None = None, like_n
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, add: torch.Tensor | None = None):
-    """RMSNorm of the rows of x ([rows, dim], each row contiguous), as layers.RMSNorm computes it in fp32.
+    """RMSNorm of the rows of x ([rows, dim], each row contiguous), as layers.RMSNorm computes it (in fp32 or bf16).
 
     add None: returns norm(x). add ([rows, dim]): returns (x + add, norm(x + add)), the residual sum and its norm
     from one pass.
     """
-    lib = _loaded("rms_norm", x, weight, *(() if add is None else (add,)))
+    lib = _loaded("rms_norm", x, weight, *(() if add is None else (add,)), dtypes=ELEMENTWISE_DTYPES)
     _matrix(x, "rms_norm's x")
     rows, dim = x.shape
     _vector(weight, dim, "rms_norm's weight")
@@ -196,7 +202,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, add: torch.Tenso
         total = torch.empty_like(out)
     rc = lib.rerankd_rms_norm(x.data_ptr(), x.stride(0), None if add is None else add.data_ptr(),
                               0 if add is None else add.stride(0), None if total is None else total.data_ptr(), dim,
-                              out.data_ptr(), dim, weight.data_ptr(), rows, dim, eps,
+                              out.data_ptr(), dim, weight.data_ptr(), rows, dim, eps, _bf16(x),
                               torch.get_num_threads())  # fmt: skip
     _check(rc, "rms_norm")
     return out if total is None else (total, out)
@@ -205,7 +211,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, add: torch.Tenso
 def rotary_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """The rotary embedding of x ([rows, heads, head_dim], heads and head_dim packed; rows at any stride) in place:
     x * cos + rotate_half(x) * sin with cos, sin [rows, head_dim] broadcast over the heads. Returns x."""
-    lib = _loaded("rotary", x, cos, sin)
+    lib = _loaded("rotary", x, cos, sin, dtypes=ELEMENTWISE_DTYPES)
     rows, heads, dim = x.shape
     if x.stride(2) != 1 or x.stride(1) != dim:
         raise ValueError(f"rotary_: x's heads and head_dim must be packed; got strides {x.stride()}")
@@ -213,19 +219,19 @@ def rotary_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
         raise ValueError(f"rotary_: cos and sin must be contiguous [{rows}, {dim}]; got {tuple(cos.shape)}, "
                          f"{tuple(sin.shape)}")  # fmt: skip
     rc = lib.rerankd_rotary(x.data_ptr(), x.stride(0), rows, heads, dim, cos.data_ptr(), sin.data_ptr(), dim,
-                            torch.get_num_threads())  # fmt: skip
+                            _bf16(x), torch.get_num_threads())  # fmt: skip
     _check(rc, "rotary_")
     return x
 
 
 def silu_mul_(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """gate = silu(gate) * up in place, for [rows, dim] tensors (each row contiguous). Returns gate."""
-    lib = _loaded("silu_mul", gate, up)
+    lib = _loaded("silu_mul", gate, up, dtypes=ELEMENTWISE_DTYPES)
     _matrix(gate, "silu_mul_'s gate")
     _matrix(up, "silu_mul_'s up", like=gate, like_name="gate")
     rows, dim = gate.shape
     rc = lib.rerankd_silu_mul(gate.data_ptr(), gate.stride(0), up.data_ptr(), up.stride(0), gate.data_ptr(),
-                              gate.stride(0), rows, dim, torch.get_num_threads())  # fmt: skip
+                              gate.stride(0), rows, dim, _bf16(gate), torch.get_num_threads())  # fmt: skip
     _check(rc, "silu_mul_")
     return gate
 
@@ -233,11 +239,11 @@ def silu_mul_(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 def bias_gelu_(x: torch.Tensor, bias: torch.Tensor | None, quick: bool = False) -> torch.Tensor:
     """x = gelu(x + bias) in place for [rows, dim] x (each row contiguous); bias [dim] or None (already added).
     quick False: torch's exact (erf) GELU; True: Qwen2-VL's quick_gelu, a * sigmoid(1.702 a). Returns x."""
-    lib = _loaded("bias_gelu", x, *(() if bias is None else (bias,)))
+    lib = _loaded("bias_gelu", x, *(() if bias is None else (bias,)), dtypes=ELEMENTWISE_DTYPES)
     _matrix(x, "bias_gelu_'s x")
     _vector(bias, x.shape[1], "bias_gelu_'s bias")
     rc = lib.rerankd_bias_gelu(x.data_ptr(), x.stride(0), None if bias is None else bias.data_ptr(), x.shape[0],
-                               x.shape[1], int(quick), torch.get_num_threads())  # fmt: skip
+                               x.shape[1], int(quick), _bf16(x), torch.get_num_threads())  # fmt: skip
     _check(rc, "bias_gelu_")
     return x
 
@@ -247,7 +253,8 @@ def layer_norm(x: torch.Tensor, norm: torch.nn.LayerNorm, bias: torch.Tensor | N
     """norm(residual + (x + bias)) for [rows, dim] tensors (each row contiguous), into a new tensor: a post-norm
     block's end, its product's bias added here. bias, residual: None when there is none. keep_sum: returns
     (residual + (x + bias), its norm), a pre-norm block's residual stream and the next input."""
-    lib = _loaded("layer_norm", x, norm.weight, norm.bias, *(t for t in (bias, residual) if t is not None))
+    lib = _loaded("layer_norm", x, norm.weight, norm.bias, *(t for t in (bias, residual) if t is not None),
+                  dtypes=ELEMENTWISE_DTYPES)
     _matrix(x, "layer_norm's x")
     rows, dim = x.shape
     if norm.normalized_shape != (dim,):
@@ -262,9 +269,14 @@ def layer_norm(x: torch.Tensor, norm: torch.nn.LayerNorm, bias: torch.Tensor | N
                                 None if residual is None else residual.data_ptr(),
                                 0 if residual is None else residual.stride(0), norm.weight.data_ptr(),
                                 norm.bias.data_ptr(), None if total is None else total.data_ptr(), dim, out.data_ptr(),
-                                dim, rows, dim, norm.eps, torch.get_num_threads())  # fmt: skip
+                                dim, rows, dim, norm.eps, _bf16(x), torch.get_num_threads())  # fmt: skip
     _check(rc, "layer_norm")
     return out if total is None else (total, out)
+
+
+def _bf16(t: torch.Tensor) -> int:
+    """The element-wise kernels' dtype argument: 1 for bf16 tensors, 0 for fp32."""
+    return int(t.dtype == torch.bfloat16)
 
 
 def _vector(t: torch.Tensor | None, dim: int, name: str) -> None:

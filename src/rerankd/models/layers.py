@@ -621,9 +621,10 @@ def linear(x: torch.Tensor, layer: nn.Linear, rows: slice = slice(None), bias: b
 
 def product(x: torch.Tensor, layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(x W^T, b) of a linear layer, for a CPU kernel that adds the bias in the pass it makes over the product anyway
-    (torch's addmm writes the bias into the output first, a pass of its own); a layer that is not a float nn.Linear
-    (int8) computes whole: (layer(x), None)."""
-    if isinstance(layer, nn.Linear):
+    (torch's addmm writes the bias into the output first, a pass of its own); (layer(x), None) where the bias stays
+    in the product: a layer that is not a float nn.Linear (int8), or bf16 arithmetic, where the bf16 model's addmm
+    rounds the product and its bias once and the kernel would round twice."""
+    if isinstance(layer, nn.Linear) and x.dtype == torch.float32:
         return linear(x, layer, bias=False), layer.bias
     return layer(x), None
 
@@ -729,14 +730,15 @@ CPU_ELEMENTWISE = ("auto", "avx512", "torch")
 
 def cpu_elementwise(device: torch.device, dtype: torch.dtype, requested: str) -> str:
     """Where a model computing in `dtype` on `device` runs its element-wise work: 'avx512' (rerankd's CPU kernels:
-    fp32 on a CPU where they build) or 'torch'. requested: 'auto' (avx512 where it can run), 'avx512' (a ValueError
-    where it cannot) or 'torch'."""
+    fp32 or bf16 on a CPU where they build) or 'torch'. requested: 'auto' (avx512 where it can run), 'avx512' (a
+    ValueError where it cannot) or 'torch'."""
     if requested not in CPU_ELEMENTWISE:
         raise ValueError(f"cpu_elementwise must be one of {', '.join(CPU_ELEMENTWISE)}; got {requested!r}")
     if requested == "torch":
         return "torch"
-    if device.type != "cpu" or dtype != torch.float32:
-        why = f"they compute in float32 on the CPU, and this model runs {str(dtype).removeprefix('torch.')} on {device}"
+    if device.type != "cpu" or dtype not in cpu_kernels.ELEMENTWISE_DTYPES:
+        why = (f"they compute in float32 or bfloat16 on the CPU, and this model runs "
+               f"{str(dtype).removeprefix('torch.')} on {device}")  # fmt: skip
     else:
         why = cpu_kernels.unavailable()
     if why is None:

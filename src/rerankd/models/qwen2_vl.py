@@ -88,7 +88,7 @@ class VisionAttention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pack: Packing):
         n = x.shape[0]
         q, k, v = self.qkv(x).view(n, 3, self.num_heads, self.head_dim).unbind(1)  # each [patches, heads, head_dim]
-        if self.elementwise == "avx512":  # fp32: q and k rotated in place (views of the product nothing else reads)
+        if self.elementwise == "avx512" and q.dtype == torch.float32:  # rotated in place (views nothing else reads)
             q, k = cpu_kernels.rotary_(q, cos, sin), cpu_kernels.rotary_(k, cos, sin)
         else:
             q = apply_rotary(q.float(), cos, sin).to(x.dtype)
