@@ -1,7 +1,7 @@
 """rerankd's CPU kernels for x86 CPUs with AVX-512 (`cpu_kernels.cpp`):
 
-* `attention` (fp32): every sequence and head of a packed batch in one call, where the SDPA loop calls torch's flash kernel
-  once per sequence. On the short sequences that rerankers see it runs 1.5-3x the loop's speed
+* `attention` (fp32): every sequence and head of a packed batch in one call, where the SDPA loop calls torch's flash
+  kernel once per sequence. On the short sequences that rerankers see it runs 1.5-3x the loop's speed
   (benchmarks/bench_cpu_attention.py); a sequence with more than KEY_BLOCK keys takes them a block at a time with an
   online softmax, as flash attention does, and stayed ahead of torch's kernel at every length measured (up to
   31,548 tokens).
