@@ -185,6 +185,30 @@ def test_the_avx512_kernel_computes_a_half_model_in_fp32(dtype):
 
 
 @needs_avx512
+@pytest.mark.parametrize("key_block", [1024, 32], ids=["keys at once", "keys in blocks"])
+@pytest.mark.parametrize("shape", ["v2", "m0 text", "qwen3 tiny"])
+def test_the_avx512_kernel_reads_and_writes_bf16_itself(monkeypatch, shape, key_block):
+    """A bf16 model's q, k and v go to the kernel as they are, without widened copies (q as a view of its fused
+    projection): the result is the fp32 call's on the widened values, rounded to bf16, bit for bit."""
+    monkeypatch.setattr(cpu_kernels, "KEY_BLOCK", key_block)
+    heads, kv_heads, dim = CPU_SHAPES[shape]
+    tokens = sum(CPU_LENGTHS)
+    g = torch.Generator().manual_seed(4)
+    fused = torch.randn(tokens, heads + 2 * kv_heads, dim, generator=g).bfloat16()
+    q, k, v = fused.split([heads, kv_heads, kv_heads], dim=1)
+    cu = offsets(CPU_LENGTHS)
+    pack = packing(CPU_LENGTHS, CPU, "avx512")
+    for causal in (False, True):
+        got = cpu_kernels.attention(q, k, v, pack.cpu_full, causal)
+        assert got.dtype == torch.bfloat16
+        assert torch.equal(got, cpu_kernels.attention(q.float(), k.float(), v.float(), pack.cpu_full, causal).bfloat16())
+        assert_close(got.float(), loop_reference(q.float(), k.float(), v.float(), cu, causal), 1e-2)
+    last = torch.tensor(cu[1:]) - 1
+    got = cpu_kernels.attention(q[last], k, v, pack.cpu_rows, causal=False)
+    assert torch.equal(got, cpu_kernels.attention(q[last].float(), k.float(), v.float(), pack.cpu_rows, False).bfloat16())
+
+
+@needs_avx512
 @pytest.mark.parametrize("shape", ["m0 text", "qwen3 tiny", "one head"])
 def test_the_avx512_kernel_takes_many_keys_in_blocks(monkeypatch, shape):
     """A unit with more keys than KEY_BLOCK takes them a block at a time (online softmax): blocks of 32 keys here,
@@ -210,8 +234,10 @@ def test_the_avx512_kernel_takes_many_keys_in_blocks(monkeypatch, shape):
 def test_the_avx512_kernel_refuses_what_it_cannot_read():
     q, k, v = qkv(*SHAPES["gqa"])
     pack = packing(LENGTHS, CPU, "avx512")
-    with pytest.raises(TypeError, match="takes float32 CPU tensors, all of one dtype; got torch.bfloat16 on cpu"):
-        cpu_kernels.attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), pack.cpu_full, causal=True)
+    with pytest.raises(TypeError, match="takes float32 or bfloat16 CPU tensors, all of one dtype; got torch.float16"):
+        cpu_kernels.attention(q.half(), k.half(), v.half(), pack.cpu_full, causal=True)
+    with pytest.raises(TypeError, match="all of one dtype; got torch.bfloat16 on cpu, torch.float32 on cpu"):
+        cpu_kernels.attention(q.bfloat16(), k, v, pack.cpu_full, causal=True)
 
 
 @needs_avx512

@@ -1,7 +1,7 @@
-// rerankd's CPU kernels for x86 CPUs with AVX-512 (built and loaded by cpu_kernels.py): the packed attention below, in
-// fp32, and at the end of the file the element-wise work of the decoder layers (RMSNorm with its residual add, rotary
-// embedding, SiLU-gated product) and of the cross-encoder layers (bias + GELU, bias + residual + LayerNorm), in fp32
-// or bf16.
+// rerankd's CPU kernels for x86 CPUs with AVX-512 (built and loaded by cpu_kernels.py), on fp32 or bf16 tensors: the
+// packed attention below (fp32 arithmetic), and at the end of the file the element-wise work of the decoder layers
+// (RMSNorm with its residual add, rotary embedding, SiLU-gated product) and of the cross-encoder layers (bias + GELU,
+// bias + residual + LayerNorm).
 //
 // Packed attention: softmax(q k^T * scale) v within each packed sequence, for all sequences and heads of a batch in one
 // call. Why: torch's CPU flash kernel, called once per sequence, runs short sequences (tens to hundreds of tokens, what
@@ -15,7 +15,7 @@
 // Nothing depends on the other sequences of the batch: a sequence's result is the same bit for bit whatever it is
 // batched with.
 //
-// Layouts (fp32, row-major): q [q_rows, Hq, D] with row stride q_stride; k, v [tokens, Hk, D] with row strides
+// Layouts (fp32, or bf16 with bf16 = 1; row-major): q [q_rows, Hq, D] with row stride q_stride; k, v [tokens, Hk, D] with row strides
 // k_stride, v_stride; out [q_rows, Hq, D] contiguous. Sequence s: keys k[key_start[s] .. + key_len[s]), query rows
 // q[q_start[s] .. + q_len[s]) at positions q_pos[s] .. of the sequence (causal: row at position p sees keys 0..p).
 #include <immintrin.h>
@@ -34,13 +34,42 @@ constexpr int64_t UNIT_ROWS = 256;   // query rows per work unit (one copy of it
 constexpr int MR = 6;                // query rows per micro_gemm: 6 x 32 keys or 6 x 64 columns of accumulators
 
 struct Args {
-  const float *k, *v;
+  const void *k, *v;  // fp32, or bf16 when bf16
   int64_t q_stride, k_stride, v_stride, Hq, D;
   float scale;
   int causal;
+  bool bf16;
 };
 
 inline __mmask16 first_n(int64_t n) { return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n > 0 ? n : 0)) - 1); }
+
+// bf16 tensors (bf16 = 1): widened to fp32 as they are read; results rounded to nearest even as they are written
+inline __m512 load(const void* p, int64_t i, __mmask16 m, bool bf16) {
+  if (!bf16) return _mm512_maskz_loadu_ps(m, (const float*)p + i);
+  const __m256i h = _mm256_maskz_loadu_epi16(m, (const uint16_t*)p + i);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+// x's bits rounded to bf16 (in the upper 16 bits), to nearest even; a NaN becomes bf16's quiet NaN, as in c10
+inline __m512i bf16_bits(__m512 x) {
+  const __m512i u = _mm512_castps_si512(x);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  const __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
+  return _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC00000));
+}
+
+// x rounded to bf16 when bf16 (a torch op's result in a bf16 model), else x
+inline __m512 rnd(__m512 x, bool bf16) {
+  return bf16 ? _mm512_castsi512_ps(_mm512_and_si512(bf16_bits(x), _mm512_set1_epi32((int)0xFFFF0000u))) : x;
+}
+
+inline void store(void* p, int64_t i, __mmask16 m, __m512 x, bool bf16) {
+  if (!bf16) {
+    _mm512_mask_storeu_ps((float*)p + i, m, x);
+  } else {
+    _mm256_mask_storeu_epi16((uint16_t*)p + i, m, _mm512_cvtepi32_epi16(_mm512_srli_epi32(bf16_bits(x), 16)));
+  }
+}
 
 // exp(x): Cephes' expf polynomial after range reduction (about 1 ulp); exp(-88) below -88, inf above 88.8 (2^n
 // with n = 128 or more overflows in scalef)
@@ -84,20 +113,28 @@ inline void transpose16(__m512* r, __m512* t) {
   }
 }
 
-// keys [0, nk) of one sequence and kv head into kt ([D, ldk], transposed) and vt ([nk, D])
+// keys [0, nk) of one sequence and kv head into kt ([D, ldk], transposed) and vt ([nk, D]), in fp32
 void pack_kv(const Args& a, int64_t key_start, int64_t nk, int64_t hk, float* kt, int64_t ldk, float* vt) {
   const int64_t D = a.D;
   for (int64_t t0 = 0; t0 < nk; t0 += 16) {
     const int64_t tn = std::min<int64_t>(16, nk - t0);
-    for (int64_t t = 0; t < tn; ++t)
-      memcpy(vt + (t0 + t) * D, a.v + (key_start + t0 + t) * a.v_stride + hk * D, sizeof(float) * D);
+    for (int64_t t = 0; t < tn; ++t) {
+      const int64_t row = (key_start + t0 + t) * a.v_stride + hk * D;
+      if (!a.bf16) {
+        memcpy(vt + (t0 + t) * D, (const float*)a.v + row, sizeof(float) * D);
+        continue;
+      }
+      for (int64_t d = 0; d < D; d += 16) {
+        const __mmask16 m = first_n(D - d);
+        _mm512_mask_storeu_ps(vt + (t0 + t) * D + d, m, load(a.v, row + d, m, true));
+      }
+    }
     const __mmask16 keys = first_n(tn);
     for (int64_t d0 = 0; d0 < D; d0 += 16) {
       const __mmask16 dims = first_n(D - d0);
       __m512 r[16], t[16];
       for (int i = 0; i < 16; ++i)
-        r[i] = i < tn ? _mm512_maskz_loadu_ps(dims, a.k + (key_start + t0 + i) * a.k_stride + hk * D + d0)
-                      : _mm512_setzero_ps();
+        r[i] = i < tn ? load(a.k, (key_start + t0 + i) * a.k_stride + hk * D + d0, dims, a.bf16) : _mm512_setzero_ps();
       transpose16(r, t);
       for (int64_t d = 0; d < std::min<int64_t>(16, D - d0); ++d)
         _mm512_mask_storeu_ps(kt + (d0 + d) * ldk + t0, keys, r[d]);
@@ -153,10 +190,9 @@ inline void micro_rows(int mr, const float* a, int64_t lda, const float* b, int6
   }
 }
 
-// scores of query rows [r0, r1) (positions pos0 + r) against keys [0, nk)
-void scores(const Args& a, const float* q, int64_t h, const float* kt, int64_t ldk, int64_t r0, int64_t r1,
+// scores of query rows [r0, r1) (positions pos0 + r) against keys [0, nk); q: row r0 of one head (fp32), rows qs apart
+void scores(const Args& a, const float* q, int64_t qs, const float* kt, int64_t ldk, int64_t r0, int64_t r1,
             int64_t pos0, int64_t nk, float* S, int64_t ld) {
-  const int64_t qs = a.q_stride;
   for (int64_t j = 0; j < nk; j += 32) {
     int64_t rb = r0;
     if (a.causal && pos0 + r0 < j)  // rows at positions before key j see none of these keys
@@ -165,7 +201,7 @@ void scores(const Args& a, const float* q, int64_t h, const float* kt, int64_t l
     const __mmask16 last = first_n(two ? nk - j - 16 : nk - j);
     for (; rb < r1; rb += MR) {
       const int mr = (int)std::min<int64_t>(MR, r1 - rb);
-      const float* qrow = q + rb * qs + h * a.D;
+      const float* qrow = q + (rb - r0) * qs;
       float* srow = S + (rb - r0) * ld;
       if (two)
         micro_rows<2>(mr, qrow, qs, kt + j, ldk, a.D, last, srow + j, ld, &a.scale, 0);
@@ -173,6 +209,22 @@ void scores(const Args& a, const float* q, int64_t h, const float* kt, int64_t l
         micro_rows<1>(mr, qrow, qs, kt + j, ldk, a.D, last, srow + j, ld, &a.scale, 0);
     }
   }
+}
+
+// rows [r0, r1) of head h of the query block starting at q (the query rows' dtype, rows a.q_stride apart), as the
+// scores read them: the fp32 rows in place (their stride in *qs), or bf16 rows widened into Qb ([rows, D])
+const float* query_rows(const Args& a, const void* q, int64_t h, int64_t r0, int64_t r1, float* Qb, int64_t* qs) {
+  if (!a.bf16) {
+    *qs = a.q_stride;
+    return (const float*)q + r0 * a.q_stride + h * a.D;
+  }
+  for (int64_t r = r0; r < r1; ++r)
+    for (int64_t d = 0; d < a.D; d += 16) {
+      const __mmask16 m = first_n(a.D - d);
+      _mm512_mask_storeu_ps(Qb + (r - r0) * a.D + d, m, load(q, r * a.q_stride + h * a.D + d, m, true));
+    }
+  *qs = a.D;
+  return Qb;
 }
 
 // rows [r0, r1) of S times the values, each row times scale[(r - r0) * step], into out (row r0 first, stride ldo), in
@@ -240,15 +292,25 @@ void softmax_rows(const Args& a, float* S, int64_t ld, int64_t rows, int64_t pos
   for (int64_t i = 0; i < rows; ++i) inv[i] = 1.0f / l[i];
 }
 
+// out's row at element `at` = src * f (D values), rounded when bf16
+inline void put_row(const Args& a, void* out, int64_t at, const float* src, __m512 f) {
+  for (int64_t d = 0; d < a.D; d += 16) {
+    const __mmask16 m = first_n(a.D - d);
+    store(out, at + d, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, src + d), f), a.bf16);
+  }
+}
+
 }  // namespace
 
-extern "C" int rerankd_attention(const float* q, const float* k, const float* v, float* out, int64_t q_stride,
+// q, k, v and out all fp32 (bf16 = 0) or all bf16 (bf16 = 1: widened as they are read, the fp32 result rounded to
+// nearest even as it is written: the fp32 kernel's result on the widened values, rounded as torch's .to() rounds)
+extern "C" int rerankd_attention(const void* q, const void* k, const void* v, void* out, int64_t q_stride,
                                  int64_t k_stride, int64_t v_stride, int64_t Hq, int64_t Hk, int64_t D,
                                  const int64_t* key_start, const int64_t* key_len, const int64_t* q_start,
                                  const int64_t* q_len, const int64_t* q_pos, int64_t n, float scale, int causal,
-                                 int threads, int64_t key_block) {
+                                 int threads, int64_t key_block, int bf16) {
   if (Hk <= 0 || Hq % Hk != 0 || D <= 0 || threads <= 0 || key_block < 32 || key_block % 32 != 0) return 1;
-  const Args a{k, v, q_stride, k_stride, v_stride, Hq, D, scale, causal};
+  const Args a{k, v, q_stride, k_stride, v_stride, Hq, D, scale, causal, bf16 != 0};
   struct Unit {
     int64_t s, hk, r0, r1;
     double cost;
@@ -275,30 +337,37 @@ extern "C" int rerankd_attention(const float* q, const float* k, const float* v,
   int failed = 0;
 #pragma omp parallel num_threads(threads)
   {
-    const int64_t floats = QB * ld + QB + 16 + D * ldk + ld * D + state * (D + 2) + QB * D + QB + 16;
+    const int64_t floats = QB * ld + QB + 16 + D * ldk + ld * D + state * (D + 2) + QB * D + QB + 16 + QB * D;
     float* buf = (float*)aligned_alloc(64, sizeof(float) * ((floats + 15) / 16 * 16));
     if (buf == nullptr) {
       __atomic_store_n(&failed, 3, __ATOMIC_RELAXED);
     } else {
       float *S = buf, *inv = S + QB * ld, *kt = inv + QB + 16, *vt = kt + D * ldk, *O = vt + ld * D;
-      float *m = O + state * D, *l = m + state, *T = l + state, *alpha = T + QB * D;
+      float *m = O + state * D, *l = m + state, *T = l + state, *alpha = T + QB * D, *Qb = alpha + QB + 16;
       for (;;) {
         const int64_t i = __atomic_fetch_add(&next, 1, __ATOMIC_RELAXED);
         if (i >= count) break;
         const Unit& u = units[i];
         const int64_t pos0 = causal ? q_pos[u.s] : 0;
         const int64_t keys = causal ? pos0 + u.r1 : key_len[u.s];
-        const float* qs = q + q_start[u.s] * q_stride;
-        float* ob = out + q_start[u.s] * os;
+        const int64_t q0 = q_start[u.s] * q_stride, ob = q_start[u.s] * os;  // element offsets of the first rows
+        const void* qs = bf16 ? (const void*)((const uint16_t*)q + q0) : (const void*)((const float*)q + q0);
         if (keys <= key_block) {  // all keys at once: an exact softmax over each row
           pack_kv(a, key_start[u.s], keys, u.hk, kt, ldk, vt);
           for (int64_t h = u.hk * group; h < (u.hk + 1) * group; ++h)
             for (int64_t r0 = u.r0; r0 < u.r1; r0 += QB) {
               const int64_t r1 = std::min<int64_t>(r0 + QB, u.r1);
               const int64_t nk = causal ? pos0 + r1 : keys;
-              scores(a, qs, h, kt, ldk, r0, r1, pos0, nk, S, ld);
+              int64_t qstr;
+              const float* qr = query_rows(a, qs, h, r0, r1, Qb, &qstr);
+              scores(a, qr, qstr, kt, ldk, r0, r1, pos0, nk, S, ld);
               softmax_rows(a, S, ld, r1 - r0, pos0 + r0, nk, inv);
-              weighted(a, ob + r0 * os + h * D, os, vt, r0, r1, pos0, nk, S, ld, inv, 1);
+              if (!bf16) {
+                weighted(a, (float*)out + ob + r0 * os + h * D, os, vt, r0, r1, pos0, nk, S, ld, inv, 1);
+                continue;
+              }
+              weighted(a, T, D, vt, r0, r1, pos0, nk, S, ld, inv, 1);
+              for (int64_t r = r0; r < r1; ++r) put_row(a, out, ob + r * os + h * D, T + (r - r0) * D, _mm512_set1_ps(1.0f));
             }
           continue;
         }
@@ -318,7 +387,9 @@ extern "C" int rerankd_attention(const float* q, const float* k, const float* v,
               const int64_t r1 = std::min<int64_t>(r0 + QB, u.r1);
               if (causal && rel + r1 <= 0) continue;  // these rows come before the block's keys
               const int64_t nk = causal ? std::min(nb, rel + r1) : nb, at = g * rows + (r0 - u.r0);
-              scores(a, qs, u.hk * group + g, kt, ldk, r0, r1, rel, nk, S, ld);
+              int64_t qstr;
+              const float* qr = query_rows(a, qs, u.hk * group + g, r0, r1, Qb, &qstr);
+              scores(a, qr, qstr, kt, ldk, r0, r1, rel, nk, S, ld);
               softmax_block(a, S, ld, r1 - r0, rel + r0, nk, m + at, l + at, alpha);
               weighted(a, T, D, vt, r0, r1, rel, nk, S, ld, &one, 0);
               for (int64_t r = 0; r < r1 - r0; ++r) {
@@ -333,15 +404,9 @@ extern "C" int rerankd_attention(const float* q, const float* k, const float* v,
             }
         }
         for (int64_t g = 0; g < group; ++g)
-          for (int64_t r = 0; r < rows; ++r) {
-            const float* o = O + (g * rows + r) * D;
-            float* dst = ob + (u.r0 + r) * os + (u.hk * group + g) * D;
-            const __m512 f = _mm512_set1_ps(1.0f / l[g * rows + r]);
-            for (int64_t d = 0; d < D; d += 16) {
-              const __mmask16 k16 = first_n(D - d);
-              _mm512_mask_storeu_ps(dst + d, k16, _mm512_mul_ps(_mm512_maskz_loadu_ps(k16, o + d), f));
-            }
-          }
+          for (int64_t r = 0; r < rows; ++r)
+            put_row(a, out, ob + (u.r0 + r) * os + (u.hk * group + g) * D, O + (g * rows + r) * D,
+                    _mm512_set1_ps(1.0f / l[g * rows + r]));
       }
       free(buf);
     }
@@ -357,36 +422,6 @@ extern "C" int rerankd_attention(const float* q, const float* k, const float* v,
 // arithmetic is fp32 and each result that a torch op of the bf16 model rounds to bf16 is rounded here too, to nearest
 // even as torch rounds (`rnd`): the kernel returns what the torch ops it replaces return, up to their fp32 math.
 
-namespace {
-
-inline __m512 load(const void* p, int64_t i, __mmask16 m, bool bf16) {
-  if (!bf16) return _mm512_maskz_loadu_ps(m, (const float*)p + i);
-  const __m256i h = _mm256_maskz_loadu_epi16(m, (const uint16_t*)p + i);
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-
-// x's bits rounded to bf16 (in the upper 16 bits), to nearest even; a NaN becomes bf16's quiet NaN, as in c10
-inline __m512i bf16_bits(__m512 x) {
-  const __m512i u = _mm512_castps_si512(x);
-  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  const __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
-  return _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC00000));
-}
-
-// x rounded to bf16 when bf16 (a torch op's result in a bf16 model), else x
-inline __m512 rnd(__m512 x, bool bf16) {
-  return bf16 ? _mm512_castsi512_ps(_mm512_and_si512(bf16_bits(x), _mm512_set1_epi32((int)0xFFFF0000u))) : x;
-}
-
-inline void store(void* p, int64_t i, __mmask16 m, __m512 x, bool bf16) {
-  if (!bf16) {
-    _mm512_mask_storeu_ps((float*)p + i, m, x);
-  } else {
-    _mm256_mask_storeu_epi16((uint16_t*)p + i, m, _mm512_cvtepi32_epi16(_mm512_srli_epi32(bf16_bits(x), 16)));
-  }
-}
-
-}  // namespace
 
 // RMSNorm as Qwen2 computes it: out[r] = weight * (s * (1 / sqrt(sum(s^2) / dim + eps))) with s = x[r] + add[r]
 // (add may be null: s = x[r]); s is written to sum[r] when sum is not null. out may be x (in place). In bf16: s, the

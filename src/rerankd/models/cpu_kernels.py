@@ -1,6 +1,6 @@
 """rerankd's CPU kernels for x86 CPUs with AVX-512 (`cpu_kernels.cpp`):
 
-* `attention` (fp32): every sequence and head of a packed batch in one call, where the SDPA loop calls torch's flash
+* `attention` (fp32 arithmetic): every sequence and head of a packed batch in one call, where the SDPA loop calls torch's flash
   kernel once per sequence. On the short sequences that rerankers see it runs 1.5-3x the loop's speed
   (benchmarks/bench_cpu_attention.py); a sequence with more than KEY_BLOCK keys takes them a block at a time with an
   online softmax, as flash attention does, and stayed ahead of torch's kernel at every length measured (up to
@@ -11,8 +11,10 @@
   (docs/benchmarks.md).
 * `bias_gelu_`, `layer_norm`: a cross-encoder layer's, with each product's bias added in the pass after it (GELU;
   the residual add and LayerNorm) instead of in a pass of its own; and the vision tower's (quick GELU; the residual
-  add and the pre-norm LayerNorm, which keeps the sum). These take fp32 or bf16 tensors; in bf16 they round each
-  result that the bf16 model's torch ops round, so they return what those ops return, up to fp32 arithmetic.
+  add and the pre-norm LayerNorm, which keeps the sum). In bf16 they round each result that the bf16 model's torch
+  ops round, so they return what those ops return, up to fp32 arithmetic.
+
+Every kernel takes fp32 or bf16 tensors (DTYPES), widening bf16 as it reads and rounding as it writes.
 
 The library is compiled once per machine with the system's C++ compiler ($CXX, else c++ or g++; OpenMP from the
 same libgomp that torch loads) into $XDG_CACHE_HOME/rerankd (~/.cache/rerankd), named by a hash of the source,
@@ -48,7 +50,7 @@ KEY_BLOCK = 1024
 BUILD_TIMEOUT_S = 300
 _ARGS = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 6 + [ctypes.c_void_p] * 5 + [ctypes.c_int64, ctypes.c_float,
                                                                                 ctypes.c_int, ctypes.c_int,
-                                                                                ctypes.c_int64]  # fmt: skip
+                                                                                ctypes.c_int64, ctypes.c_int]  # fmt: skip
 _FAILURES = {1: "bad head counts, head_dim or key block", 2: "a causal query row past its sequence's keys",
              3: "out of memory for the per-thread buffers"}  # fmt: skip
 _P, _I = ctypes.c_void_p, ctypes.c_int64
@@ -60,7 +62,7 @@ _ELEMENTWISE = {  # name: argument types, the last two (bf16, threads) (all retu
     "rerankd_bias_gelu": [_P, _I, _P, _I, _I, _C, _C, _C],
     "rerankd_layer_norm": [_P, _I, _P, _P, _I, _P, _P, _P, _I, _P, _I, _I, _I, ctypes.c_float, _C, _C],
 }
-ELEMENTWISE_DTYPES = (torch.float32, torch.bfloat16)
+DTYPES = (torch.float32, torch.bfloat16)  # what every kernel takes: all its tensors of one of these
 
 
 def _compiler() -> str | None:
@@ -145,8 +147,9 @@ def spans_tensor(key_start, key_len, q_start, q_len, q_pos) -> torch.Tensor:
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans: torch.Tensor, causal: bool) -> torch.Tensor:
     """softmax(q k^T / sqrt(head_dim)) v within each sequence of `spans` (spans_tensor), every head at once.
 
-    q: [query rows, heads, head_dim]; k, v: [tokens, kv_heads, head_dim] (kv_heads divides heads); fp32 on the CPU.
-    Returns a new [query rows, heads, head_dim] tensor holding the rows the spans name (the others are left unset).
+    q: [query rows, heads, head_dim]; k, v: [tokens, kv_heads, head_dim] (kv_heads divides heads); all fp32 or all
+    bf16, on the CPU (bf16: widened as the kernel reads them, its fp32 result rounded as it writes it). Returns a new
+    [query rows, heads, head_dim] tensor of q's dtype holding the rows the spans name (the others are left unset).
     """
     lib = _loaded("attention", q, k, v)
     q, k, v = _rows(q), _rows(k), _rows(v)
@@ -156,21 +159,21 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans: torch.Te
     n = spans.shape[1]
     rc = lib.rerankd_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), q.stride(0), k.stride(0),
                                v.stride(0), heads, kv_heads, head_dim, *(spans[i].data_ptr() for i in range(5)), n,
-                               head_dim**-0.5, int(causal), torch.get_num_threads(), KEY_BLOCK)  # fmt: skip
+                               head_dim**-0.5, int(causal), torch.get_num_threads(), KEY_BLOCK, _bf16(q))  # fmt: skip
     if rc != 0:
         raise RuntimeError(f"rerankd's CPU attention kernel refused the batch: {_FAILURES.get(rc, rc)}")
     return out
 
 
-def _loaded(kernel: str, *tensors: torch.Tensor, dtypes: tuple[torch.dtype, ...] = (torch.float32,)) -> ctypes.CDLL:
-    """The library, after checking that `tensors` are what its kernels take: CPU tensors of one of `dtypes`, all of
-    the same dtype."""
+def _loaded(kernel: str, *tensors: torch.Tensor) -> ctypes.CDLL:
+    """The library, after checking that `tensors` are what its kernels take: CPU tensors of one of DTYPES, all of the
+    same dtype."""
     lib = _library()
     if isinstance(lib, str):
         raise RuntimeError(f"rerankd's CPU kernels are not available: {lib}")
     for t in tensors:
-        if t.dtype not in dtypes or t.dtype != tensors[0].dtype or t.device.type != "cpu":
-            kinds = " or ".join(str(d).removeprefix("torch.") for d in dtypes)
+        if t.dtype not in DTYPES or t.dtype != tensors[0].dtype or t.device.type != "cpu":
+            kinds = " or ".join(str(d).removeprefix("torch.") for d in DTYPES)
             got = ", ".join(f"{x.dtype} on {x.device}" for x in tensors)
             raise TypeError(f"rerankd's CPU {kernel} kernel takes {kinds} CPU tensors, all of one dtype; got {got}")
     return lib
@@ -191,7 +194,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, add: torch.Tenso
     add None: returns norm(x). add ([rows, dim]): returns (x + add, norm(x + add)), the residual sum and its norm
     from one pass.
     """
-    lib = _loaded("rms_norm", x, weight, *(() if add is None else (add,)), dtypes=ELEMENTWISE_DTYPES)
+    lib = _loaded("rms_norm", x, weight, *(() if add is None else (add,)))
     _matrix(x, "rms_norm's x")
     rows, dim = x.shape
     _vector(weight, dim, "rms_norm's weight")
@@ -211,7 +214,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, add: torch.Tenso
 def rotary_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """The rotary embedding of x ([rows, heads, head_dim], heads and head_dim packed; rows at any stride) in place:
     x * cos + rotate_half(x) * sin with cos, sin [rows, head_dim] broadcast over the heads. Returns x."""
-    lib = _loaded("rotary", x, cos, sin, dtypes=ELEMENTWISE_DTYPES)
+    lib = _loaded("rotary", x, cos, sin)
     rows, heads, dim = x.shape
     if x.stride(2) != 1 or x.stride(1) != dim:
         raise ValueError(f"rotary_: x's heads and head_dim must be packed; got strides {x.stride()}")
@@ -226,7 +229,7 @@ def rotary_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 def silu_mul_(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """gate = silu(gate) * up in place, for [rows, dim] tensors (each row contiguous). Returns gate."""
-    lib = _loaded("silu_mul", gate, up, dtypes=ELEMENTWISE_DTYPES)
+    lib = _loaded("silu_mul", gate, up)
     _matrix(gate, "silu_mul_'s gate")
     _matrix(up, "silu_mul_'s up", like=gate, like_name="gate")
     rows, dim = gate.shape
@@ -239,7 +242,7 @@ def silu_mul_(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 def bias_gelu_(x: torch.Tensor, bias: torch.Tensor | None, quick: bool = False) -> torch.Tensor:
     """x = gelu(x + bias) in place for [rows, dim] x (each row contiguous); bias [dim] or None (already added).
     quick False: torch's exact (erf) GELU; True: Qwen2-VL's quick_gelu, a * sigmoid(1.702 a). Returns x."""
-    lib = _loaded("bias_gelu", x, *(() if bias is None else (bias,)), dtypes=ELEMENTWISE_DTYPES)
+    lib = _loaded("bias_gelu", x, *(() if bias is None else (bias,)))
     _matrix(x, "bias_gelu_'s x")
     _vector(bias, x.shape[1], "bias_gelu_'s bias")
     rc = lib.rerankd_bias_gelu(x.data_ptr(), x.stride(0), None if bias is None else bias.data_ptr(), x.shape[0],
@@ -253,8 +256,7 @@ def layer_norm(x: torch.Tensor, norm: torch.nn.LayerNorm, bias: torch.Tensor | N
     """norm(residual + (x + bias)) for [rows, dim] tensors (each row contiguous), into a new tensor: a post-norm
     block's end, its product's bias added here. bias, residual: None when there is none. keep_sum: returns
     (residual + (x + bias), its norm), a pre-norm block's residual stream and the next input."""
-    lib = _loaded("layer_norm", x, norm.weight, norm.bias, *(t for t in (bias, residual) if t is not None),
-                  dtypes=ELEMENTWISE_DTYPES)
+    lib = _loaded("layer_norm", x, norm.weight, norm.bias, *(t for t in (bias, residual) if t is not None))
     _matrix(x, "layer_norm's x")
     rows, dim = x.shape
     if norm.normalized_shape != (dim,):

@@ -471,10 +471,10 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pack: Pa
 
 
 def _cpu_kernel(q, k, v, spans: torch.Tensor, causal: bool) -> torch.Tensor:
-    """rerankd's CPU kernel, which computes in fp32: a bf16 (fp16) model's q, k and v are widened for it and its
-    output rounded back (in the model's dtype the SDPA loop ran 1.6-3x slower than the kernel on short sequences:
-    docs/benchmarks.md)."""
-    if q.dtype == torch.float32:
+    """rerankd's CPU kernel, which computes in fp32: it widens a bf16 model's q, k and v as it reads them and rounds
+    its output (an fp16 model's are widened for it here; in the model's dtype the SDPA loop ran 1.6-3x slower than
+    the kernel on short sequences: docs/benchmarks.md)."""
+    if q.dtype in cpu_kernels.DTYPES:
         return cpu_kernels.attention(q, k, v, spans, causal)
     return cpu_kernels.attention(q.float(), k.float(), v.float(), spans, causal).to(q.dtype)
 
@@ -736,7 +736,7 @@ def cpu_elementwise(device: torch.device, dtype: torch.dtype, requested: str) ->
         raise ValueError(f"cpu_elementwise must be one of {', '.join(CPU_ELEMENTWISE)}; got {requested!r}")
     if requested == "torch":
         return "torch"
-    if device.type != "cpu" or dtype not in cpu_kernels.ELEMENTWISE_DTYPES:
+    if device.type != "cpu" or dtype not in cpu_kernels.DTYPES:
         why = (f"they compute in float32 or bfloat16 on the CPU, and this model runs "
                f"{str(dtype).removeprefix('torch.')} on {device}")  # fmt: skip
     else:
