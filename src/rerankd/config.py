@@ -82,9 +82,10 @@ class LoadOptions:
     """'int8': dynamic int8 quantization of a text cross-encoder's linear layers (CPU only; faster, scores move
     slightly, see docs/benchmarks.md)."""
     cpu_gemm: str = "auto"
-    """Kernel of fp32 linear layers on the CPU: 'auto' (time both at load, take oneDNN when >= 1.1x faster),
-    'onednn', or 'torch' (torch's default BLAS, MKL on x86, which skips AVX-512 on AMD CPUs). A loaded Reranker's
-    options say which one runs ('none' for a GGUF)."""
+    """Kernel of fp32 and bf16 linear layers on the CPU: 'auto' (fp32: time both at load, take oneDNN when >= 1.1x
+    faster; bf16: oneDNN with the bias added in its product, where torch adds it in a pass of its own, the same
+    values), 'onednn', or 'torch' (torch's default: MKL on x86 in fp32, which skips AVX-512 on AMD CPUs). A loaded
+    Reranker's options say which one runs ('none' for a GGUF)."""
     cpu_bf16: str = "auto"
     """How a bfloat16 model computes on the CPU: 'auto' (time both at load, take bf16 arithmetic when it is >= 1.1x
     faster: CPUs with AVX512-BF16 or AMX), 'upcast' (weights stay bf16 in memory; each layer widens its weights to fp32

@@ -60,16 +60,17 @@ def test_use_cpu_gemm_onednn_switches_every_linear_and_keeps_outputs():
     assert torch.equal(linear(x, plain, slice(10, 30)), F.linear(x, plain.weight[10:30], plain.bias[10:30]))
 
 
-def test_use_cpu_gemm_keeps_torch_when_asked_or_off_cpu_fp32(caplog):
+def test_use_cpu_gemm_keeps_torch_when_asked_or_off_cpu_fp32_and_bf16(caplog):
     for requested, device, dtype in [("torch", CPU, FP32), ("onednn", torch.device("cuda"), FP32),
-                                     ("auto", CPU, torch.bfloat16), ("onednn", CPU, torch.float16)]:  # fmt: skip
+                                     ("torch", CPU, torch.bfloat16), ("auto", CPU, torch.float16),
+                                     ("onednn", CPU, torch.float16)]:  # fmt: skip
         m = model()
         with caplog.at_level(logging.WARNING, logger="rerankd"):
             caplog.clear()
             assert use_cpu_gemm(m, requested, device, dtype) == "torch"
         assert all(type(mod) is not OneDNNLinear for mod in m.modules())
         # an explicit 'onednn' that cannot apply says so
-        assert ("applies to fp32 linear layers on the CPU only" in caplog.text) == (requested == "onednn")
+        assert ("applies to fp32 and bf16 linear layers on the CPU only" in caplog.text) == (requested == "onednn")
     no_linear = nn.Sequential(nn.LayerNorm(8))  # e.g. an int8 model: nothing to switch, nothing to measure
     assert use_cpu_gemm(no_linear, "auto", CPU, FP32) == "torch"
     with pytest.raises(ValueError, match="cpu_gemm must be one of auto, onednn, torch; got 'mkl'"):
@@ -83,6 +84,23 @@ def test_auto_takes_onednn_only_when_clearly_faster(monkeypatch):
         m = model()
         assert use_cpu_gemm(m, "auto", CPU, FP32) == expected
         assert any(type(mod) is OneDNNLinear for mod in m.modules()) == (expected == "onednn")
+
+
+@needs_onednn
+def test_bf16_takes_onednn_with_the_bias_in_its_product(monkeypatch):
+    """In bf16, torch's linear layer runs oneDNN's product and then adds the bias in a pass of its own: 'auto' takes
+    oneDNN's op, which adds it in the product, without timing the two, and the values are the same bit for bit."""
+    monkeypatch.setattr(layers, "onednn_speedup", lambda: pytest.fail("bf16 needs no timing"))
+    m = model().bfloat16()
+    x = torch.randn(50, m[0].in_features, generator=torch.Generator().manual_seed(0)).bfloat16()
+    want = m(x)
+    assert use_cpu_gemm(m, "auto", CPU, torch.bfloat16) == "onednn"
+    assert any(type(mod) is OneDNNLinear for mod in m.modules())
+    with torch.profiler.profile() as prof:
+        got = m(x)
+    ops = {e.key for e in prof.key_averages()}
+    assert "mkldnn::_linear_pointwise" in ops and "aten::addmm" not in ops, ops
+    assert got.dtype == torch.bfloat16 and torch.equal(got, want)
 
 
 def test_speedup_probe_runs_once_even_when_loads_race(monkeypatch):

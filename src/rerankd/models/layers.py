@@ -573,7 +573,7 @@ def onednn_available() -> bool:
 
 
 def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """F.linear(x, weight, bias) through oneDNN's fp32 inner product."""
+    """F.linear(x, weight, bias) through oneDNN's inner product (fp32 or bf16), the bias added in it."""
     if bias is not None:
         bias = bias.contiguous()  # the op reads a strided bias as if it were dense (wrong numbers, no error)
     return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, "none", [], "")
@@ -685,26 +685,34 @@ def check_cpu_gemm(requested: str) -> None:
 
 
 def use_cpu_gemm(model: nn.Module, requested: str, device: torch.device, dtype: torch.dtype) -> str:
-    """Pick the kernel of `model`'s fp32 linear layers on the CPU and switch them to it; returns 'onednn' or 'torch'.
+    """Pick the kernel of `model`'s fp32 or bf16 linear layers on the CPU and switch them to it; returns 'onednn' or
+    'torch'.
 
-    requested: 'auto' (oneDNN when it measures >= ONEDNN_MIN_SPEEDUP x torch's default here), 'onednn' or 'torch'.
-    Switched: every plain nn.Linear, bf16-stored ones (UpcastLinear) included, to OneDNNLinear, and every module that
-    computes a product of its own and declares a `uses_onednn` attribute (set to True). Other devices and dtypes,
-    and a model with no float linear layer left (int8), keep torch's kernels: 'torch', with a warning if 'onednn'
-    was asked for.
+    requested: 'auto' (fp32: oneDNN when it measures >= ONEDNN_MIN_SPEEDUP x torch's default here; bf16: oneDNN
+    wherever this torch has it), 'onednn' or 'torch'. In bf16 torch's own linear layer runs oneDNN's product too, but
+    adds the bias in a pass of its own; oneDNN's op adds it in the product, bit for bit the same values, 1.00-1.05x
+    (docs/benchmarks.md). Switched: every plain nn.Linear, bf16-stored ones (UpcastLinear) included, to
+    OneDNNLinear, and every module that computes a product of its own and declares a `uses_onednn` attribute (set to
+    True). Other devices and dtypes, and a model with no float linear layer left (int8), keep torch's kernels:
+    'torch', with a warning if 'onednn' was asked for.
     """
     check_cpu_gemm(requested)
     if requested == "torch":
         return "torch"
     targets = [m for m in model.modules() if type(m) in (nn.Linear, UpcastLinear) or hasattr(m, "uses_onednn")]
-    if device.type != "cpu" or dtype != torch.float32 or not targets:
+    if device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16) or not targets:
         if requested == "onednn":
             why = "no float linear layer is left" if not targets else f"this model runs {dtype} on {device}"
-            log.warning("cpu_gemm='onednn' applies to fp32 linear layers on the CPU only; %s: ignored", why)
+            log.warning("cpu_gemm='onednn' applies to fp32 and bf16 linear layers on the CPU only; %s: ignored", why)
         return "torch"
-    if requested == "onednn":
+    if requested == "onednn" or dtype == torch.bfloat16:
         if not onednn_available():
-            raise ValueError("cpu_gemm='onednn': this torch build has no oneDNN linear kernel; use 'auto' or 'torch'")
+            if requested == "onednn":
+                raise ValueError("cpu_gemm='onednn': this torch build has no oneDNN linear kernel; use 'auto' or "
+                                 "'torch'")  # fmt: skip
+            return "torch"
+        if requested == "auto":
+            log.info("CPU linear layers: oneDNN, the bias in the product (bf16)")
     else:
         speedup = onednn_speedup()
         if speedup < ONEDNN_MIN_SPEEDUP:
