@@ -201,11 +201,13 @@ def test_the_avx512_kernel_reads_and_writes_bf16_itself(monkeypatch, shape, key_
     for causal in (False, True):
         got = cpu_kernels.attention(q, k, v, pack.cpu_full, causal)
         assert got.dtype == torch.bfloat16
-        assert torch.equal(got, cpu_kernels.attention(q.float(), k.float(), v.float(), pack.cpu_full, causal).bfloat16())
+        widened = cpu_kernels.attention(q.float(), k.float(), v.float(), pack.cpu_full, causal)
+        assert torch.equal(got, widened.bfloat16())
         assert_close(got.float(), loop_reference(q.float(), k.float(), v.float(), cu, causal), 1e-2)
     last = torch.tensor(cu[1:]) - 1
     got = cpu_kernels.attention(q[last], k, v, pack.cpu_rows, causal=False)
-    assert torch.equal(got, cpu_kernels.attention(q[last].float(), k.float(), v.float(), pack.cpu_rows, False).bfloat16())
+    widened = cpu_kernels.attention(q[last].float(), k.float(), v.float(), pack.cpu_rows, causal=False)
+    assert torch.equal(got, widened.bfloat16())
 
 
 @needs_avx512

@@ -1,7 +1,7 @@
 """rerankd's CPU kernels for x86 CPUs with AVX-512 (`cpu_kernels.cpp`):
 
-* `attention` (fp32 arithmetic): every sequence and head of a packed batch in one call, where the SDPA loop calls torch's flash
-  kernel once per sequence. On the short sequences that rerankers see it runs 1.5-3x the loop's speed
+* `attention` (fp32 arithmetic): every sequence and head of a packed batch in one call, where the SDPA loop calls
+  torch's flash kernel once per sequence. On the short sequences that rerankers see it runs 1.5-3x the loop's speed
   (benchmarks/bench_cpu_attention.py); a sequence with more than KEY_BLOCK keys takes them a block at a time with an
   online softmax, as flash attention does, and stayed ahead of torch's kernel at every length measured (up to
   31,548 tokens).
@@ -48,9 +48,8 @@ FLAGS = ("-O3", "-march=x86-64-v4", "-ffp-contract=off", "-fopenmp", "-shared", 
 # Qwen3 heads 241 / 239 / 212 / 172, m0 mid-size heads 222 / 240 / 240 / 228.
 KEY_BLOCK = 1024
 BUILD_TIMEOUT_S = 300
-_ARGS = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 6 + [ctypes.c_void_p] * 5 + [ctypes.c_int64, ctypes.c_float,
-                                                                                ctypes.c_int, ctypes.c_int,
-                                                                                ctypes.c_int64, ctypes.c_int]  # fmt: skip
+_ARGS = ([ctypes.c_void_p] * 4 + [ctypes.c_int64] * 6 + [ctypes.c_void_p] * 5
+         + [ctypes.c_int64, ctypes.c_float, ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int])  # fmt: skip
 _FAILURES = {1: "bad head counts, head_dim or key block", 2: "a causal query row past its sequence's keys",
              3: "out of memory for the per-thread buffers"}  # fmt: skip
 _P, _I = ctypes.c_void_p, ctypes.c_int64
@@ -277,7 +276,7 @@ def layer_norm(x: torch.Tensor, norm: torch.nn.LayerNorm, bias: torch.Tensor | N
 
 
 def _bf16(t: torch.Tensor) -> int:
-    """The element-wise kernels' dtype argument: 1 for bf16 tensors, 0 for fp32."""
+    """A kernel's dtype argument: 1 for bf16 tensors, 0 for fp32."""
     return int(t.dtype == torch.bfloat16)
 
 
