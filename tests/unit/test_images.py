@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from rerankd.errors import InputError
-from rerankd.inputs.images import ImageLimits, load_image, qwen2_vl_patches, smart_resize
+from rerankd.inputs.images import ImageLimits, load_image, qwen2_vl_patches, resized_pixels_bound, smart_resize
 
 from ..conftest import data_uri, encode, make_image
 
@@ -43,6 +43,25 @@ def test_smart_resize_bounds():
     assert h * w >= 3136
     with pytest.raises(ValueError, match="aspect ratio"):
         smart_resize(10, 3000, 28, 3136, 602112)
+
+
+@pytest.mark.parametrize("min_pixels, max_pixels", [(3136, 602112), (3136, 3136), (784, 3136), (3136, 12544),
+                                                    (56 * 56, 60 * 60), (28 * 28, 28 * 28)])  # fmt: skip
+def test_the_resized_pixels_bound_holds_for_every_size(min_pixels, max_pixels):
+    """No image of an allowed aspect ratio is resized to more pixels than resized_pixels_bound: the m0 admission bound
+    of an image's tokens. With small limits the resize goes past max_pixels (a side raised to one factor, or both
+    rounded up past min_pixels), so max_pixels alone was not a bound."""
+    bound = resized_pixels_bound(28, min_pixels, max_pixels)
+    most = 0
+    sides = sorted({int(x) for x in np.geomspace(1, 6000, 160)} | {27, 28, 29, 55, 56, 57})
+    for h in sides:
+        for w in sides:
+            if max(h, w) / min(h, w) <= 200:
+                rh, rw = smart_resize(h, w, 28, min_pixels, max_pixels)
+                most = max(most, rh * rw)
+    assert most <= bound
+    if max_pixels <= 3136:
+        assert most > max_pixels  # the case the bound is for
 
 
 def test_max_pixels_option_changes_token_count():

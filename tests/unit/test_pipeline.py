@@ -256,6 +256,29 @@ def test_a_forward_nobody_waits_for_stops_between_layers(m0, tmp_path):
         scheduler.close()
 
 
+def test_an_image_stays_within_its_admission_bound_with_small_pixel_limits(m0_dir):
+    """m0 loaded with small pixel limits: a 200:1 image is resized past max_pixels (its short side raised to one
+    patch group), and the admission bound of its tokens (max_image_tokens) still covers what it puts through."""
+    from rerankd.inputs import ImageItem
+    from rerankd.inputs.images import qwen2_vl_patches
+    from rerankd.models.windows import item_tokens, tokens_bound
+
+    from ..conftest import make_image
+
+    small = Reranker.from_pretrained(m0_dir, show_progress=False, min_pixels=28 * 28, max_pixels=4 * 28 * 28)
+    vision = small.backend.vision
+    img = make_image(4000, 20)
+    patches = qwen2_vl_patches(img, patch_size=vision.patch_size, temporal_patch_size=vision.temporal_patch_size,
+                               merge_size=vision.spatial_merge_size, min_pixels=28 * 28, max_pixels=4 * 28 * 28,
+                               param="documents[0]")  # fmt: skip
+    image_tokens = patches.merged_tokens(vision.spatial_merge_size) + 2  # and its two markers
+    assert image_tokens == 28 + 2  # 28 x 784 pixels, against max_pixels' 4 x 784
+    assert small.backend.max_image_tokens >= image_tokens
+    lengths, bound = LengthOptions(4096, 512), small.backend.max_image_tokens
+    real = sum(s.length for s in small.backend.prepare(TextItem("q"), ImageItem(img), lengths, Where.for_document(0)))
+    assert real <= tokens_bound(item_tokens(TextItem("q"), bound), ImageItem(img), lengths, bound)
+
+
 def test_the_queue_is_bounded_in_tokens_of_work(m0):
     """Issue 18's cost model: a request is admitted with what it may need at most (tokens_bound: bytes, max_length,
     windows), known before preparation; that gives way to its real tokens as it is prepared; a request that would

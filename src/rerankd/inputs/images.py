@@ -303,6 +303,20 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixe
     return h_bar, w_bar
 
 
+def resized_pixels_bound(factor: int, min_pixels: int, max_pixels: int) -> int:
+    """The most pixels smart_resize can give an image of any size and allowed aspect ratio (<= MAX_ASPECT_RATIO).
+
+    Rounding keeps the area within max_pixels, but two of its branches can go past it: a side that the max_pixels
+    scaling takes below `factor` is raised to `factor` (the other side is then up to sqrt(max_pixels x aspect)), and
+    the min_pixels scaling rounds both sides up (up to factor x sqrt(min_pixels) x (sqrt(aspect) + 1 / sqrt(aspect))
+    + factor^2 over min_pixels). Small custom pixel limits meet both.
+    """
+    aspect = MAX_ASPECT_RATIO
+    raised = factor * math.sqrt(max_pixels * aspect)
+    rounded_up = min_pixels + factor * math.sqrt(min_pixels) * (math.sqrt(aspect) + 1 / math.sqrt(aspect)) + factor**2
+    return math.ceil(max(max_pixels, raised, rounded_up, factor**2))
+
+
 def qwen2_vl_patches(
     img: Image.Image,
     *,

@@ -34,6 +34,7 @@ from ..inputs.images import (
     PreparedImage,
     load_image,
     qwen2_vl_patches,
+    resized_pixels_bound,
 )
 from ..weights import Renames
 from .base import (
@@ -293,8 +294,10 @@ class JinaM0Backend(M0Prompts):
         self.image_limits = image_limits  # the load-time limits; each call brings its source policy
         self.min_pixels = min_pixels
         self.max_pixels = max_pixels
-        # what one image may put through the model at most (the scheduler's admission bound): merged patches
-        self.max_image_tokens = max_pixels // (vision.patch_size * vision.spatial_merge_size) ** 2 + 2
+        # what one image may put through the model at most (the scheduler's admission bound): merged patches of the
+        # largest resized image, and its two markers
+        factor = vision.patch_size * vision.spatial_merge_size
+        self.max_image_tokens = resized_pixels_bound(factor, min_pixels, max_pixels) // factor**2 + 2
         self.cpu_gemm = cpu_gemm
         self.attn_backend = attention_backend(device, dtype, attention)
 
