@@ -15,9 +15,10 @@
 // Nothing depends on the other sequences of the batch: a sequence's result is the same bit for bit whatever it is
 // batched with.
 //
-// Layouts (fp32, or bf16 with bf16 = 1; row-major): q [q_rows, Hq, D] with row stride q_stride; k, v [tokens, Hk, D] with row strides
-// k_stride, v_stride; out [q_rows, Hq, D] contiguous. Sequence s: keys k[key_start[s] .. + key_len[s]), query rows
-// q[q_start[s] .. + q_len[s]) at positions q_pos[s] .. of the sequence (causal: row at position p sees keys 0..p).
+// Layouts (fp32, or bf16 with bf16 = 1; row-major): q [q_rows, Hq, D] with row stride q_stride; k, v [tokens, Hk,
+// D] with row strides k_stride, v_stride; out [q_rows, Hq, D] contiguous. Sequence s: keys k[key_start[s] ..
+// + key_len[s]), query rows q[q_start[s] .. + q_len[s]) at positions q_pos[s] .. of the sequence (causal: row at
+// position p sees keys 0..p).
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
@@ -113,28 +114,32 @@ inline void transpose16(__m512* r, __m512* t) {
   }
 }
 
+// n elements from element `at` of p into dst, widened to fp32 when bf16
+inline void row_to_fp32(const void* p, int64_t at, float* dst, int64_t n, bool bf16) {
+  if (!bf16) {
+    memcpy(dst, (const float*)p + at, sizeof(float) * n);
+    return;
+  }
+  for (int64_t d = 0; d < n; d += 16) {
+    const __mmask16 m = first_n(n - d);
+    _mm512_mask_storeu_ps(dst + d, m, load(p, at + d, m, true));
+  }
+}
+
 // keys [0, nk) of one sequence and kv head into kt ([D, ldk], transposed) and vt ([nk, D]), in fp32
 void pack_kv(const Args& a, int64_t key_start, int64_t nk, int64_t hk, float* kt, int64_t ldk, float* vt) {
   const int64_t D = a.D;
   for (int64_t t0 = 0; t0 < nk; t0 += 16) {
     const int64_t tn = std::min<int64_t>(16, nk - t0);
-    for (int64_t t = 0; t < tn; ++t) {
-      const int64_t row = (key_start + t0 + t) * a.v_stride + hk * D;
-      if (!a.bf16) {
-        memcpy(vt + (t0 + t) * D, (const float*)a.v + row, sizeof(float) * D);
-        continue;
-      }
-      for (int64_t d = 0; d < D; d += 16) {
-        const __mmask16 m = first_n(D - d);
-        _mm512_mask_storeu_ps(vt + (t0 + t) * D + d, m, load(a.v, row + d, m, true));
-      }
-    }
+    for (int64_t t = 0; t < tn; ++t)
+      row_to_fp32(a.v, (key_start + t0 + t) * a.v_stride + hk * D, vt + (t0 + t) * D, D, a.bf16);
     const __mmask16 keys = first_n(tn);
     for (int64_t d0 = 0; d0 < D; d0 += 16) {
       const __mmask16 dims = first_n(D - d0);
       __m512 r[16], t[16];
       for (int i = 0; i < 16; ++i)
-        r[i] = i < tn ? load(a.k, (key_start + t0 + i) * a.k_stride + hk * D + d0, dims, a.bf16) : _mm512_setzero_ps();
+        r[i] = i < tn ? load(a.k, (key_start + t0 + i) * a.k_stride + hk * D + d0, dims, a.bf16)
+                      : _mm512_setzero_ps();
       transpose16(r, t);
       for (int64_t d = 0; d < std::min<int64_t>(16, D - d0); ++d)
         _mm512_mask_storeu_ps(kt + (d0 + d) * ldk + t0, keys, r[d]);
@@ -218,11 +223,7 @@ const float* query_rows(const Args& a, const void* q, int64_t h, int64_t r0, int
     *qs = a.q_stride;
     return (const float*)q + r0 * a.q_stride + h * a.D;
   }
-  for (int64_t r = r0; r < r1; ++r)
-    for (int64_t d = 0; d < a.D; d += 16) {
-      const __mmask16 m = first_n(a.D - d);
-      _mm512_mask_storeu_ps(Qb + (r - r0) * a.D + d, m, load(q, r * a.q_stride + h * a.D + d, m, true));
-    }
+  for (int64_t r = r0; r < r1; ++r) row_to_fp32(q, r * a.q_stride + h * a.D, Qb + (r - r0) * a.D, a.D, true);
   *qs = a.D;
   return Qb;
 }
@@ -367,7 +368,8 @@ extern "C" int rerankd_attention(const void* q, const void* k, const void* v, vo
                 continue;
               }
               weighted(a, T, D, vt, r0, r1, pos0, nk, S, ld, inv, 1);
-              for (int64_t r = r0; r < r1; ++r) put_row(a, out, ob + r * os + h * D, T + (r - r0) * D, _mm512_set1_ps(1.0f));
+              for (int64_t r = r0; r < r1; ++r)
+                put_row(a, out, ob + r * os + h * D, T + (r - r0) * D, _mm512_set1_ps(1.0f));
             }
           continue;
         }
@@ -421,7 +423,6 @@ extern "C" int rerankd_attention(const void* q, const void* k, const void* v, vo
 // Every tensor of a call is fp32 (bf16 = 0) or every one bf16 (bf16 = 1: a model computing in bf16). In bf16 the
 // arithmetic is fp32 and each result that a torch op of the bf16 model rounds to bf16 is rounded here too, to nearest
 // even as torch rounds (`rnd`): the kernel returns what the torch ops it replaces return, up to their fp32 math.
-
 
 // RMSNorm as Qwen2 computes it: out[r] = weight * (s * (1 / sqrt(sum(s^2) / dim + eps))) with s = x[r] + add[r]
 // (add may be null: s = x[r]); s is written to sum[r] when sum is not null. out may be x (in place). In bf16: s, the
